@@ -1,0 +1,1 @@
+//! The NAR (Nix ARchive) format: writing, its layout, and reading untrusted NARs.

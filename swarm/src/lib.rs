@@ -1,0 +1,1 @@
+//! libp2p discovery, the peer protocol and the multi-peer downloader. Built in its own issue.

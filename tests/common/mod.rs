@@ -1,0 +1,149 @@
+//! Real Nix for the integration tests: a private chroot store per test, offline settings, and
+//! a fresh narinfo cache so Nix's negative cache never leaks between runs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Nix's settings for tests: no build users, no network substituters, the new CLI on. Chroot
+/// stores build in a sandbox, which needs the host's shell and libraries bound in.
+const NIX_CONFIG: &str = "build-users-group =\nsandbox = false\nsubstituters =\n\
+experimental-features = nix-command flakes\nsandbox-paths = /bin /lib /lib64 /usr\n\
+narinfo-cache-negative-ttl = 0\nconnect-timeout = 2";
+
+pub struct Nix {
+    pub dir: tempfile::TempDir,
+}
+
+fn is_root() -> bool {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc_getuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "getuid"]
+    fn libc_getuid() -> u32;
+}
+
+/// Real Nix, or `None` after saying loudly why the test is skipped. The test command in
+/// README.md sets PEERIX_REQUIRE_NIX=1 (and installs Nix), so CI never skips.
+pub fn nix() -> Option<Nix> {
+    let have = Command::new("nix-store")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let why = if !have {
+        Some("nix-store is not installed")
+    } else if !is_root() {
+        Some("chroot-store builds need root (user namespaces for Nix's sandbox)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        if std::env::var_os("PEERIX_REQUIRE_NIX").is_some() {
+            panic!("PEERIX_REQUIRE_NIX is set but {why}");
+        }
+        eprintln!("\n*** SKIPPED: {why}; run the test command in README.md as root ***\n");
+        return None;
+    }
+    Some(Nix {
+        dir: tempfile::tempdir().expect("tempdir"),
+    })
+}
+
+impl Nix {
+    /// The chroot store's root, as given to `--store`.
+    pub fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    pub fn store_arg(&self) -> String {
+        self.store().to_str().unwrap().to_owned()
+    }
+
+    /// Where a store path's files really are.
+    pub fn real(&self, store_path: &str) -> PathBuf {
+        self.store().join(store_path.trim_start_matches('/'))
+    }
+
+    /// A scratch directory inside the test's temporary directory.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// A `Command` for a Nix tool with the test environment; the caller adds `--store` where
+    /// the tool takes it.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("NIX_CONFIG", NIX_CONFIG)
+            .env("XDG_CACHE_HOME", self.dir.path().join("xdg-cache"))
+            .env("XDG_CONFIG_HOME", self.dir.path().join("xdg-config"))
+            .env("HOME", self.dir.path().join("home"))
+            .env_remove("NIX_REMOTE")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Run and return stdout, panicking with stderr on failure.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self.output(program, args);
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn output(&self, program: &str, args: &[&str]) -> Output {
+        self.cmd(program).args(args).output().expect("spawn nix")
+    }
+
+    /// `nix-store --add` a tree: a content-addressed store path (it carries `CA:`).
+    pub fn add(&self, tree: &Path) -> String {
+        let s = self.store_arg();
+        self.run("nix-store", &["--store", &s, "--add", tree.to_str().unwrap()])
+            .trim()
+            .to_owned()
+    }
+
+    /// Build a Nix expression in the chroot store; returns the output paths.
+    pub fn build(&self, expr: &str) -> Vec<String> {
+        let s = self.store_arg();
+        let out = self.run(
+            "nix-build",
+            &["--store", &s, "--no-out-link", "-E", expr],
+        );
+        out.lines().map(str::to_owned).collect()
+    }
+
+    /// A small closure with references and derivers: `top` → `mid` → `leaf`, `top` → `leaf`.
+    /// `salt` makes the paths differ between calls.
+    pub fn build_closure(&self, salt: &str) -> Vec<String> {
+        let expr = format!(
+            r#"let
+  mk = name: script: builtins.derivation {{
+    inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" script ]; salt = "{salt}";
+  }};
+  leaf = mk "leaf" "echo leaf > $out";
+  mid = mk "mid" "/bin/mkdir -p $out/bin; echo '#!/bin/sh' > $out/bin/run; echo ${{leaf}} >> $out/bin/run; /bin/chmod +x $out/bin/run; /bin/ln -s ${{leaf}} $out/leaf";
+  top = mk "top" "/bin/mkdir $out; echo ${{mid}} ${{leaf}} > $out/refs; /bin/ln -s $out/refs $out/self";
+in [ top mid leaf ]"#
+        );
+        self.build(&expr)
+    }
+
+    /// `nix path-info --json --sigs` of some paths, parsed.
+    pub fn path_info_json(&self, paths: &[&str]) -> serde_json::Value {
+        let s = self.store_arg();
+        let mut args = vec!["path-info", "--store", &s, "--json", "--sigs"];
+        args.extend_from_slice(paths);
+        serde_json::from_str(&self.run("nix", &args)).unwrap()
+    }
+}
