@@ -70,10 +70,13 @@ impl fmt::Debug for StorePathHash {
 }
 
 /// A validated store path, kept as its base name (`<hash>-<name>`).
+///
+/// Ordered by base name, as Nix orders its path sets (narinfo `References:` and signature
+/// fingerprints depend on that order); `base` comes first so the derived `Ord` does that.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorePath {
-    hash: StorePathHash,
     base: String,
+    hash: StorePathHash,
 }
 
 impl StorePath {
