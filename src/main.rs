@@ -1,1 +1,128 @@
-fn main() {}
+//! The `peerix` binary.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use peerix_nix::{LocalStore, NarInfo, SecretKey, StorePath};
+
+#[derive(Parser)]
+#[command(name = "peerix", version, about = "A peer-to-peer binary cache for Nix")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a binary-cache signing key pair, as `nix-store --generate-binary-cache-key`.
+    Keygen {
+        /// Key name, conventionally `HOSTNAME-1`; it prefixes every signature.
+        name: String,
+        /// Where to write the secret key (created with mode 0600; must not exist).
+        secret_file: PathBuf,
+        /// Where to write the public key, for Nix's `trusted-public-keys`.
+        public_file: PathBuf,
+    },
+    /// NAR (Nix ARchive) tools.
+    Nar {
+        #[command(subcommand)]
+        command: NarCommand,
+    },
+    /// Print the narinfo peerix would serve for a path in the local store.
+    Narinfo {
+        /// A store path (`/nix/store/<hash>-<name>`, or a path inside one).
+        store_path: String,
+        /// Root of the local Nix store: `/`, or a chroot store's root as in `nix --store ROOT`.
+        #[arg(long, default_value = "/")]
+        store: PathBuf,
+        /// Sign the narinfo with this Nix secret key file.
+        #[arg(long, value_name = "SECRET_FILE")]
+        sign: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NarCommand {
+    /// Write the NAR of PATH to stdout, byte-for-byte as `nix-store --dump PATH`.
+    Dump { path: PathBuf },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Keygen {
+            name,
+            secret_file,
+            public_file,
+        } => keygen(&name, &secret_file, &public_file),
+        Command::Nar {
+            command: NarCommand::Dump { path },
+        } => nar_dump(&path),
+        Command::Narinfo {
+            store_path,
+            store,
+            sign,
+        } => narinfo(&store_path, &store, sign.as_deref()),
+    }
+}
+
+fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = SecretKey::generate(name).context("generating the key")?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(secret_file)
+        .with_context(|| format!("creating {}", secret_file.display()))?;
+    f.write_all(key.to_string().as_bytes())
+        .with_context(|| format!("writing {}", secret_file.display()))?;
+    std::fs::write(public_file, key.public_key().to_string())
+        .with_context(|| format!("writing {}", public_file.display()))?;
+    Ok(())
+}
+
+fn nar_dump(path: &Path) -> Result<()> {
+    let stdout = std::io::stdout();
+    // A large buffer: the NAR is written in big slices of file contents.
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+    peerix_nix::nar::dump_path(path, &mut out)
+        .with_context(|| format!("dumping {}", path.display()))?;
+    out.flush().context("writing to stdout")?;
+    Ok(())
+}
+
+fn narinfo(store_path: &str, root: &Path, sign: Option<&Path>) -> Result<()> {
+    let path = StorePath::from_path_prefix(store_path)
+        .with_context(|| format!("{store_path} is not a store path"))?;
+    let key = sign
+        .map(|f| -> Result<SecretKey> {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading secret key {}", f.display()))?;
+            text.parse()
+                .with_context(|| format!("secret key {}", f.display()))
+        })
+        .transpose()?;
+    let store = LocalStore::open(root)
+        .with_context(|| format!("opening the Nix store at {}", root.display()))?;
+    let Some(info) = store
+        .query_path_info(&path)
+        .with_context(|| format!("querying {path}"))?
+    else {
+        bail!("{path} is not valid in the store at {}", root.display());
+    };
+    let mut ni = NarInfo::for_uncompressed(&info);
+    if let Some(key) = &key {
+        ni.sign(key);
+    }
+    print!("{}", ni.render());
+    Ok(())
+}

@@ -147,3 +147,72 @@ in [ top mid leaf ]"#
         serde_json::from_str(&self.run("nix", &args)).unwrap()
     }
 }
+
+/// A static HTTP server on 127.0.0.1 (port from the OS) serving a directory, as a binary cache
+/// written by `nix copy --to file://…` is served. Stops when dropped.
+pub struct HttpServer {
+    pub url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn serve_dir(dir: &Path) -> HttpServer {
+    let dir = dir.to_owned();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let app = axum::Router::new()
+                .fallback_service(tower_http::services::ServeDir::new(dir));
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .expect("serve");
+        });
+    });
+    let addr = addr_rx.recv().expect("server address");
+    HttpServer {
+        url: format!("http://{addr}"),
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The `peerix` binary built for this test run.
+pub fn peerix() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_peerix"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Run `peerix` and return stdout as bytes, panicking with stderr on failure.
+pub fn peerix_ok(args: &[&str]) -> Vec<u8> {
+    let out = peerix().args(args).output().expect("spawn peerix");
+    assert!(
+        out.status.success(),
+        "peerix {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
