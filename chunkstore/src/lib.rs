@@ -1,1 +1,22 @@
-//! Content-defined chunk store (FastCDC chunks addressed by BLAKE3, indexed in sled). Built in its own issue.
+//! peerix's chunk store: NARs as FastCDC chunks addressed by BLAKE3, deduplicated across all
+//! NARs, indexed in sled.
+//!
+//! A NAR of a path valid in the local Nix store is indexed in place (chunks point into the NAR
+//! as the store path produces it, through its [`peerix_nix::nar::NarLayout`]); only NARs that
+//! are not in the local store keep their chunk bytes in pack files. Every read is verified
+//! against the chunk's BLAKE3 id, and a whole-NAR read against the NarHash.
+
+mod chunk;
+mod error;
+mod index;
+mod manifest;
+mod pack;
+mod store;
+
+pub use chunk::{ChunkId, ChunkerParams};
+pub use error::{Error, Result};
+pub use manifest::{ChunkRef, Manifest};
+pub use store::{ChunkStore, FsckReport, GcStats, NarReader, Options, Progress, Stats};
+
+/// No chunk is larger than this, whatever a peer or a file on disk says.
+pub const MAX_CHUNK: usize = 4 * 1024 * 1024;

@@ -1,0 +1,272 @@
+//! Pack files: append-only files of chunk records, for chunks whose bytes are not in the local
+//! Nix store (downloads, seeded paths). A record is a 48-byte header and the stored bytes:
+//! magic, flags (zstd), stored length, raw length, chunk id. The header lets fsck and GC check
+//! that the index and the data agree without trusting either.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::error::IoContext;
+use crate::{ChunkId, Error, Result};
+
+const MAGIC: [u8; 4] = *b"PXC1";
+pub const HEADER: usize = 48;
+const FLAG_ZSTD: u8 = 1;
+/// A new pack is started past this size, so compaction rewrites bounded files.
+const MAX_PACK: u64 = 1 << 30;
+
+/// Where a chunk's bytes are in the packs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackLoc {
+    pub pack: u32,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub zstd: bool,
+}
+
+struct Active {
+    id: u32,
+    file: File,
+    len: u64,
+    dirty: bool,
+}
+
+pub struct Packs {
+    dir: PathBuf,
+    active: Mutex<Option<Active>>,
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+    next_id: Mutex<u32>,
+}
+
+pub fn pack_name(id: u32) -> String {
+    format!("{id:08}.pack")
+}
+
+fn parse_name(name: &str) -> Option<u32> {
+    name.strip_suffix(".pack")?.parse().ok()
+}
+
+impl Packs {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).at(dir)?;
+        // Never append to an existing pack: its tail may be torn by a crash.
+        let next = Self::list_in(dir)?.into_iter().max().map_or(0, |m| m + 1);
+        Ok(Self {
+            dir: dir.to_owned(),
+            active: Mutex::new(None),
+            readers: RwLock::new(HashMap::new()),
+            next_id: Mutex::new(next),
+        })
+    }
+
+    fn list_in(dir: &Path) -> Result<Vec<u32>> {
+        let mut ids = vec![];
+        for e in std::fs::read_dir(dir).at(dir)? {
+            let e = e.at(dir)?;
+            if let Some(id) = e.file_name().to_str().and_then(parse_name) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Ids of the pack files on disk.
+    pub fn list(&self) -> Result<Vec<u32>> {
+        Self::list_in(&self.dir)
+    }
+
+    pub fn path(&self, id: u32) -> PathBuf {
+        self.dir.join(pack_name(id))
+    }
+
+    pub fn file_len(&self, id: u32) -> Result<u64> {
+        let p = self.path(id);
+        Ok(std::fs::metadata(&p).at(&p)?.len())
+    }
+
+    fn new_active(&self) -> Result<Active> {
+        let mut next = self.next_id.lock().expect("pack id lock");
+        let id = *next;
+        *next += 1;
+        let p = self.path(id);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&p)
+            .at(&p)?;
+        Ok(Active {
+            id,
+            file,
+            len: 0,
+            dirty: false,
+        })
+    }
+
+    /// Append a chunk (compressed with zstd when that saves at least an eighth). The bytes are
+    /// readable as soon as this returns; `sync` makes them durable.
+    pub fn append(&self, id: &ChunkId, raw: &[u8]) -> Result<PackLoc> {
+        let compressed = zstd::bulk::compress(raw, 3).ok();
+        let (data, zstd) = match &compressed {
+            Some(c) if c.len() < raw.len() - raw.len() / 8 => (c.as_slice(), true),
+            _ => (raw, false),
+        };
+        let mut rec = Vec::with_capacity(HEADER + data.len());
+        rec.extend_from_slice(&MAGIC);
+        rec.push(if zstd { FLAG_ZSTD } else { 0 });
+        rec.extend_from_slice(&[0; 3]);
+        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&id.0);
+        rec.extend_from_slice(data);
+
+        let mut guard = self.active.lock().expect("active pack lock");
+        if guard.as_ref().is_none_or(|a| a.len >= MAX_PACK) {
+            if let Some(old) = guard.take() {
+                old.file.sync_data().at(self.path(old.id))?;
+            }
+            *guard = Some(self.new_active()?);
+        }
+        let a = guard.as_mut().expect("active pack");
+        let offset = a.len;
+        if let Err(e) = a.file.write_all(&rec) {
+            // A short write leaves a torn record; start a fresh pack rather than append after it.
+            let id = a.id;
+            *guard = None;
+            return Err(e).at(self.path(id));
+        }
+        a.len += rec.len() as u64;
+        a.dirty = true;
+        Ok(PackLoc {
+            pack: a.id,
+            offset,
+            stored_len: data.len() as u32,
+            zstd,
+        })
+    }
+
+    /// Make appended chunks durable before the index points at them.
+    pub fn sync(&self) -> Result<()> {
+        let mut guard = self.active.lock().expect("active pack lock");
+        if let Some(a) = guard.as_mut().filter(|a| a.dirty) {
+            a.file.sync_data().at(self.path(a.id))?;
+            a.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Close the active pack so that a new one is started (compaction writes its own pack).
+    pub fn seal(&self) -> Result<()> {
+        let mut guard = self.active.lock().expect("active pack lock");
+        if let Some(a) = guard.take() {
+            a.file.sync_data().at(self.path(a.id))?;
+        }
+        Ok(())
+    }
+
+    pub fn active_id(&self) -> Option<u32> {
+        self.active
+            .lock()
+            .expect("active pack lock")
+            .as_ref()
+            .map(|a| a.id)
+    }
+
+    fn reader(&self, pack: u32) -> Result<Arc<File>> {
+        if let Some(f) = self.readers.read().expect("readers lock").get(&pack) {
+            return Ok(f.clone());
+        }
+        let p = self.path(pack);
+        let f = Arc::new(File::open(&p).at(&p)?);
+        self.readers
+            .write()
+            .expect("readers lock")
+            .insert(pack, f.clone());
+        Ok(f)
+    }
+
+    /// Read and check a record; returns the raw (decompressed) bytes, unverified against the id
+    /// beyond the header (the caller checks BLAKE3).
+    pub fn read(&self, id: &ChunkId, loc: &PackLoc, raw_len: u32) -> Result<Vec<u8>> {
+        let corrupt = |why: String| Error::CorruptChunk { id: *id, why };
+        let f = self.reader(loc.pack)?;
+        let mut buf = vec![0u8; HEADER + loc.stored_len as usize];
+        f.read_exact_at(&mut buf, loc.offset)
+            .map_err(|e| corrupt(format!("pack {} offset {}: {e}", loc.pack, loc.offset)))?;
+        let h = Header::parse(&buf[..HEADER]).ok_or_else(|| corrupt("bad pack header".into()))?;
+        if h.id != *id || h.stored_len != loc.stored_len || h.raw_len != raw_len {
+            return Err(corrupt("pack header does not match the index".into()));
+        }
+        let data = &buf[HEADER..];
+        if h.zstd {
+            let out = zstd::bulk::decompress(data, raw_len as usize)
+                .map_err(|e| corrupt(format!("zstd: {e}")))?;
+            if out.len() != raw_len as usize {
+                return Err(corrupt("decompressed length differs".into()));
+            }
+            Ok(out)
+        } else {
+            buf.drain(..HEADER);
+            Ok(buf)
+        }
+    }
+
+    /// Forget cached handles and delete a pack file.
+    pub fn remove(&self, pack: u32) -> Result<()> {
+        self.readers.write().expect("readers lock").remove(&pack);
+        let p = self.path(pack);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&p),
+            _ => Ok(()),
+        }
+    }
+
+    /// Walk the records of a pack (for fsck and compaction), stopping at a torn tail.
+    pub fn scan(&self, pack: u32, mut f: impl FnMut(u64, &Header)) -> Result<()> {
+        let p = self.path(pack);
+        let file = File::open(&p).at(&p)?;
+        let len = file.metadata().at(&p)?.len();
+        let mut off = 0u64;
+        let mut hdr = [0u8; HEADER];
+        while off + HEADER as u64 <= len {
+            file.read_exact_at(&mut hdr, off).at(&p)?;
+            let Some(h) = Header::parse(&hdr) else { break };
+            let end = off + HEADER as u64 + u64::from(h.stored_len);
+            if end > len {
+                break;
+            }
+            f(off, &h);
+            off = end;
+        }
+        Ok(())
+    }
+}
+
+pub struct Header {
+    pub zstd: bool,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub id: ChunkId,
+}
+
+impl Header {
+    fn parse(b: &[u8]) -> Option<Self> {
+        if b.len() < HEADER || b[..4] != MAGIC || b[4] & !FLAG_ZSTD != 0 {
+            return None;
+        }
+        let stored_len = u32::from_le_bytes(b[8..12].try_into().ok()?);
+        let raw_len = u32::from_le_bytes(b[12..16].try_into().ok()?);
+        if raw_len as usize > crate::MAX_CHUNK || stored_len as usize > crate::MAX_CHUNK + 4096 {
+            return None;
+        }
+        Some(Self {
+            zstd: b[4] & FLAG_ZSTD != 0,
+            stored_len,
+            raw_len,
+            id: ChunkId(b[16..48].try_into().ok()?),
+        })
+    }
+}
