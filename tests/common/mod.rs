@@ -107,18 +107,18 @@ impl Nix {
     /// `nix-store --add` a tree: a content-addressed store path (it carries `CA:`).
     pub fn add(&self, tree: &Path) -> String {
         let s = self.store_arg();
-        self.run("nix-store", &["--store", &s, "--add", tree.to_str().unwrap()])
-            .trim()
-            .to_owned()
+        self.run(
+            "nix-store",
+            &["--store", &s, "--add", tree.to_str().unwrap()],
+        )
+        .trim()
+        .to_owned()
     }
 
     /// Build a Nix expression in the chroot store; returns the output paths.
     pub fn build(&self, expr: &str) -> Vec<String> {
         let s = self.store_arg();
-        let out = self.run(
-            "nix-build",
-            &["--store", &s, "--no-out-link", "-E", expr],
-        );
+        let out = self.run("nix-build", &["--store", &s, "--no-out-link", "-E", expr]);
         out.lines().map(str::to_owned).collect()
     }
 
