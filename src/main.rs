@@ -7,8 +7,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use peerix_nix::{LocalStore, NarInfo, SecretKey, StorePath};
 
+mod store;
+
 #[derive(Parser)]
-#[command(name = "peerix", version, about = "A peer-to-peer binary cache for Nix")]
+#[command(
+    name = "peerix",
+    version,
+    about = "A peer-to-peer binary cache for Nix"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +36,13 @@ enum Command {
         #[command(subcommand)]
         command: NarCommand,
     },
+    /// The chunk store: operators' tools.
+    Store {
+        #[command(flatten)]
+        args: StoreArgs,
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Print the narinfo peerix would serve for a path in the local store.
     Narinfo {
         /// A store path (`/nix/store/<hash>-<name>`, or a path inside one).
@@ -43,6 +56,45 @@ enum Command {
     },
 }
 
+/// Where the daemon keeps its state (chunk store, identity) unless told otherwise.
+const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Chunk a NAR file, or index a valid local store path in place.
+    Ingest {
+        /// A NAR file, or a store path (`/nix/store/…`) valid in the local store.
+        source: String,
+    },
+    /// Write a stored NAR to stdout, every chunk and the NarHash verified.
+    Cat {
+        /// NarHash (`sha256:…` in any of Nix's encodings).
+        nar_hash: String,
+    },
+    /// Sizes, chunk counts and deduplication of the chunk store.
+    Stats,
+    /// Check the index against the data; exits 1 on any problem.
+    Fsck {
+        /// Also read and hash every chunk.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Delete unused chunks and reclaim pack space.
+    Gc,
+    /// Forget a stored NAR (GC then reclaims its chunks unless others use them).
+    Rm { nar_hash: String },
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// peerix's state directory (the chunk store is in its `chunks/`).
+    #[arg(long, default_value = DEFAULT_STATE_DIR, global = true)]
+    state_dir: PathBuf,
+    /// Root of the local Nix store: `/`, or a chroot store's root.
+    #[arg(long, default_value = "/", global = true)]
+    store: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum NarCommand {
     /// Write the NAR of PATH to stdout, byte-for-byte as `nix-store --dump PATH`.
@@ -52,8 +104,7 @@ enum NarCommand {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -71,6 +122,7 @@ fn main() -> Result<()> {
             store,
             sign,
         } => narinfo(&store_path, &store, sign.as_deref()),
+        Command::Store { args, command } => store::run(&args.state_dir, &args.store, command),
     }
 }
 

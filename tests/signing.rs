@@ -31,12 +31,7 @@ fn nix_keys(nix: &common::Nix, name: &str) -> (std::path::PathBuf, std::path::Pa
 fn peerix_keys(nix: &common::Nix, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let d = nix.scratch("keys");
     let (sk, pk) = (d.join(format!("{name}.sec")), d.join(format!("{name}.pub")));
-    common::peerix_ok(&[
-        "keygen",
-        name,
-        sk.to_str().unwrap(),
-        pk.to_str().unwrap(),
-    ]);
+    common::peerix_ok(&["keygen", name, sk.to_str().unwrap(), pk.to_str().unwrap()]);
     (sk, pk)
 }
 
@@ -47,12 +42,19 @@ fn key_files_are_interchangeable_with_nix() {
     let (nsk, npk) = nix_keys(&nix, "nix-made-1");
     let sk: SecretKey = read(&nsk).parse().unwrap();
     assert_eq!(sk.public_key().to_string(), read(&npk));
-    assert_eq!(sk.to_string(), read(&nsk), "secret key renders as Nix wrote it");
+    assert_eq!(
+        sk.to_string(),
+        read(&nsk),
+        "secret key renders as Nix wrote it"
+    );
 
     // peerix's keys work in Nix: sign with `nix store sign`, check with `nix store verify`.
     let (psk, ppk) = peerix_keys(&nix, "peerix-made-1");
     let pk_text = read(&ppk);
-    assert!(!pk_text.ends_with('\n'), "Nix writes key files without a newline");
+    assert!(
+        !pk_text.ends_with('\n'),
+        "Nix writes key files without a newline"
+    );
     assert_eq!(
         std::fs::metadata(&psk).unwrap().permissions().mode() & 0o777,
         0o600
@@ -101,10 +103,7 @@ fn key_files_are_interchangeable_with_nix() {
 
     // And the signature Nix stored (made from peerix's key file) verifies in peerix.
     let ls = LocalStore::open(&nix.store()).unwrap();
-    let info = ls
-        .query_path_info(&top.parse().unwrap())
-        .unwrap()
-        .unwrap();
+    let info = ls.query_path_info(&top.parse().unwrap()).unwrap().unwrap();
     let ni = NarInfo::for_uncompressed(&info);
     let ppk: PublicKey = pk_text.parse().unwrap();
     assert!(ni.verified_by(std::slice::from_ref(&ppk)).is_some());

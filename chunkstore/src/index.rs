@@ -103,17 +103,19 @@ impl<'a> Reader<'a> {
         self.take(1).map(|b| b[0])
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
     }
 }
 
 pub fn hash_key(b: &[u8]) -> Result<Sha256Hash> {
-    b.try_into()
-        .map(Sha256Hash)
-        .map_err(|_| Error::BadRecord { what: "NarHash key" })
+    b.try_into().map(Sha256Hash).map_err(|_| Error::BadRecord {
+        what: "NarHash key",
+    })
 }
 
 #[cfg(test)]

@@ -167,14 +167,6 @@ impl Packs {
         Ok(())
     }
 
-    pub fn active_id(&self) -> Option<u32> {
-        self.active
-            .lock()
-            .expect("active pack lock")
-            .as_ref()
-            .map(|a| a.id)
-    }
-
     fn reader(&self, pack: u32) -> Result<Arc<File>> {
         if let Some(f) = self.readers.read().expect("readers lock").get(&pack) {
             return Ok(f.clone());
@@ -223,33 +215,13 @@ impl Packs {
             _ => Ok(()),
         }
     }
-
-    /// Walk the records of a pack (for fsck and compaction), stopping at a torn tail.
-    pub fn scan(&self, pack: u32, mut f: impl FnMut(u64, &Header)) -> Result<()> {
-        let p = self.path(pack);
-        let file = File::open(&p).at(&p)?;
-        let len = file.metadata().at(&p)?.len();
-        let mut off = 0u64;
-        let mut hdr = [0u8; HEADER];
-        while off + HEADER as u64 <= len {
-            file.read_exact_at(&mut hdr, off).at(&p)?;
-            let Some(h) = Header::parse(&hdr) else { break };
-            let end = off + HEADER as u64 + u64::from(h.stored_len);
-            if end > len {
-                break;
-            }
-            f(off, &h);
-            off = end;
-        }
-        Ok(())
-    }
 }
 
-pub struct Header {
-    pub zstd: bool,
-    pub stored_len: u32,
-    pub raw_len: u32,
-    pub id: ChunkId,
+struct Header {
+    zstd: bool,
+    stored_len: u32,
+    raw_len: u32,
+    id: ChunkId,
 }
 
 impl Header {

@@ -273,9 +273,8 @@ impl ChunkStore {
         if v.len() < 32 {
             return Err(Error::BadRecord { what: "path" });
         }
-        let name = String::from_utf8(v[32..].to_vec()).map_err(|_| Error::BadRecord {
-            what: "path",
-        })?;
+        let name =
+            String::from_utf8(v[32..].to_vec()).map_err(|_| Error::BadRecord { what: "path" })?;
         Ok(Some((hash_key(&v[..32])?, name)))
     }
 
@@ -322,7 +321,7 @@ impl ChunkStore {
         let mut new_locs: HashMap<ChunkId, ChunkRec> = HashMap::new();
         let mut p = Progress::default();
         let ChunkerParams { min, avg, max } = self.inner.params;
-        for c in fastcdc::v2020::StreamCDC::new(&mut hr, min, avg, max) {
+        for c in fastcdc::v2020::StreamCDC::new(&mut hr, min as usize, avg as usize, max as usize) {
             let c = c.map_err(|e| Error::Chunking(e.to_string()))?;
             let id = ChunkId::of(&c.data);
             let len = c.length as u32;
@@ -396,7 +395,7 @@ impl ChunkStore {
         let mut offsets = HashMap::new();
         let mut p = Progress::default();
         let ChunkerParams { min, avg, max } = self.inner.params;
-        for c in fastcdc::v2020::StreamCDC::new(&mut hr, min, avg, max) {
+        for c in fastcdc::v2020::StreamCDC::new(&mut hr, min as usize, avg as usize, max as usize) {
             let c = c.map_err(|e| Error::Chunking(e.to_string()))?;
             let id = ChunkId::of(&c.data);
             chunks.push(ChunkRef {
@@ -578,7 +577,12 @@ impl ChunkStore {
         let rec = self.chunk_rec(id)?.ok_or(Error::MissingChunk(*id))?;
         let mut why = vec![];
         if let Some(loc) = rec.pack {
-            match self.inner.packs.read(id, &loc, rec.len).and_then(|d| verify(id, d)) {
+            match self
+                .inner
+                .packs
+                .read(id, &loc, rec.len)
+                .and_then(|d| verify(id, d))
+            {
                 Ok(d) => return Ok(d),
                 Err(e) => {
                     warn!(chunk = %id, error = %e, "corrupt chunk copy in pack dropped");
@@ -758,7 +762,11 @@ impl ChunkStore {
                 Ok(())
             })
             .map_err(tx_err)?;
-        self.inner.layouts.lock().expect("layout cache").pop(nar_hash);
+        self.inner
+            .layouts
+            .lock()
+            .expect("layout cache")
+            .pop(nar_hash);
         self.inner.db.flush()?;
         Ok(true)
     }
@@ -810,9 +818,11 @@ impl ChunkStore {
         for kv in i.chunks.iter() {
             let (k, v) = kv?;
             let mut r = ChunkRec::decode(&v)?;
-            let id = ChunkId(k.as_ref().try_into().map_err(|_| Error::BadRecord {
-                what: "chunk key",
-            })?);
+            let id = ChunkId(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::BadRecord { what: "chunk key" })?,
+            );
             if r.refs == 0 && !in_flight.contains(&id) {
                 batch.remove(k);
                 st.chunks_deleted += 1;
@@ -864,9 +874,11 @@ impl ChunkStore {
             let Some(old) = r.pack.filter(|p| p.pack == pack) else {
                 continue;
             };
-            let id = ChunkId(k.as_ref().try_into().map_err(|_| Error::BadRecord {
-                what: "chunk key",
-            })?);
+            let id = ChunkId(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::BadRecord { what: "chunk key" })?,
+            );
             match i.packs.read(&id, &old, r.len).and_then(|d| verify(&id, d)) {
                 Ok(data) => {
                     let new = i.packs.append(&id, &data)?;

@@ -167,11 +167,10 @@ impl NarInfo {
                         return Err(NarInfoError::TooMany { what: "signatures" });
                     }
                     // Kept verbatim, but it must at least have the form of a signature.
-                    v.parse::<Signature>()
-                        .map_err(|_| NarInfoError::BadValue {
-                            field: "Sig",
-                            value: clip(v),
-                        })?;
+                    v.parse::<Signature>().map_err(|_| NarInfoError::BadValue {
+                        field: "Sig",
+                        value: clip(v),
+                    })?;
                     sigs.insert(v.to_owned());
                 }
                 "CA" => {
@@ -396,9 +395,12 @@ Sig: test1:Xdg4S161OG3jfQbeMrZkPUNq6QtxE7Zqbxl+1cqhvFIwQjVCUGfFthFg6lp6NrX/4bKHP
             (REAL.replace("NarSize: 100984\n", ""), |e| {
                 matches!(e, NarInfoError::Missing("NarSize"))
             }),
-            (format!("{REAL}NarHash: sha256:0kdc467rvrm9924cmghf8yyixdb9jbj6f77g9xp0w2srhmz4ri69\n"), |e| {
-                matches!(e, NarInfoError::Duplicate("NarHash"))
-            }),
+            (
+                format!(
+                    "{REAL}NarHash: sha256:0kdc467rvrm9924cmghf8yyixdb9jbj6f77g9xp0w2srhmz4ri69\n"
+                ),
+                |e| matches!(e, NarInfoError::Duplicate("NarHash")),
+            ),
             (REAL.replace("-dep", "-../x"), |e| {
                 matches!(e, NarInfoError::BadPath { .. })
             }),

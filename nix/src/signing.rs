@@ -118,7 +118,12 @@ impl FromStr for SecretKey {
 /// Renders the key file's contents (Nix writes no trailing newline).
 impl fmt::Display for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.name, B64.encode(self.key.to_keypair_bytes()))
+        write!(
+            f,
+            "{}:{}",
+            self.name,
+            B64.encode(self.key.to_keypair_bytes())
+        )
     }
 }
 

@@ -170,8 +170,8 @@ pub fn serve_dir(dir: &Path) -> HttpServer {
                 .await
                 .expect("bind");
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            let app = axum::Router::new()
-                .fallback_service(tower_http::services::ServeDir::new(dir));
+            let app =
+                axum::Router::new().fallback_service(tower_http::services::ServeDir::new(dir));
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stop_rx.await;
