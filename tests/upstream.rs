@@ -18,7 +18,7 @@ use peerix_nix::{NarInfo, StorePath, StorePathHash};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_http::services::ServeDir;
 
-const COMPRESSIONS: [&str; 3] = ["xz", "zstd", "none"];
+const COMPRESSIONS: [&str; 4] = ["xz", "zstd", "bzip2", "none"];
 
 /// A hash no test cache holds.
 const UNKNOWN: &str = "00000000000000000000000000000001";
@@ -264,6 +264,11 @@ async fn altered_nar_fails_verification() {
         flipped[mid] ^= 0x20;
         std::fs::write(&file, &flipped).unwrap();
         let err = up.verify_nar(&info).await.unwrap_err();
+        // A reader that failed keeps failing rather than looking like a clean EOF.
+        let mut r = up.nar_reader(&info).await.unwrap();
+        let mut sink = Vec::new();
+        assert!(r.read_to_end(&mut sink).await.is_err());
+        assert!(r.read(&mut [0u8; 16]).await.is_err());
         if c == "none" {
             assert!(
                 matches!(err, UpstreamError::NarHashMismatch { .. }),

@@ -339,7 +339,7 @@ impl UpstreamCache {
             expected_size: info.nar_size,
             hasher: sha2::Sha256::new(),
             count: 0,
-            done: false,
+            state: ReadState::Reading,
         })
     }
 
@@ -452,7 +452,14 @@ pub struct NarReader {
     expected_size: u64,
     hasher: sha2::Sha256,
     count: u64,
-    done: bool,
+    state: ReadState,
+}
+
+enum ReadState {
+    Reading,
+    Verified,
+    /// What went wrong, repeated on every later read so a retry cannot look like EOF.
+    Failed(String),
 }
 
 impl NarReader {
@@ -481,7 +488,7 @@ impl NarReader {
     }
 
     fn fail(&mut self, e: UpstreamError) -> Poll<io::Result<()>> {
-        self.done = true;
+        self.state = ReadState::Failed(e.to_string());
         Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
     }
 }
@@ -493,14 +500,21 @@ impl AsyncRead for NarReader {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.done {
-            return Poll::Ready(Ok(()));
+        match &this.state {
+            ReadState::Reading => {}
+            ReadState::Verified => return Poll::Ready(Ok(())),
+            ReadState::Failed(what) => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("NAR stream already failed: {what}"),
+                )))
+            }
         }
         let before = buf.filled().len();
         match this.inner.as_mut().poll_read(cx, buf) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => {
-                this.done = true;
+                this.state = ReadState::Failed(e.to_string());
                 Poll::Ready(Err(e))
             }
             Poll::Ready(Ok(())) => {
@@ -523,7 +537,7 @@ impl AsyncRead for NarReader {
                         };
                         return this.fail(e);
                     }
-                    this.done = true;
+                    this.state = ReadState::Verified;
                     return Poll::Ready(Ok(()));
                 }
                 this.count += new.len() as u64;
