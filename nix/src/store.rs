@@ -480,6 +480,25 @@ mod tests {
         assert!(s.query_path_info_by_hash(&after).unwrap().is_none());
     }
 
+    /// The usual state when Nix is not running: WAL mode, and the last writer removed the -wal
+    /// and -shm files on close. We must still be able to read.
+    #[test]
+    fn reads_closed_wal_database() {
+        let (d, s) = fake_store(&[(GOOD, HEX)]);
+        drop(s);
+        let db = d.path().join(DB_RELATIVE_PATH);
+        let c = Connection::open(&db).unwrap();
+        let mode: String = c
+            .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(c);
+        let wal = db.with_extension("sqlite-wal");
+        assert!(!wal.exists());
+        let s = LocalStore::open(d.path()).unwrap();
+        assert!(s.is_valid(&GOOD.parse().unwrap()).unwrap());
+    }
+
     #[test]
     fn is_send_and_sync() {
         fn check<T: Send + Sync>() {}
