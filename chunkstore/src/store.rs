@@ -1000,7 +1000,10 @@ impl ChunkStore {
                     }
                 }
                 if let Some((nar, off)) = r.local {
-                    match self.read_local(&nar, off, r.len).and_then(|d| verify(&id, d)) {
+                    match self
+                        .read_local(&nar, off, r.len)
+                        .and_then(|d| verify(&id, d))
+                    {
                         Ok(_) => good = true,
                         Err(e) => errors.push(e),
                     }
