@@ -55,12 +55,13 @@ impl ChunkerParams {
         use fastcdc::v2020::{
             AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
         };
-        if !(MINIMUM_MIN..=MINIMUM_MAX).contains(&(min as usize))
-            || !(AVERAGE_MIN..=AVERAGE_MAX).contains(&(avg as usize))
-            || !(MAXIMUM_MIN..=MAXIMUM_MAX).contains(&(max as usize))
-            || !(min <= avg && avg <= max)
-            || max as usize > crate::MAX_CHUNK
-        {
+        let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&(min as usize))
+            && (AVERAGE_MIN..=AVERAGE_MAX).contains(&(avg as usize))
+            && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&(max as usize))
+            && min <= avg
+            && avg <= max
+            && max as usize <= crate::MAX_CHUNK;
+        if !ok {
             return Err(format!(
                 "chunk sizes {min}/{avg}/{max} are outside FastCDC's bounds or out of order"
             ));

@@ -21,7 +21,7 @@ impl Rng {
         let mut v = Vec::with_capacity(n);
         while v.len() < n {
             let x = self.next();
-            if x % 3 == 0 {
+            if x.is_multiple_of(3) {
                 // Compressible text.
                 let words: [&[u8]; 6] =
                     [b"nix ", b"store ", b"peer ", b"chunk\n", b"lib", b"/bin "];
@@ -429,9 +429,10 @@ async fn concurrent_ingest_and_read() {
         .await
         .unwrap();
     let mut tasks = vec![];
-    for nar in nars.iter().skip(1).cloned() {
+    for nar in &nars[1..] {
         tasks.push(tokio::spawn({
             let cs = cs.clone();
+            let nar = nar.clone();
             async move {
                 let n2 = nar.clone();
                 let m = cs

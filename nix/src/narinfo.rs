@@ -155,12 +155,9 @@ impl NarInfo {
                     }
                     set(&mut references, refs, "References")?
                 }
-                "Deriver" => {
-                    // Old caches wrote this placeholder instead of leaving the field out.
-                    if v != "unknown-deriver" {
-                        set(&mut deriver, base_path("Deriver", v)?, "Deriver")?
-                    }
-                }
+                // Old caches wrote this placeholder instead of leaving the field out.
+                "Deriver" if v == "unknown-deriver" => {}
+                "Deriver" => set(&mut deriver, base_path("Deriver", v)?, "Deriver")?,
                 "System" => set(&mut system, text("System", v)?, "System")?,
                 "Sig" => {
                     if sigs.len() >= Self::MAX_LIST {
@@ -382,7 +379,8 @@ Sig: test1:Xdg4S161OG3jfQbeMrZkPUNq6QtxE7Zqbxl+1cqhvFIwQjVCUGfFthFg6lp6NrX/4bKHP
 
     #[test]
     fn rejects_bad_input() {
-        let cases: Vec<(String, fn(&NarInfoError) -> bool)> = vec![
+        type Check = fn(&NarInfoError) -> bool;
+        let cases: Vec<(String, Check)> = vec![
             (REAL.replace("StorePath: ", "StorePath:"), |e| {
                 matches!(e, NarInfoError::BadLine { .. })
             }),
