@@ -506,6 +506,8 @@ impl ChunkStore {
             return Ok(());
         }
         self.inner.partial.insert(m.nar_hash.0, m.encode())?;
+        // Durable at once, so that a crash mid-download cannot orphan the chunks already put.
+        self.inner.db.flush()?;
         Ok(())
     }
 
