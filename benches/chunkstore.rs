@@ -226,6 +226,22 @@ fn main() {
         g.bench_function("file_read", |b| {
             b.iter(|| drain(Box::new(std::fs::File::open(&file).unwrap())))
         });
+        // What any verified serve must do at least: read the bytes and hash them.
+        g.bench_function("file_read_sha256", |b| {
+            b.iter(|| {
+                let mut f = std::fs::File::open(&file).unwrap();
+                let mut h = sha2::Sha256::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = f.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+                h.finalize()
+            })
+        });
         g.bench_function("from_local_store", |b| {
             b.iter(|| drain(Box::new(local.nar_reader(&m.nar_hash).unwrap())))
         });

@@ -256,3 +256,20 @@ fn gigabyte_file_streams_in_constant_memory() {
     assert_eq!(theirs.1, n, "NAR sizes differ");
     assert_eq!(ours.0.finalize(), theirs.0.finalize(), "NAR hashes differ");
 }
+
+#[test]
+fn peerix_nar_dump_cli_equals_nix_store_dump() {
+    let Some(nix) = common::nix() else { return };
+    let tree = nix.scratch("cli").join("tree");
+    awkward_tree(&tree);
+    for p in [tree.clone(), tree.join("nested"), tree.join("exec")] {
+        let ours = common::peerix_ok(&["nar", "dump", p.to_str().unwrap()]);
+        assert_same_nar(&ours, &nix_dump(&nix, &p), "peerix nar dump");
+    }
+    let out = common::peerix()
+        .args(["nar", "dump", "/nonexistent/peerix-test"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/peerix-test"));
+}
