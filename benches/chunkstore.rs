@@ -284,6 +284,12 @@ fn main() {
         rate("reassembly", "from_packs"),
         ratio("reassembly", "from_packs", "file_read")
     );
+    println!(
+        "verified reads  : local store {}, packs {} of a file read + sha256 ({})",
+        ratio("reassembly", "from_local_store", "file_read_sha256"),
+        ratio("reassembly", "from_packs", "file_read_sha256"),
+        rate("reassembly", "file_read_sha256")
+    );
 
     println!(
         "\n== chunk-size sweep: v1 then v2 indexed in place; 'v2 new' is what an update costs"
