@@ -46,10 +46,12 @@ fn copy_tree(src: &Path, dst: &Path, budget: &mut u64) {
         let to = dst.join(p.file_name().unwrap());
         if md.is_dir() {
             copy_tree(&p, &to, budget);
-        } else if md.is_file() && md.len() <= *budget && md.len() > 0 {
-            if std::fs::copy(&p, &to).is_ok() {
-                *budget -= md.len();
-            }
+        } else if md.is_file()
+            && md.len() <= *budget
+            && md.len() > 0
+            && std::fs::copy(&p, &to).is_ok()
+        {
+            *budget -= md.len();
         }
     }
 }
@@ -79,7 +81,7 @@ fn update(v2: &Path) {
         if b.len() < 64 {
             continue;
         }
-        if r.next() % 20 == 0 {
+        if r.next().is_multiple_of(20) {
             for x in b.iter_mut() {
                 *x ^= r.next() as u8;
             }
