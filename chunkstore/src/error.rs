@@ -13,6 +13,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("the chunk store at {0} is in use by another process (is `peerix serve` running?)")]
+    Locked(PathBuf),
     #[error("chunk index: {0}")]
     Index(#[from] sled::Error),
     #[error("chunk index holds a malformed {what} record")]

@@ -227,10 +227,7 @@ impl Read for LayoutReader<'_> {
 impl ChunkStore {
     pub fn open(dir: &Path, opts: Options) -> Result<Self> {
         std::fs::create_dir_all(dir).at(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("index"))
-            .mode(sled::Mode::LowSpace)
-            .open()?;
+        let db = open_index(&dir.join("index"))?;
         let params = match db.get("chunker")? {
             Some(v) if v.len() == 12 => {
                 let p = |i: usize| u32::from_le_bytes(v[i..i + 4].try_into().expect("4"));
@@ -1133,6 +1130,33 @@ impl ChunkStore {
             s.pack_file_bytes += i.packs.file_len(p)?;
         }
         Ok(s)
+    }
+}
+
+/// sled holds an exclusive lock on its files. A handle dropped a moment ago may still hold it
+/// from sled's flusher thread, so a few short retries; a store that stays locked is in use by
+/// another process.
+fn open_index(path: &Path) -> Result<sled::Db> {
+    let mut delay = std::time::Duration::from_millis(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::LowSpace)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(Error::Locked(path.to_owned()));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 

@@ -1,1 +1,14 @@
-//! libp2p discovery, the peer protocol and the multi-peer downloader. Built in its own issue.
+//! peerix's libp2p side: a node that finds peers (mDNS on the LAN, explicit peers, a Kademlia
+//! DHT), the peer protocol (lookup, manifest, have, chunks), serving from the chunk store, and
+//! the multi-peer downloader.
+
+pub mod client;
+pub mod download;
+pub mod node;
+pub mod protocol;
+pub mod server;
+
+pub use libp2p::{Multiaddr, PeerId};
+
+/// The peer protocol, versioned: a peer that speaks another version is simply not offered it.
+pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/peerix/chunks/1");
