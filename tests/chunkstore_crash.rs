@@ -202,6 +202,19 @@ fn put_child(state: &Path, src: &Path) {
     writeln!(out, "done").unwrap();
 }
 
+/// This test binary, re-run as the child that puts chunks.
+fn put_child_cmd(state: &Path, src: &Path) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "--exact",
+        "sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar",
+        "--nocapture",
+    ])
+    .env("PEERIX_CRASH_PUT_STATE", state)
+    .env("PEERIX_CRASH_PUT_SRC", src);
+    c
+}
+
 #[test]
 fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     let state_env = std::env::var_os("PEERIX_CRASH_PUT_STATE");
@@ -216,14 +229,7 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     std::fs::write(&src, &bytes).unwrap();
     let mut killed = 0;
     for round in 0..4 {
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar",
-                "--nocapture",
-            ])
-            .env("PEERIX_CRASH_PUT_STATE", &state)
-            .env("PEERIX_CRASH_PUT_SRC", &src)
+        let child = put_child_cmd(&state, &src)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -251,16 +257,7 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     }
     assert!(killed > 0, "no put was ever killed mid-way");
     // Resuming the download completes it.
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar",
-            "--nocapture",
-        ])
-        .env("PEERIX_CRASH_PUT_STATE", &state)
-        .env("PEERIX_CRASH_PUT_SRC", &src)
-        .output()
-        .unwrap();
+    let child = put_child_cmd(&state, &src).output().unwrap();
     assert!(child.status.success());
     let cs = ChunkStore::open(&state.join("chunks"), Options::default()).unwrap();
     let mut v = vec![];

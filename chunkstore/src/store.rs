@@ -361,6 +361,41 @@ impl ChunkStore {
         Ok(out)
     }
 
+    /// Cut `reader` into chunks and hash the whole stream (on a second thread); `f` sees each
+    /// chunk with its id and NAR offset. Returns the manifest, checked against `expected`.
+    fn chunk_stream(
+        &self,
+        reader: impl Read,
+        expected: Option<(Sha256Hash, u64)>,
+        mut f: impl FnMut(ChunkId, u64, &[u8]) -> Result<()>,
+    ) -> Result<Manifest> {
+        let mut hr = HashingReader {
+            inner: reader,
+            sha: ShaPipe::new(),
+            n: 0,
+        };
+        let mut chunks = vec![];
+        let ChunkerParams { min, avg, max } = self.inner.params;
+        let cdc = fastcdc::v2020::StreamCDC::new(&mut hr, min as usize, avg as usize, max as usize);
+        for c in cdc {
+            let c = c.map_err(|e| Error::Chunking(e.to_string()))?;
+            let id = ChunkId::of(&c.data);
+            chunks.push(ChunkRef {
+                id,
+                len: c.length as u32,
+            });
+            f(id, c.offset, &c.data)?;
+        }
+        let m = Manifest {
+            nar_size: hr.n,
+            nar_hash: hr.sha.finish(),
+            chunks,
+        };
+        check_expected(&m, expected)?;
+        m.validate()?;
+        Ok(m)
+    }
+
     /// Chunk a NAR stream into the store (new chunks go to packs) and commit its manifest.
     /// `expected` (NarHash, NarSize) is checked before anything becomes visible.
     pub fn ingest_nar(
@@ -371,45 +406,27 @@ impl ChunkStore {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Manifest> {
         let _gc = self.inner.gc.read().expect("gc lock");
-        let mut hr = HashingReader {
-            inner: reader,
-            sha: ShaPipe::new(),
-            n: 0,
-        };
-        let mut chunks = vec![];
         let mut new_locs: HashMap<ChunkId, ChunkRec> = HashMap::new();
         let mut p = Progress::default();
-        let ChunkerParams { min, avg, max } = self.inner.params;
-        for c in fastcdc::v2020::StreamCDC::new(&mut hr, min as usize, avg as usize, max as usize) {
-            let c = c.map_err(|e| Error::Chunking(e.to_string()))?;
-            let id = ChunkId::of(&c.data);
-            let len = c.length as u32;
-            chunks.push(ChunkRef { id, len });
+        let m = self.chunk_stream(reader, expected, |id, _, data| {
+            let len = data.len() as u32;
             p.chunks += 1;
             p.bytes += u64::from(len);
             if !new_locs.contains_key(&id) && !self.has_chunk(&id)? {
-                let loc = self.inner.packs.append(&id, &c.data)?;
-                new_locs.insert(
-                    id,
-                    ChunkRec {
-                        len,
-                        refs: 0,
-                        pack: Some(loc),
-                        local: None,
-                    },
-                );
+                let loc = self.inner.packs.append(&id, data)?;
+                let rec = ChunkRec {
+                    len,
+                    refs: 0,
+                    pack: Some(loc),
+                    local: None,
+                };
+                new_locs.insert(id, rec);
                 p.new_chunks += 1;
                 p.new_bytes += u64::from(len);
             }
             progress(&p);
-        }
-        let m = Manifest {
-            nar_size: hr.n,
-            nar_hash: hr.sha.finish(),
-            chunks,
-        };
-        check_expected(&m, expected)?;
-        m.validate()?;
+            Ok(())
+        })?;
         self.inner.packs.sync()?;
         self.commit(&m, &new_locs, None, path)?;
         self.inner.db.flush()?;
@@ -427,11 +444,10 @@ impl ChunkStore {
     ) -> Result<Manifest> {
         let root = self.inner.store_root.as_ref().ok_or(Error::NoLocalStore)?;
         let real = real_path(root, path);
-        let nar_err = |source| Error::Nar {
+        let layout = NarLayout::of_path(&real).map_err(|source| Error::Nar {
             path: path.to_string(),
             source,
-        };
-        let layout = NarLayout::of_path(&real).map_err(nar_err)?;
+        })?;
         if let Some((_, size)) = expected {
             if layout.nar_size() != size {
                 return Err(Error::NarSizeMismatch {
@@ -441,38 +457,20 @@ impl ChunkStore {
             }
         }
         let _gc = self.inner.gc.read().expect("gc lock");
-        let mut hr = HashingReader {
-            inner: LayoutReader {
-                layout: &layout,
-                root: &real,
-                pos: 0,
-            },
-            sha: ShaPipe::new(),
-            n: 0,
+        let reader = LayoutReader {
+            layout: &layout,
+            root: &real,
+            pos: 0,
         };
-        let mut chunks = vec![];
         let mut offsets = HashMap::new();
         let mut p = Progress::default();
-        let ChunkerParams { min, avg, max } = self.inner.params;
-        for c in fastcdc::v2020::StreamCDC::new(&mut hr, min as usize, avg as usize, max as usize) {
-            let c = c.map_err(|e| Error::Chunking(e.to_string()))?;
-            let id = ChunkId::of(&c.data);
-            chunks.push(ChunkRef {
-                id,
-                len: c.length as u32,
-            });
-            offsets.entry(id).or_insert(c.offset);
+        let m = self.chunk_stream(reader, expected, |id, offset, data| {
+            offsets.entry(id).or_insert(offset);
             p.chunks += 1;
-            p.bytes += c.length as u64;
+            p.bytes += data.len() as u64;
             progress(&p);
-        }
-        let m = Manifest {
-            nar_size: hr.n,
-            nar_hash: hr.sha.finish(),
-            chunks,
-        };
-        check_expected(&m, expected)?;
-        m.validate()?;
+            Ok(())
+        })?;
         let new_locs = m
             .chunks
             .iter()
