@@ -1,1 +1,299 @@
-//! client
+//! Asking peers: one request per stream, every answer bounded and timed.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{AsyncWriteExt, Stream};
+use libp2p::PeerId;
+use peerix_chunkstore::{ChunkId, ChunkRef, Manifest, MAX_CHUNK};
+use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
+use thiserror::Error;
+use tokio::time::Instant;
+
+use crate::protocol::{
+    self, decode_chunk, decode_have_reply, decode_lookup_reply, decode_manifest_reply, refusal,
+    Frame, HaveReply, ProtocolError, Refusal, Request,
+};
+use crate::PROTOCOL;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot open a stream to {peer}: {why}")]
+    Open { peer: PeerId, why: String },
+    #[error("{peer}: {source}")]
+    Protocol {
+        peer: PeerId,
+        #[source]
+        source: ProtocolError,
+    },
+    #[error("{peer} did not answer in time")]
+    Timeout { peer: PeerId },
+    #[error("{peer} is busy")]
+    Busy { peer: PeerId },
+    #[error("{peer} refuses us")]
+    Refused { peer: PeerId },
+    #[error("{peer} no longer has chunk {id}")]
+    Missing { peer: PeerId, id: ChunkId },
+    #[error("{peer} sent bytes that do not match their chunk id")]
+    BadChunk { peer: PeerId },
+    #[error("{peer} answered something we did not ask for: {why}")]
+    Unexpected { peer: PeerId, why: &'static str },
+    #[error("request too large: {0}")]
+    TooLarge(ProtocolError),
+}
+
+impl ClientError {
+    /// The peer misbehaved, as opposed to being slow, busy or gone.
+    pub fn is_misbehaviour(&self) -> bool {
+        match self {
+            Self::BadChunk { .. } | Self::Unexpected { .. } => true,
+            Self::Protocol { source, .. } => source.is_offence(),
+            _ => false,
+        }
+    }
+}
+
+/// Timeouts: a request may take `min_timeout`, or `per_mib` per MiB it is expected to carry
+/// if that is longer.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub min_timeout: Duration,
+    pub per_mib: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            min_timeout: Duration::from_secs(4),
+            per_mib: Duration::from_secs(4),
+        }
+    }
+}
+
+impl ClientConfig {
+    pub fn timeout_for(&self, bytes: u64) -> Duration {
+        let per = self.per_mib.mul_f64(bytes as f64 / (1024.0 * 1024.0));
+        self.min_timeout.max(per)
+    }
+}
+
+/// Requests to peers. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    control: libp2p_stream::Control,
+    cfg: ClientConfig,
+}
+
+/// How often a request is retried when its stream fails before the peer answered anything:
+/// libp2p-stream drops an inbound stream when the server has not yet taken the previous one,
+/// which a burst of parallel requests can hit.
+const OPEN_RETRIES: usize = 2;
+
+impl Client {
+    pub fn new(control: libp2p_stream::Control) -> Self {
+        Self::with_config(control, ClientConfig::default())
+    }
+
+    pub fn with_config(control: libp2p_stream::Control, cfg: ClientConfig) -> Self {
+        Self { control, cfg }
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    /// The narinfos of those `hashes` the peer holds and shares (at most [`protocol::MAX_LOOKUP`]).
+    pub async fn lookup(
+        &self,
+        peer: PeerId,
+        hashes: &[StorePathHash],
+    ) -> Result<Vec<NarInfo>, ClientError> {
+        let req = Request::Lookup(hashes.to_vec());
+        let f = self.request(peer, &req, 64 * 1024).await?;
+        let found =
+            decode_lookup_reply(&f).map_err(|source| ClientError::Protocol { peer, source })?;
+        let asked: HashSet<&StorePathHash> = hashes.iter().collect();
+        if found.iter().any(|n| !asked.contains(&n.store_path.hash())) {
+            return Err(ClientError::Unexpected {
+                peer,
+                why: "a narinfo for a path we did not look up",
+            });
+        }
+        Ok(found)
+    }
+
+    pub async fn manifest(
+        &self,
+        peer: PeerId,
+        nar_hash: Sha256Hash,
+    ) -> Result<Option<Manifest>, ClientError> {
+        let f = self
+            .request(peer, &Request::Manifest(nar_hash), 1024 * 1024)
+            .await?;
+        decode_manifest_reply(&f, &nar_hash)
+            .map_err(|source| ClientError::Protocol { peer, source })
+    }
+
+    /// Which of `chunks` the peer holds (downloads in progress included) and what it holds of
+    /// each of `nars`.
+    pub async fn have(
+        &self,
+        peer: PeerId,
+        chunks: &[ChunkId],
+        nars: &[Sha256Hash],
+    ) -> Result<HaveReply, ClientError> {
+        let req = Request::Have {
+            chunks: chunks.to_vec(),
+            nars: nars.to_vec(),
+        };
+        let f = self.request(peer, &req, 64 * 1024).await?;
+        decode_have_reply(&f, chunks.len(), nars.len())
+            .map_err(|source| ClientError::Protocol { peer, source })
+    }
+
+    async fn open(&self, peer: PeerId, req: &Request) -> Result<libp2p::Stream, ClientError> {
+        req.check().map_err(ClientError::TooLarge)?;
+        let mut control = self.control.clone();
+        let mut s = tokio::time::timeout(self.cfg.min_timeout, control.open_stream(peer, PROTOCOL))
+            .await
+            .map_err(|_| ClientError::Timeout { peer })?
+            .map_err(|e| ClientError::Open {
+                peer,
+                why: e.to_string(),
+            })?;
+        protocol::write_request(&mut s, req)
+            .await
+            .map_err(|source| ClientError::Protocol { peer, source })?;
+        Ok(s)
+    }
+
+    /// One request, one response frame, retried if the stream fails before any answer.
+    async fn request(
+        &self,
+        peer: PeerId,
+        req: &Request,
+        expect: u64,
+    ) -> Result<Frame, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let r = async {
+                let mut s = self.open(peer, req).await?;
+                let f = read_frame(&mut s, peer).await?;
+                let _ = s.close().await;
+                Ok::<_, ClientError>(f)
+            };
+            match tokio::time::timeout(self.cfg.timeout_for(expect), r).await {
+                Err(_) => return Err(ClientError::Timeout { peer }),
+                Ok(Err(e)) if is_early_failure(&e) && attempt < OPEN_RETRIES => attempt += 1,
+                Ok(r) => return r,
+            }
+        }
+    }
+
+    /// Fetch chunks, yielding each as soon as it arrived and matched its id. A chunk the peer
+    /// no longer has is a [`ClientError::Missing`] item and the stream goes on; any other
+    /// error ends it. The whole request times out in proportion to the bytes asked for.
+    pub fn fetch_chunks(
+        &self,
+        peer: PeerId,
+        refs: Vec<ChunkRef>,
+    ) -> impl Stream<Item = Result<(ChunkId, Bytes), ClientError>> + Send + 'static {
+        let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
+        let state = Fetch {
+            client: self.clone(),
+            peer,
+            refs,
+            next: 0,
+            stream: None,
+            deadline: Instant::now() + self.cfg.timeout_for(total),
+            done: false,
+        };
+        futures::stream::unfold(state, |mut st| async move {
+            if st.done || st.next >= st.refs.len() {
+                if let Some(mut s) = st.stream.take() {
+                    let _ = tokio::time::timeout_at(st.deadline, s.close()).await;
+                }
+                return None;
+            }
+            let item = match tokio::time::timeout_at(st.deadline, st.step()).await {
+                Err(_) => Err(ClientError::Timeout { peer: st.peer }),
+                Ok(r) => r,
+            };
+            if matches!(&item, Err(e) if !matches!(e, ClientError::Missing { .. })) {
+                st.done = true;
+                st.stream = None;
+            }
+            Some((item, st))
+        })
+    }
+}
+
+struct Fetch {
+    client: Client,
+    peer: PeerId,
+    refs: Vec<ChunkRef>,
+    next: usize,
+    stream: Option<libp2p::Stream>,
+    deadline: Instant,
+    done: bool,
+}
+
+impl Fetch {
+    async fn step(&mut self) -> Result<(ChunkId, Bytes), ClientError> {
+        let peer = self.peer;
+        let mut attempt = 0;
+        let f = loop {
+            if self.stream.is_none() {
+                let ids = self.refs.iter().map(|r| r.id).collect();
+                self.stream = Some(self.client.open(peer, &Request::Chunks(ids)).await?);
+            }
+            let s = self.stream.as_mut().expect("just opened");
+            match read_frame(s, peer).await {
+                Err(e) if self.next == 0 && is_early_failure(&e) && attempt < OPEN_RETRIES => {
+                    attempt += 1;
+                    self.stream = None;
+                }
+                r => break r?,
+            }
+        };
+        let want = self.refs[self.next];
+        self.next += 1;
+        let (id, data) =
+            decode_chunk(f).map_err(|source| ClientError::Protocol { peer, source })?;
+        if id != want.id {
+            return Err(ClientError::Unexpected {
+                peer,
+                why: "a chunk out of order",
+            });
+        }
+        let Some(data) = data else {
+            return Err(ClientError::Missing { peer, id });
+        };
+        if data.len() != want.len as usize || data.len() > MAX_CHUNK || ChunkId::of(&data) != id {
+            return Err(ClientError::BadChunk { peer });
+        }
+        Ok((id, data))
+    }
+}
+
+fn is_early_failure(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Protocol {
+            source: ProtocolError::Io(_) | ProtocolError::Eof,
+            ..
+        }
+    )
+}
+
+async fn read_frame(s: &mut libp2p::Stream, peer: PeerId) -> Result<Frame, ClientError> {
+    let f = protocol::read_frame(s)
+        .await
+        .map_err(|source| ClientError::Protocol { peer, source })?;
+    match refusal(&f) {
+        Some(Refusal::Busy) => Err(ClientError::Busy { peer }),
+        Some(Refusal::Banned) => Err(ClientError::Refused { peer }),
+        None => Ok(f),
+    }
+}

@@ -1,1 +1,610 @@
-//! protocol
+//! The wire format of [`crate::PROTOCOL`].
+//!
+//! One request per substream: the requester opens a stream, writes one request frame and reads
+//! the response; yamux multiplexes many such streams over one connection, so parallel requests
+//! need no ids and a slow answer never blocks another.
+//!
+//! A frame is a big-endian `u32` length (of what follows it), a one-byte type and the body.
+//! Each type has its own maximum body size, checked against the length prefix before anything
+//! is allocated, so a peer can make us hold at most one bounded frame per stream.
+//!
+//! | type | message | body |
+//! |------|---------|------|
+//! | 0x01 | Lookup | `u16` n ≤ 1024, n × 20-byte store path hash |
+//! | 0x02 | Manifest | 32-byte NarHash |
+//! | 0x03 | Have | `u16` c ≤ 8192, `u16` n ≤ 1024, c × 32-byte chunk id, n × 32-byte NarHash |
+//! | 0x04 | Chunks | `u16` n ≤ 64, n × 32-byte chunk id |
+//! | 0x81 | LookupReply | `u16` n, n × (`u32` len, narinfo text) |
+//! | 0x82 | ManifestReply | `u8` 0 (none) or 1, then NarHash and [`Manifest::encode`] |
+//! | 0x83 | HaveReply | chunk bitmap (LSB first), one [`NarState`] byte per NAR |
+//! | 0x84 | Chunk | 32-byte id, `u8` 0 (here) or 1 (missing), the chunk's bytes |
+//! | 0xff | Refused | `u8` [`Refusal`] |
+//!
+//! A Chunks request is answered by one Chunk frame per requested id, in request order, each
+//! written as soon as it is read from the store.
+
+use bytes::Bytes;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use peerix_chunkstore::{ChunkId, Manifest, MAX_CHUNK};
+use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
+use thiserror::Error;
+
+/// Most store path hashes in one Lookup.
+pub const MAX_LOOKUP: usize = 1024;
+/// Most chunk ids in one Have.
+pub const MAX_HAVE_CHUNKS: usize = 8192;
+/// Most NarHashes in one Have.
+pub const MAX_HAVE_NARS: usize = 1024;
+/// Most chunks in one Chunks request.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
+/// Most chunk bytes one Chunks request may ask for (the server stops serving beyond it).
+pub const MAX_CHUNK_BYTES_PER_REQUEST: usize = 16 * 1024 * 1024;
+/// A LookupReply larger than this is cut short: the requester asks again for the rest.
+pub const MAX_LOOKUP_REPLY: usize = 8 * 1024 * 1024;
+/// Bounds the manifests that can be fetched: ~466k chunks, a 114 GiB NAR at the default
+/// chunk size.
+pub const MAX_MANIFEST_REPLY: usize = 16 * 1024 * 1024;
+
+const LEN_PREFIX: usize = 4;
+
+/// Frame types.
+pub mod kind {
+    pub const LOOKUP: u8 = 0x01;
+    pub const MANIFEST: u8 = 0x02;
+    pub const HAVE: u8 = 0x03;
+    pub const CHUNKS: u8 = 0x04;
+    pub const LOOKUP_REPLY: u8 = 0x81;
+    pub const MANIFEST_REPLY: u8 = 0x82;
+    pub const HAVE_REPLY: u8 = 0x83;
+    pub const CHUNK: u8 = 0x84;
+    pub const REFUSED: u8 = 0xff;
+}
+
+/// The largest body a frame of this type may have; None for an unknown type.
+pub fn max_body(k: u8) -> Option<usize> {
+    Some(match k {
+        kind::LOOKUP => 2 + 20 * MAX_LOOKUP,
+        kind::MANIFEST => 32,
+        kind::HAVE => 4 + 32 * (MAX_HAVE_CHUNKS + MAX_HAVE_NARS),
+        kind::CHUNKS => 2 + 32 * MAX_CHUNKS_PER_REQUEST,
+        kind::LOOKUP_REPLY => MAX_LOOKUP_REPLY,
+        kind::MANIFEST_REPLY => MAX_MANIFEST_REPLY,
+        kind::HAVE_REPLY => MAX_HAVE_CHUNKS.div_ceil(8) + MAX_HAVE_NARS,
+        kind::CHUNK => 33 + MAX_CHUNK,
+        kind::REFUSED => 1,
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the stream ended before a frame")]
+    Eof,
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    #[error("frame type {got:#04x} where {expected} was expected")]
+    UnexpectedType { expected: &'static str, got: u8 },
+    #[error("frame of type {kind:#04x} claims {len} bytes, more than the {max} allowed")]
+    TooLarge { kind: u8, len: usize, max: usize },
+    #[error("{what}: {n} is more than the {max} allowed")]
+    TooMany {
+        what: &'static str,
+        n: usize,
+        max: usize,
+    },
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    #[error("bad narinfo: {0}")]
+    BadNarInfo(String),
+    #[error("bad manifest: {0}")]
+    BadManifest(String),
+}
+
+impl ProtocolError {
+    /// True when the peer sent something no correct peer sends (as opposed to the stream
+    /// failing or ending, which happens to honest peers too).
+    pub fn is_offence(&self) -> bool {
+        !matches!(self, Self::Io(_) | Self::Eof)
+    }
+}
+
+/// A raw frame: its type and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: u8,
+    pub body: Vec<u8>,
+}
+
+/// Read one frame, refusing one of an unknown type or larger than its type allows before
+/// allocating its body. A stream that ends cleanly before the first byte is [`ProtocolError::Eof`].
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtocolError> {
+    let mut head = [0u8; LEN_PREFIX + 1];
+    let mut got = 0;
+    while got < head.len() {
+        let n = r.read(&mut head[got..]).await?;
+        if n == 0 {
+            return Err(if got == 0 {
+                ProtocolError::Eof
+            } else {
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()
+            });
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let k = head[4];
+    let max = max_body(k).ok_or(ProtocolError::UnknownType(k))?;
+    if len == 0 {
+        return Err(ProtocolError::Malformed("frame without a type"));
+    }
+    let body_len = len - 1;
+    if body_len > max {
+        return Err(ProtocolError::TooLarge {
+            kind: k,
+            len: body_len,
+            max,
+        });
+    }
+    let mut body = vec![0u8; body_len];
+    r.read_exact(&mut body).await?;
+    Ok(Frame { kind: k, body })
+}
+
+/// Write one frame (the caller flushes).
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    k: u8,
+    body: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(&frame_header(k, body.len())).await?;
+    w.write_all(body).await
+}
+
+fn frame_header(k: u8, body_len: usize) -> [u8; 5] {
+    let mut h = [0u8; 5];
+    h[..4].copy_from_slice(&(body_len as u32 + 1).to_be_bytes());
+    h[4] = k;
+    h
+}
+
+/// A request: the first and only frame a requester writes on a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Lookup(Vec<StorePathHash>),
+    Manifest(Sha256Hash),
+    Have {
+        chunks: Vec<ChunkId>,
+        nars: Vec<Sha256Hash>,
+    },
+    Chunks(Vec<ChunkId>),
+}
+
+/// What a peer holds of a NAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NarState {
+    None = 0,
+    /// A download in progress: some of its chunks are there.
+    Partial = 1,
+    Complete = 2,
+}
+
+/// The answer to [`Request::Have`], in request order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HaveReply {
+    pub chunks: Vec<bool>,
+    pub nars: Vec<NarState>,
+}
+
+/// Why a server did not answer a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// All upload slots are taken: try again later or elsewhere.
+    Busy = 1,
+    /// The server refuses this peer for a while.
+    Banned = 2,
+}
+
+fn check_count(what: &'static str, n: usize, max: usize) -> Result<(), ProtocolError> {
+    if n > max {
+        return Err(ProtocolError::TooMany { what, n, max });
+    }
+    Ok(())
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
+        if self.0.len() < n {
+            return Err(ProtocolError::Malformed(what));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, ProtocolError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<usize, ProtocolError> {
+        Ok(u16::from_be_bytes(self.take(2, what)?.try_into().expect("2")) as usize)
+    }
+    fn u32(&mut self, what: &'static str) -> Result<usize, ProtocolError> {
+        Ok(u32::from_be_bytes(self.take(4, what)?.try_into().expect("4")) as usize)
+    }
+    fn arr32(&mut self, what: &'static str) -> Result<[u8; 32], ProtocolError> {
+        Ok(self.take(32, what)?.try_into().expect("32"))
+    }
+    fn end(&self, what: &'static str) -> Result<(), ProtocolError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::Malformed(what))
+        }
+    }
+}
+
+impl Request {
+    /// The frame type and body.
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        let mut b = vec![];
+        let k = match self {
+            Request::Lookup(hs) => {
+                b.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+                for h in hs {
+                    b.extend_from_slice(&h.0);
+                }
+                kind::LOOKUP
+            }
+            Request::Manifest(h) => {
+                b.extend_from_slice(&h.0);
+                kind::MANIFEST
+            }
+            Request::Have { chunks, nars } => {
+                b.extend_from_slice(&(chunks.len() as u16).to_be_bytes());
+                b.extend_from_slice(&(nars.len() as u16).to_be_bytes());
+                for c in chunks {
+                    b.extend_from_slice(&c.0);
+                }
+                for n in nars {
+                    b.extend_from_slice(&n.0);
+                }
+                kind::HAVE
+            }
+            Request::Chunks(ids) => {
+                b.extend_from_slice(&(ids.len() as u16).to_be_bytes());
+                for c in ids {
+                    b.extend_from_slice(&c.0);
+                }
+                kind::CHUNKS
+            }
+        };
+        (k, b)
+    }
+
+    /// Check the counts the wire format allows before a request goes out.
+    pub fn check(&self) -> Result<(), ProtocolError> {
+        match self {
+            Request::Lookup(hs) => check_count("lookup hashes", hs.len(), MAX_LOOKUP),
+            Request::Manifest(_) => Ok(()),
+            Request::Have { chunks, nars } => {
+                check_count("have chunks", chunks.len(), MAX_HAVE_CHUNKS)?;
+                check_count("have nars", nars.len(), MAX_HAVE_NARS)
+            }
+            Request::Chunks(ids) => check_count("chunks", ids.len(), MAX_CHUNKS_PER_REQUEST),
+        }
+    }
+
+    pub fn decode(f: &Frame) -> Result<Self, ProtocolError> {
+        let mut c = Cursor(&f.body);
+        let req = match f.kind {
+            kind::LOOKUP => {
+                let n = c.u16("lookup")?;
+                check_count("lookup hashes", n, MAX_LOOKUP)?;
+                let mut hs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    hs.push(StorePathHash(c.take(20, "lookup")?.try_into().expect("20")));
+                }
+                Request::Lookup(hs)
+            }
+            kind::MANIFEST => Request::Manifest(Sha256Hash(c.arr32("manifest request")?)),
+            kind::HAVE => {
+                let nc = c.u16("have")?;
+                let nn = c.u16("have")?;
+                check_count("have chunks", nc, MAX_HAVE_CHUNKS)?;
+                check_count("have nars", nn, MAX_HAVE_NARS)?;
+                let mut chunks = Vec::with_capacity(nc);
+                for _ in 0..nc {
+                    chunks.push(ChunkId(c.arr32("have")?));
+                }
+                let mut nars = Vec::with_capacity(nn);
+                for _ in 0..nn {
+                    nars.push(Sha256Hash(c.arr32("have")?));
+                }
+                Request::Have { chunks, nars }
+            }
+            kind::CHUNKS => {
+                let n = c.u16("chunks request")?;
+                check_count("chunks", n, MAX_CHUNKS_PER_REQUEST)?;
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(ChunkId(c.arr32("chunks request")?));
+                }
+                Request::Chunks(ids)
+            }
+            k => {
+                return Err(ProtocolError::UnexpectedType {
+                    expected: "a request",
+                    got: k,
+                })
+            }
+        };
+        c.end("request (trailing bytes)")?;
+        Ok(req)
+    }
+}
+
+/// Read the request that opens a stream.
+pub async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> Result<Request, ProtocolError> {
+    Request::decode(&read_frame(r).await?)
+}
+
+/// Write a request and flush it.
+pub async fn write_request<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    req: &Request,
+) -> Result<(), ProtocolError> {
+    req.check()?;
+    let (k, b) = req.encode();
+    write_frame(w, k, &b).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Encode a LookupReply from rendered narinfos, leaving out whatever would exceed the frame
+/// bound. Returns the body and how many narinfos it holds.
+pub fn encode_lookup_reply(found: &[String]) -> (Vec<u8>, usize) {
+    let mut b = vec![0, 0];
+    let mut n = 0usize;
+    for s in found.iter().take(MAX_LOOKUP) {
+        if s.len() > NarInfo::MAX_SIZE || b.len() + 4 + s.len() > MAX_LOOKUP_REPLY {
+            continue;
+        }
+        b.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        b.extend_from_slice(s.as_bytes());
+        n += 1;
+    }
+    b[..2].copy_from_slice(&(n as u16).to_be_bytes());
+    (b, n)
+}
+
+pub fn decode_lookup_reply(f: &Frame) -> Result<Vec<NarInfo>, ProtocolError> {
+    expect(f, kind::LOOKUP_REPLY, "a lookup reply")?;
+    let mut c = Cursor(&f.body);
+    let n = c.u16("lookup reply")?;
+    check_count("narinfos", n, MAX_LOOKUP)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = c.u32("lookup reply")?;
+        if len > NarInfo::MAX_SIZE {
+            return Err(ProtocolError::TooLarge {
+                kind: f.kind,
+                len,
+                max: NarInfo::MAX_SIZE,
+            });
+        }
+        let text = c.take(len, "lookup reply")?;
+        out.push(NarInfo::parse_bytes(text).map_err(|e| ProtocolError::BadNarInfo(e.to_string()))?);
+    }
+    c.end("lookup reply (trailing bytes)")?;
+    Ok(out)
+}
+
+/// Encode a ManifestReply; None when the manifest does not fit in one (it cannot be served).
+pub fn encode_manifest_reply(m: Option<&Manifest>) -> Option<Vec<u8>> {
+    let Some(m) = m else {
+        return Some(vec![0]);
+    };
+    let enc = m.encode();
+    if 33 + enc.len() > MAX_MANIFEST_REPLY {
+        return None;
+    }
+    let mut b = Vec::with_capacity(33 + enc.len());
+    b.push(1);
+    b.extend_from_slice(&m.nar_hash.0);
+    b.extend_from_slice(&enc);
+    Some(b)
+}
+
+/// Decode a ManifestReply to a request for `nar_hash`: a manifest for another NAR is malformed.
+pub fn decode_manifest_reply(
+    f: &Frame,
+    nar_hash: &Sha256Hash,
+) -> Result<Option<Manifest>, ProtocolError> {
+    expect(f, kind::MANIFEST_REPLY, "a manifest reply")?;
+    let mut c = Cursor(&f.body);
+    match c.u8("manifest reply")? {
+        0 => {
+            c.end("manifest reply (trailing bytes)")?;
+            Ok(None)
+        }
+        1 => {
+            let h = Sha256Hash(c.arr32("manifest reply")?);
+            if h != *nar_hash {
+                return Err(ProtocolError::Malformed("manifest reply for another NAR"));
+            }
+            let m =
+                Manifest::decode(h, c.0).map_err(|e| ProtocolError::BadManifest(e.to_string()))?;
+            Ok(Some(m))
+        }
+        _ => Err(ProtocolError::Malformed("manifest reply flag")),
+    }
+}
+
+pub fn encode_have_reply(r: &HaveReply) -> Vec<u8> {
+    let mut b = vec![0u8; r.chunks.len().div_ceil(8)];
+    for (i, &h) in r.chunks.iter().enumerate() {
+        if h {
+            b[i / 8] |= 1 << (i % 8);
+        }
+    }
+    b.extend(r.nars.iter().map(|&s| s as u8));
+    b
+}
+
+/// Decode a HaveReply to a request for `n_chunks` chunks and `n_nars` NARs.
+pub fn decode_have_reply(
+    f: &Frame,
+    n_chunks: usize,
+    n_nars: usize,
+) -> Result<HaveReply, ProtocolError> {
+    expect(f, kind::HAVE_REPLY, "a have reply")?;
+    let bitmap = n_chunks.div_ceil(8);
+    if f.body.len() != bitmap + n_nars {
+        return Err(ProtocolError::Malformed("have reply length"));
+    }
+    let chunks = (0..n_chunks)
+        .map(|i| f.body[i / 8] & (1 << (i % 8)) != 0)
+        .collect();
+    let nars = f.body[bitmap..]
+        .iter()
+        .map(|&s| match s {
+            0 => Ok(NarState::None),
+            1 => Ok(NarState::Partial),
+            2 => Ok(NarState::Complete),
+            _ => Err(ProtocolError::Malformed("have reply NAR state")),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(HaveReply { chunks, nars })
+}
+
+/// Write one Chunk record: the bytes go straight from `data` to the stream, never copied
+/// into a frame buffer.
+pub async fn write_chunk<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    id: &ChunkId,
+    data: Option<&[u8]>,
+) -> std::io::Result<()> {
+    let len = data.map_or(0, <[u8]>::len);
+    let mut head = Vec::with_capacity(5 + 33);
+    head.extend_from_slice(&frame_header(kind::CHUNK, 33 + len));
+    head.extend_from_slice(&id.0);
+    head.push(if data.is_some() { 0 } else { 1 });
+    w.write_all(&head).await?;
+    if let Some(d) = data {
+        w.write_all(d).await?;
+    }
+    Ok(())
+}
+
+/// A decoded Chunk record: the id and its bytes, None if the server no longer has it. The
+/// bytes are not verified here.
+pub fn decode_chunk(f: Frame) -> Result<(ChunkId, Option<Bytes>), ProtocolError> {
+    expect(&f, kind::CHUNK, "a chunk")?;
+    if f.body.len() < 33 {
+        return Err(ProtocolError::Malformed("chunk record"));
+    }
+    let id = ChunkId(f.body[..32].try_into().expect("32"));
+    match f.body[32] {
+        0 => {
+            let mut body = Bytes::from(f.body);
+            Ok((id, Some(body.split_off(33))))
+        }
+        1 if f.body.len() == 33 => Ok((id, None)),
+        _ => Err(ProtocolError::Malformed("chunk record flag")),
+    }
+}
+
+pub async fn write_refused<W: AsyncWrite + Unpin>(w: &mut W, why: Refusal) -> std::io::Result<()> {
+    write_frame(w, kind::REFUSED, &[why as u8]).await?;
+    w.flush().await
+}
+
+/// The refusal a frame carries, if it is one.
+pub fn refusal(f: &Frame) -> Option<Refusal> {
+    if f.kind != kind::REFUSED {
+        return None;
+    }
+    Some(match f.body.first() {
+        Some(2) => Refusal::Banned,
+        _ => Refusal::Busy,
+    })
+}
+
+fn expect(f: &Frame, k: u8, what: &'static str) -> Result<(), ProtocolError> {
+    if f.kind != k {
+        return Err(ProtocolError::UnexpectedType {
+            expected: what,
+            got: f.kind,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_of(req: &Request) -> Vec<u8> {
+        let (k, b) = req.encode();
+        let mut v = frame_header(k, b.len()).to_vec();
+        v.extend_from_slice(&b);
+        v
+    }
+
+    async fn read(bytes: &[u8]) -> Result<Request, ProtocolError> {
+        read_request(&mut futures::io::Cursor::new(bytes.to_vec())).await
+    }
+
+    #[tokio::test]
+    async fn requests_round_trip() {
+        let reqs = [
+            Request::Lookup(vec![StorePathHash([7; 20]); 3]),
+            Request::Manifest(Sha256Hash([1; 32])),
+            Request::Have {
+                chunks: vec![ChunkId([2; 32]); 9],
+                nars: vec![Sha256Hash([3; 32])],
+            },
+            Request::Chunks(vec![ChunkId([4; 32]); 64]),
+        ];
+        for r in reqs {
+            assert_eq!(read(&frame_of(&r)).await.unwrap(), r);
+        }
+    }
+
+    #[tokio::test]
+    async fn bounds_are_checked_before_allocation() {
+        // Claims 4 GiB: refused from the header alone.
+        let e = read(&[0xff, 0xff, 0xff, 0xff, kind::CHUNKS])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProtocolError::TooLarge { .. }), "{e}");
+        let e = read(&[0, 0, 0, 1, 0x42]).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::UnknownType(0x42)), "{e}");
+        let e = read(&frame_of(&Request::Chunks(vec![ChunkId([0; 32]); 65])))
+            .await
+            .unwrap_err();
+        assert!(e.is_offence(), "{e}");
+        let e = read(&[]).await.unwrap_err();
+        assert!(!e.is_offence());
+        // Count says 2, body holds 1.
+        let mut f = frame_of(&Request::Chunks(vec![ChunkId([0; 32]); 1]));
+        f[6] = 2;
+        assert!(read(&f).await.unwrap_err().is_offence());
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let r = HaveReply {
+            chunks: vec![true, false, true, true, false, false, false, false, true],
+            nars: vec![NarState::Partial, NarState::None, NarState::Complete],
+        };
+        let f = Frame {
+            kind: kind::HAVE_REPLY,
+            body: encode_have_reply(&r),
+        };
+        assert_eq!(decode_have_reply(&f, 9, 3).unwrap(), r);
+        assert!(decode_have_reply(&f, 17, 3).is_err());
+    }
+}

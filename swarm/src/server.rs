@@ -1,1 +1,448 @@
-//! server
+//! Answering peers: lookups from the [`Catalog`], manifests, `have` and chunks from the chunk
+//! store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream};
+use peerix_chunkstore::{ChunkId, ChunkStore};
+use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
+use thiserror::Error;
+use tokio::sync::{broadcast, Notify, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::protocol::{
+    self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, kind, write_chunk,
+    write_frame, write_refused, HaveReply, NarState, ProtocolError, Refusal, Request,
+};
+use crate::PROTOCOL;
+
+/// Decides what this node may share: the narinfo of a store path it offers to peers.
+pub trait Catalog: Send + Sync {
+    fn lookup(&self, hash: &StorePathHash) -> Option<NarInfo>;
+}
+
+impl Catalog for HashMap<StorePathHash, NarInfo> {
+    fn lookup(&self, hash: &StorePathHash) -> Option<NarInfo> {
+        self.get(hash).cloned()
+    }
+}
+
+/// Bounds on what serving may cost us.
+#[derive(Clone, Debug)]
+pub struct ServeLimits {
+    /// Chunks requests served at once, over all peers.
+    pub max_chunk_requests: usize,
+    /// Streams being answered at once; more are reset unanswered.
+    pub max_streams: usize,
+    /// How long a peer may take to send its request.
+    pub request_timeout: Duration,
+    /// How long a chunks request may wait for an upload slot before it is answered Busy.
+    pub queue_timeout: Duration,
+    /// How long writing one chunk may take before the stream is dropped.
+    pub write_timeout: Duration,
+    /// Malformed requests a peer may send before it is refused.
+    pub max_offences: u32,
+    /// How long an offender is refused.
+    pub ban_duration: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            max_chunk_requests: 16,
+            max_streams: 256,
+            request_timeout: Duration::from_secs(10),
+            queue_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(30),
+            max_offences: 3,
+            ban_duration: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("another server already accepts {PROTOCOL} streams on this node")]
+    AlreadyRegistered,
+}
+
+/// Something the node may act upon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// A peer sent a malformed or oversized message.
+    Offence { peer: PeerId, error: String },
+    /// A peer reached the offence limit and is refused for a while; the node may ban it.
+    Offender { peer: PeerId },
+}
+
+#[derive(Default)]
+struct PeerScore {
+    offences: u32,
+    refused_until: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Slots {
+    /// Per peer: chunks requests being served and waiting.
+    peers: HashMap<PeerId, (usize, usize)>,
+    busy: usize,
+}
+
+struct Shared {
+    scores: Mutex<HashMap<PeerId, PeerScore>>,
+    served: Mutex<HashMap<PeerId, u64>>,
+    slots: Mutex<Slots>,
+    slot_freed: Notify,
+    events: broadcast::Sender<ServerEvent>,
+    limits: ServeLimits,
+}
+
+/// Serves [`PROTOCOL`] streams.
+pub struct Server {
+    store: ChunkStore,
+    catalog: Arc<dyn Catalog>,
+    shared: Arc<Shared>,
+}
+
+/// A view of a running server's state, for the node and metrics.
+#[derive(Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// Peers currently refused for malformed requests.
+    pub fn offenders(&self) -> Vec<PeerId> {
+        let now = Instant::now();
+        let scores = self.shared.scores.lock().expect("scores");
+        scores
+            .iter()
+            .filter(|(_, s)| s.refused_until.is_some_and(|t| t > now))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Malformed requests counted against a peer (reset when its refusal ends).
+    pub fn offences(&self, peer: &PeerId) -> u32 {
+        let scores = self.shared.scores.lock().expect("scores");
+        scores.get(peer).map_or(0, |s| s.offences)
+    }
+
+    /// Chunk bytes served, per peer.
+    pub fn bytes_served(&self) -> HashMap<PeerId, u64> {
+        self.shared.served.lock().expect("served").clone()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
+        self.shared.events.subscribe()
+    }
+}
+
+impl Shared {
+    fn refused(&self, peer: &PeerId) -> bool {
+        let mut scores = self.scores.lock().expect("scores");
+        let Some(s) = scores.get_mut(peer) else {
+            return false;
+        };
+        match s.refused_until {
+            Some(t) if t > Instant::now() => true,
+            Some(_) => {
+                // Served its time: a clean slate.
+                scores.remove(peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn offence(&self, peer: PeerId, e: &ProtocolError) {
+        warn!(%peer, error = %e, "malformed request from peer");
+        let _ = self.events.send(ServerEvent::Offence {
+            peer,
+            error: e.to_string(),
+        });
+        let mut scores = self.scores.lock().expect("scores");
+        let s = scores.entry(peer).or_default();
+        s.offences += 1;
+        if s.offences >= self.limits.max_offences && s.refused_until.is_none() {
+            s.refused_until = Some(Instant::now() + self.limits.ban_duration);
+            info!(%peer, offences = s.offences, "refusing peer");
+            let _ = self.events.send(ServerEvent::Offender { peer });
+        }
+    }
+
+    /// Upload slots are shared fairly: a peer may hold at most `total / active peers` of them
+    /// (at least one), where active peers are those being served or waiting. A single
+    /// downloader gets every slot; when others arrive, its share shrinks as its requests end,
+    /// so one fast peer with deep pipelining cannot starve the rest. Waiters recheck whenever
+    /// a slot frees. None when no slot came within the queue timeout.
+    async fn acquire(self: &Arc<Self>, peer: PeerId) -> Option<SlotGuard> {
+        let deadline = tokio::time::Instant::now() + self.limits.queue_timeout;
+        let total = self.limits.max_chunk_requests.max(1);
+        let mut waiting = false;
+        loop {
+            let notified = self.slot_freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut slots = self.slots.lock().expect("slots");
+                let active = slots
+                    .peers
+                    .iter()
+                    .filter(|(p, (s, w))| *s + *w > 0 || **p == peer)
+                    .count()
+                    .max(1);
+                let share = (total / active).max(1);
+                let busy = slots.busy;
+                let e = slots.peers.entry(peer).or_default();
+                if waiting {
+                    e.1 -= 1;
+                }
+                if e.0 < share && busy < total {
+                    e.0 += 1;
+                    slots.busy += 1;
+                    return Some(SlotGuard {
+                        shared: self.clone(),
+                        peer,
+                    });
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    if e.0 + e.1 == 0 {
+                        slots.peers.remove(&peer);
+                    }
+                    return None;
+                }
+                e.1 += 1;
+                waiting = true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                // Loop once more to undo the waiting count and give up.
+                continue;
+            }
+        }
+    }
+}
+
+struct SlotGuard {
+    shared: Arc<Shared>,
+    peer: PeerId,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut slots = self.shared.slots.lock().expect("slots");
+        slots.busy -= 1;
+        if let Some(e) = slots.peers.get_mut(&self.peer) {
+            e.0 -= 1;
+            if e.0 + e.1 == 0 {
+                slots.peers.remove(&self.peer);
+            }
+        }
+        drop(slots);
+        self.shared.slot_freed.notify_waiters();
+    }
+}
+
+impl Server {
+    pub fn new(store: ChunkStore, catalog: Arc<dyn Catalog>, limits: ServeLimits) -> Self {
+        let (events, _) = broadcast::channel(64);
+        Self {
+            store,
+            catalog,
+            shared: Arc::new(Shared {
+                scores: Mutex::default(),
+                served: Mutex::default(),
+                slots: Mutex::default(),
+                slot_freed: Notify::new(),
+                events,
+                limits,
+            }),
+        }
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Accept and answer streams until the node's swarm goes away.
+    pub async fn run(self, mut control: libp2p_stream::Control) -> Result<(), ServerError> {
+        let mut incoming = control
+            .accept(PROTOCOL)
+            .map_err(|_| ServerError::AlreadyRegistered)?;
+        let streams = Arc::new(Semaphore::new(self.shared.limits.max_streams));
+        let me = Arc::new(self);
+        // libp2p-stream drops inbound streams that arrive while the previous one has not been
+        // taken, so this loop does nothing but hand each stream to its own task.
+        while let Some((peer, stream)) = incoming.next().await {
+            if me.shared.refused(&peer) {
+                debug!(%peer, "refusing stream from offender");
+                drop(stream);
+                continue;
+            }
+            let Ok(permit) = streams.clone().try_acquire_owned() else {
+                debug!(%peer, "too many streams; dropping one");
+                continue;
+            };
+            let me = me.clone();
+            tokio::spawn(async move {
+                me.serve_stream(peer, stream).await;
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+
+    async fn serve_stream(&self, peer: PeerId, mut stream: Stream) {
+        let limits = &self.shared.limits;
+        let req =
+            match tokio::time::timeout(limits.request_timeout, protocol::read_request(&mut stream))
+                .await
+            {
+                Err(_) => {
+                    debug!(%peer, "peer sent no request in time");
+                    return;
+                }
+                Ok(Err(e)) if e.is_offence() => {
+                    // Dropping the stream resets it.
+                    self.shared.offence(peer, &e);
+                    return;
+                }
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "stream failed before its request");
+                    return;
+                }
+                Ok(Ok(r)) => r,
+            };
+        if let Err(e) = self.answer(peer, req, &mut stream).await {
+            debug!(%peer, error = %e, "answering failed");
+            return;
+        }
+        let _ = tokio::time::timeout(limits.write_timeout, stream.close()).await;
+    }
+
+    async fn answer(&self, peer: PeerId, req: Request, s: &mut Stream) -> Result<(), AnswerError> {
+        let wt = self.shared.limits.write_timeout;
+        match req {
+            Request::Lookup(hashes) => {
+                let catalog = self.catalog.clone();
+                let found = tokio::task::spawn_blocking(move || {
+                    hashes
+                        .iter()
+                        .filter_map(|h| catalog.lookup(h))
+                        .map(|n| n.render())
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .map_err(|e| AnswerError::Store(e.to_string()))?;
+                let (body, _) = encode_lookup_reply(&found);
+                timed(wt, write_frame(s, kind::LOOKUP_REPLY, &body)).await?;
+            }
+            Request::Manifest(h) => {
+                let m = self
+                    .store
+                    .blocking(move |cs| cs.manifest(&h))
+                    .await
+                    .map_err(|e| AnswerError::Store(e.to_string()))?;
+                let body = encode_manifest_reply(m.as_ref()).unwrap_or_else(|| {
+                    warn!(nar = %h, "manifest too large to serve");
+                    vec![0]
+                });
+                timed(wt, write_frame(s, kind::MANIFEST_REPLY, &body)).await?;
+            }
+            Request::Have { chunks, nars } => {
+                let reply = self
+                    .store
+                    .blocking(move |cs| have(cs, &chunks, &nars))
+                    .await
+                    .map_err(|e| AnswerError::Store(e.to_string()))?;
+                timed(
+                    wt,
+                    write_frame(s, kind::HAVE_REPLY, &encode_have_reply(&reply)),
+                )
+                .await?;
+            }
+            Request::Chunks(ids) => {
+                let Some(_slot) = self.shared.acquire(peer).await else {
+                    debug!(%peer, "no upload slot; answering busy");
+                    timed(wt, write_refused(s, Refusal::Busy)).await?;
+                    return Ok(());
+                };
+                let mut budget = protocol::MAX_CHUNK_BYTES_PER_REQUEST;
+                for id in ids {
+                    let data = if budget == 0 {
+                        None
+                    } else {
+                        self.store
+                            .blocking(move |cs| cs.read_chunk(&id))
+                            .await
+                            .map_err(|e| debug!(chunk = %id, error = %e, "cannot serve chunk"))
+                            .ok()
+                    };
+                    let data = data.filter(|d| d.len() <= budget);
+                    if let Some(d) = &data {
+                        budget -= d.len();
+                    }
+                    // One chunk at a time: the next is read only once this one is written,
+                    // so a slow reader holds at most one chunk of ours in memory.
+                    timed(wt, write_chunk(s, &id, data.as_deref())).await?;
+                    if let Some(d) = &data {
+                        *self
+                            .shared
+                            .served
+                            .lock()
+                            .expect("served")
+                            .entry(peer)
+                            .or_default() += d.len() as u64;
+                    }
+                }
+            }
+        }
+        timed(wt, s.flush()).await?;
+        Ok(())
+    }
+}
+
+fn have(
+    cs: &ChunkStore,
+    chunks: &[ChunkId],
+    nars: &[Sha256Hash],
+) -> peerix_chunkstore::Result<HaveReply> {
+    let mut r = HaveReply::default();
+    for c in chunks {
+        r.chunks.push(cs.has_chunk(c)?);
+    }
+    for n in nars {
+        r.nars.push(if cs.manifest(n)?.is_some() {
+            NarState::Complete
+        } else if cs.partial_manifest(n)?.is_some() {
+            NarState::Partial
+        } else {
+            NarState::None
+        });
+    }
+    Ok(r)
+}
+
+#[derive(Debug, Error)]
+enum AnswerError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out writing")]
+    Timeout,
+    #[error("store: {0}")]
+    Store(String),
+}
+
+async fn timed<T>(
+    d: Duration,
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, AnswerError> {
+    Ok(tokio::time::timeout(d, f)
+        .await
+        .map_err(|_| AnswerError::Timeout)??)
+}
