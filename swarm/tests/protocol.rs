@@ -1,0 +1,187 @@
+//! The peer protocol between real libp2p nodes over loopback.
+
+mod support;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use peerix_chunkstore::{ChunkId, ChunkRef};
+use peerix_swarm::client::ClientError;
+use peerix_swarm::protocol::{kind, NarState, MAX_CHUNKS_PER_REQUEST};
+use peerix_swarm::server::{ServeLimits, ServerEvent};
+use peerix_swarm::PROTOCOL;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_manifest_have_chunks_round_trip() {
+    init_tracing();
+    let mut a = Node::new().await;
+    let b = Node::new().await;
+    let data = nar_bytes(1, 3 << 20);
+    let m = a.ingest(&data);
+    assert!(m.chunks.len() > 20, "{} chunks", m.chunks.len());
+    let info = narinfo(store_path(1), &m);
+    a.serve(catalog(&[info.clone()]), ServeLimits::default());
+    b.connect(&a).await;
+    let c = b.client();
+
+    // Lookup: only what the catalog shares.
+    let found = c
+        .lookup(a.peer, &[store_path(1).hash(), store_path(2).hash()])
+        .await
+        .unwrap();
+    assert_eq!(found, vec![info]);
+
+    // Manifest.
+    assert_eq!(
+        c.manifest(a.peer, m.nar_hash).await.unwrap(),
+        Some(m.clone())
+    );
+    assert_eq!(c.manifest(a.peer, unknown_hash(1)).await.unwrap(), None);
+
+    // Have, including a download in progress on the other side.
+    let stranger = ChunkId([9; 32]);
+    let ids = [m.chunks[0].id, stranger, m.chunks[5].id];
+    let r = c
+        .have(a.peer, &ids, &[m.nar_hash, unknown_hash(1)])
+        .await
+        .unwrap();
+    assert_eq!(r.chunks, vec![true, false, true]);
+    assert_eq!(r.nars, vec![NarState::Complete, NarState::None]);
+    b.store.begin_download(&m).unwrap();
+    b.store
+        .put_chunk(&m.chunks[0].id, &data[..m.chunks[0].len as usize])
+        .unwrap();
+    let mut bb = b;
+    bb.serve_default();
+    a.connect(&bb).await;
+    let r = a.client().have(bb.peer, &ids, &[m.nar_hash]).await.unwrap();
+    assert_eq!(r.chunks, vec![true, false, false]);
+    assert_eq!(r.nars, vec![NarState::Partial]);
+
+    // Chunks, in batches, reassembled into the NAR.
+    let mut got = vec![];
+    for batch in m.chunks.chunks(MAX_CHUNKS_PER_REQUEST) {
+        let mut s = Box::pin(c.fetch_chunks(a.peer, batch.to_vec()));
+        let mut n = 0;
+        while let Some(item) = s.next().await {
+            let (id, bytes) = item.unwrap();
+            assert_eq!(id, batch[n].id);
+            got.extend_from_slice(&bytes);
+            n += 1;
+        }
+        assert_eq!(n, batch.len());
+    }
+    assert_eq!(got, data);
+    let served: u64 = a.handle.as_ref().unwrap().bytes_served().values().sum();
+    assert_eq!(served, data.len() as u64);
+
+    // A chunk the server does not have: reported, and the rest still comes.
+    let refs = vec![
+        ChunkRef {
+            id: stranger,
+            len: 10,
+        },
+        m.chunks[1],
+    ];
+    let items: Vec<_> = c.fetch_chunks(a.peer, refs).collect().await;
+    assert!(
+        matches!(items[0], Err(ClientError::Missing { .. })),
+        "{:?}",
+        items[0]
+    );
+    assert_eq!(items[1].as_ref().unwrap().0, m.chunks[1].id);
+}
+
+/// Send raw bytes on a fresh stream and read until the server resets or closes it.
+async fn raw(node: &Node, to: &Node, bytes: &[u8]) -> usize {
+    let mut control = node.control.clone();
+    let mut s = control.open_stream(to.peer, PROTOCOL).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let _ = s.flush().await;
+    let mut buf = vec![];
+    let _ = s.read_to_end(&mut buf).await;
+    buf.len()
+}
+
+async fn next_offence(events: &mut tokio::sync::broadcast::Receiver<ServerEvent>) -> ServerEvent {
+    loop {
+        let e = events.recv().await.unwrap();
+        if matches!(e, ServerEvent::Offence { .. }) {
+            return e;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_counted_and_offenders_refused() {
+    init_tracing();
+    let mut a = Node::new().await;
+    let evil = Node::new().await;
+    let good = Node::new().await;
+    let m = a.ingest(&nar_bytes(2, 1 << 20));
+    a.serve_default();
+    evil.connect(&a).await;
+    good.connect(&a).await;
+    let h = a.handle.clone().unwrap();
+    let mut events = h.subscribe();
+
+    // Garbage: an unknown frame type.
+    assert_eq!(raw(&evil, &a, b"\x00\x00\x00\x05GARBAGE!").await, 0);
+    next_offence(&mut events).await;
+    assert_eq!(h.offences(&evil.peer), 1);
+
+    // The others are still served.
+    assert!(good
+        .client()
+        .manifest(a.peer, m.nar_hash)
+        .await
+        .unwrap()
+        .is_some());
+
+    // A length prefix far beyond what a Chunks request can be.
+    assert_eq!(
+        raw(&evil, &a, &[0x7f, 0xff, 0xff, 0xff, kind::CHUNKS]).await,
+        0
+    );
+    next_offence(&mut events).await;
+    assert_eq!(h.offences(&evil.peer), 2);
+    assert!(h.offenders().is_empty());
+
+    // Too many hashes in a lookup.
+    let mut body = vec![];
+    body.extend_from_slice(&2000u16.to_be_bytes());
+    body.extend(std::iter::repeat_n(0u8, 20 * 2000));
+    let mut frame = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    frame.push(kind::LOOKUP);
+    frame.extend_from_slice(&body);
+    raw(&evil, &a, &frame).await;
+    next_offence(&mut events).await;
+    loop {
+        if let ServerEvent::Offender { peer } = events.recv().await.unwrap() {
+            assert_eq!(peer, evil.peer);
+            break;
+        }
+    }
+    assert_eq!(h.offenders(), vec![evil.peer]);
+
+    // The offender is refused even well-formed requests; the others are still served.
+    let e = evil
+        .client()
+        .manifest(a.peer, m.nar_hash)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Protocol { .. }), "{e}");
+    assert!(good
+        .client()
+        .manifest(a.peer, m.nar_hash)
+        .await
+        .unwrap()
+        .is_some());
+
+    // The client refuses to send oversized requests at all.
+    let e = good
+        .client()
+        .have(a.peer, &vec![ChunkId([0; 32]); 9000], &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::TooLarge(_)), "{e}");
+}

@@ -1,0 +1,281 @@
+//! Test nodes: a real libp2p swarm (TCP on loopback, noise, yamux) carrying only the stream
+//! behaviour, each with its own chunk store in a tempdir.
+#![allow(dead_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{noise, tcp, yamux, Multiaddr, PeerId};
+use peerix_chunkstore::{ChunkStore, ChunkerParams, Manifest, Options};
+use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
+use peerix_swarm::client::Client;
+use peerix_swarm::protocol::{self, kind, Request};
+use peerix_swarm::server::{Catalog, ServeLimits, Server, ServerHandle};
+use peerix_swarm::PROTOCOL;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn nar_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn store_path(n: u8) -> StorePath {
+    let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let hash: String = (0..32)
+        .map(|i| alphabet[(usize::from(n) * 7 + i * 3) % 32] as char)
+        .collect();
+    StorePath::from_base_name(&format!("{hash}-test-{n}")).unwrap()
+}
+
+pub fn narinfo(path: StorePath, m: &Manifest) -> NarInfo {
+    NarInfo {
+        url: Some(format!("nar/{}.nar", m.nar_hash.to_base32())),
+        compression: Some("none".into()),
+        file_hash: Some(m.nar_hash),
+        file_size: Some(m.nar_size),
+        nar_hash: m.nar_hash,
+        nar_size: m.nar_size,
+        references: BTreeSet::new(),
+        deriver: None,
+        system: None,
+        sigs: BTreeSet::new(),
+        ca: None,
+        store_path: path,
+    }
+}
+
+enum Cmd {
+    Dial(Multiaddr, PeerId, oneshot::Sender<()>),
+}
+
+pub struct Node {
+    pub peer: PeerId,
+    pub addr: Multiaddr,
+    pub control: libp2p_stream::Control,
+    pub store: ChunkStore,
+    pub handle: Option<ServerHandle>,
+    cmd: mpsc::Sender<Cmd>,
+    tasks: Vec<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    pub async fn new() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(
+            &dir.path().join("store"),
+            Options {
+                chunker: ChunkerParams::new(16 * 1024, 64 * 1024, 256 * 1024).unwrap(),
+                store_root: None,
+            },
+        )
+        .unwrap();
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
+            .build();
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        let peer = *swarm.local_peer_id();
+        let control = swarm.behaviour().new_control();
+        let (cmd, mut rx) = mpsc::channel::<Cmd>(16);
+        let task = tokio::spawn(async move {
+            let mut waiting: HashMap<PeerId, Vec<oneshot::Sender<()>>> = HashMap::new();
+            loop {
+                tokio::select! {
+                    ev = swarm.select_next_some() => {
+                        if let SwarmEvent::ConnectionEstablished { peer_id, .. } = ev {
+                            for w in waiting.remove(&peer_id).unwrap_or_default() {
+                                let _ = w.send(());
+                            }
+                        }
+                    }
+                    c = rx.recv() => match c {
+                        Some(Cmd::Dial(addr, p, done)) => {
+                            if swarm.is_connected(&p) {
+                                let _ = done.send(());
+                            } else {
+                                waiting.entry(p).or_default().push(done);
+                                swarm.dial(addr.with(Protocol::P2p(p))).unwrap();
+                            }
+                        }
+                        None => return,
+                    }
+                }
+            }
+        });
+        Node {
+            peer,
+            addr,
+            control,
+            store,
+            handle: None,
+            cmd,
+            tasks: vec![task],
+            _dir: dir,
+        }
+    }
+
+    pub async fn connect(&self, other: &Node) {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Dial(other.addr.clone(), other.peer, tx))
+            .await
+            .unwrap();
+        rx.await.unwrap();
+    }
+
+    pub fn serve(&mut self, catalog: Arc<dyn Catalog>, limits: ServeLimits) {
+        let server = Server::new(self.store.clone(), catalog, limits);
+        self.handle = Some(server.handle());
+        let control = self.control.clone();
+        self.tasks.push(tokio::spawn(async move {
+            server.run(control).await.unwrap();
+        }));
+    }
+
+    pub fn serve_default(&mut self) {
+        self.serve(Arc::new(HashMap::new()), ServeLimits::default());
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.control.clone())
+    }
+
+    pub fn ingest(&self, data: &[u8]) -> Manifest {
+        self.store
+            .ingest_nar(data, None, None, &mut |_| {})
+            .unwrap()
+    }
+
+    /// Stop the node: its swarm (and with it every connection) and its server.
+    pub fn kill(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A misbehaving server on the raw protocol.
+#[derive(Clone)]
+pub enum Rogue {
+    /// Serves chunks with one byte flipped.
+    Corrupt,
+    /// Answers every manifest request with this manifest, relabelled to the NarHash asked for.
+    LyingManifest(Manifest),
+}
+
+pub fn serve_rogue(node: &mut Node, mode: Rogue) {
+    let mut control = node.control.clone();
+    let store = node.store.clone();
+    node.tasks.push(tokio::spawn(async move {
+        let mut incoming = control.accept(PROTOCOL).unwrap();
+        while let Some((_, mut s)) = incoming.next().await {
+            let store = store.clone();
+            let mode = mode.clone();
+            tokio::spawn(async move {
+                use futures::AsyncWriteExt;
+                let Ok(req) = protocol::read_request(&mut s).await else {
+                    return;
+                };
+                match req {
+                    Request::Manifest(h) => {
+                        let m = match mode {
+                            Rogue::LyingManifest(mut m) => {
+                                m.nar_hash = h;
+                                Some(m)
+                            }
+                            Rogue::Corrupt => store.manifest(&h).unwrap(),
+                        };
+                        let body = protocol::encode_manifest_reply(m.as_ref()).unwrap();
+                        protocol::write_frame(&mut s, kind::MANIFEST_REPLY, &body)
+                            .await
+                            .unwrap();
+                    }
+                    Request::Have { chunks, .. } => {
+                        let r = protocol::HaveReply {
+                            chunks: chunks.iter().map(|c| store.has_chunk(c).unwrap()).collect(),
+                            nars: vec![],
+                        };
+                        let body = protocol::encode_have_reply(&r);
+                        let _ = protocol::write_frame(&mut s, kind::HAVE_REPLY, &body).await;
+                    }
+                    Request::Chunks(ids) => {
+                        for id in ids {
+                            let mut d = store.read_chunk(&id).ok();
+                            if let (Rogue::Corrupt, Some(d)) = (&mode, d.as_mut()) {
+                                d[0] ^= 1;
+                            }
+                            if protocol::write_chunk(&mut s, &id, d.as_deref())
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    Request::Lookup(_) => {
+                        let (body, _) = protocol::encode_lookup_reply(&[]);
+                        let _ = protocol::write_frame(&mut s, kind::LOOKUP_REPLY, &body).await;
+                    }
+                }
+                let _ = s.close().await;
+            });
+        }
+    }));
+}
+
+pub fn catalog(entries: &[NarInfo]) -> Arc<dyn Catalog> {
+    let m: HashMap<StorePathHash, NarInfo> = entries
+        .iter()
+        .map(|n| (n.store_path.hash(), n.clone()))
+        .collect();
+    Arc::new(m)
+}
+
+pub fn unknown_hash(n: u8) -> Sha256Hash {
+    Sha256Hash::digest(&[n; 7])
+}
