@@ -284,6 +284,7 @@ struct Req {
 enum Event {
     Chunk {
         req: ReqId,
+        peer: usize,
         id: ChunkId,
         data: Bytes,
     },
@@ -622,6 +623,7 @@ impl Scheduler {
                             store.blocking(move |cs| cs.put_chunk(&cid, &d)).await?;
                             let _ = tx.send(Event::Chunk {
                                 req: id,
+                                peer: p,
                                 id: cid,
                                 data,
                             });
@@ -657,23 +659,22 @@ impl Scheduler {
 
     fn on_event(&mut self, ev: Event) -> Result<(), DownloadError> {
         match ev {
-            Event::Chunk { req, id, data } => {
+            Event::Chunk {
+                req,
+                peer,
+                id,
+                data,
+            } => {
                 let len = data.len() as u64;
-                // Chunks from a request already dropped still arrived: count them.
-                let peer = match self.reqs.get_mut(&req) {
-                    Some(r) => {
-                        r.bytes += len;
-                        Some(r.peer)
-                    }
-                    None => None,
-                };
-                if let Some(p) = peer {
-                    *self
-                        .report
-                        .bytes_per_peer
-                        .entry(self.peers[p].id)
-                        .or_default() += len;
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    r.bytes += len;
                 }
+                // Chunks from a request already dropped as an endgame loser count too.
+                *self
+                    .report
+                    .bytes_per_peer
+                    .entry(self.peers[peer].id)
+                    .or_default() += len;
                 if self.received.insert(id) {
                     self.buf.chunks.lock().expect("arrivals").insert(id, data);
                     self.buf.arrived.notify_one();

@@ -1,0 +1,287 @@
+//! The multi-peer downloader between real libp2p nodes over loopback.
+
+mod support;
+
+use bytes::Bytes;
+use peerix_chunkstore::Manifest;
+use peerix_swarm::download::{download, DownloadConfig, DownloadError, DownloadReport};
+use support::*;
+use tokio::sync::mpsc;
+
+/// Seeders (serving) and a leecher connected to each of them.
+async fn cluster(seeders: usize) -> (Node, Vec<Node>) {
+    let leecher = Node::new().await;
+    let mut ss = vec![];
+    for _ in 0..seeders {
+        let s = Node::new().await;
+        leecher.connect(&s).await;
+        ss.push(s);
+    }
+    (leecher, ss)
+}
+
+fn small_runs() -> DownloadConfig {
+    DownloadConfig {
+        run_bytes: 256 * 1024,
+        ..DownloadConfig::default()
+    }
+}
+
+/// Run a download while a consumer collects the output; `on_chunk` runs after each chunk.
+async fn fetch(
+    leecher: &Node,
+    m: &Manifest,
+    peers: &[&Node],
+    cfg: DownloadConfig,
+    out_capacity: usize,
+    mut on_chunk: impl FnMut(usize) + Send,
+) -> (Result<DownloadReport, DownloadError>, Vec<u8>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(out_capacity);
+    let dl = download(
+        leecher.client(),
+        leecher.store.clone(),
+        m.clone(),
+        peers.iter().map(|p| p.peer).collect(),
+        cfg,
+        tx,
+    );
+    let consume = async {
+        let mut got = vec![];
+        while let Some(b) = rx.recv().await {
+            got.extend_from_slice(&b);
+            on_chunk(got.len());
+        }
+        got
+    };
+    tokio::join!(dl, consume)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_seeders_share_the_load() {
+    init_tracing();
+    let (leecher, mut seeders) = cluster(3).await;
+    let data = nar_bytes(10, 8 << 20);
+    let mut m = None;
+    for s in &mut seeders {
+        m = Some(s.ingest(&data));
+        s.serve_default();
+    }
+    let m = m.unwrap();
+    let peers: Vec<&Node> = seeders.iter().collect();
+    let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
+    let report = r.unwrap();
+    assert!(got == data, "output differs from the NAR");
+    for s in &seeders {
+        let n = report.bytes_per_peer.get(&s.peer).copied().unwrap_or(0);
+        assert!(n > 0, "seeder {} served nothing: {report:?}", s.peer);
+    }
+    let total: u64 = report.bytes_per_peer.values().sum();
+    assert_eq!(total - report.duplicate_bytes, data.len() as u64);
+    assert_eq!(report.bytes_local, 0);
+    assert!(report.bad_peers.is_empty());
+    // The leecher now holds the NAR for good.
+    assert!(leecher.store.manifest(&m.nar_hash).unwrap().is_some());
+    assert!(leecher
+        .store
+        .partial_manifest(&m.nar_hash)
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_spread_so_that_no_peer_has_them_all() {
+    init_tracing();
+    let origin = Node::new().await;
+    let data = nar_bytes(11, 4 << 20);
+    let m = origin.ingest(&data);
+    let (leecher, mut seeders) = cluster(3).await;
+    let mut off = 0usize;
+    for s in &seeders {
+        s.store.begin_download(&m).unwrap();
+    }
+    for (i, c) in m.chunks.iter().enumerate() {
+        let bytes = &data[off..off + c.len as usize];
+        off += c.len as usize;
+        // Seeder k lacks every third chunk starting at k: each chunk is on two seeders.
+        for (k, s) in seeders.iter().enumerate() {
+            if i % 3 != k {
+                s.store.put_chunk(&c.id, bytes).unwrap();
+            }
+        }
+    }
+    for s in &mut seeders {
+        assert!(!s.store.missing(&m).unwrap().is_empty());
+        s.serve_default();
+    }
+    let peers: Vec<&Node> = seeders.iter().collect();
+    let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
+    let report = r.unwrap();
+    assert!(got == data);
+    assert!(report.bytes_per_peer.len() >= 2, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_killed_mid_download() {
+    init_tracing();
+    let (leecher, mut seeders) = cluster(3).await;
+    let data = nar_bytes(12, 6 << 20);
+    let mut m = None;
+    for s in &mut seeders {
+        m = Some(s.ingest(&data));
+        s.serve_default();
+    }
+    let m = m.unwrap();
+    let victim_handle = seeders[0].handle.clone().unwrap();
+    let peers: Vec<&Node> = seeders.iter().collect();
+    // A small window and a one-slot output keep the download in step with the consumer, so
+    // it is still running when the victim goes.
+    let cfg = DownloadConfig {
+        run_bytes: 128 * 1024,
+        window_bytes: 512 * 1024,
+        ..DownloadConfig::default()
+    };
+    let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
+    let mut asked = false;
+    let mut killed_at = None;
+    let dl = fetch(&leecher, &m, &peers, cfg, 1, |n| {
+        if !asked && victim_handle.bytes_served().values().sum::<u64>() > 0 {
+            asked = true;
+            killed_at = Some(n);
+            kill_tx.send(()).unwrap();
+        }
+    });
+    let victim = &seeders[0];
+    let killer = async {
+        if kill_rx.recv().await.is_some() {
+            victim.kill();
+        }
+    };
+    let ((r, got), ()) = tokio::join!(dl, killer);
+    let report = r.unwrap();
+    assert!(got == data);
+    let at = killed_at.expect("the victim served something");
+    assert!(at < data.len(), "killed only after the end");
+    let others: u64 = seeders[1..]
+        .iter()
+        .map(|s| report.bytes_per_peer.get(&s.peer).copied().unwrap_or(0))
+        .sum();
+    assert!(others > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_corrupt_chunks_is_banned() {
+    init_tracing();
+    let (leecher, mut seeders) = cluster(3).await;
+    let data = nar_bytes(13, 4 << 20);
+    let mut m = None;
+    for s in &mut seeders {
+        m = Some(s.ingest(&data));
+    }
+    let m = m.unwrap();
+    seeders[0].serve_default();
+    seeders[1].serve_default();
+    serve_rogue(&mut seeders[2], Rogue::Corrupt);
+    let peers: Vec<&Node> = seeders.iter().collect();
+    let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
+    let report = r.unwrap();
+    assert!(got == data);
+    assert_eq!(report.bad_peers, vec![seeders[2].peer]);
+    assert_eq!(report.bytes_per_peer.get(&seeders[2].peer), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_manifest_is_caught_before_the_last_chunk() {
+    init_tracing();
+    let (leecher, mut seeders) = cluster(3).await;
+    let real = nar_bytes(14, 2 << 20);
+    let other = nar_bytes(15, 3 << 20);
+    let real_hash = peerix_nix::Sha256Hash::digest(&real);
+    let mut other_m = None;
+    for s in &mut seeders[..2] {
+        other_m = Some(s.ingest(&other));
+        s.serve_default();
+    }
+    seeders[2].ingest(&other);
+    serve_rogue(&mut seeders[2], Rogue::LyingManifest(other_m.unwrap()));
+    // The liar claims its manifest is that of `real`.
+    let m = leecher
+        .client()
+        .manifest(seeders[2].peer, real_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.nar_hash, real_hash);
+    let peers: Vec<&Node> = seeders.iter().collect();
+    let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
+    match r {
+        Err(DownloadError::NarHashMismatch { expected, .. }) => assert_eq!(expected, real_hash),
+        other => panic!("expected a NarHash mismatch, got {other:?}"),
+    }
+    let last = u64::from(m.chunks.last().unwrap().len);
+    assert_eq!(
+        got.len() as u64,
+        m.nar_size - last,
+        "the last chunk went out"
+    );
+    assert!(leecher
+        .store
+        .partial_manifest(&real_hash)
+        .unwrap()
+        .is_none());
+    assert!(leecher.store.manifest(&real_hash).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_missing_chunks_cross_the_wire() {
+    init_tracing();
+    let (leecher, mut seeders) = cluster(2).await;
+    let v1 = nar_bytes(16, 4 << 20);
+    let mut v2 = v1.clone();
+    // A few local edits: most chunks stay the same.
+    for at in [100_000usize, 2_000_000, 3_500_000] {
+        for b in &mut v2[at..at + 100] {
+            *b ^= 0x5a;
+        }
+    }
+    leecher.ingest(&v1);
+    let mut m = None;
+    for s in &mut seeders {
+        m = Some(s.ingest(&v2));
+        s.serve_default();
+    }
+    let m = m.unwrap();
+    let missing: u64 = leecher
+        .store
+        .missing(&m)
+        .unwrap()
+        .iter()
+        .map(|c| u64::from(c.len))
+        .sum();
+    assert!(missing > 0 && missing < m.nar_size / 2, "missing {missing}");
+    let peers: Vec<&Node> = seeders.iter().collect();
+    let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
+    let report = r.unwrap();
+    assert!(got == v2);
+    let wire: u64 = report.bytes_per_peer.values().sum();
+    assert_eq!(wire - report.duplicate_bytes, missing);
+    assert_eq!(report.bytes_local + missing, m.nar_size);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_nobody_has_is_unavailable() {
+    init_tracing();
+    let origin = Node::new().await;
+    let data = nar_bytes(17, 1 << 20);
+    let m = origin.ingest(&data);
+    let (leecher, mut seeders) = cluster(1).await;
+    seeders[0].store.begin_download(&m).unwrap();
+    seeders[0]
+        .store
+        .put_chunk(&m.chunks[0].id, &data[..m.chunks[0].len as usize])
+        .unwrap();
+    seeders[0].serve_default();
+    let peers: Vec<&Node> = seeders.iter().collect();
+    let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
+    assert!(matches!(r, Err(DownloadError::Unavailable { .. })), "{r:?}");
+    assert!(got.is_empty());
+}
