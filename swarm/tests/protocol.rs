@@ -19,7 +19,7 @@ async fn lookup_manifest_have_chunks_round_trip() {
     let m = a.ingest(&data);
     assert!(m.chunks.len() > 20, "{} chunks", m.chunks.len());
     let info = narinfo(store_path(1), &m);
-    a.serve(catalog(&[info.clone()]), ServeLimits::default());
+    a.serve(catalog(std::slice::from_ref(&info)), ServeLimits::default());
     b.connect(&a).await;
     let c = b.client();
 
