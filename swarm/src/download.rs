@@ -560,8 +560,10 @@ impl Scheduler {
                 });
             }
         }
-        // Endgame (or a window held up by a slow run): idle peers race the slowest requests,
-        // oldest first; whichever answers first wins and the other is dropped.
+        // Endgame: once every run is assigned, idle peers race the requests still in flight,
+        // oldest first; whichever answers first wins and the other is dropped. While runs
+        // wait beyond the window, only the run the output is waiting on is raced: racing the
+        // rest would only duplicate work that is on its way anyway.
         let pending_startable = self
             .pending
             .iter()
@@ -569,11 +571,13 @@ impl Scheduler {
         if pending_startable {
             return Ok(());
         }
+        let endgame = self.pending.is_empty();
         let mut racing: Vec<usize> = self
             .reqs
             .values()
             .map(|r| r.run)
             .filter(|&r| self.runs[r].requests.len() == 1 && !self.runs[r].done)
+            .filter(|&r| endgame || self.runs[r].offset <= emitted)
             .collect();
         racing.sort_unstable();
         racing.dedup();

@@ -8,7 +8,10 @@ pub mod node;
 pub mod protocol;
 pub mod server;
 
+pub use client::{Client, ClientConfig, ClientError};
+pub use download::{download, DownloadConfig, DownloadError, DownloadReport};
 pub use libp2p::{Multiaddr, PeerId};
+pub use server::{Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle};
 
 /// The peer protocol, versioned: a peer that speaks another version is simply not offered it.
 pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/peerix/chunks/1");

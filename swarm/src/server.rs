@@ -39,7 +39,9 @@ pub struct ServeLimits {
     pub max_streams: usize,
     /// How long a peer may take to send its request.
     pub request_timeout: Duration,
-    /// How long a chunks request may wait for an upload slot before it is answered Busy.
+    /// How long a chunks request may wait for an upload slot before it is answered Busy;
+    /// shorter than the requester's shortest timeout (4 s), so it hears Busy rather than
+    /// timing out and counting us as failed.
     pub queue_timeout: Duration,
     /// How long writing one chunk may take before the stream is dropped.
     pub write_timeout: Duration,
@@ -55,7 +57,7 @@ impl Default for ServeLimits {
             max_chunk_requests: 16,
             max_streams: 256,
             request_timeout: Duration::from_secs(10),
-            queue_timeout: Duration::from_secs(5),
+            queue_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
             max_offences: 3,
             ban_duration: Duration::from_secs(600),

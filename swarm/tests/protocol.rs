@@ -185,3 +185,60 @@ async fn malformed_requests_are_counted_and_offenders_refused() {
         .unwrap_err();
     assert!(matches!(e, ClientError::TooLarge(_)), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_answers_busy() {
+    init_tracing();
+    let mut a = Node::new().await;
+    let hog = Node::new().await;
+    let other = Node::new().await;
+    let m = a.ingest(&nar_bytes(3, 4 << 20));
+    a.serve(
+        catalog(&[]),
+        ServeLimits {
+            max_chunk_requests: 1,
+            queue_timeout: std::time::Duration::ZERO,
+            ..ServeLimits::default()
+        },
+    );
+    hog.connect(&a).await;
+    other.connect(&a).await;
+
+    // The hog asks for many chunks and reads only the first: the server, blocked on flow
+    // control, keeps the one upload slot.
+    let mut control = hog.control.clone();
+    let mut s = control.open_stream(a.peer, PROTOCOL).await.unwrap();
+    let ids = m
+        .chunks
+        .iter()
+        .take(MAX_CHUNKS_PER_REQUEST)
+        .map(|c| c.id)
+        .collect();
+    peerix_swarm::protocol::write_request(&mut s, &peerix_swarm::protocol::Request::Chunks(ids))
+        .await
+        .unwrap();
+    let first = peerix_swarm::protocol::read_frame(&mut s).await.unwrap();
+    assert_eq!(first.kind, kind::CHUNK);
+
+    let c = other.client();
+    let items: Vec<_> = c.fetch_chunks(a.peer, vec![m.chunks[0]]).collect().await;
+    assert!(
+        matches!(items[..], [Err(ClientError::Busy { .. })]),
+        "{items:?}"
+    );
+
+    // The slot comes back when the hog goes.
+    drop(s);
+    loop {
+        let items: Vec<_> = c.fetch_chunks(a.peer, vec![m.chunks[0]]).collect().await;
+        match &items[..] {
+            [Ok((id, _))] => {
+                assert_eq!(*id, m.chunks[0].id);
+                break;
+            }
+            // The server may not yet have noticed the reset.
+            [Err(ClientError::Busy { .. })] => tokio::task::yield_now().await,
+            other => panic!("{other:?}"),
+        }
+    }
+}
