@@ -328,6 +328,8 @@ struct Scheduler {
     /// Chunks in NAR order, for building runs once `have` answers are in.
     missing: Vec<ChunkRef>,
     offsets: HashMap<ChunkId, u64>,
+    /// When a request holding up the window becomes late enough to race.
+    recheck: Option<Instant>,
 }
 
 impl Scheduler {
@@ -379,6 +381,7 @@ impl Scheduler {
             report: DownloadReport::default(),
             missing,
             offsets,
+            recheck: None,
         }
     }
 
@@ -395,6 +398,7 @@ impl Scheduler {
                 .iter()
                 .filter(|p| !p.gone)
                 .filter_map(|p| p.busy_until)
+                .chain(self.recheck)
                 .min();
             tokio::select! {
                 ev = self.events.recv() => {
@@ -572,22 +576,51 @@ impl Scheduler {
             return Ok(());
         }
         let endgame = self.pending.is_empty();
-        let mut racing: Vec<usize> = self
-            .reqs
-            .values()
-            .map(|r| r.run)
-            .filter(|&r| self.runs[r].requests.len() == 1 && !self.runs[r].done)
-            .filter(|&r| endgame || self.runs[r].offset <= emitted)
-            .collect();
+        let now = Instant::now();
+        self.recheck = None;
+        let mut racing: Vec<usize> = vec![];
+        for r in self.reqs.values() {
+            let run = &self.runs[r.run];
+            if run.requests.len() != 1 || run.done {
+                continue;
+            }
+            if !endgame {
+                if run.offset > emitted {
+                    continue;
+                }
+                // Held up by the window: race the run the output waits on only once it is
+                // late, or a fast peer would race nearly every run.
+                let late = r.started + self.overdue(r);
+                if late > now {
+                    self.recheck = Some(self.recheck.map_or(late, |t: Instant| t.min(late)));
+                    continue;
+                }
+            }
+            racing.push(r.run);
+        }
         racing.sort_unstable();
         racing.dedup();
         for run in racing {
-            if let Some(p) = self.pick(run) {
-                debug!(run, peer = %self.peers[p].id, "endgame: racing a request");
+            // Only idle peers race: one still busy with its own runs gains nothing by it.
+            if let Some(p) = self.pick(run).filter(|&p| self.peers[p].in_flight == 0) {
+                debug!(run, peer = %self.peers[p].id, endgame, "racing a request");
                 self.start(run, p);
             }
         }
         Ok(())
+    }
+
+    /// When a request is late: twice what the peer's rate predicts, at least `target_queue`.
+    fn overdue(&self, r: &Req) -> Duration {
+        let bytes: u64 = self.runs[r.run]
+            .chunks
+            .iter()
+            .map(|c| u64::from(c.len))
+            .sum();
+        let expected = self.peers[r.peer].rate.map_or(Duration::ZERO, |rate| {
+            Duration::from_secs_f64((2.0 * bytes as f64 / rate.max(1.0)).min(3600.0))
+        });
+        expected.max(self.cfg.target_queue)
     }
 
     fn start(&mut self, run: usize, p: usize) {
