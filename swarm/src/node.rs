@@ -1,1 +1,1456 @@
-//! node
+//! The libp2p node: one swarm on its own tokio task, driven through a command channel.
+//!
+//! Discovery comes from three places: mDNS on the LAN, explicit peers from the configuration
+//! (for VPNs without broadcast) and a private Kademlia DHT in which every node announces the
+//! store paths it can serve, keyed by the 20-byte store-path hash.
+//!
+//! A peer counts as connected once identify has run on a connection to it and it turned out to
+//! be a peerix node: a connection the remote refuses (allow-list, ban, wrong swarm key) or a
+//! stray libp2p node found by mDNS never shows up as [`NodeEvent::PeerConnected`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, OrTransport};
+use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
+use libp2p::kad::{self, QueryId};
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    allow_block_list, identify, mdns, noise, ping, Multiaddr, PeerId, StreamProtocol, Swarm,
+    SwarmBuilder, Transport,
+};
+use peerix_nix::StorePathHash;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+/// peerix's own DHT: a private protocol name keeps peerix nodes out of the IPFS DHT and
+/// keeps IPFS nodes out of ours.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peerix/kad/1.0.0");
+
+/// Sent in identify; a peer announcing anything else is not a peerix node.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/peerix/1.0.0";
+
+/// The default port, for TCP and QUIC alike.
+pub const DEFAULT_PORT: u16 = 12305;
+
+const IDENTITY_FILE: &str = "identity.key";
+
+/// Long enough that the peer protocol's connections survive the pauses between requests.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bounds a TCP handshake (pnet, noise, yamux); a peer with the wrong swarm key can otherwise
+/// leave multistream-select waiting for bytes that never come.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+
+const REDIAL_INITIAL: Duration = Duration::from_secs(1);
+const REDIAL_MAX: Duration = Duration::from_secs(60);
+/// A connection that lived this long was healthy: its loss starts the backoff afresh.
+const REDIAL_RESET_AFTER: Duration = Duration::from_secs(120);
+
+/// How often the event loop wakes up on its own to pace announcements and redial.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Bootstrap again at most this often when new peers keep arriving.
+const BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(30);
+
+/// Provider records we keep, for our own keys and for those other nodes announce to us. A LAN
+/// of a few dozen nodes with 100,000 paths each stays well below this; the bound exists so
+/// that a hostile peer cannot grow the store without limit.
+pub const MAX_PROVIDED_KEYS: usize = 5_000_000;
+
+/// Plain Kademlia records are not used by peerix; keeping their limit low keeps peers from
+/// filling our memory with them.
+const MAX_RECORDS: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("state directory {path}: {source}")]
+    StateDir { path: PathBuf, source: io::Error },
+    #[error("identity key {path}: {source}")]
+    IdentityIo { path: PathBuf, source: io::Error },
+    #[error("identity key {path} is not a valid ed25519 key: {reason}")]
+    IdentityDecode { path: PathBuf, reason: String },
+    #[error("swarm key {path}: {source}")]
+    SwarmKeyIo { path: PathBuf, source: io::Error },
+    #[error("swarm key {path} is malformed: {reason}")]
+    SwarmKeyFormat { path: PathBuf, reason: String },
+    #[error("building the libp2p transport: {0}")]
+    Transport(String),
+    #[error("starting mDNS: {0}")]
+    Mdns(io::Error),
+    #[error("could not listen on any address: {0}")]
+    Listen(String),
+    #[error("no listen addresses configured (a private swarm cannot use QUIC)")]
+    NoListenAddrs,
+    #[error("dialing {target}: {reason}")]
+    Dial { target: String, reason: String },
+    #[error("the node has shut down")]
+    Shutdown,
+}
+
+/// How a peer was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Discovery {
+    Mdns,
+    Kad,
+    Explicit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The first connection to a peerix peer is up and identified.
+    PeerConnected(PeerId),
+    /// The last connection to a peer that was reported connected has gone.
+    PeerDisconnected(PeerId),
+    Discovered {
+        peer: PeerId,
+        via: Discovery,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Holds `identity.key`, so the peer id survives restarts.
+    pub state_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    /// A multiaddr (with or without `/p2p/<id>`) or `host:port`.
+    pub peers: Vec<String>,
+    pub mdns: bool,
+    /// A private swarm: TCP through pnet, and no QUIC (pnet cannot protect it).
+    pub swarm_key: Option<PreSharedKey>,
+    /// When set, connections to any other peer are closed.
+    pub allowed_peers: Option<HashSet<PeerId>>,
+    /// Answer DHT queries from the start. Without it, Kademlia stays a client until an external
+    /// address is confirmed, which on a LAN never happens.
+    pub kad_server: bool,
+    /// Every provided key is announced again once per interval; records live twice as long.
+    pub provide_interval: Duration,
+    /// Announcements per second never drop below this, however small the set.
+    pub provide_min_rate: u32,
+    /// Announcement queries in flight at once.
+    pub provide_in_flight: usize,
+}
+
+impl NodeConfig {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            state_dir: state_dir.into(),
+            listen: vec![
+                format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")
+                    .parse()
+                    .expect("static multiaddr"),
+                format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1")
+                    .parse()
+                    .expect("static multiaddr"),
+            ],
+            peers: Vec::new(),
+            mdns: true,
+            swarm_key: None,
+            allowed_peers: None,
+            kad_server: true,
+            provide_interval: Duration::from_secs(15 * 60),
+            provide_min_rate: 10,
+            provide_in_flight: 8,
+        }
+    }
+}
+
+/// Reads a swarm key in the usual `/key/swarm/psk/1.0.0/` text format (as go-ipfs writes it).
+pub fn read_swarm_key(path: &Path) -> Result<PreSharedKey, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| NodeError::SwarmKeyIo {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.trim()
+        .parse::<PreSharedKey>()
+        .map_err(|e| NodeError::SwarmKeyFormat {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// Loads the node's ed25519 key, creating it (readable by the owner only) on first start.
+pub fn load_or_create_identity(state_dir: &Path) -> Result<Keypair, NodeError> {
+    std::fs::create_dir_all(state_dir).map_err(|source| NodeError::StateDir {
+        path: state_dir.to_owned(),
+        source,
+    })?;
+    let path = state_dir.join(IDENTITY_FILE);
+    let io_err = |source| NodeError::IdentityIo {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let key =
+                Keypair::from_protobuf_encoding(&bytes).map_err(|e| NodeError::IdentityDecode {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if key.key_type() != libp2p::identity::KeyType::Ed25519 {
+                return Err(NodeError::IdentityDecode {
+                    path,
+                    reason: format!("key type {:?}", key.key_type()),
+                });
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key
+                .to_protobuf_encoding()
+                .map_err(|e| NodeError::IdentityDecode {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            write_private(&path, &bytes).map_err(io_err)?;
+            tracing::info!(path = %path.display(), peer = %key.public().to_peer_id(), "created a new node identity");
+            Ok(key)
+        }
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+/// Writes through a temporary file so a crash never leaves a truncated key behind, and creates
+/// it with mode 0600 so the secret is never readable by others, not even briefly.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("key.tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    // Blocking comes first so a banned peer is refused before other behaviours see it.
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    stream: libp2p_stream::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+enum Command {
+    Dial {
+        opts: DialOpts,
+        peer: Option<PeerId>,
+        target: String,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    Providers {
+        key: kad::RecordKey,
+        found: mpsc::UnboundedSender<PeerId>,
+    },
+    SetProvided(Vec<StorePathHash>),
+    Ban {
+        peer: PeerId,
+        why: String,
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A running peerix node. Dropping it stops the node too; [`Node::shutdown`] also waits for it.
+pub struct Node {
+    peer_id: PeerId,
+    control: libp2p_stream::Control,
+    listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    commands: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts the node; returns once every listener has an address (or failed, if not all did).
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        let keypair = load_or_create_identity(&cfg.state_dir)?;
+        let peer_id = keypair.public().to_peer_id();
+
+        let mut listen = cfg.listen.clone();
+        if cfg.swarm_key.is_some() {
+            let before = listen.len();
+            listen.retain(|a| !is_quic(a));
+            if listen.len() != before {
+                tracing::warn!(
+                    "a swarm key is set: QUIC is turned off, since pnet can only protect TCP"
+                );
+            }
+        }
+        if listen.is_empty() {
+            return Err(NodeError::NoListenAddrs);
+        }
+
+        let mut swarm = build_swarm(keypair, &cfg)?;
+        let control = swarm.behaviour().stream.new_control();
+
+        let mut pending = HashSet::new();
+        let mut errors = Vec::new();
+        for addr in &listen {
+            match swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    pending.insert(id);
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        let mut addrs = Vec::new();
+        while !pending.is_empty() {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr {
+                    listener_id,
+                    address,
+                } => {
+                    pending.remove(&listener_id);
+                    addrs.push(address);
+                }
+                SwarmEvent::ListenerClosed {
+                    listener_id,
+                    reason,
+                    addresses,
+                } => {
+                    pending.remove(&listener_id);
+                    errors.push(format!("{addresses:?}: closed: {reason:?}"));
+                }
+                SwarmEvent::ListenerError { listener_id, error } => {
+                    pending.remove(&listener_id);
+                    errors.push(format!("listener: {error}"));
+                }
+                _ => {}
+            }
+        }
+        if addrs.is_empty() {
+            return Err(NodeError::Listen(errors.join("; ")));
+        }
+        for e in &errors {
+            tracing::warn!(error = %e, "a listen address failed");
+        }
+        tracing::info!(peer = %peer_id, addrs = ?addrs, "node listening");
+
+        let listen_addrs = Arc::new(Mutex::new(addrs));
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(1024);
+
+        let explicit = cfg.peers.iter().map(|s| Explicit::parse(s)).collect();
+        let pacer = Pacer::new(
+            cfg.provide_interval,
+            cfg.provide_min_rate,
+            cfg.provide_in_flight,
+            Instant::now(),
+        );
+        let event_loop = EventLoop {
+            swarm,
+            local: peer_id,
+            commands: command_rx,
+            events: events.clone(),
+            listen_addrs: listen_addrs.clone(),
+            confirmed: HashSet::new(),
+            connected_since: HashMap::new(),
+            pending_dials: HashMap::new(),
+            peer_waiters: HashMap::new(),
+            provider_queries: HashMap::new(),
+            mdns_pending: HashSet::new(),
+            explicit,
+            resolved_tx: None,
+            pacer,
+            announcing: HashMap::new(),
+            last_bootstrap: None,
+        };
+        let task = tokio::spawn(event_loop.run());
+        Ok(Node {
+            peer_id,
+            control,
+            listen_addrs,
+            commands,
+            events,
+            task,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Opens and accepts the peer protocol's streams.
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    /// The addresses actually listened on, each ending in `/p2p/<our id>`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let addrs = self
+            .listen_addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        addrs
+            .into_iter()
+            .map(|a| a.with(Protocol::P2p(self.peer_id)))
+            .collect()
+    }
+
+    /// Peers with an identified connection.
+    pub async fn connected_peers(&self) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::ConnectedPeers(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    /// Dials an address and waits until the remote is identified as a peerix node.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        let peer = match addr.iter().last() {
+            Some(Protocol::P2p(id)) => Some(id),
+            _ => None,
+        };
+        let opts = match peer {
+            Some(id) => DialOpts::peer_id(id)
+                .addresses(vec![addr.clone()])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+        };
+        self.dial_opts(opts, peer, addr.to_string()).await
+    }
+
+    /// Connects to a peer by id, with the addresses the DHT knows for it.
+    pub async fn connect(&self, peer: PeerId) -> Result<(), NodeError> {
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        self.dial_opts(opts, Some(peer), peer.to_string()).await
+    }
+
+    async fn dial_opts(
+        &self,
+        opts: DialOpts,
+        peer: Option<PeerId>,
+        target: String,
+    ) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Dial {
+                opts,
+                peer,
+                target,
+                reply,
+            })
+            .map_err(|_| NodeError::Shutdown)?;
+        rx.await.map_err(|_| NodeError::Shutdown)?
+    }
+
+    /// Peers that announce `key` in the DHT, collected until the lookup ends or `timeout`
+    /// passes. Providers we are not connected to are dialled while the lookup still holds
+    /// their addresses, so opening a stream to them afterwards finds a connection or a dial.
+    pub async fn providers(&self, key: &StorePathHash, timeout: Duration) -> Vec<PeerId> {
+        let deadline = Instant::now() + timeout;
+        let (found, mut rx) = mpsc::unbounded_channel();
+        let key = kad::RecordKey::new(key.as_bytes());
+        if self
+            .commands
+            .send(Command::Providers { key, found })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        while let Ok(Some(peer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            out.push(peer);
+        }
+        out
+    }
+
+    /// Replaces the set of store paths this node announces. New keys are announced first;
+    /// dropped keys stop being announced (other nodes forget them when their records expire).
+    pub fn set_provided(&self, keys: Vec<StorePathHash>) {
+        let _ = self.commands.send(Command::SetProvided(keys));
+    }
+
+    /// Disconnects a misbehaving peer and refuses it from now on.
+    pub async fn ban(&self, peer: PeerId, why: &str) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Ban {
+                peer,
+                why: why.to_owned(),
+                reply,
+            })
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    pub async fn shutdown(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+fn build_transport(
+    key: &Keypair,
+    psk: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let tcp_config = libp2p::tcp::Config::default().nodelay(true);
+    let noise = noise::Config::new(key)?;
+    // The yamux defaults auto-tune each stream's window (up to a large per-connection cap),
+    // which is what lets one stream carry hundreds of MB/s.
+    let yamux = libp2p::yamux::Config::default();
+    let tcp = match psk {
+        Some(psk) => libp2p::tcp::tokio::Transport::new(tcp_config)
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux)
+            .timeout(HANDSHAKE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        None => libp2p::tcp::tokio::Transport::new(tcp_config)
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux)
+            .timeout(HANDSHAKE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    };
+    if psk.is_some() {
+        return Ok(tcp);
+    }
+    let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key))
+        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+    Ok(OrTransport::new(tcp, quic)
+        .map(|either, _| either.into_inner())
+        .boxed())
+}
+
+fn build_swarm(keypair: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>, NodeError> {
+    let psk = cfg.swarm_key;
+    let mdns_on = cfg.mdns;
+    let allowed = cfg.allowed_peers.clone();
+    let kad_server = cfg.kad_server;
+    let provide_interval = cfg.provide_interval;
+
+    let mdns = if mdns_on {
+        Some(
+            mdns::tokio::Behaviour::new(mdns::Config::default(), keypair.public().to_peer_id())
+                .map_err(NodeError::Mdns)?,
+        )
+    } else {
+        None
+    };
+
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(|key| build_transport(key, psk))
+        .map_err(|e| NodeError::Transport(e.to_string()))?
+        .with_behaviour(|key| {
+            let local = key.public().to_peer_id();
+            let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+            // We pace announcements ourselves (see `Pacer`): kad's own republication would
+            // announce every key at once, every interval.
+            kad_cfg.set_provider_publication_interval(None);
+            kad_cfg.set_provider_record_ttl(Some(provide_interval.saturating_mul(2)));
+            kad_cfg.set_query_timeout(Duration::from_secs(30));
+            let store = MemoryStore::with_config(
+                local,
+                MemoryStoreConfig {
+                    max_records: MAX_RECORDS,
+                    max_provided_keys: MAX_PROVIDED_KEYS,
+                    ..Default::default()
+                },
+            );
+            let mut kad = kad::Behaviour::with_config(local, store, kad_cfg);
+            if kad_server {
+                kad.set_mode(Some(kad::Mode::Server));
+            }
+            let allowed = allowed.map(|peers| {
+                let mut b =
+                    allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+                for p in peers {
+                    b.allow_peer(p);
+                }
+                b
+            });
+            Behaviour {
+                blocked: Default::default(),
+                allowed: allowed.into(),
+                stream: libp2p_stream::Behaviour::new(),
+                kad,
+                mdns: mdns.into(),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
+                        .with_agent_version(format!("peerix/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                ping: ping::Behaviour::default(),
+            }
+        })
+        .map_err(|e| NodeError::Transport(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+/// What an explicit peer entry names.
+#[derive(Debug, Clone)]
+enum ExplicitTarget {
+    Addr(Multiaddr),
+    HostPort(String),
+}
+
+#[derive(Debug)]
+enum ExplicitState {
+    Idle { next: Instant },
+    Resolving,
+    Dialing(HashSet<ConnectionId>),
+    Connected,
+}
+
+/// An explicit peer, kept connected: redialled with backoff whenever it goes away.
+#[derive(Debug)]
+struct Explicit {
+    spec: String,
+    target: Option<ExplicitTarget>,
+    peer: Option<PeerId>,
+    state: ExplicitState,
+    backoff: Duration,
+}
+
+impl Explicit {
+    fn parse(spec: &str) -> Explicit {
+        let spec_trim = spec.trim();
+        let target = if spec_trim.starts_with('/') {
+            match spec_trim.parse::<Multiaddr>() {
+                Ok(a) => Some(ExplicitTarget::Addr(a)),
+                Err(e) => {
+                    tracing::warn!(peer = spec, error = %e, "ignoring an explicit peer that is not a valid multiaddr");
+                    None
+                }
+            }
+        } else if spec_trim
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            Some(ExplicitTarget::HostPort(spec_trim.to_owned()))
+        } else {
+            tracing::warn!(
+                peer = spec,
+                "ignoring an explicit peer that is neither a multiaddr nor host:port"
+            );
+            None
+        };
+        let peer = match &target {
+            Some(ExplicitTarget::Addr(a)) => match a.iter().last() {
+                Some(Protocol::P2p(id)) => Some(id),
+                _ => None,
+            },
+            _ => None,
+        };
+        Explicit {
+            spec: spec_trim.to_owned(),
+            target,
+            peer,
+            state: ExplicitState::Idle {
+                next: Instant::now(),
+            },
+            backoff: REDIAL_INITIAL,
+        }
+    }
+
+    fn schedule_retry(&mut self, now: Instant) {
+        self.state = ExplicitState::Idle {
+            next: now + self.backoff,
+        };
+        self.backoff = (self.backoff * 2).min(REDIAL_MAX);
+    }
+}
+
+/// Announces provided keys at a bounded pace.
+///
+/// Keys new to the set are announced first; the whole set is walked again once per
+/// `interval`, at `max(min_rate, len / interval)` keys per second and with at most
+/// `max_in_flight` announcement queries at once, so the DHT traffic a node causes per
+/// minute is bounded whatever the size of its store.
+#[derive(Debug)]
+struct Pacer {
+    set: HashSet<StorePathHash>,
+    fresh: VecDeque<StorePathHash>,
+    cycle: VecDeque<StorePathHash>,
+    cycle_started: Instant,
+    interval: Duration,
+    min_rate: f64,
+    max_in_flight: usize,
+    in_flight: usize,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Pacer {
+    fn new(interval: Duration, min_rate: u32, max_in_flight: usize, now: Instant) -> Pacer {
+        Pacer {
+            set: HashSet::new(),
+            fresh: VecDeque::new(),
+            cycle: VecDeque::new(),
+            cycle_started: now,
+            interval: interval.max(Duration::from_secs(1)),
+            min_rate: f64::from(min_rate.max(1)),
+            max_in_flight: max_in_flight.max(1),
+            in_flight: 0,
+            tokens: 0.0,
+            refilled: now,
+        }
+    }
+
+    /// Replaces the set; returns the keys added and removed.
+    fn replace(&mut self, keys: Vec<StorePathHash>) -> (Vec<StorePathHash>, Vec<StorePathHash>) {
+        let new: HashSet<StorePathHash> = keys.into_iter().collect();
+        let removed: Vec<_> = self.set.difference(&new).copied().collect();
+        let added: Vec<_> = new.difference(&self.set).copied().collect();
+        self.fresh.extend(added.iter().copied());
+        self.set = new;
+        if !removed.is_empty() {
+            let set = &self.set;
+            self.fresh.retain(|k| set.contains(k));
+        }
+        (added, removed)
+    }
+
+    /// Keys per second.
+    fn rate(&self) -> f64 {
+        (self.set.len() as f64 / self.interval.as_secs_f64()).max(self.min_rate)
+    }
+
+    /// The next key to announce now, if the pace and the in-flight bound allow one.
+    fn next(&mut self, now: Instant) -> Option<StorePathHash> {
+        let rate = self.rate();
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        // At most one second's worth of burst, so an idle spell does not bank a flood.
+        self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
+        if self.in_flight >= self.max_in_flight || self.tokens < 1.0 {
+            return None;
+        }
+        let key = loop {
+            if let Some(k) = self.fresh.pop_front() {
+                break k;
+            }
+            if self.cycle.is_empty() {
+                if now < self.cycle_started + self.interval || self.set.is_empty() {
+                    return None;
+                }
+                self.cycle_started = now;
+                self.cycle = self.set.iter().copied().collect();
+            }
+            match self.cycle.pop_front() {
+                Some(k) if self.set.contains(&k) => break k,
+                _ => continue,
+            }
+        };
+        self.tokens -= 1.0;
+        self.in_flight += 1;
+        Some(key)
+    }
+
+    fn done(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    local: PeerId,
+    commands: mpsc::UnboundedReceiver<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    /// Peers with an identified connection, i.e. reported as connected.
+    confirmed: HashSet<PeerId>,
+    connected_since: HashMap<PeerId, Instant>,
+    pending_dials: HashMap<ConnectionId, (String, oneshot::Sender<Result<(), NodeError>>)>,
+    /// Callers waiting for a peer that another dial or connection is already bringing up.
+    peer_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NodeError>>>>,
+    provider_queries: HashMap<QueryId, ProviderQuery>,
+    /// Found by mDNS, not yet identified.
+    mdns_pending: HashSet<PeerId>,
+    explicit: Vec<Explicit>,
+    resolved_tx: Option<mpsc::UnboundedSender<(usize, Vec<Multiaddr>)>>,
+    pacer: Pacer,
+    /// Announcement queries in flight.
+    announcing: HashMap<QueryId, StorePathHash>,
+    last_bootstrap: Option<Instant>,
+}
+
+struct ProviderQuery {
+    found: mpsc::UnboundedSender<PeerId>,
+    seen: HashSet<PeerId>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel();
+        self.resolved_tx = Some(resolved_tx);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Shutdown(reply)) => {
+                        let _ = reply.send(());
+                        break;
+                    }
+                    Some(cmd) => self.on_command(cmd),
+                    // Every `Node` handle is gone.
+                    None => break,
+                },
+                Some((index, addrs)) = resolved_rx.recv() => self.on_resolved(index, addrs),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        tracing::debug!(peer = %self.local, "node stopped");
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.redial_explicit(now);
+        self.pump_announcements(now);
+        self.provider_queries.retain(|id, q| {
+            if q.found.is_closed() {
+                if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(id) {
+                    query.finish();
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn routing_table_empty(&mut self) -> bool {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .all(|b| b.num_entries() == 0)
+    }
+
+    fn pump_announcements(&mut self, now: Instant) {
+        // Announcing to nobody would only burn keys off the queue; they wait for a peer.
+        if self.pacer.set.is_empty() || self.routing_table_empty() {
+            return;
+        }
+        while let Some(key) = self.pacer.next(now) {
+            let rkey = kad::RecordKey::new(key.as_bytes());
+            match self.swarm.behaviour_mut().kad.start_providing(rkey) {
+                Ok(id) => {
+                    self.announcing.insert(id, key);
+                }
+                Err(e) => {
+                    self.pacer.done();
+                    tracing::warn!(key = %key, error = ?e, "cannot announce a store path");
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial {
+                opts,
+                peer,
+                target,
+                reply,
+            } => {
+                if let Some(p) = peer {
+                    if self.confirmed.contains(&p) {
+                        let _ = reply.send(Ok(()));
+                        return;
+                    }
+                }
+                let conn = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(conn, (target, reply));
+                    }
+                    Err(DialError::DialPeerConditionFalse(_)) => {
+                        // Already dialling or connected but not yet identified: wait for that.
+                        if let Some(p) = peer {
+                            self.peer_waiters.entry(p).or_default().push(reply);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Dial {
+                            target,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.confirmed.iter().copied().collect());
+            }
+            Command::Providers { key, found } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.provider_queries.insert(
+                    id,
+                    ProviderQuery {
+                        found,
+                        seen: HashSet::new(),
+                    },
+                );
+            }
+            Command::SetProvided(keys) => {
+                let (added, removed) = self.pacer.replace(keys);
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                for key in &removed {
+                    kad.stop_providing(&kad::RecordKey::new(key.as_bytes()));
+                }
+                // Recorded locally at once, so a peer that asks us directly gets an answer
+                // before the announcement reaches the DHT.
+                for key in &added {
+                    let record = kad::ProviderRecord::new(
+                        kad::RecordKey::new(key.as_bytes()),
+                        self.local,
+                        Vec::new(),
+                    );
+                    if let Err(e) = kad.store_mut().add_provider(record) {
+                        tracing::warn!(key = %key, error = ?e, "cannot record a provided store path");
+                    }
+                }
+                tracing::debug!(
+                    added = added.len(),
+                    removed = removed.len(),
+                    total = self.pacer.set.len(),
+                    rate = self.pacer.rate(),
+                    "provided set replaced"
+                );
+                self.pump_announcements(Instant::now());
+            }
+            Command::Ban { peer, why, reply } => {
+                tracing::warn!(%peer, reason = %why, "banning peer");
+                let b = self.swarm.behaviour_mut();
+                b.blocked.block_peer(peer);
+                b.kad.remove_peer(&peer);
+                let _ = reply.send(());
+            }
+            Command::Shutdown(_) => unreachable!("handled in run"),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                connection_id,
+                peer_id,
+                info,
+            })) => self.on_identified(connection_id, peer_id, info),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in list {
+                    if peer != self.local {
+                        by_peer.entry(peer).or_default().push(addr);
+                    }
+                }
+                for (peer, addrs) in by_peer {
+                    if self.confirmed.contains(&peer) {
+                        self.emit(NodeEvent::Discovered {
+                            peer,
+                            via: Discovery::Mdns,
+                        });
+                        continue;
+                    }
+                    tracing::debug!(%peer, ?addrs, "mDNS found a peer");
+                    self.mdns_pending.insert(peer);
+                    // Its addresses reach Kademlia through identify, once it has shown it is a
+                    // peerix node: mDNS also finds any other libp2p software on the LAN.
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "not dialling an mDNS peer");
+                    }
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                if let Some((target, reply)) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NodeError::Dial {
+                        target,
+                        reason: format!(
+                            "the connection was closed before identification ({cause:?})"
+                        ),
+                    }));
+                }
+                self.explicit_conn_failed(connection_id);
+                if num_established == 0 {
+                    self.fail_waiters(&peer_id, "the connection was closed");
+                    if self.confirmed.remove(&peer_id) {
+                        self.emit(NodeEvent::PeerDisconnected(peer_id));
+                    }
+                    let since = self.connected_since.remove(&peer_id);
+                    let now = Instant::now();
+                    for e in &mut self.explicit {
+                        if e.peer == Some(peer_id) && matches!(e.state, ExplicitState::Connected) {
+                            if since.is_some_and(|s| now.duration_since(s) > REDIAL_RESET_AFTER) {
+                                e.backoff = REDIAL_INITIAL;
+                            }
+                            e.schedule_retry(now);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                tracing::debug!(peer = ?peer_id, %error, "dial failed");
+                if let Some((target, reply)) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NodeError::Dial {
+                        target,
+                        reason: error.to_string(),
+                    }));
+                }
+                self.explicit_conn_failed(connection_id);
+                if let Some(p) = peer_id {
+                    if !self.swarm.is_connected(&p) {
+                        self.fail_waiters(&p, &error.to_string());
+                    }
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(from = %send_back_addr, %error, "incoming connection failed");
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let mut addrs = self.listen_addrs.lock().unwrap_or_else(|e| e.into_inner());
+                if !addrs.contains(&address) {
+                    addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|a| a != &address);
+            }
+            _ => {}
+        }
+    }
+
+    fn fail_waiters(&mut self, peer: &PeerId, reason: &str) {
+        for w in self.peer_waiters.remove(peer).unwrap_or_default() {
+            let _ = w.send(Err(NodeError::Dial {
+                target: peer.to_string(),
+                reason: reason.to_owned(),
+            }));
+        }
+    }
+
+    fn on_identified(&mut self, connection_id: ConnectionId, peer: PeerId, info: identify::Info) {
+        if info.protocol_version != IDENTIFY_PROTOCOL_VERSION {
+            tracing::debug!(%peer, version = %info.protocol_version, "not a peerix node; disconnecting");
+            if let Some((target, reply)) = self.pending_dials.remove(&connection_id) {
+                let _ = reply.send(Err(NodeError::Dial {
+                    target,
+                    reason: format!("not a peerix node ({})", info.protocol_version),
+                }));
+            }
+            self.mdns_pending.remove(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        }
+        if info.protocols.contains(&KAD_PROTOCOL) {
+            let kad = &mut self.swarm.behaviour_mut().kad;
+            for addr in info.listen_addrs {
+                kad.add_address(&peer, addr);
+            }
+            self.maybe_bootstrap();
+        }
+        if let Some((_, reply)) = self.pending_dials.remove(&connection_id) {
+            let _ = reply.send(Ok(()));
+        }
+        for w in self.peer_waiters.remove(&peer).unwrap_or_default() {
+            let _ = w.send(Ok(()));
+        }
+        let now = Instant::now();
+        for e in &mut self.explicit {
+            let ours = match &e.state {
+                ExplicitState::Dialing(conns) => conns.contains(&connection_id),
+                ExplicitState::Idle { .. } => e.peer == Some(peer),
+                _ => false,
+            };
+            if ours {
+                e.peer = Some(peer);
+                e.state = ExplicitState::Connected;
+                let _ = self.events.send(NodeEvent::Discovered {
+                    peer,
+                    via: Discovery::Explicit,
+                });
+            }
+        }
+        if self.confirmed.insert(peer) {
+            self.connected_since.insert(peer, now);
+            tracing::info!(%peer, agent = %info.agent_version, "peer connected");
+            self.emit(NodeEvent::PeerConnected(peer));
+        }
+        if self.mdns_pending.remove(&peer) {
+            self.emit(NodeEvent::Discovered {
+                peer,
+                via: Discovery::Mdns,
+            });
+        }
+        // New peers mean keys waiting for someone to announce to.
+        self.pump_announcements(now);
+    }
+
+    fn maybe_bootstrap(&mut self) {
+        let now = Instant::now();
+        if self
+            .last_bootstrap
+            .is_some_and(|t| now.duration_since(t) < BOOTSTRAP_MIN_GAP)
+        {
+            return;
+        }
+        // NoKnownPeers only means the routing table is still empty; the next peer retries.
+        if self.swarm.behaviour_mut().kad.bootstrap().is_ok() {
+            self.last_bootstrap = Some(now);
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                    providers,
+                    ..
+                })) => {
+                    let mut to_dial = Vec::new();
+                    if let Some(q) = self.provider_queries.get_mut(&id) {
+                        for p in providers {
+                            if p == self.local || !q.seen.insert(p) {
+                                continue;
+                            }
+                            if q.found.send(p).is_err() {
+                                break;
+                            }
+                            to_dial.push(p);
+                        }
+                    }
+                    for p in to_dial {
+                        if !self.swarm.is_connected(&p) {
+                            self.emit(NodeEvent::Discovered {
+                                peer: p,
+                                via: Discovery::Kad,
+                            });
+                            // Now, while the query still holds the addresses it learned.
+                            let opts = DialOpts::peer_id(p)
+                                .condition(PeerCondition::DisconnectedAndNotDialing)
+                                .build();
+                            if let Err(e) = self.swarm.dial(opts) {
+                                tracing::debug!(peer = %p, error = %e, "cannot dial a provider");
+                            }
+                        }
+                    }
+                    if step.last {
+                        self.provider_queries.remove(&id);
+                    }
+                }
+                kad::QueryResult::GetProviders(Ok(
+                    kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. },
+                )) => {
+                    self.provider_queries.remove(&id);
+                }
+                kad::QueryResult::GetProviders(Err(e)) => {
+                    tracing::debug!(error = %e, "provider lookup ended");
+                    self.provider_queries.remove(&id);
+                }
+                kad::QueryResult::StartProviding(result) => {
+                    if step.last && self.announcing.remove(&id).is_some() {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "announcement incomplete");
+                        }
+                        self.pacer.done();
+                        self.pump_announcements(Instant::now());
+                    }
+                }
+                kad::QueryResult::Bootstrap(Err(e)) => {
+                    tracing::debug!(error = %e, "bootstrap incomplete");
+                }
+                _ => {}
+            },
+            kad::Event::RoutingUpdated {
+                peer, is_new_peer, ..
+            } => {
+                if is_new_peer && !self.swarm.is_connected(&peer) {
+                    self.emit(NodeEvent::Discovered {
+                        peer,
+                        via: Discovery::Kad,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn explicit_conn_failed(&mut self, conn: ConnectionId) {
+        let now = Instant::now();
+        for e in &mut self.explicit {
+            if let ExplicitState::Dialing(conns) = &mut e.state {
+                if conns.remove(&conn) && conns.is_empty() {
+                    tracing::debug!(peer = %e.spec, retry_in = ?e.backoff, "explicit peer unreachable");
+                    e.schedule_retry(now);
+                }
+            }
+        }
+    }
+
+    fn redial_explicit(&mut self, now: Instant) {
+        for index in 0..self.explicit.len() {
+            let e = &mut self.explicit[index];
+            let ExplicitState::Idle { next } = e.state else {
+                continue;
+            };
+            if next > now {
+                continue;
+            }
+            if let Some(p) = e.peer {
+                // Connected already, by its own dial or another of ours.
+                if self.confirmed.contains(&p) {
+                    e.state = ExplicitState::Connected;
+                    continue;
+                }
+            }
+            match e.target.clone() {
+                None => {
+                    // Unusable entry: never retried.
+                    e.state = ExplicitState::Idle {
+                        next: now + Duration::from_secs(365 * 24 * 3600),
+                    };
+                }
+                Some(ExplicitTarget::Addr(addr)) => self.dial_explicit(index, vec![addr]),
+                Some(ExplicitTarget::HostPort(hp)) => {
+                    e.state = ExplicitState::Resolving;
+                    let Some(tx) = self.resolved_tx.clone() else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        let addrs = match tokio::net::lookup_host(hp.as_str()).await {
+                            Ok(it) => it
+                                .map(|sa| {
+                                    let ip = match sa.ip() {
+                                        std::net::IpAddr::V4(v4) => Protocol::Ip4(v4),
+                                        std::net::IpAddr::V6(v6) => Protocol::Ip6(v6),
+                                    };
+                                    Multiaddr::empty().with(ip).with(Protocol::Tcp(sa.port()))
+                                })
+                                .collect(),
+                            Err(e) => {
+                                tracing::debug!(peer = %hp, error = %e, "cannot resolve explicit peer");
+                                Vec::new()
+                            }
+                        };
+                        let _ = tx.send((index, addrs));
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_resolved(&mut self, index: usize, addrs: Vec<Multiaddr>) {
+        let Some(e) = self.explicit.get_mut(index) else {
+            return;
+        };
+        if !matches!(e.state, ExplicitState::Resolving) {
+            return;
+        }
+        if addrs.is_empty() {
+            e.schedule_retry(Instant::now());
+            return;
+        }
+        self.dial_explicit(index, addrs);
+    }
+
+    fn dial_explicit(&mut self, index: usize, addrs: Vec<Multiaddr>) {
+        let peer = self.explicit[index].peer;
+        let mut conns = HashSet::new();
+        for addr in addrs {
+            let opts = match peer {
+                Some(p) => DialOpts::peer_id(p)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::Always)
+                    .build(),
+                None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+            };
+            let conn = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    conns.insert(conn);
+                }
+                Err(err) => {
+                    tracing::debug!(%addr, error = %err, "cannot dial explicit peer");
+                }
+            }
+        }
+        let e = &mut self.explicit[index];
+        if conns.is_empty() {
+            e.schedule_retry(Instant::now());
+        } else {
+            tracing::debug!(peer = %e.spec, "dialling explicit peer");
+            e.state = ExplicitState::Dialing(conns);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> StorePathHash {
+        let mut b = [0u8; 20];
+        b[..4].copy_from_slice(&i.to_be_bytes());
+        StorePathHash(b)
+    }
+
+    #[test]
+    fn pacer_rate_covers_the_set_once_per_interval_with_a_floor() {
+        let now = Instant::now();
+        let mut p = Pacer::new(Duration::from_secs(900), 10, 8, now);
+        p.replace((0..100_000).map(key).collect());
+        assert!((p.rate() - 100_000.0 / 900.0).abs() < 1e-9);
+        p.replace((0..5).map(key).collect());
+        assert_eq!(p.rate(), 10.0);
+    }
+
+    #[test]
+    fn pacer_bounds_in_flight_and_burst() {
+        let start = Instant::now();
+        let mut p = Pacer::new(Duration::from_secs(900), 10, 3, start);
+        p.replace((0..1000).map(key).collect());
+        // Nothing banked at the start.
+        assert!(p.next(start).is_none());
+        // Ten seconds idle bank one second's worth at most, and in-flight caps it further.
+        let t = start + Duration::from_secs(10);
+        let mut n = 0;
+        while p.next(t).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 3);
+        p.done();
+        assert!(p.next(t).is_some());
+        assert!(p.next(t).is_none());
+    }
+
+    #[test]
+    fn pacer_announces_fresh_keys_first_then_cycles_after_the_interval() {
+        let start = Instant::now();
+        let mut p = Pacer::new(Duration::from_secs(10), 1000, 1000, start);
+        p.replace(vec![key(1), key(2)]);
+        let t = start + Duration::from_secs(1);
+        let mut got = Vec::new();
+        while let Some(k) = p.next(t) {
+            got.push(k);
+        }
+        got.sort_by_key(|k| k.0);
+        assert_eq!(got, vec![key(1), key(2)]);
+        // Before the interval is over nothing is repeated.
+        assert!(p.next(start + Duration::from_secs(5)).is_none());
+        // A key added later jumps ahead of the next cycle.
+        p.replace(vec![key(1), key(2), key(3)]);
+        assert_eq!(p.next(start + Duration::from_secs(6)), Some(key(3)));
+        // After the interval the whole set comes round again.
+        let t = start + Duration::from_secs(11);
+        let mut again = Vec::new();
+        while let Some(k) = p.next(t) {
+            again.push(k);
+        }
+        assert_eq!(again.len(), 3);
+    }
+
+    #[test]
+    fn pacer_drops_removed_keys() {
+        let start = Instant::now();
+        let mut p = Pacer::new(Duration::from_secs(10), 1000, 1000, start);
+        p.replace(vec![key(1), key(2)]);
+        let (added, removed) = p.replace(vec![key(2)]);
+        assert!(added.is_empty());
+        assert_eq!(removed, vec![key(1)]);
+        let t = start + Duration::from_secs(1);
+        assert_eq!(p.next(t), Some(key(2)));
+        assert!(p.next(t).is_none());
+    }
+
+    #[test]
+    fn explicit_peer_specs() {
+        let e = Explicit::parse("/ip4/10.0.0.1/tcp/12305");
+        assert!(matches!(e.target, Some(ExplicitTarget::Addr(_))));
+        assert!(e.peer.is_none());
+        let id = PeerId::random();
+        let e = Explicit::parse(&format!("/ip4/10.0.0.1/tcp/12305/p2p/{id}"));
+        assert_eq!(e.peer, Some(id));
+        let e = Explicit::parse("example.org:12305");
+        assert!(matches!(e.target, Some(ExplicitTarget::HostPort(_))));
+        let e = Explicit::parse("[::1]:12305");
+        assert!(matches!(e.target, Some(ExplicitTarget::HostPort(_))));
+        assert!(Explicit::parse("nonsense").target.is_none());
+        assert!(Explicit::parse("/not/a/multiaddr").target.is_none());
+    }
+}
