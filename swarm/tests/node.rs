@@ -1,0 +1,425 @@
+//! In-process nodes on 127.0.0.1, each with its own state directory.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::PreSharedKey;
+use peerix_nix::StorePathHash;
+use peerix_swarm::node::{read_swarm_key, Discovery, Node, NodeConfig, NodeEvent};
+use peerix_swarm::{Multiaddr, PeerId};
+use tempfile::TempDir;
+use tokio::sync::broadcast::error::RecvError;
+
+/// A bound on every wait, so a broken test fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn config(dir: &Path) -> NodeConfig {
+    let mut c = NodeConfig::new(dir);
+    c.listen = vec![
+        "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap(),
+    ];
+    c.mdns = false;
+    c
+}
+
+async fn start(dir: &TempDir, tweak: impl FnOnce(&mut NodeConfig)) -> Node {
+    let mut c = config(dir.path());
+    tweak(&mut c);
+    Node::start(c).await.expect("node starts")
+}
+
+fn tcp_addr(node: &Node) -> Multiaddr {
+    node.listen_addrs()
+        .into_iter()
+        .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+        .expect("a TCP listen address")
+}
+
+fn tcp_port(node: &Node) -> u16 {
+    tcp_addr(node)
+        .iter()
+        .find_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// Waits until `node` reports `peer` connected; race-free because it subscribes before
+/// looking at the current state.
+async fn wait_connected(node: &Node, peer: PeerId) {
+    let mut events = node.events();
+    if node.connected_peers().await.contains(&peer) {
+        return;
+    }
+    wait_event(&mut events, |e| *e == NodeEvent::PeerConnected(peer))
+        .await
+        .unwrap_or_else(|| panic!("{} never connected to {peer}", node.peer_id()));
+}
+
+async fn wait_event(
+    events: &mut tokio::sync::broadcast::Receiver<NodeEvent>,
+    mut want: impl FnMut(&NodeEvent) -> bool,
+) -> Option<NodeEvent> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(e)) if want(&e) => return Some(e),
+            Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => continue,
+            Ok(Err(RecvError::Closed)) | Err(_) => return None,
+        }
+    }
+}
+
+/// Keys that look random enough for the DHT (splitmix64).
+fn keys(n: usize, seed: u64) -> Vec<StorePathHash> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (0..n)
+        .map(|_| {
+            let mut b = [0u8; 20];
+            b[..8].copy_from_slice(&next().to_le_bytes());
+            b[8..16].copy_from_slice(&next().to_le_bytes());
+            b[16..].copy_from_slice(&next().to_le_bytes()[..4]);
+            StorePathHash(b)
+        })
+        .collect()
+}
+
+/// Repeats a provider lookup until `want` shows up (announcements travel asynchronously).
+async fn find_provider(node: &Node, key: &StorePathHash, want: PeerId) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if node
+            .providers(key, Duration::from_secs(5))
+            .await
+            .contains(&want)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn identity_persists_across_restarts() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(&dir, |_| {}).await;
+    let id = node.peer_id();
+    assert!(!node.listen_addrs().is_empty());
+    node.shutdown().await;
+
+    let node = start(&dir, |_| {}).await;
+    assert_eq!(node.peer_id(), id);
+    node.shutdown().await;
+
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("identity.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let other = tempfile::tempdir().unwrap();
+    let node = start(&other, |_| {}).await;
+    assert_ne!(node.peer_id(), id);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn listen_addrs_resolve_port_zero_and_carry_the_peer_id() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(&dir, |_| {}).await;
+    let addrs = node.listen_addrs();
+    assert_eq!(addrs.len(), 2, "{addrs:?}");
+    for a in &addrs {
+        assert_eq!(a.iter().last(), Some(Protocol::P2p(node.peer_id())));
+        assert!(!a
+            .iter()
+            .any(|p| p == Protocol::Tcp(0) || p == Protocol::Udp(0)));
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn quic_dial_works() {
+    init_tracing();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&da, |_| {}).await;
+    let b = start(&db, |_| {}).await;
+    let quic = a
+        .listen_addrs()
+        .into_iter()
+        .find(|x| x.iter().any(|p| p == Protocol::QuicV1))
+        .unwrap();
+    b.dial(quic).await.expect("QUIC dial");
+    wait_connected(&a, b.peer_id()).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn explicit_peers_connect_by_multiaddr_and_host_port() {
+    init_tracing();
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&dirs[0], |_| {}).await;
+    let a_events = a.events();
+    let by_multiaddr = tcp_addr(&a).to_string();
+    let by_host_port = format!("127.0.0.1:{}", tcp_port(&a));
+    let b = start(&dirs[1], |c| c.peers = vec![by_multiaddr]).await;
+    let c = start(&dirs[2], |c| c.peers = vec![by_host_port]).await;
+    // Subscribed straight away: the dial has round trips to make before it can report.
+    let mut c_events = c.events();
+
+    wait_connected(&b, a.peer_id()).await;
+    wait_connected(&c, a.peer_id()).await;
+    wait_connected(&a, b.peer_id()).await;
+    wait_connected(&a, c.peer_id()).await;
+    drop(a_events);
+
+    // C only had "host:port", yet learnt who is there.
+    let found = wait_event(&mut c_events, |e| {
+        *e == NodeEvent::Discovered {
+            peer: a.peer_id(),
+            via: Discovery::Explicit,
+        }
+    })
+    .await;
+    assert!(found.is_some(), "C reports A as an explicit discovery");
+
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn explicit_peers_are_redialled_after_a_restart() {
+    init_tracing();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&da, |_| {}).await;
+    let port = tcp_port(&a);
+    let a_id = a.peer_id();
+    let b = start(&db, |c| c.peers = vec![format!("127.0.0.1:{port}")]).await;
+    wait_connected(&b, a_id).await;
+
+    let mut events = b.events();
+    a.shutdown().await;
+    assert!(
+        wait_event(&mut events, |e| *e == NodeEvent::PeerDisconnected(a_id))
+            .await
+            .is_some(),
+        "B notices A going away"
+    );
+    let a = start(&da, |c| {
+        c.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()]
+    })
+    .await;
+    assert_eq!(a.peer_id(), a_id);
+    assert!(
+        wait_event(&mut events, |e| *e == NodeEvent::PeerConnected(a_id))
+            .await
+            .is_some(),
+        "B redials A"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn dht_finds_a_provider_never_introduced() {
+    init_tracing();
+    let dirs: Vec<TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&dirs[0], |_| {}).await;
+    let bootstrap = tcp_addr(&a).to_string();
+    let mut others = Vec::new();
+    for d in &dirs[1..] {
+        others.push(start(d, |c| c.peers = vec![bootstrap.clone()]).await);
+    }
+    for n in &others {
+        wait_connected(n, a.peer_id()).await;
+    }
+    let (d, e) = (&others[2], &others[3]);
+    let k = keys(2, 7);
+    d.set_provided(k.clone());
+
+    assert!(
+        find_provider(e, &k[0], d.peer_id()).await,
+        "E finds D as a provider of h1"
+    );
+    e.connect(d.peer_id()).await.expect("E connects to D");
+    assert!(e.connected_peers().await.contains(&d.peer_id()));
+    assert!(find_provider(e, &k[1], d.peer_id()).await);
+
+    // A key nobody provides yields nobody, and promptly once the lookup ends.
+    let nobody = keys(1, 99)[0];
+    assert!(e
+        .providers(&nobody, Duration::from_secs(10))
+        .await
+        .is_empty());
+
+    // Dropped keys stop being served by D itself.
+    d.set_provided(vec![k[1]]);
+    assert!(
+        !d.providers(&k[0], Duration::from_secs(2))
+            .await
+            .contains(&d.peer_id()),
+        "a node does not list itself"
+    );
+
+    a.shutdown().await;
+    for n in others {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn providing_a_hundred_thousand_paths() {
+    init_tracing();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&da, |_| {}).await;
+    let b = start(&db, |c| c.peers = vec![tcp_addr(&a).to_string()]).await;
+    wait_connected(&b, a.peer_id()).await;
+
+    let k = keys(100_000, 1);
+    a.set_provided(k.clone());
+    // Well past kad's default limit of 1,024 provided keys.
+    for i in [0, 1_024, 50_000, 99_999] {
+        assert!(
+            find_provider(&b, &k[i], a.peer_id()).await,
+            "key {i} is found"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+fn psk(byte: u8) -> PreSharedKey {
+    PreSharedKey::new([byte; 32])
+}
+
+#[tokio::test]
+async fn swarm_key_file_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("swarm.key");
+    let key = PreSharedKey::new([0x5a; 32]);
+    std::fs::write(&path, key.to_key_file()).unwrap();
+    assert_eq!(
+        read_swarm_key(&path).unwrap().fingerprint().to_string(),
+        key.fingerprint().to_string()
+    );
+    std::fs::write(&path, "/key/swarm/psk/1.0.0/\n/base16/\nnothex\n").unwrap();
+    assert!(read_swarm_key(&path).is_err());
+    assert!(read_swarm_key(&dir.path().join("missing")).is_err());
+}
+
+#[tokio::test]
+async fn private_swarm_keeps_outsiders_out() {
+    init_tracing();
+    let dirs: Vec<TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&dirs[0], |c| c.swarm_key = Some(psk(1))).await;
+    // QUIC cannot be protected by pnet, so a private node does not offer it.
+    assert!(a
+        .listen_addrs()
+        .iter()
+        .all(|x| !x.iter().any(|p| p == Protocol::QuicV1)));
+    let b = start(&dirs[1], |c| c.swarm_key = Some(psk(1))).await;
+    let c = start(&dirs[2], |c| c.swarm_key = Some(psk(2))).await;
+    let d = start(&dirs[3], |_| {}).await;
+
+    b.dial(tcp_addr(&a)).await.expect("same key connects");
+    wait_connected(&a, b.peer_id()).await;
+
+    let wrong = tokio::time::timeout(WAIT, c.dial(tcp_addr(&a))).await;
+    assert!(
+        matches!(wrong, Ok(Err(_))),
+        "wrong key must fail: {wrong:?}"
+    );
+    let none = tokio::time::timeout(WAIT, d.dial(tcp_addr(&a))).await;
+    assert!(matches!(none, Ok(Err(_))), "no key must fail: {none:?}");
+    // Nor can the private node reach out to them.
+    let out = tokio::time::timeout(WAIT, a.dial(tcp_addr(&d))).await;
+    assert!(matches!(out, Ok(Err(_))), "{out:?}");
+
+    let peers: HashSet<_> = a.connected_peers().await.into_iter().collect();
+    assert_eq!(peers, HashSet::from([b.peer_id()]));
+    for n in [a, b, c, d] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn allow_list_refuses_everyone_else() {
+    init_tracing();
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let b = start(&dirs[1], |_| {}).await;
+    let c = start(&dirs[2], |_| {}).await;
+    let a = start(&dirs[0], |cfg| {
+        cfg.allowed_peers = Some(HashSet::from([b.peer_id()]))
+    })
+    .await;
+
+    b.dial(tcp_addr(&a)).await.expect("allowed peer connects");
+    let refused = tokio::time::timeout(WAIT, c.dial(tcp_addr(&a))).await;
+    assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+    // Outbound too: A does not reach out to peers outside its list.
+    let out = tokio::time::timeout(WAIT, a.dial(tcp_addr(&c))).await;
+    assert!(matches!(out, Ok(Err(_))), "{out:?}");
+
+    assert_eq!(a.connected_peers().await, vec![b.peer_id()]);
+    assert!(!c.connected_peers().await.contains(&a.peer_id()));
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn ban_disconnects_and_refuses() {
+    init_tracing();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&da, |_| {}).await;
+    let b = start(&db, |_| {}).await;
+    b.dial(tcp_addr(&a)).await.expect("connects before the ban");
+    wait_connected(&a, b.peer_id()).await;
+
+    let mut b_events = b.events();
+    a.ban(b.peer_id(), "sent a corrupt chunk").await;
+    assert!(
+        wait_event(&mut b_events, |e| *e
+            == NodeEvent::PeerDisconnected(a.peer_id()))
+        .await
+        .is_some(),
+        "B is disconnected"
+    );
+    let redial = tokio::time::timeout(WAIT, b.dial(tcp_addr(&a))).await;
+    assert!(matches!(redial, Ok(Err(_))), "{redial:?}");
+    assert!(!a.connected_peers().await.contains(&b.peer_id()));
+    let quic = a
+        .listen_addrs()
+        .into_iter()
+        .find(|x| x.iter().any(|p| p == Protocol::QuicV1))
+        .unwrap();
+    let redial = tokio::time::timeout(WAIT, b.dial(quic)).await;
+    assert!(matches!(redial, Ok(Err(_))), "over QUIC too: {redial:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
