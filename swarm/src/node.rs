@@ -524,6 +524,53 @@ fn is_quic(addr: &Multiaddr) -> bool {
         .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
 }
 
+/// TCP dialling from a fresh port rather than the listen port.
+///
+/// With the listen port reused, two nodes that find each other at the same moment (mDNS
+/// answers reach both at once) dial each other from and to the same port pair: TCP turns that
+/// into one simultaneous-open connection on which both sides are the initiator, and the
+/// handshake fails on both. Reuse only helps NAT hole punching, which peerix does not do.
+struct FreshPortTcp(libp2p::tcp::tokio::Transport);
+
+impl Transport for FreshPortTcp {
+    type Output = <libp2p::tcp::tokio::Transport as Transport>::Output;
+    type Error = <libp2p::tcp::tokio::Transport as Transport>::Error;
+    type ListenerUpgrade = <libp2p::tcp::tokio::Transport as Transport>::ListenerUpgrade;
+    type Dial = <libp2p::tcp::tokio::Transport as Transport>::Dial;
+
+    fn listen_on(
+        &mut self,
+        id: libp2p::core::transport::ListenerId,
+        addr: Multiaddr,
+    ) -> Result<(), libp2p::core::transport::TransportError<Self::Error>> {
+        self.0.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: libp2p::core::transport::ListenerId) -> bool {
+        self.0.remove_listener(id)
+    }
+
+    fn dial(
+        &mut self,
+        addr: Multiaddr,
+        opts: libp2p::core::transport::DialOpts,
+    ) -> Result<Self::Dial, libp2p::core::transport::TransportError<Self::Error>> {
+        let opts = libp2p::core::transport::DialOpts {
+            port_use: libp2p::core::transport::PortUse::New,
+            ..opts
+        };
+        self.0.dial(addr, opts)
+    }
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<libp2p::core::transport::TransportEvent<Self::ListenerUpgrade, Self::Error>>
+    {
+        std::pin::Pin::new(&mut self.get_mut().0).poll(cx)
+    }
+}
+
 fn build_transport(
     key: &Keypair,
     psk: Option<PreSharedKey>,
@@ -534,7 +581,7 @@ fn build_transport(
     // which is what lets one stream carry hundreds of MB/s.
     let yamux = libp2p::yamux::Config::default();
     let tcp = match psk {
-        Some(psk) => libp2p::tcp::tokio::Transport::new(tcp_config)
+        Some(psk) => FreshPortTcp(libp2p::tcp::tokio::Transport::new(tcp_config))
             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
@@ -542,7 +589,7 @@ fn build_transport(
             .timeout(HANDSHAKE_TIMEOUT)
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
-        None => libp2p::tcp::tokio::Transport::new(tcp_config)
+        None => FreshPortTcp(libp2p::tcp::tokio::Transport::new(tcp_config))
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux)
@@ -1223,14 +1270,14 @@ impl EventLoop {
                     tracing::debug!(error = %e, "provider lookup ended");
                     self.provider_queries.remove(&id);
                 }
-                kad::QueryResult::StartProviding(result) => {
-                    if step.last && self.announcing.remove(&id).is_some() {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "announcement incomplete");
-                        }
-                        self.pacer.done();
-                        self.pump_announcements(Instant::now());
+                kad::QueryResult::StartProviding(result)
+                    if step.last && self.announcing.remove(&id).is_some() =>
+                {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "announcement incomplete");
                     }
+                    self.pacer.done();
+                    self.pump_announcements(Instant::now());
                 }
                 kad::QueryResult::Bootstrap(Err(e)) => {
                     tracing::debug!(error = %e, "bootstrap incomplete");
@@ -1239,13 +1286,11 @@ impl EventLoop {
             },
             kad::Event::RoutingUpdated {
                 peer, is_new_peer, ..
-            } => {
-                if is_new_peer && !self.swarm.is_connected(&peer) {
-                    self.emit(NodeEvent::Discovered {
-                        peer,
-                        via: Discovery::Kad,
-                    });
-                }
+            } if is_new_peer && !self.swarm.is_connected(&peer) => {
+                self.emit(NodeEvent::Discovered {
+                    peer,
+                    via: Discovery::Kad,
+                });
             }
             _ => {}
         }
