@@ -38,6 +38,12 @@ use tokio::time::Instant;
 /// keeps IPFS nodes out of ours.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peerix/kad/1.0.0");
 
+/// An idle stream on this protocol holds a connection to an explicit peer open: they are
+/// there because nothing else finds them, and letting the connection idle out would only have
+/// us redial a minute later, over and over. Both ends hold the stream, since either end
+/// closes a connection it considers idle.
+const KEEPALIVE_PROTOCOL: StreamProtocol = StreamProtocol::new("/peerix/keepalive/1");
+
 /// Sent in identify; a peer announcing anything else is not a peerix node.
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/peerix/1.0.0";
 
@@ -140,6 +146,8 @@ pub struct NodeConfig {
     pub provide_min_rate: u32,
     /// Announcement queries in flight at once.
     pub provide_in_flight: usize,
+    /// How long a connection without open streams stays up.
+    pub idle_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -162,6 +170,7 @@ impl NodeConfig {
             provide_interval: Duration::from_secs(15 * 60),
             provide_min_rate: 10,
             provide_in_flight: 8,
+            idle_timeout: IDLE_CONNECTION_TIMEOUT,
         }
     }
 }
@@ -306,6 +315,15 @@ impl Node {
 
         let mut swarm = build_swarm(keypair, &cfg)?;
         let control = swarm.behaviour().stream.new_control();
+        let keepalive_acceptor = match control.clone().accept(KEEPALIVE_PROTOCOL) {
+            Ok(mut incoming) => tokio::spawn(async move {
+                while let Some((peer, stream)) = incoming.next().await {
+                    tracing::trace!(%peer, "holding a connection open for the peer");
+                    tokio::spawn(hold_stream(stream));
+                }
+            }),
+            Err(e) => return Err(NodeError::Transport(e.to_string())),
+        };
 
         let mut pending = HashSet::new();
         let mut errors = Vec::new();
@@ -378,6 +396,8 @@ impl Node {
             pacer,
             announcing: HashMap::new(),
             last_bootstrap: None,
+            control: control.clone(),
+            keepalive_acceptor,
         };
         let task = tokio::spawn(event_loop.run());
         Ok(Node {
@@ -519,6 +539,18 @@ impl Node {
     }
 }
 
+/// Keeps a keep-alive stream open until the other end or the connection goes away.
+async fn hold_stream(mut stream: libp2p::Stream) {
+    use futures::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    // Nothing is ever sent; any bytes are ignored.
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 fn is_quic(addr: &Multiaddr) -> bool {
     addr.iter()
         .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
@@ -613,6 +645,7 @@ fn build_swarm(keypair: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>, N
     let allowed = cfg.allowed_peers.clone();
     let kad_server = cfg.kad_server;
     let provide_interval = cfg.provide_interval;
+    let idle_timeout = cfg.idle_timeout;
 
     let mdns = if mdns_on {
         Some(
@@ -669,7 +702,7 @@ fn build_swarm(keypair: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>, N
             }
         })
         .map_err(|e| NodeError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
         .build();
     Ok(swarm)
 }
@@ -860,6 +893,8 @@ struct EventLoop {
     /// Announcement queries in flight.
     announcing: HashMap<QueryId, StorePathHash>,
     last_bootstrap: Option<Instant>,
+    control: libp2p_stream::Control,
+    keepalive_acceptor: tokio::task::JoinHandle<()>,
 }
 
 struct ProviderQuery {
@@ -889,6 +924,8 @@ impl EventLoop {
                 _ = tick.tick() => self.on_tick(),
             }
         }
+        // The acceptor would otherwise live as long as any `Control` clone.
+        self.keepalive_acceptor.abort();
         tracing::debug!(peer = %self.local, "node stopped");
     }
 
@@ -1177,6 +1214,7 @@ impl EventLoop {
             let _ = w.send(Ok(()));
         }
         let now = Instant::now();
+        let mut keep = Vec::new();
         for e in &mut self.explicit {
             let ours = match &e.state {
                 ExplicitState::Dialing(conns) => conns.contains(&connection_id),
@@ -1184,6 +1222,7 @@ impl EventLoop {
                 _ => false,
             };
             if ours {
+                keep.push(peer);
                 e.peer = Some(peer);
                 e.state = ExplicitState::Connected;
                 let _ = self.events.send(NodeEvent::Discovered {
@@ -1191,6 +1230,9 @@ impl EventLoop {
                     via: Discovery::Explicit,
                 });
             }
+        }
+        for p in keep {
+            self.hold_open(p);
         }
         if self.confirmed.insert(peer) {
             self.connected_since.insert(peer, now);
@@ -1205,6 +1247,16 @@ impl EventLoop {
         }
         // New peers mean keys waiting for someone to announce to.
         self.pump_announcements(now);
+    }
+
+    fn hold_open(&mut self, peer: PeerId) {
+        let mut control = self.control.clone();
+        tokio::spawn(async move {
+            match control.open_stream(peer, KEEPALIVE_PROTOCOL).await {
+                Ok(stream) => hold_stream(stream).await,
+                Err(e) => tracing::debug!(%peer, error = %e, "cannot hold the connection open"),
+            }
+        });
     }
 
     fn maybe_bootstrap(&mut self) {

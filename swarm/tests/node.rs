@@ -649,3 +649,41 @@ async fn mdns_discovers_peers_across_network_namespaces() {
         ),
     }
 }
+
+#[tokio::test]
+async fn explicit_connections_outlive_the_idle_timeout() {
+    init_tracing();
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let short = |c: &mut NodeConfig| c.idle_timeout = Duration::from_millis(500);
+    let a = start(&dirs[0], short).await;
+    let b = start(&dirs[1], |c| {
+        short(c);
+        c.peers = vec![tcp_addr(&a).to_string()];
+    })
+    .await;
+    let c = start(&dirs[2], short).await;
+    wait_connected(&b, a.peer_id()).await;
+    let mut b_events = b.events();
+    let mut c_events = c.events();
+    c.dial(tcp_addr(&a)).await.unwrap();
+
+    // C's connection to A, an ordinary one, idles out, twice over: by then any connection of
+    // B's without a keep-alive has been idle longer than the timeout too.
+    for round in 0..2 {
+        if round > 0 {
+            c.dial(tcp_addr(&a)).await.unwrap();
+        }
+        assert!(wait_event(&mut c_events, |e| *e
+            == NodeEvent::PeerDisconnected(a.peer_id()))
+        .await
+        .is_some());
+    }
+    // ...while B's, to a peer it was told about, stays up all that time.
+    assert!(b.connected_peers().await.contains(&a.peer_id()));
+    while let Ok(e) = b_events.try_recv() {
+        assert_ne!(e, NodeEvent::PeerDisconnected(a.peer_id()));
+    }
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
