@@ -1057,7 +1057,10 @@ impl EventLoop {
                 b.kad.remove_peer(&peer);
                 let _ = reply.send(());
             }
-            Command::Shutdown(_) => unreachable!("handled in run"),
+            // `run` stops the loop before it gets here.
+            Command::Shutdown(reply) => {
+                let _ = reply.send(());
+            }
         }
     }
 

@@ -183,7 +183,6 @@ async fn explicit_peers_connect_by_multiaddr_and_host_port() {
     init_tracing();
     let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = start(&dirs[0], |_| {}).await;
-    let a_events = a.events();
     let by_multiaddr = tcp_addr(&a).to_string();
     let by_host_port = format!("127.0.0.1:{}", tcp_port(&a));
     let b = start(&dirs[1], |c| c.peers = vec![by_multiaddr]).await;
@@ -195,7 +194,6 @@ async fn explicit_peers_connect_by_multiaddr_and_host_port() {
     wait_connected(&c, a.peer_id()).await;
     wait_connected(&a, b.peer_id()).await;
     wait_connected(&a, c.peer_id()).await;
-    drop(a_events);
 
     // C only had "host:port", yet learnt who is there.
     let found = wait_event(&mut c_events, |e| {
