@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod download;
+pub mod lookup;
 pub mod node;
 pub mod protocol;
 pub mod server;
@@ -11,6 +12,8 @@ pub mod server;
 pub use client::{Client, ClientConfig, ClientError};
 pub use download::{download, DownloadConfig, DownloadError, DownloadReport};
 pub use libp2p::{Multiaddr, PeerId};
+pub use lookup::{Found, Lookup, PeerSource, TrustCheck};
+pub use node::{Node, NodeConfig, NodeError, NodeEvent};
 pub use server::{Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle};
 
 /// The peer protocol, versioned: a peer that speaks another version is simply not offered it.

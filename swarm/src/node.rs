@@ -123,6 +123,8 @@ pub enum NodeEvent {
         peer: PeerId,
         via: Discovery,
     },
+    /// An announcement of this store path reached the DHT (at least one peer took it).
+    Announced(StorePathHash),
 }
 
 #[derive(Debug, Clone)]
@@ -1328,8 +1330,13 @@ impl EventLoop {
                 kad::QueryResult::StartProviding(result)
                     if step.last && self.announcing.remove(&id).is_some() =>
                 {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "announcement incomplete");
+                    match result {
+                        Ok(kad::AddProviderOk { key }) => {
+                            if let Ok(h) = <[u8; 20]>::try_from(key.as_ref()) {
+                                self.emit(NodeEvent::Announced(StorePathHash(h)));
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "announcement incomplete"),
                     }
                     self.pacer.done();
                     self.pump_announcements(Instant::now());

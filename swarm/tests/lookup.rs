@@ -1,0 +1,253 @@
+//! Lookup across real nodes (discovery, Kademlia, the peer protocol, serving) on loopback.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use libp2p::PeerId;
+use peerix_chunkstore::{ChunkStore, Options};
+use peerix_nix::{NarInfo, PublicKey, SecretKey, Sha256Hash, StorePath, StorePathHash};
+use peerix_swarm::{
+    Catalog, Client, Lookup, Node, NodeConfig, NodeEvent, PeerSource, ServeLimits, Server,
+    TrustCheck,
+};
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What a peer shares; `gate`, when set, holds every answer until it is opened, so a test can
+/// decide which peer answers first.
+#[derive(Default)]
+struct TestCatalog {
+    items: HashMap<StorePathHash, NarInfo>,
+    gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    calls: AtomicUsize,
+}
+
+impl Catalog for TestCatalog {
+    fn lookup(&self, hash: &StorePathHash) -> Option<NarInfo> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(rx) = self.gate.lock().unwrap().take() {
+            let _ = rx.recv_timeout(WAIT);
+        }
+        self.items.get(hash).cloned()
+    }
+}
+
+/// Trusts signatures by `keys`; tells `on_reject` when it turned an answer down.
+struct SigTrust {
+    keys: Vec<PublicKey>,
+    on_reject: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl TrustCheck for SigTrust {
+    fn check<'a>(&'a self, info: &'a NarInfo) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let ok = info.verified_by(&self.keys).is_some();
+            if !ok {
+                if let Some(tx) = self.on_reject.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+            }
+            ok
+        })
+    }
+}
+
+struct Peer {
+    node: Arc<Node>,
+    catalog: Arc<TestCatalog>,
+    _dir: TempDir,
+}
+
+async fn peer(catalog: TestCatalog, peers: Vec<String>, provide: Vec<StorePathHash>) -> Peer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = NodeConfig::new(dir.path().join("node"));
+    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    c.mdns = false;
+    c.peers = peers;
+    let node = Arc::new(Node::start(c).await.unwrap());
+    let store = ChunkStore::open(&dir.path().join("chunks"), Options::default()).unwrap();
+    let catalog = Arc::new(catalog);
+    let server = Server::new(store, catalog.clone(), ServeLimits::default());
+    tokio::spawn(server.run(node.stream_control()));
+    node.set_provided(provide);
+    Peer {
+        node,
+        catalog,
+        _dir: dir,
+    }
+}
+
+fn addr(p: &Peer) -> String {
+    p.node.listen_addrs()[0].to_string()
+}
+
+async fn wait_connected(node: &Node, n: usize) {
+    let mut ev = node.events();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while node.connected_peers().await.len() < n {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Ok(NodeEvent::PeerConnected(_))) | Ok(Err(_)) => {}
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("{} peers never connected", n),
+        }
+    }
+}
+
+fn path(n: u8) -> StorePath {
+    let h = peerix_nix::base32::encode(&Sha256Hash::digest(&[n]).0[..20]);
+    StorePath::from_base_name(&format!("{h}-lookup-{n}")).unwrap()
+}
+
+fn narinfo(p: &StorePath, key: &SecretKey) -> NarInfo {
+    let nar_hash = Sha256Hash::digest(p.base_name().as_bytes());
+    let mut n = NarInfo {
+        store_path: p.clone(),
+        url: Some(format!("nar/{}.nar", nar_hash.to_base32())),
+        compression: Some("none".into()),
+        file_hash: Some(nar_hash),
+        file_size: Some(1000),
+        nar_hash,
+        nar_size: 1000,
+        references: BTreeSet::new(),
+        deriver: None,
+        system: None,
+        sigs: BTreeSet::new(),
+        ca: None,
+    };
+    n.sign(key);
+    n
+}
+
+fn lookup(node: Arc<Node>, trust: SigTrust) -> Lookup {
+    let client = Client::new(node.stream_control());
+    Lookup::new(node, client, Arc::new(trust), Duration::from_secs(30))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fast_untrusted_peer_does_not_hide_a_trusted_one() {
+    let trusted = SecretKey::generate("trusted-1").unwrap();
+    let impostor = SecretKey::generate("impostor-1").unwrap();
+    let p = path(1);
+    let leecher = peer(TestCatalog::default(), vec![], vec![]).await;
+    let (open_gate, gate) = std::sync::mpsc::channel();
+    let slow_trusted = peer(
+        TestCatalog {
+            items: HashMap::from([(p.hash(), narinfo(&p, &trusted))]),
+            gate: Mutex::new(Some(gate)),
+            ..TestCatalog::default()
+        },
+        vec![addr(&leecher)],
+        vec![],
+    )
+    .await;
+    let fast_untrusted = peer(
+        TestCatalog {
+            items: HashMap::from([(p.hash(), narinfo(&p, &impostor))]),
+            ..TestCatalog::default()
+        },
+        vec![addr(&leecher)],
+        vec![],
+    )
+    .await;
+    wait_connected(&leecher.node, 2).await;
+    // The trusted peer answers only once the untrusted answer has been seen and refused.
+    let l = lookup(
+        leecher.node.clone(),
+        SigTrust {
+            keys: vec![trusted.public_key()],
+            on_reject: Mutex::new(Some(open_gate)),
+        },
+    );
+    let found = l.find(p.hash(), WAIT).await.expect("the trusted answer");
+    assert_eq!(found.peer, slow_trusted.node.peer_id());
+    assert_eq!(found.untrusted, vec![fast_untrusted.node.peer_id()]);
+    assert!(found.info.verified_by(&[trusted.public_key()]).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_miss_is_answered_and_then_remembered() {
+    let leecher = peer(TestCatalog::default(), vec![], vec![]).await;
+    let a = peer(TestCatalog::default(), vec![addr(&leecher)], vec![]).await;
+    let b = peer(TestCatalog::default(), vec![addr(&leecher)], vec![]).await;
+    wait_connected(&leecher.node, 2).await;
+    let l = lookup(
+        leecher.node.clone(),
+        SigTrust {
+            keys: vec![],
+            on_reject: Mutex::new(None),
+        },
+    );
+    let p = path(2);
+    assert!(l.find(p.hash(), Duration::from_secs(5)).await.is_none());
+    let asked = |x: &Peer| x.catalog.calls.load(Ordering::SeqCst);
+    assert_eq!(
+        (asked(&a), asked(&b)),
+        (1, 1),
+        "every connected peer was asked"
+    );
+    // Asked again at once: answered from the miss cache, no peer is bothered.
+    assert!(l.find(p.hash(), Duration::from_secs(5)).await.is_none());
+    assert_eq!((asked(&a), asked(&b)), (1, 1));
+    l.forget_miss(&p.hash());
+    assert!(l.find(p.hash(), Duration::from_secs(5)).await.is_none());
+    assert_eq!((asked(&a), asked(&b)), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_found_only_through_the_dht() {
+    let key = SecretKey::generate("trusted-1").unwrap();
+    let p = path(3);
+    let hub = peer(TestCatalog::default(), vec![], vec![]).await;
+    let holder = peer(
+        TestCatalog {
+            items: HashMap::from([(p.hash(), narinfo(&p, &key))]),
+            ..TestCatalog::default()
+        },
+        vec![addr(&hub)],
+        vec![],
+    )
+    .await;
+    let mut ev = holder.node.events();
+    holder.node.set_provided(vec![p.hash()]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Ok(NodeEvent::Announced(h))) if h == p.hash() => break,
+            Ok(_) => {}
+            Err(_) => panic!("the holder never announced the path"),
+        }
+    }
+    let other = peer(TestCatalog::default(), vec![addr(&hub)], vec![]).await;
+    let leecher = peer(TestCatalog::default(), vec![addr(&hub)], vec![]).await;
+    wait_connected(&hub.node, 3).await;
+    // The leecher may meet the holder through Kademlia's own walks; to be sure the answer comes
+    // through the DHT's provider records, this lookup sees no connected peers at all.
+    let client = Client::new(leecher.node.stream_control());
+    let l = Lookup::new(
+        Arc::new(DhtOnly(leecher.node.clone())),
+        client,
+        Arc::new(SigTrust {
+            keys: vec![key.public_key()],
+            on_reject: Mutex::new(None),
+        }),
+        Duration::from_secs(30),
+    );
+    let found = l.find(p.hash(), WAIT).await.expect("found through the DHT");
+    assert_eq!(found.peer, holder.node.peer_id());
+    assert_eq!(other.catalog.calls.load(Ordering::SeqCst), 0);
+}
+
+struct DhtOnly(Arc<Node>);
+
+impl PeerSource for DhtOnly {
+    fn connected(&self) -> BoxFuture<'_, Vec<PeerId>> {
+        Box::pin(async { vec![] })
+    }
+    fn providers(&self, key: StorePathHash, timeout: Duration) -> BoxFuture<'_, Vec<PeerId>> {
+        Box::pin(async move { self.0.providers(&key, timeout).await })
+    }
+}
