@@ -59,6 +59,7 @@ impl TrustCheck for SigTrust {
 struct Peer {
     node: Arc<Node>,
     catalog: Arc<TestCatalog>,
+    store: ChunkStore,
     _dir: TempDir,
 }
 
@@ -71,12 +72,13 @@ async fn peer(catalog: TestCatalog, peers: Vec<String>, provide: Vec<StorePathHa
     let node = Arc::new(Node::start(c).await.unwrap());
     let store = ChunkStore::open(&dir.path().join("chunks"), Options::default()).unwrap();
     let catalog = Arc::new(catalog);
-    let server = Server::new(store, catalog.clone(), ServeLimits::default());
+    let server = Server::new(store.clone(), catalog.clone(), ServeLimits::default());
     tokio::spawn(server.run(node.stream_control()));
     node.set_provided(provide);
     Peer {
         node,
         catalog,
+        store,
         _dir: dir,
     }
 }
@@ -224,6 +226,8 @@ async fn a_holder_found_only_through_the_dht() {
     let other = peer(TestCatalog::default(), vec![addr(&hub)], vec![]).await;
     let leecher = peer(TestCatalog::default(), vec![addr(&hub)], vec![]).await;
     wait_connected(&hub.node, 3).await;
+    // The leecher's own view: the hub identified, so in its routing table.
+    wait_connected(&leecher.node, 1).await;
     // The leecher may meet the holder through Kademlia's own walks; to be sure the answer comes
     // through the DHT's provider records, this lookup sees no connected peers at all.
     let client = Client::new(leecher.node.stream_control());
@@ -250,4 +254,104 @@ impl PeerSource for DhtOnly {
     fn providers(&self, key: StorePathHash, timeout: Duration) -> BoxFuture<'_, Vec<PeerId>> {
         Box::pin(async move { self.0.providers(&key, timeout).await })
     }
+}
+
+/// Deterministic incompressible bytes.
+fn nar_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_found_path_downloads_from_every_holder() {
+    let key = SecretKey::generate("trusted-1").unwrap();
+    let p = path(4);
+    let nar = nar_bytes(4, 12 << 20);
+    let nar_hash = Sha256Hash::digest(&nar);
+    let mut info = narinfo(&p, &key);
+    info.nar_hash = nar_hash;
+    info.file_hash = Some(nar_hash);
+    info.nar_size = nar.len() as u64;
+    info.file_size = Some(info.nar_size);
+    info.sigs.clear();
+    info.sign(&key);
+    let leecher = peer(TestCatalog::default(), vec![], vec![]).await;
+    let mut seeders = vec![];
+    for _ in 0..3 {
+        let s = peer(
+            TestCatalog {
+                items: HashMap::from([(p.hash(), info.clone())]),
+                ..TestCatalog::default()
+            },
+            vec![addr(&leecher)],
+            vec![],
+        )
+        .await;
+        let n = nar.clone();
+        let pp = p.clone();
+        s.store
+            .blocking(move |cs| cs.ingest_nar(n.as_slice(), Some(&pp), None, &mut |_| {}))
+            .await
+            .unwrap();
+        seeders.push(s);
+    }
+    wait_connected(&leecher.node, 3).await;
+    let l = lookup(
+        leecher.node.clone(),
+        SigTrust {
+            keys: vec![key.public_key()],
+            on_reject: Mutex::new(None),
+        },
+    );
+    let found = l.find(p.hash(), WAIT).await.expect("found");
+    let client = Client::new(leecher.node.stream_control());
+    let manifest = client
+        .manifest(found.peer, found.info.nar_hash)
+        .await
+        .unwrap()
+        .expect("the holder has the manifest");
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let collect = tokio::spawn(async move {
+        let mut v = Vec::new();
+        while let Some(b) = rx.recv().await {
+            v.extend_from_slice(&b);
+        }
+        v
+    });
+    let report = peerix_swarm::download(
+        client,
+        leecher.store.clone(),
+        manifest,
+        leecher.node.connected_peers().await,
+        peerix_swarm::DownloadConfig::default(),
+        tx,
+    )
+    .await
+    .unwrap();
+    assert!(collect.await.unwrap() == nar, "the NAR differs");
+    for s in &seeders {
+        let got = report
+            .bytes_per_peer
+            .get(&s.node.peer_id())
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            got > 0,
+            "a holder sent nothing: {:?}",
+            report.bytes_per_peer
+        );
+    }
+    // Downloaded chunks are at once the leecher's to serve.
+    let mut r = leecher.store.nar_reader(&nar_hash).unwrap();
+    let mut v = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut v).unwrap();
+    assert!(v == nar);
 }
