@@ -316,6 +316,15 @@ impl ChunkStore {
             .transpose()
     }
 
+    pub fn has_manifest(&self, nar_hash: &Sha256Hash) -> Result<bool> {
+        Ok(self.inner.manifests.contains_key(nar_hash.0)?)
+    }
+
+    /// True while a download of this NAR is in progress.
+    pub fn has_partial(&self, nar_hash: &Sha256Hash) -> Result<bool> {
+        Ok(self.inner.partial.contains_key(nar_hash.0)?)
+    }
+
     pub fn partial_manifest(&self, nar_hash: &Sha256Hash) -> Result<Option<Manifest>> {
         self.inner
             .partial

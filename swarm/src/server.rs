@@ -22,11 +22,18 @@ use crate::PROTOCOL;
 /// Decides what this node may share: the narinfo of a store path it offers to peers.
 pub trait Catalog: Send + Sync {
     fn lookup(&self, hash: &StorePathHash) -> Option<NarInfo>;
+    /// Whether the NAR with this hash belongs to a path this node shares. Manifests (and so
+    /// the chunk ids of a NAR) are only given out for those: a private path's NAR stays
+    /// private even from a peer that learned its NarHash.
+    fn shares_nar(&self, nar_hash: &Sha256Hash) -> bool;
 }
 
 impl Catalog for HashMap<StorePathHash, NarInfo> {
     fn lookup(&self, hash: &StorePathHash) -> Option<NarInfo> {
         self.get(hash).cloned()
+    }
+    fn shares_nar(&self, nar_hash: &Sha256Hash) -> bool {
+        self.values().any(|n| n.nar_hash == *nar_hash)
     }
 }
 
@@ -345,9 +352,16 @@ impl Server {
                 timed(wt, write_frame(s, kind::LOOKUP_REPLY, &body)).await?;
             }
             Request::Manifest(h) => {
+                let catalog = self.catalog.clone();
                 let m = self
                     .store
-                    .blocking(move |cs| cs.manifest(&h))
+                    .blocking(move |cs| {
+                        if catalog.shares_nar(&h) {
+                            cs.manifest(&h)
+                        } else {
+                            Ok(None)
+                        }
+                    })
                     .await
                     .map_err(|e| AnswerError::Store(e.to_string()))?;
                 let body = encode_manifest_reply(m.as_ref()).unwrap_or_else(|| {
@@ -357,9 +371,10 @@ impl Server {
                 timed(wt, write_frame(s, kind::MANIFEST_REPLY, &body)).await?;
             }
             Request::Have { chunks, nars } => {
+                let catalog = self.catalog.clone();
                 let reply = self
                     .store
-                    .blocking(move |cs| have(cs, &chunks, &nars))
+                    .blocking(move |cs| have(cs, &*catalog, &chunks, &nars))
                     .await
                     .map_err(|e| AnswerError::Store(e.to_string()))?;
                 timed(
@@ -411,6 +426,7 @@ impl Server {
 
 fn have(
     cs: &ChunkStore,
+    catalog: &dyn Catalog,
     chunks: &[ChunkId],
     nars: &[Sha256Hash],
 ) -> peerix_chunkstore::Result<HaveReply> {
@@ -419,9 +435,11 @@ fn have(
         r.chunks.push(cs.has_chunk(c)?);
     }
     for n in nars {
-        r.nars.push(if cs.manifest(n)?.is_some() {
+        r.nars.push(if !catalog.shares_nar(n) {
+            NarState::None
+        } else if cs.has_manifest(n)? {
             NarState::Complete
-        } else if cs.partial_manifest(n)?.is_some() {
+        } else if cs.has_partial(n)? {
             NarState::Partial
         } else {
             NarState::None

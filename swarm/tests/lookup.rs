@@ -34,6 +34,9 @@ impl Catalog for TestCatalog {
         }
         self.items.get(hash).cloned()
     }
+    fn shares_nar(&self, nar_hash: &Sha256Hash) -> bool {
+        self.items.values().any(|n| n.nar_hash == *nar_hash)
+    }
 }
 
 /// Trusts signatures by `keys`; tells `on_reject` when it turned an answer down.
@@ -354,4 +357,23 @@ async fn a_found_path_downloads_from_every_holder() {
     let mut v = Vec::new();
     std::io::Read::read_to_end(&mut r, &mut v).unwrap();
     assert!(v == nar);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nar_the_catalog_does_not_share_stays_private() {
+    let holder = peer(TestCatalog::default(), vec![], vec![]).await;
+    let asker = peer(TestCatalog::default(), vec![addr(&holder)], vec![]).await;
+    wait_connected(&asker.node, 1).await;
+    let nar = nar_bytes(9, 1 << 20);
+    let n = nar.clone();
+    let m = holder
+        .store
+        .blocking(move |cs| cs.ingest_nar(n.as_slice(), None, None, &mut |_| {}))
+        .await
+        .unwrap();
+    let client = Client::new(asker.node.stream_control());
+    let peer_id = holder.node.peer_id();
+    assert_eq!(client.manifest(peer_id, m.nar_hash).await.unwrap(), None);
+    let have = client.have(peer_id, &[], &[m.nar_hash]).await.unwrap();
+    assert_eq!(have.nars, vec![peerix_swarm::protocol::NarState::None]);
 }

@@ -28,7 +28,7 @@ async fn lookup_manifest_have_chunks_round_trip() {
         .lookup(a.peer, &[store_path(1).hash(), store_path(2).hash()])
         .await
         .unwrap();
-    assert_eq!(found, vec![info]);
+    assert_eq!(found, vec![info.clone()]);
 
     // Manifest.
     assert_eq!(
@@ -51,7 +51,8 @@ async fn lookup_manifest_have_chunks_round_trip() {
         .put_chunk(&m.chunks[0].id, &data[..m.chunks[0].len as usize])
         .unwrap();
     let mut bb = b;
-    bb.serve_default();
+    // A download in progress is offered for what the node shares: the path being fetched.
+    bb.serve(catalog(std::slice::from_ref(&info)), ServeLimits::default());
     a.connect(&bb).await;
     let r = a.client().have(bb.peer, &ids, &[m.nar_hash]).await.unwrap();
     assert_eq!(r.chunks, vec![true, false, false]);
@@ -118,7 +119,7 @@ async fn malformed_requests_are_counted_and_offenders_refused() {
     let evil = Node::new().await;
     let good = Node::new().await;
     let m = a.ingest(&nar_bytes(2, 1 << 20));
-    a.serve_default();
+    a.serve(catalog(&[narinfo(store_path(2), &m)]), ServeLimits::default());
     evil.connect(&a).await;
     good.connect(&a).await;
     let h = a.handle.clone().unwrap();
