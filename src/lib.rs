@@ -1,0 +1,5 @@
+//! The `peerix` daemon's parts: what a node shares with peers, what it accepts from them, and
+//! the substituter that Nix talks to.
+
+pub mod share;
+pub mod trust;
