@@ -1,0 +1,263 @@
+# The NixOS module: `services.peerix`. The options of the earlier peerix modules keep their
+# names and meaning; each option maps to a `peerix serve` flag (tests/flake.rs holds them
+# against `peerix serve --help`).
+self:
+{ config, lib, pkgs, ... }:
+
+let
+  cfg = config.services.peerix;
+  inherit (lib) mkOption mkEnableOption mkIf types optional optionals concatMap;
+
+  withPort = host: if lib.hasInfix ":" host then host else "${host}:${toString cfg.p2pPort}";
+
+  settingsFile = (pkgs.formats.toml { }).generate "peerix.toml" cfg.settings;
+
+  args =
+    [ "serve" "--listen" "127.0.0.1:${toString cfg.port}" ]
+    ++ [ "--p2p-listen" "/ip4/0.0.0.0/tcp/${toString cfg.p2pPort}" ]
+    ++ [ "--p2p-listen" "/ip4/0.0.0.0/udp/${toString cfg.p2pPort}/quic-v1" ]
+    ++ [ "--state-dir" cfg.stateDir ]
+    ++ [ "--priority" (toString cfg.priority) ]
+    ++ [ "--timeout" (toString cfg.timeout) ]
+    ++ [ "--scan-interval" (toString cfg.scanInterval) ]
+    ++ [ "--upstream-cache" (if cfg.upstreamCache == null then "none" else cfg.upstreamCache) ]
+    ++ optional cfg.disableBroadcast "--no-mdns"
+    ++ optional cfg.shareAll "--share-all"
+    ++ optionals (cfg.privateKeyFile != null) [ "--private-key" "%d/peerix.sec" ]
+    ++ optionals (cfg.swarmKeyFile != null) [ "--swarm-key" "%d/swarm.key" ]
+    ++ concatMap (h: [ "--peer" (withPort h) ]) cfg.extraHosts
+    ++ concatMap (k: [ "--trusted-key" k ]) cfg.trustedKeys
+    ++ concatMap (p: [ "--deny" p ]) cfg.deny
+    ++ optionals (cfg.settings != { }) [ "--config" "${settingsFile}" ];
+
+  ownPublicKeys =
+    optional (cfg.publicKey != null) cfg.publicKey
+    ++ optional (cfg.publicKeyFile != null) (lib.removeSuffix "\n" (builtins.readFile cfg.publicKeyFile));
+in
+{
+  options.services.peerix = {
+    enable = mkEnableOption "peerix, a peer-to-peer binary cache for Nix";
+
+    package = mkOption {
+      type = types.package;
+      default = self.packages.${pkgs.stdenv.hostPlatform.system}.peerix;
+      defaultText = lib.literalExpression "peerix.packages.\${system}.peerix";
+      description = "The peerix package to run.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Open the peer port (TCP and QUIC) and, unless broadcast is disabled, mDNS.";
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = "peerix";
+      description = "User the daemon runs as (created when left at the default).";
+    };
+
+    group = mkOption {
+      type = types.str;
+      default = "peerix";
+      description = "Group the daemon runs as (created when left at the default).";
+    };
+
+    privateKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = ''
+        Nix secret key (`nix-store --generate-binary-cache-key`) that peerix signs with: paths
+        signed by it are shared with peers, and what peerix hands the local Nix is re-signed
+        with it. Loaded as a systemd credential; never copied to the Nix store.
+      '';
+    };
+
+    publicKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "File with the public half of privateKeyFile, added to the local Nix's trusted keys.";
+    };
+
+    publicKey = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "host-1:MWaFkq1I…=";
+      description = "The public half of privateKeyFile, added to the local Nix's trusted keys.";
+    };
+
+    extraHosts = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "builder.lan" "10.0.0.7:12305" "/ip4/10.0.0.8/tcp/12305" ];
+      description = "Peers to connect to directly (host, host:port or multiaddr), for networks without broadcast such as VPNs.";
+    };
+
+    disableBroadcast = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Do not discover peers on the LAN (mDNS).";
+    };
+
+    priority = mkOption {
+      type = types.int;
+      default = 30;
+      description = "Binary-cache priority announced to Nix (lower wins; cache.nixos.org is 40).";
+    };
+
+    timeout = mkOption {
+      type = types.either types.int types.float;
+      default = 2;
+      description = "Seconds a lookup among peers may take before Nix is told the path is not here.";
+    };
+
+    upstreamCache = mkOption {
+      type = types.nullOr types.str;
+      default = "https://cache.nixos.org";
+      description = "Upstream cache whose NarHashes make a path public (shareable) and a peer's answer trustworthy; null to disable.";
+    };
+
+    scanInterval = mkOption {
+      type = types.ints.unsigned;
+      default = 600;
+      description = "Seconds between scans of the local store for paths to share.";
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 12304;
+      description = "Port of the Nix-side HTTP endpoint (always on 127.0.0.1).";
+    };
+
+    p2pPort = mkOption {
+      type = types.port;
+      default = 12305;
+      description = "Port peers connect to (TCP and QUIC).";
+    };
+
+    trustedKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "builder-1:4v0cQ…=" ];
+      description = "Public keys whose signatures are accepted from peers.";
+    };
+
+    seed = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "/run/current-system" ];
+      description = "Closures to pin and keep serving to peers (`peerix seed --closure-of`).";
+    };
+
+    swarmKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "Pre-shared key that makes a private swarm (TCP only); nodes without it cannot connect.";
+    };
+
+    shareAll = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Share every path in the store that no deny pattern matches, not only public, own-signed and pinned ones.";
+    };
+
+    deny = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "*-my-secret-config" ];
+      description = "Extra store-path name globs never shared (added to peerix's built-in list).";
+    };
+
+    stateDir = mkOption {
+      type = types.path;
+      default = "/var/lib/peerix";
+      description = "Where peerix keeps its identity and chunk store.";
+    };
+
+    settings = mkOption {
+      type = (pkgs.formats.toml { }).type;
+      default = { };
+      description = "Extra settings written to peerix's TOML config file (keys as the flags, without the dashes).";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    users.users = mkIf (cfg.user == "peerix") {
+      peerix = {
+        isSystemUser = true;
+        group = cfg.group;
+        home = cfg.stateDir;
+      };
+    };
+    users.groups = mkIf (cfg.group == "peerix") { peerix = { }; };
+
+    systemd.services.peerix = {
+      description = "peerix, a peer-to-peer binary cache for Nix";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      serviceConfig = {
+        ExecStart = lib.escapeShellArgs ([ (lib.getExe cfg.package) ] ++ args);
+        User = cfg.user;
+        Group = cfg.group;
+        Restart = "on-failure";
+        RestartSec = 5;
+        StateDirectory = mkIf (cfg.stateDir == "/var/lib/peerix") "peerix";
+        StateDirectoryMode = "0700";
+        LoadCredential =
+          optional (cfg.privateKeyFile != null) "peerix.sec:${cfg.privateKeyFile}"
+          ++ optional (cfg.swarmKeyFile != null) "swarm.key:${cfg.swarmKeyFile}";
+        # The store is read, never written.
+        ReadOnlyPaths = [ "/nix/store" "/nix/var/nix/db" ];
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        # Netlink: interface discovery for mDNS and listening on all addresses.
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
+        SystemCallArchitectures = "native";
+        CapabilityBoundingSet = "";
+      };
+    };
+
+    systemd.services.peerix-seed = mkIf (cfg.seed != [ ]) {
+      description = "Pin closures for peerix to keep serving";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "peerix.service" ];
+      requires = [ "peerix.service" ];
+      serviceConfig = {
+        Type = "oneshot";
+        User = cfg.user;
+        Group = cfg.group;
+        ExecStart = lib.escapeShellArgs ([ (lib.getExe cfg.package) "seed" "--state-dir" cfg.stateDir ]
+          ++ concatMap (p: [ "--closure-of" p ]) cfg.seed);
+      };
+    };
+
+    nix.settings = {
+      extra-substituters = [ "http://127.0.0.1:${toString cfg.port}" ];
+      extra-trusted-public-keys = ownPublicKeys ++ cfg.trustedKeys;
+      # A peer that is gone must not stall Nix: fail fast, then use the next substituter.
+      connect-timeout = lib.mkDefault 5;
+      fallback = lib.mkDefault true;
+      # A path a peer did not have a minute ago may be there now.
+      narinfo-cache-negative-ttl = lib.mkDefault 60;
+    };
+
+    networking.firewall = mkIf cfg.openFirewall {
+      allowedTCPPorts = [ cfg.p2pPort ];
+      allowedUDPPorts = [ cfg.p2pPort ] ++ optional (!cfg.disableBroadcast) 5353;
+    };
+  };
+}
