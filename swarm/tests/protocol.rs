@@ -119,7 +119,10 @@ async fn malformed_requests_are_counted_and_offenders_refused() {
     let evil = Node::new().await;
     let good = Node::new().await;
     let m = a.ingest(&nar_bytes(2, 1 << 20));
-    a.serve(catalog(&[narinfo(store_path(2), &m)]), ServeLimits::default());
+    a.serve(
+        catalog(&[narinfo(store_path(2), &m)]),
+        ServeLimits::default(),
+    );
     evil.connect(&a).await;
     good.connect(&a).await;
     let h = a.handle.clone().unwrap();
