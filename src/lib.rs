@@ -1,5 +1,7 @@
 //! The `peerix` daemon's parts: what a node shares with peers, what it accepts from them, and
 //! the substituter that Nix talks to.
 
+pub mod config;
+pub mod serve;
 pub mod share;
 pub mod trust;

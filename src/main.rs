@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Run the daemon: a Nix substituter on HTTP, backed by the local store and the peers.
+    Serve {
+        #[command(flatten)]
+        args: Box<peerix::config::ServeArgs>,
+    },
     /// Print the narinfo peerix would serve for a path in the local store.
     Narinfo {
         /// A store path (`/nix/store/<hash>-<name>`, or a path inside one).
@@ -56,8 +61,7 @@ enum Command {
     },
 }
 
-/// Where the daemon keeps its state (chunk store, identity) unless told otherwise.
-const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
+use peerix::config::DEFAULT_STATE_DIR;
 
 #[derive(Subcommand)]
 enum StoreCommand {
@@ -123,7 +127,17 @@ fn main() -> Result<()> {
             sign,
         } => narinfo(&store_path, &store, sign.as_deref()),
         Command::Store { args, command } => store::run(&args.state_dir, &args.store, command),
+        Command::Serve { args } => serve(*args),
     }
+}
+
+fn serve(args: peerix::config::ServeArgs) -> Result<()> {
+    let cfg = peerix::config::ServeConfig::resolve(args)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(peerix::serve::run(cfg))
 }
 
 fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> Result<()> {

@@ -1,0 +1,264 @@
+//! `peerix serve`'s settings: a TOML file (`--config`) and flags; a flag overrides the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use peerix_nix::PublicKey;
+use peerix_swarm::Multiaddr;
+use serde::Deserialize;
+
+use crate::share::DEFAULT_DENY;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:12304";
+pub const DEFAULT_P2P_LISTEN: &[&str] =
+    &["/ip4/0.0.0.0/tcp/12305", "/ip4/0.0.0.0/udp/12305/quic-v1"];
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
+pub const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
+/// Nix asks substituters in priority order, lower first; cache.nixos.org says 40, so peers
+/// are asked before it.
+pub const DEFAULT_PRIORITY: u32 = 30;
+pub const DEFAULT_TIMEOUT_SECS: f64 = 2.0;
+pub const DEFAULT_SCAN_INTERVAL_SECS: f64 = 600.0;
+
+/// `peerix serve`'s flags. Every one may also be set in the `--config` file (same names, as
+/// TOML keys; lists as arrays).
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (keys named like the flags); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where Nix reaches peerix (HTTP) [default: 127.0.0.1:12304].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// libp2p listen multiaddrs [default: /ip4/0.0.0.0/tcp/12305 /ip4/0.0.0.0/udp/12305/quic-v1].
+    #[arg(long = "p2p-listen", value_name = "MULTIADDR", num_args = 1..)]
+    pub p2p_listen: Vec<String>,
+    /// Explicit peers to connect to: multiaddr or host:port (repeatable).
+    #[arg(long = "peer", value_name = "ADDR", num_args = 1..)]
+    pub peers: Vec<String>,
+    /// Do not discover peers on the LAN with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Root of the local Nix store: `/`, or a chroot store's root [default: /].
+    #[arg(long, value_name = "ROOT")]
+    pub store: Option<PathBuf>,
+    /// State directory: chunk store and p2p identity [default: /var/lib/peerix].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Nix secret key: sign what is handed to Nix and mark own-signed paths as shared.
+    #[arg(long, value_name = "FILE")]
+    pub private_key: Option<PathBuf>,
+    /// Accept peers' paths signed by this Nix public key, `name:base64` (repeatable).
+    #[arg(long = "trusted-key", value_name = "KEY", num_args = 1..)]
+    pub trusted_keys: Vec<String>,
+    /// Upstream cache whose NarHashes make paths public and trusted; `none` turns it off
+    /// [default: https://cache.nixos.org].
+    #[arg(long, value_name = "URL")]
+    pub upstream_cache: Option<String>,
+    /// Priority announced to Nix in nix-cache-info; lower is asked first [default: 30].
+    #[arg(long, value_name = "N")]
+    pub priority: Option<u32>,
+    /// Seconds a lookup may take before Nix gets a 404 (fractions allowed) [default: 2].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Private swarm key file (`/key/swarm/psk/1.0.0/`); only peers with it can connect.
+    #[arg(long, value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
+    /// Seconds between scans of the local store for paths to share [default: 600].
+    #[arg(long, value_name = "SECS")]
+    pub scan_interval: Option<f64>,
+    /// Share every path not denied, not only public, own-signed and pinned ones.
+    #[arg(long)]
+    pub share_all: bool,
+    /// Extra glob over store-path names never shared, added to the built-in list (repeatable).
+    #[arg(long, value_name = "PATTERN", num_args = 1..)]
+    pub deny: Vec<String>,
+}
+
+/// The `--config` file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub p2p_listen: Option<Vec<String>>,
+    #[serde(alias = "peer")]
+    pub peers: Option<Vec<String>>,
+    pub mdns: Option<bool>,
+    pub store: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    #[serde(alias = "trusted-key")]
+    pub trusted_keys: Option<Vec<String>>,
+    pub upstream_cache: Option<String>,
+    pub priority: Option<u32>,
+    pub timeout: Option<f64>,
+    pub swarm_key: Option<PathBuf>,
+    pub scan_interval: Option<f64>,
+    pub share_all: Option<bool>,
+    pub deny: Option<Vec<String>>,
+}
+
+/// Everything resolved.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub p2p_listen: Vec<Multiaddr>,
+    pub peers: Vec<String>,
+    pub mdns: bool,
+    pub store: PathBuf,
+    pub state_dir: PathBuf,
+    pub private_key: Option<PathBuf>,
+    pub trusted_keys: Vec<PublicKey>,
+    pub upstream_cache: Option<String>,
+    pub priority: u32,
+    pub timeout: Duration,
+    pub swarm_key: Option<PathBuf>,
+    pub scan_interval: Duration,
+    pub share_all: bool,
+    /// DEFAULT_DENY plus the configured extras.
+    pub deny: Vec<String>,
+}
+
+fn secs(what: &str, v: f64) -> Result<Duration> {
+    if !v.is_finite() || v <= 0.0 || v > 1e9 {
+        bail!("{what} must be a positive number of seconds, not {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn nonempty(v: Vec<String>) -> Option<Vec<String>> {
+    (!v.is_empty()).then_some(v)
+}
+
+impl FileConfig {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+    }
+}
+
+impl ServeConfig {
+    pub fn resolve(args: ServeArgs) -> Result<Self> {
+        let file = match &args.config {
+            Some(p) => FileConfig::read(p)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Self> {
+        let listen_s = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen_s
+            .parse()
+            .with_context(|| format!("--listen {listen_s} is not an IP:port"))?;
+        let p2p_listen = nonempty(args.p2p_listen)
+            .or(file.p2p_listen)
+            .unwrap_or_else(|| DEFAULT_P2P_LISTEN.iter().map(|s| s.to_string()).collect())
+            .iter()
+            .map(|s| {
+                s.parse::<Multiaddr>()
+                    .with_context(|| format!("--p2p-listen {s} is not a multiaddr"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let trusted_keys = nonempty(args.trusted_keys)
+            .or(file.trusted_keys)
+            .unwrap_or_default()
+            .iter()
+            .map(|k| {
+                k.trim()
+                    .parse::<PublicKey>()
+                    .with_context(|| format!("--trusted-key {k} is not a Nix public key"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let upstream = args
+            .upstream_cache
+            .or(file.upstream_cache)
+            .unwrap_or_else(|| DEFAULT_UPSTREAM.into());
+        let upstream_cache = (upstream != "none" && !upstream.is_empty()).then_some(upstream);
+        let mut deny: Vec<String> = DEFAULT_DENY.iter().map(|s| s.to_string()).collect();
+        deny.extend(nonempty(args.deny).or(file.deny).unwrap_or_default());
+        Ok(ServeConfig {
+            listen,
+            p2p_listen,
+            peers: nonempty(args.peers).or(file.peers).unwrap_or_default(),
+            mdns: if args.no_mdns {
+                false
+            } else {
+                file.mdns.unwrap_or(true)
+            },
+            store: args.store.or(file.store).unwrap_or_else(|| "/".into()),
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            private_key: args.private_key.or(file.private_key),
+            trusted_keys,
+            upstream_cache,
+            priority: args.priority.or(file.priority).unwrap_or(DEFAULT_PRIORITY),
+            timeout: secs(
+                "--timeout",
+                args.timeout
+                    .or(file.timeout)
+                    .unwrap_or(DEFAULT_TIMEOUT_SECS),
+            )?,
+            swarm_key: args.swarm_key.or(file.swarm_key),
+            scan_interval: secs(
+                "--scan-interval",
+                args.scan_interval
+                    .or(file.scan_interval)
+                    .unwrap_or(DEFAULT_SCAN_INTERVAL_SECS),
+            )?,
+            share_all: args.share_all || file.share_all.unwrap_or(false),
+            deny,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\npriority = 50\ntimeout = 0.5\nmdns = false\n\
+             peers = [\"10.0.0.1:12305\"]\ndeny = [\"*-private\"]\nupstream-cache = \"none\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            priority: Some(20),
+            ..ServeArgs::default()
+        };
+        let c = ServeConfig::merge(args, file).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.priority, 20);
+        assert_eq!(c.timeout, Duration::from_millis(500));
+        assert!(!c.mdns);
+        assert_eq!(c.peers, vec!["10.0.0.1:12305".to_string()]);
+        assert!(c.deny.iter().any(|d| d == "*-private"));
+        assert!(c.deny.iter().any(|d| d == "nixos-system-*"));
+        assert_eq!(c.upstream_cache, None);
+        assert_eq!(c.p2p_listen.len(), 2);
+    }
+
+    #[test]
+    fn defaults_and_bad_values() {
+        let c = ServeConfig::merge(ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.upstream_cache.as_deref(), Some(DEFAULT_UPSTREAM));
+        assert_eq!(c.priority, DEFAULT_PRIORITY);
+        assert!(c.mdns);
+        let bad = ServeArgs {
+            timeout: Some(-1.0),
+            ..ServeArgs::default()
+        };
+        assert!(ServeConfig::merge(bad, FileConfig::default()).is_err());
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+}
