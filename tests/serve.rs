@@ -253,14 +253,17 @@ struct Pair {
     b_nix: Nix,
     a: Daemon,
     b: Daemon,
-    #[allow(dead_code)]
-    a_key: (PathBuf, String),
     b_key: (PathBuf, String),
     top: String,
     paths: Vec<String>,
 }
 
 fn pair(salt: &str, b_extra: &[&str]) -> Option<Pair> {
+    pair_with(salt, b_extra, |_, _| {})
+}
+
+/// `prepare` runs on A's store (with A's key) before A starts and scans it.
+fn pair_with(salt: &str, b_extra: &[&str], prepare: impl FnOnce(&Nix, &Path)) -> Option<Pair> {
     let a_nix = common::nix()?;
     let b_nix = common::nix()?;
     let built = a_nix.build_closure(salt);
@@ -268,6 +271,7 @@ fn pair(salt: &str, b_extra: &[&str]) -> Option<Pair> {
     let a_key = keys(&a_nix, "peer-a-1");
     let b_key = keys(&b_nix, "peer-b-1");
     sign(&a_nix, &a_key.0, &top);
+    prepare(&a_nix, &a_key.0);
     let paths = closure(&a_nix, &top);
     assert_eq!(paths.len(), 3);
     init_store(&b_nix);
@@ -289,7 +293,6 @@ fn pair(salt: &str, b_extra: &[&str]) -> Option<Pair> {
         b_nix,
         a,
         b,
-        a_key,
         b_key,
         top,
         paths,
@@ -380,4 +383,269 @@ fn dead_peers_mean_a_quick_404_and_nix_falls_back() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(nar_hashes(&b_nix, &paths), nar_hashes(&a_nix, &paths));
+}
+
+/// A's private path (not signed by A, no upstream, no --share-all) never leaves A: B's narinfo
+/// is 404, and A answers a peer's lookup and manifest request for it with nothing.
+#[test]
+fn private_paths_are_never_served() {
+    let mut private = None;
+    let Some(p) = pair_with("serve-c", &["--timeout", "1"], |nix, _| {
+        private = Some(nix.build_closure("serve-c-private")[0].clone());
+    }) else {
+        return;
+    };
+    let private = private.unwrap();
+    for path in closure(&p.a_nix, &private) {
+        let (status, _) = http(&p.b.http, "GET", &format!("/{}.narinfo", hash_part(&path)));
+        assert_eq!(status, 404, "{path} was served");
+    }
+    let (status, _) = http(&p.b.http, "GET", &format!("/{}.narinfo", hash_part(&p.top)));
+    assert_eq!(status, 200, "the shared path is served");
+
+    // Straight to A over the peer protocol: nothing for the private path, not even its
+    // manifest by NarHash; the shared path as control.
+    let hash_of = |path: &str| -> peerix_nix::Sha256Hash {
+        let h = nar_hashes(&p.a_nix, &[path.to_owned()]);
+        h.values().next().unwrap().parse().unwrap()
+    };
+    let (priv_nar, shared_nar) = (hash_of(&private), hash_of(&p.top));
+    let a_peer: peerix_swarm::PeerId = p.a.peer_id.parse().unwrap();
+    let a_addr: peerix_swarm::Multiaddr = p.a.p2p.parse().unwrap();
+    let state = p.b_nix.scratch("probe-node");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut cfg = peerix_swarm::NodeConfig::new(state);
+        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        cfg.mdns = false;
+        let node = peerix_swarm::Node::start(cfg).await.unwrap();
+        node.dial(a_addr).await.unwrap();
+        let client = peerix_swarm::Client::new(node.stream_control());
+        let priv_hash: peerix_nix::StorePathHash = hash_part(&private).parse().unwrap();
+        assert!(client
+            .lookup(a_peer, &[priv_hash])
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(client.manifest(a_peer, priv_nar).await.unwrap().is_none());
+        assert!(client.manifest(a_peer, shared_nar).await.unwrap().is_some());
+        node.shutdown().await;
+    });
+    // B never learned the private NarHash: no NAR either.
+    let (status, _) = http(
+        &p.b.http,
+        "GET",
+        &format!("/nar/{}.nar", priv_nar.to_base32()),
+    );
+    assert_eq!(status, 404);
+}
+
+/// C holds the same closure but signs it with a key B does not trust; B still hands Nix the
+/// path, from A.
+#[test]
+fn a_peer_with_an_untrusted_key_does_not_get_in_the_way() {
+    let Some(a_nix) = common::nix() else { return };
+    let b_nix = common::nix().unwrap();
+    let c_nix = common::nix().unwrap();
+    let top = a_nix.build_closure("serve-d")[0].clone();
+    assert_eq!(c_nix.build_closure("serve-d")[0], top);
+    let a_key = keys(&a_nix, "peer-a-1");
+    let b_key = keys(&b_nix, "peer-b-1");
+    let c_key = keys(&c_nix, "peer-c-1");
+    sign(&a_nix, &a_key.0, &top);
+    sign(&c_nix, &c_key.0, &top);
+    init_store(&b_nix);
+    let paths = closure(&a_nix, &top);
+    // C first, so it is asked too.
+    let mut c = Daemon::start("C", &c_nix, &["--private-key", c_key.0.to_str().unwrap()]);
+    assert!(c.wait_scan() >= 3);
+    let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
+    assert!(a.wait_scan() >= 3);
+    let mut b = Daemon::start(
+        "B",
+        &b_nix,
+        &[
+            "--trusted-key",
+            &a_key.1,
+            "--private-key",
+            b_key.0.to_str().unwrap(),
+            "--peer",
+            &c.p2p,
+            "--peer",
+            &a.p2p,
+        ],
+    );
+    // Either order.
+    let mut want: std::collections::HashSet<String> = [a.peer_id.clone(), c.peer_id.clone()].into();
+    while !want.is_empty() {
+        let l = b.wait_for("peer connections", |l| {
+            l.starts_with("peerix: peer connected ")
+        });
+        want.remove(l.trim_start_matches("peerix: peer connected "));
+    }
+    let (status, body) = http(&b.http, "GET", &format!("/{}.narinfo", hash_part(&top)));
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        !text.contains("peer-c-1:"),
+        "C's signature handed on: {text}"
+    );
+    assert!(text.contains("peer-b-1:"), "{text}");
+
+    let out = realise(&b_nix, &top, &b.url(), &b_key.1);
+    assert!(
+        out.status.success(),
+        "Nix could not substitute: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(nar_hashes(&b_nix, &paths), nar_hashes(&a_nix, &paths));
+}
+
+/// Requests that are not a narinfo or NAR name are refused without touching the filesystem;
+/// never a 5xx, never a file.
+#[test]
+fn bad_requests_are_refused() {
+    let Some(nix) = common::nix() else { return };
+    init_store(&nix);
+    let mut d = Daemon::start("E", &nix, &["--timeout", "0.5"]);
+    d.wait_scan();
+    let cases: &[(&str, &str, &[u16])] = &[
+        ("GET", "/nar/../../etc/passwd", &[400, 404]),
+        ("GET", "/../../etc/passwd", &[400, 404]),
+        ("GET", "/nar/..%2F..%2Fetc%2Fpasswd", &[400, 404]),
+        ("GET", "/%2e%2e/%2e%2e/etc/passwd", &[400, 404]),
+        (
+            "GET",
+            "/nar/%2e%2e%2f%2e%2e%2fetc%2fpasswd.nar",
+            &[400, 404],
+        ),
+        ("GET", "/xyz.narinfo", &[400]),
+        ("GET", "/0000.narinfo", &[400]),
+        ("GET", "/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo", &[400]),
+        ("GET", "/nar/0000.nar", &[400]),
+        (
+            "GET",
+            "/nar/0kdc467rvrm9924cmghf8yyixdb9jbj6f77g9xp0w2srhmz4ri69.nar",
+            &[404],
+        ),
+        ("GET", "/inrbbn8pggcp38qhr25j9nvp5f2micmp.narinfo", &[404]),
+        ("HEAD", "/inrbbn8pggcp38qhr25j9nvp5f2micmp.narinfo", &[404]),
+        ("HEAD", "/nix-cache-info", &[200]),
+        ("GET", "/nope", &[400, 404]),
+        ("POST", "/nix-cache-info", &[405]),
+    ];
+    for (method, path, want) in cases {
+        let (status, body) = http(&d.http, method, path);
+        assert!(
+            want.contains(&status),
+            "{method} {path}: {status}, wanted one of {want:?}"
+        );
+        assert!(!String::from_utf8_lossy(&body).contains("root:"), "{path}");
+    }
+}
+
+/// Deterministic bytes that neither compress nor dedup.
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// 32 narinfo requests at once, hits and misses, then 4 NAR downloads at once (one NAR of
+/// several MiB twice): every answer as expected, no 5xx, the exact NAR bytes.
+#[test]
+fn concurrent_requests() {
+    let mut big = None;
+    let Some(p) = pair_with("serve-f", &["--timeout", "1"], |nix, key| {
+        let tree = nix.scratch("big-tree");
+        std::fs::write(tree.join("blob"), noise(6 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
+        let path = nix.add(&tree);
+        sign(nix, key, &path);
+        big = Some(path);
+    }) else {
+        return;
+    };
+    let big = big.unwrap();
+    let mut hits: Vec<String> = p.paths.clone();
+    hits.push(big.clone());
+    let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let misses: Vec<String> = (0..16)
+        .map(|i| {
+            (0..32)
+                .map(|j| alphabet[(i * 7 + j * 3 + j * j) % 32] as char)
+                .collect()
+        })
+        .collect();
+    let base = p.b.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let nar_urls: Vec<(String, String)> = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut tasks = vec![];
+        for i in 0..32 {
+            let (hash, hit) = if i % 2 == 0 {
+                (hash_part(&hits[(i / 2) % hits.len()]).to_owned(), true)
+            } else {
+                (misses[i / 2].clone(), false)
+            };
+            let (client, base) = (client.clone(), base.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = client
+                    .get(format!("{base}/{hash}.narinfo"))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap();
+                assert_eq!(status, if hit { 200 } else { 404 }, "{hash}: {text}");
+                (hash, text)
+            }));
+        }
+        let mut urls = BTreeMap::new();
+        for t in tasks {
+            let (hash, text) = t.await.unwrap();
+            if let Some(u) = text.lines().find_map(|l| l.strip_prefix("URL: ")) {
+                urls.insert(hash, u.to_owned());
+            }
+        }
+        assert_eq!(urls.len(), hits.len());
+        // The big NAR twice, and two small ones, at once.
+        let wanted = [&big, &big, &p.top, &p.paths[1]];
+        wanted
+            .iter()
+            .map(|path| ((*path).clone(), urls[hash_part(path)].clone()))
+            .collect()
+    });
+    let bodies: Vec<Vec<u8>> = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let tasks: Vec<_> = nar_urls
+            .iter()
+            .map(|(_, url)| {
+                let (client, url) = (client.clone(), format!("{base}/{url}"));
+                tokio::spawn(async move {
+                    let r = client.get(&url).send().await.unwrap();
+                    assert_eq!(r.status().as_u16(), 200, "{url}");
+                    r.bytes().await.unwrap().to_vec()
+                })
+            })
+            .collect();
+        let mut out = vec![];
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let store = p.a_nix.store_arg();
+    for ((path, _), body) in nar_urls.iter().zip(&bodies) {
+        let want = p
+            .a_nix
+            .output("nix", &["store", "dump-path", "--store", &store, path]);
+        assert!(want.status.success());
+        assert!(body == &want.stdout, "NAR of {path} differs");
+    }
+    assert!(bodies[0].len() > 6 << 20);
 }
