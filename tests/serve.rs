@@ -507,8 +507,19 @@ fn a_peer_with_an_untrusted_key_does_not_get_in_the_way() {
 fn bad_requests_are_refused() {
     let Some(nix) = common::nix() else { return };
     init_store(&nix);
-    let mut d = Daemon::start("E", &nix, &["--timeout", "0.5"]);
+    // Settings from a config file too; a flag overrides the file.
+    let conf = nix.scratch("conf").join("peerix.toml");
+    std::fs::write(&conf, "priority = 17\ntimeout = 5.0\nshare-all = true\n").unwrap();
+    let mut d = Daemon::start(
+        "E",
+        &nix,
+        &["--config", conf.to_str().unwrap(), "--timeout", "0.5"],
+    );
     d.wait_scan();
+    let (status, body) = http(&d.http, "GET", "/nix-cache-info");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8(body).unwrap().contains("Priority: 17\n"));
+    let started = Instant::now();
     let cases: &[(&str, &str, &[u16])] = &[
         ("GET", "/nar/../../etc/passwd", &[400, 404]),
         ("GET", "/../../etc/passwd", &[400, 404]),
@@ -542,6 +553,8 @@ fn bad_requests_are_refused() {
         );
         assert!(!String::from_utf8_lossy(&body).contains("root:"), "{path}");
     }
+    // The flag's 0.5 s timeout won over the file's 5 s for the two misses above.
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 /// Deterministic bytes that neither compress nor dedup.
