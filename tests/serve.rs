@@ -569,17 +569,22 @@ fn noise(len: usize, mut x: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A 6 MiB content-addressed path, signed with `key`.
+fn add_big(nix: &Nix, key: &Path) -> String {
+    let tree = nix.scratch("big-tree");
+    std::fs::write(tree.join("blob"), noise(6 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
+    let path = nix.add(&tree);
+    sign(nix, key, &path);
+    path
+}
+
 /// 32 narinfo requests at once, hits and misses, then 4 NAR downloads at once (one NAR of
 /// several MiB twice): every answer as expected, no 5xx, the exact NAR bytes.
 #[test]
 fn concurrent_requests() {
     let mut big = None;
     let Some(p) = pair_with("serve-f", &["--timeout", "1"], |nix, key| {
-        let tree = nix.scratch("big-tree");
-        std::fs::write(tree.join("blob"), noise(6 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
-        let path = nix.add(&tree);
-        sign(nix, key, &path);
-        big = Some(path);
+        big = Some(add_big(nix, key));
     }) else {
         return;
     };
@@ -661,4 +666,81 @@ fn concurrent_requests() {
         assert!(body == &want.stdout, "NAR of {path} differs");
     }
     assert!(bodies[0].len() > 6 << 20);
+}
+
+/// Everything a server sends for one GET, read until EOF or until the connection breaks.
+fn http_raw(addr: &str, path: &str) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = vec![];
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The only peer's copy goes bad after it was indexed: the download fails its checks, so B
+/// cuts the response before the end, and Nix refuses the path.
+#[test]
+fn a_failed_download_cuts_the_response() {
+    let mut big = None;
+    let Some(p) = pair_with("serve-g", &["--timeout", "1"], |nix, key| {
+        big = Some(add_big(nix, key));
+    }) else {
+        return;
+    };
+    let big = big.unwrap();
+    let (status, body) = http(&p.b.http, "GET", &format!("/{}.narinfo", hash_part(&big)));
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    // Flip bytes in the middle of A's file, behind its index's back.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.a_nix.real(&big).join("blob"))
+            .unwrap();
+        f.write_all_at(&[0xff; 64], 3 << 20).unwrap();
+    }
+    let got = http_raw(&p.b.http, &format!("/{url}"));
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
+    if let Some(end) = head_end {
+        let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(status == 200 || status == 404, "{head}");
+        if status == 200 {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(
+                got.len() - end - 4 < len,
+                "the whole body arrived although the download failed"
+            );
+        }
+    }
+    // Nix never takes it.
+    let out = realise(&p.b_nix, &big, &p.b.url(), &p.b_key.1);
+    assert!(!out.status.success());
+    let s = p.b_nix.store_arg();
+    let valid = p
+        .b_nix
+        .output("nix-store", &["--store", &s, "--check-validity", &big]);
+    assert!(!valid.status.success(), "a bad NAR was imported");
 }
