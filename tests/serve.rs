@@ -4,137 +4,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::Nix;
 
-/// How long a daemon may take to print what a test waits for.
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A running `peerix serve`, killed when dropped.
-struct Daemon {
-    child: Child,
-    name: String,
-    /// `127.0.0.1:PORT` of the HTTP side.
-    http: String,
-    peer_id: String,
-    /// The p2p address, `/ip4/…/tcp/…/p2p/…`.
-    p2p: String,
-    lines: mpsc::Receiver<String>,
-    /// Every line seen so far, for failure messages.
-    seen: Vec<String>,
-}
-
-impl Daemon {
-    fn start(name: &str, nix: &Nix, extra: &[&str]) -> Daemon {
-        let state = nix.scratch(&format!("state-{name}"));
-        let store = nix.store_arg();
-        let mut cmd = common::peerix();
-        cmd.args([
-            "serve",
-            "--store",
-            &store,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--p2p-listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--upstream-cache",
-            "none",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn peerix serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let tag = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{tag}] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut d = Daemon {
-            child,
-            name: name.to_owned(),
-            http: String::new(),
-            peer_id: String::new(),
-            p2p: String::new(),
-            lines: rx,
-            seen: vec![],
-        };
-        let line = d.wait_for("the start line", |l| {
-            l.starts_with("peerix: serving Nix on http://")
-        });
-        // peerix: serving Nix on http://ADDR, peer id ID, p2p on ADDR…
-        let rest = line.strip_prefix("peerix: serving Nix on http://").unwrap();
-        let (http, rest) = rest.split_once(", peer id ").unwrap();
-        let (id, p2p) = rest.split_once(", p2p on ").unwrap();
-        d.http = http.to_owned();
-        d.peer_id = id.to_owned();
-        d.p2p = p2p.split_whitespace().next().unwrap().to_owned();
-        d
-    }
-
-    /// The next line matching `pred` (earlier lines are skipped), or a panic after WAIT.
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let until = Instant::now() + WAIT;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if pred(&l) {
-                        return l;
-                    }
-                }
-                Err(e) => panic!(
-                    "{}: no {what} ({e:?}); output so far:\n{}",
-                    self.name,
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Waits for a completed scan of the local store; returns how many paths it shares.
-    fn wait_scan(&mut self) -> usize {
-        let l = self.wait_for("completed scan", |l| l.starts_with("peerix: scan done: "));
-        l.trim_start_matches("peerix: scan done: ")
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    fn wait_peer(&mut self, other: &Daemon) {
-        let want = format!("peerix: peer connected {}", other.peer_id);
-        self.wait_for(&format!("connection to {}", other.name), |l| l == want);
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.http)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Daemon;
 
 /// A raw HTTP/1.1 request (nothing normalises the path); status and body.
 fn http(addr: &str, method: &str, path: &str) -> (u16, Vec<u8>) {

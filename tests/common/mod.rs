@@ -216,3 +216,127 @@ pub fn peerix_ok(args: &[&str]) -> Vec<u8> {
     );
     out.stdout
 }
+
+/// How long a daemon may take to print what a test waits for.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A running `peerix serve`, killed when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub name: String,
+    /// `127.0.0.1:PORT` of the HTTP side.
+    pub http: String,
+    pub peer_id: String,
+    /// The p2p address, `/ip4/…/tcp/…/p2p/…`.
+    pub p2p: String,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    /// Every line seen so far, for failure messages.
+    pub seen: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start(name: &str, nix: &Nix, extra: &[&str]) -> Daemon {
+        let state = nix.scratch(&format!("state-{name}"));
+        let store = nix.store_arg();
+        let mut cmd = peerix();
+        cmd.args([
+            "serve",
+            "--store",
+            &store,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--p2p-listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--upstream-cache",
+            "none",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn peerix serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tag = name.to_owned();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                eprintln!("[{tag}] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon {
+            child,
+            name: name.to_owned(),
+            http: String::new(),
+            peer_id: String::new(),
+            p2p: String::new(),
+            lines: rx,
+            seen: vec![],
+        };
+        let line = d.wait_for("the start line", |l| {
+            l.starts_with("peerix: serving Nix on http://")
+        });
+        // peerix: serving Nix on http://ADDR, peer id ID, p2p on ADDR…
+        let rest = line.strip_prefix("peerix: serving Nix on http://").unwrap();
+        let (http, rest) = rest.split_once(", peer id ").unwrap();
+        let (id, p2p) = rest.split_once(", p2p on ").unwrap();
+        d.http = http.to_owned();
+        d.peer_id = id.to_owned();
+        d.p2p = p2p.split_whitespace().next().unwrap().to_owned();
+        d
+    }
+
+    /// The next line matching `pred` (earlier lines are skipped), or a panic after WAIT.
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let until = std::time::Instant::now() + WAIT;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return l;
+                    }
+                }
+                Err(e) => panic!(
+                    "{}: no {what} ({e:?}); output so far:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for a completed scan of the local store; returns how many paths it shares.
+    pub fn wait_scan(&mut self) -> usize {
+        let l = self.wait_for("completed scan", |l| l.starts_with("peerix: scan done: "));
+        l.trim_start_matches("peerix: scan done: ")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn wait_peer(&mut self, other: &Daemon) {
+        let want = format!("peerix: peer connected {}", other.peer_id);
+        self.wait_for(&format!("connection to {}", other.name), |l| l == want);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
