@@ -620,3 +620,190 @@ fn a_failed_download_cuts_the_response() {
         .output("nix-store", &["--store", &s, "--check-validity", &big]);
     assert!(!valid.status.success(), "a bad NAR was imported");
 }
+
+/// The value of `peerix_peer_received_bytes_total{peer="ID"}` in B's metrics, 0 if absent.
+fn received_from(b: &Daemon, peer: &str) -> u64 {
+    let (status, body) = http(&b.http, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let m = String::from_utf8(body).unwrap();
+    m.lines()
+        .filter(|l| {
+            l.starts_with("peerix_peer_received_bytes") && l.contains(&format!("peer=\"{peer}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+fn metric(b: &Daemon, name: &str) -> u64 {
+    let (_, body) = http(&b.http, "GET", "/metrics");
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// A content-addressed path from `data`, the same store path in every store it is added to.
+fn add_tree(nix: &Nix, name: &str, data: &[u8], key: &Path) -> String {
+    let tree = nix.scratch(name);
+    std::fs::write(tree.join("blob"), data).unwrap();
+    let path = nix.add(&tree);
+    sign(nix, key, &path);
+    path
+}
+
+#[test]
+fn chunks_come_from_two_peers_at_once() {
+    let Some(a_nix) = common::nix() else { return };
+    let c_nix = common::nix().unwrap();
+    let b_nix = common::nix().unwrap();
+    let (a_key, c_key, b_key) = (
+        keys(&a_nix, "peer-a-1"),
+        keys(&c_nix, "peer-c-1"),
+        keys(&b_nix, "peer-b-1"),
+    );
+    let data = noise(16 << 20, 0x1234_5678_9abc_def1);
+    let big = add_tree(&a_nix, "two-peers", &data, &a_key.0);
+    assert_eq!(add_tree(&c_nix, "two-peers", &data, &c_key.0), big);
+    init_store(&b_nix);
+    let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
+    let mut c = Daemon::start("C", &c_nix, &["--private-key", c_key.0.to_str().unwrap()]);
+    a.wait_scan();
+    c.wait_scan();
+    let mut b = Daemon::start(
+        "B",
+        &b_nix,
+        &[
+            "--trusted-key",
+            &a_key.1,
+            "--trusted-key",
+            &c_key.1,
+            "--private-key",
+            b_key.0.to_str().unwrap(),
+            "--peer",
+            &a.p2p,
+            "--peer",
+            &c.p2p,
+        ],
+    );
+    b.wait_peer(&a);
+    b.wait_peer(&c);
+    let out = realise(&b_nix, &big, &b.url(), &b_key.1);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        nar_hashes(&b_nix, &[big.clone()]),
+        nar_hashes(&a_nix, &[big.clone()])
+    );
+    let (from_a, from_c) = (received_from(&b, &a.peer_id), received_from(&b, &c.peer_id));
+    assert!(
+        from_a > 0 && from_c > 0,
+        "from A {from_a}, from C {from_c}: not both"
+    );
+}
+
+#[test]
+fn an_update_costs_only_its_changed_chunks() {
+    // A holds version 1 and version 2 of a 12 MiB package; version 2 changes 100 bytes.
+    let v1 = noise(12 << 20, 0x0bad_cafe_f00d_1234);
+    let mut v2 = v1.clone();
+    v2[6 << 20..(6 << 20) + 100].fill(b'X');
+    let mut made = None;
+    let Some(p) = pair_with("serve-update", &[], |nix, key| {
+        made = Some((
+            add_tree(nix, "pkg-1", &v1, key),
+            add_tree(nix, "pkg-2", &v2, key),
+        ));
+    }) else {
+        return;
+    };
+    let (p1, p2) = made.unwrap();
+    let out = realise(&p.b_nix, &p1, &p.b.url(), &p.b_key.1);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after_v1 = received_from(&p.b, &p.a.peer_id);
+    let saved_v1 = metric(&p.b, "peerix_dedup_saved_bytes");
+    let out = realise(&p.b_nix, &p2, &p.b.url(), &p.b_key.1);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v2_wire = received_from(&p.b, &p.a.peer_id) - after_v1;
+    let nar_size = v2.len() as u64;
+    eprintln!("version 2: {v2_wire} bytes over the wire for a NAR of about {nar_size}");
+    assert!(
+        v2_wire < nar_size / 4,
+        "{v2_wire} bytes over the wire for a NAR of about {nar_size}"
+    );
+    assert!(metric(&p.b, "peerix_dedup_saved_bytes") - saved_v1 > nar_size / 2);
+}
+
+#[test]
+fn a_peer_that_cannot_serve_a_chunk_does_not_stop_the_right_path() {
+    let Some(a_nix) = common::nix() else { return };
+    let c_nix = common::nix().unwrap();
+    let b_nix = common::nix().unwrap();
+    let (a_key, c_key, b_key) = (
+        keys(&a_nix, "peer-a-1"),
+        keys(&c_nix, "peer-c-1"),
+        keys(&b_nix, "peer-b-1"),
+    );
+    let data = noise(16 << 20, 0x5555_aaaa_1234_4321);
+    let big = add_tree(&a_nix, "corrupt-peer", &data, &a_key.0);
+    assert_eq!(add_tree(&c_nix, "corrupt-peer", &data, &c_key.0), big);
+    init_store(&b_nix);
+    let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
+    let mut c = Daemon::start("C", &c_nix, &["--private-key", c_key.0.to_str().unwrap()]);
+    a.wait_scan();
+    c.wait_scan();
+    // C's copy rots after it was indexed: its chunks there no longer match their ids.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c_nix.real(&big).join("blob"))
+            .unwrap();
+        for off in (0..16u64 << 20).step_by(1 << 20) {
+            f.write_all_at(&[0xee; 16], off + 4096).unwrap();
+        }
+    }
+    let mut b = Daemon::start(
+        "B",
+        &b_nix,
+        &[
+            "--trusted-key",
+            &a_key.1,
+            "--trusted-key",
+            &c_key.1,
+            "--private-key",
+            b_key.0.to_str().unwrap(),
+            "--peer",
+            &a.p2p,
+            "--peer",
+            &c.p2p,
+        ],
+    );
+    b.wait_peer(&a);
+    b.wait_peer(&c);
+    let out = realise(&b_nix, &big, &b.url(), &b_key.1);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        nar_hashes(&b_nix, &[big.clone()]),
+        nar_hashes(&a_nix, &[big.clone()])
+    );
+    assert!(received_from(&b, &a.peer_id) > 0);
+}
