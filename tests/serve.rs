@@ -698,8 +698,8 @@ fn chunks_come_from_two_peers_at_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        nar_hashes(&b_nix, &[big.clone()]),
-        nar_hashes(&a_nix, &[big.clone()])
+        nar_hashes(&b_nix, std::slice::from_ref(&big)),
+        nar_hashes(&a_nix, std::slice::from_ref(&big))
     );
     let (from_a, from_c) = (received_from(&b, &a.peer_id), received_from(&b, &c.peer_id));
     assert!(
@@ -802,8 +802,8 @@ fn a_peer_that_cannot_serve_a_chunk_does_not_stop_the_right_path() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        nar_hashes(&b_nix, &[big.clone()]),
-        nar_hashes(&a_nix, &[big.clone()])
+        nar_hashes(&b_nix, std::slice::from_ref(&big)),
+        nar_hashes(&a_nix, std::slice::from_ref(&big))
     );
     assert!(received_from(&b, &a.peer_id) > 0);
 }
