@@ -201,11 +201,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     let server = Server::new(store.clone(), sharing.clone(), ServeLimits::default());
     let server_handle = server.handle();
     let control = node.stream_control();
-    tokio::spawn(async move {
-        if let Err(e) = server.run(control).await {
-            warn!(error = %e, "peer protocol server stopped");
-        }
-    });
+    tokio::spawn(server.run(control).context("serving the peer protocol")?);
 
     let client = Client::new(node.stream_control());
     let trust = Arc::new(Trust::new(cfg.trusted_keys.clone(), upstream, own_key));

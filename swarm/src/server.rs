@@ -279,10 +279,19 @@ impl Server {
     }
 
     /// Accept and answer streams until the node's swarm goes away.
-    pub async fn run(self, mut control: libp2p_stream::Control) -> Result<(), ServerError> {
-        let mut incoming = control
+    /// Registers the protocol at once — a peer's stream that arrives from then on is answered,
+    /// not refused as unsupported — and returns the future that serves until the node stops.
+    pub fn run(
+        self,
+        mut control: libp2p_stream::Control,
+    ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, ServerError> {
+        let incoming = control
             .accept(PROTOCOL)
             .map_err(|_| ServerError::AlreadyRegistered)?;
+        Ok(self.serve(incoming))
+    }
+
+    async fn serve(self, mut incoming: libp2p_stream::IncomingStreams) {
         let streams = Arc::new(Semaphore::new(self.shared.limits.max_streams));
         let me = Arc::new(self);
         // libp2p-stream drops inbound streams that arrive while the previous one has not been
@@ -303,7 +312,6 @@ impl Server {
                 drop(permit);
             });
         }
-        Ok(())
     }
 
     async fn serve_stream(&self, peer: PeerId, mut stream: Stream) {

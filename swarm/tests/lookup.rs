@@ -76,7 +76,7 @@ async fn peer(catalog: TestCatalog, peers: Vec<String>, provide: Vec<StorePathHa
     let store = ChunkStore::open(&dir.path().join("chunks"), Options::default()).unwrap();
     let catalog = Arc::new(catalog);
     let server = Server::new(store.clone(), catalog.clone(), ServeLimits::default());
-    tokio::spawn(server.run(node.stream_control()));
+    tokio::spawn(server.run(node.stream_control()).unwrap());
     node.set_provided(provide);
     Peer {
         node,

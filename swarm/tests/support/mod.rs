@@ -166,9 +166,7 @@ impl Node {
         let server = Server::new(self.store.clone(), catalog, limits);
         self.handle = Some(server.handle());
         let control = self.control.clone();
-        self.tasks.push(tokio::spawn(async move {
-            server.run(control).await.unwrap();
-        }));
+        self.tasks.push(tokio::spawn(server.run(control).unwrap()));
     }
 
     pub fn serve_default(&mut self) {
@@ -211,8 +209,9 @@ pub enum Rogue {
 pub fn serve_rogue(node: &mut Node, mode: Rogue) {
     let mut control = node.control.clone();
     let store = node.store.clone();
+    // Registered before the task starts, so no early stream is refused as unsupported.
+    let mut incoming = control.accept(PROTOCOL).unwrap();
     node.tasks.push(tokio::spawn(async move {
-        let mut incoming = control.accept(PROTOCOL).unwrap();
         while let Some((_, mut s)) = incoming.next().await {
             let store = store.clone();
             let mode = mode.clone();
