@@ -287,12 +287,30 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
 
     let router = router(app);
     axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await
         .context("HTTP server")?;
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM from systemd: stop taking requests and let those in flight finish.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    info!("shutting down");
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -446,10 +464,35 @@ fn body_from(rx: mpsc::Receiver<Chunk>) -> Body {
     }))
 }
 
-async fn nar(State(app): State<Arc<App>>, UrlPath(file): UrlPath<String>) -> Response {
+async fn nar(
+    State(app): State<Arc<App>>,
+    method: axum::http::Method,
+    UrlPath(file): UrlPath<String>,
+) -> Response {
     let Some(nar_hash) = parse_nar_name(&file) else {
         return (StatusCode::BAD_REQUEST, "not a NAR name\n").into_response();
     };
+    if method == axum::http::Method::HEAD {
+        // Answer from what is known; a HEAD must not start a download.
+        let held = app
+            .store
+            .blocking(move |cs| cs.manifest(&nar_hash))
+            .await
+            .ok()
+            .flatten()
+            .map(|m| m.nar_size);
+        let presented = || {
+            app.by_nar
+                .lock()
+                .expect("by_nar")
+                .get(&nar_hash)
+                .map(|p| p.info.nar_size)
+        };
+        return match held.or_else(presented) {
+            Some(size) => nar_response(size, Body::empty()),
+            None => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+        };
+    }
     let lock = app.nar_lock(nar_hash);
     let guard = lock.lock_owned().await;
     let held = app

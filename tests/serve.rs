@@ -194,6 +194,13 @@ fn nix_substitutes_a_closure_only_a_peer_holds() {
     );
     assert_eq!(status, 200);
     assert!(body.is_empty());
+    // HEAD of the NAR answers from what is known and starts no download.
+    let (_, body) = http(&p.b.http, "GET", &format!("/{}.narinfo", hash_part(&p.top)));
+    let text = String::from_utf8(body).unwrap();
+    let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+    let (status, body) = http(&p.b.http, "HEAD", &format!("/{url}"));
+    assert_eq!((status, body.len()), (200, 0));
+    assert_eq!(metric(&p.b, "peerix_nar_bytes_served"), 0);
 
     let out = realise(&p.b_nix, &p.top, &p.b.url(), &p.b_key.1);
     assert!(
@@ -806,4 +813,24 @@ fn a_peer_that_cannot_serve_a_chunk_does_not_stop_the_right_path() {
         nar_hashes(&a_nix, std::slice::from_ref(&big))
     );
     assert!(received_from(&b, &a.peer_id) > 0);
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly() {
+    let Some(nix) = common::nix() else { return };
+    init_store(&nix);
+    let mut d = Daemon::start("T", &nix, &[]);
+    d.wait_scan();
+    let pid = d.child.id().to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    d.wait_for("the shutdown", |l| l.contains("shutting down"));
+    let status = d.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "peerix serve exited with {status} on SIGTERM"
+    );
 }
