@@ -1,6 +1,7 @@
 //! The `peerix` daemon's parts: what a node shares with peers, what it accepts from them, and
 //! the substituter that Nix talks to.
 
+pub mod bench;
 pub mod config;
 pub mod serve;
 pub mod share;

@@ -48,6 +48,11 @@ enum Command {
         #[command(flatten)]
         args: Box<peerix::config::ServeArgs>,
     },
+    /// Measure multi-peer download throughput against N seeders (self-contained).
+    Bench {
+        #[command(flatten)]
+        args: peerix::bench::BenchArgs,
+    },
     /// Print the narinfo peerix would serve for a path in the local store.
     Narinfo {
         /// A store path (`/nix/store/<hash>-<name>`, or a path inside one).
@@ -106,13 +111,21 @@ enum NarCommand {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The benchmark reports its own progress; the nodes' info logs would drown it.
+    let default_filter = match cli.command {
+        Command::Bench { .. } => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Bench { args } => peerix::bench::run(args),
         Command::Keygen {
             name,
             secret_file,

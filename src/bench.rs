@@ -1,0 +1,608 @@
+//! `peerix bench`: a self-contained multi-peer throughput benchmark.
+//!
+//! For each seeder count N, N seeder nodes holding a generated NAR and one leecher with a fresh
+//! chunk store are started on loopback, connected, and the leecher downloads the NAR from all of
+//! them. Reported: aggregate throughput, its ratio to N × the single-peer figure, its ratio to a
+//! plain HTTP download of the same bytes in the same run, the time to the first byte, and how
+//! much of a slightly changed second version had to be fetched (deduplication).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use peerix_chunkstore::{ChunkStore, Manifest, Options};
+use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
+use peerix_swarm::{
+    download, Catalog, Client, DownloadConfig, Node, NodeConfig, NodeEvent, ServeLimits, Server,
+};
+use serde::Serialize;
+
+const MIB: f64 = 1024.0 * 1024.0;
+const CONNECT_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every node in this process, on 127.0.0.1.
+    Loopback,
+    /// Every node in its own network namespace, seeders' uplinks rate-limited (root only).
+    Netns,
+}
+
+/// `peerix bench`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Seeder counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub seeders: Vec<usize>,
+    /// Size of the generated NAR in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: u64,
+    /// Where the nodes run.
+    #[arg(long, value_enum, default_value_t = Mode::Loopback)]
+    pub mode: Mode,
+    /// Per-seeder uplink cap (netns mode only), as `tc` takes it: `100mbit`, `50mbit`, ….
+    #[arg(long, default_value = "100mbit")]
+    pub rate: String,
+    /// Print the results as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write a chart of aggregate throughput against N to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// Working directory (a temporary one, removed afterwards, by default).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub seeders: usize,
+    /// Aggregate throughput of the peer download.
+    pub mib_per_s: f64,
+    /// `mib_per_s` / (N × the ideal per-peer figure).
+    pub ratio_to_ideal: f64,
+    /// The plain HTTP download of the same bytes, same link, same run.
+    pub http_mib_per_s: f64,
+    /// `mib_per_s` / `http_mib_per_s`.
+    pub ratio_to_http: f64,
+    /// From the start of the download to the first byte of the leecher's output.
+    pub first_byte_ms: f64,
+    pub elapsed_s: f64,
+    /// Bytes each seeder sent, largest first.
+    pub bytes_per_peer: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Dedup {
+    /// The leecher held version 1; version 2 differs from it in a few places.
+    pub v2_size: u64,
+    /// Bytes fetched from peers for version 2.
+    pub fetched_bytes: u64,
+    /// Bytes of version 2 the leecher already had.
+    pub local_bytes: u64,
+    pub fetched_ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: Mode,
+    pub nar_size: u64,
+    /// The per-peer figure the ideal line is N times: the single-peer throughput on loopback,
+    /// the cap in netns mode (MiB/s).
+    pub ideal_per_peer_mib_per_s: f64,
+    pub rows: Vec<Row>,
+    pub dedup: Dedup,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.seeders.is_empty() || args.seeders.contains(&0) {
+        bail!("--seeders takes a list of positive counts");
+    }
+    if args.size_mib == 0 {
+        bail!("--size-mib must be positive");
+    }
+    let report = match args.mode {
+        Mode::Loopback => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(loopback(&args))?,
+        Mode::Netns => bail!("--mode netns is not implemented yet"),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    if let Some(f) = &args.svg {
+        std::fs::write(f, svg(&report)).with_context(|| format!("writing {}", f.display()))?;
+    }
+    Ok(())
+}
+
+/// Deterministic, incompressible bytes (xorshift64).
+pub fn nar_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Version 2 of `v1`: a few bytes changed at a few places.
+fn second_version(v1: &[u8]) -> Vec<u8> {
+    let mut v2 = v1.to_vec();
+    for i in 1..=4 {
+        let at = v2.len() * i / 5;
+        for b in &mut v2[at..(at + 16).min(v1.len())] {
+            *b ^= 0x5a;
+        }
+    }
+    v2
+}
+
+fn store_path(name: &str) -> Result<StorePath> {
+    let h = peerix_nix::base32::encode(&Sha256Hash::digest(name.as_bytes()).0[..20]);
+    Ok(StorePath::from_base_name(&format!("{h}-{name}"))?)
+}
+
+fn narinfo(path: &StorePath, nar: &[u8]) -> NarInfo {
+    let nar_hash = Sha256Hash::digest(nar);
+    NarInfo {
+        store_path: path.clone(),
+        url: Some(format!("nar/{}.nar", nar_hash.to_base32())),
+        compression: Some("none".into()),
+        file_hash: Some(nar_hash),
+        file_size: Some(nar.len() as u64),
+        nar_hash,
+        nar_size: nar.len() as u64,
+        references: BTreeSet::new(),
+        deriver: None,
+        system: None,
+        sigs: BTreeSet::new(),
+        ca: None,
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: ProgressBar,
+    tty: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = if tty {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg:28} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        Progress { bar, tty }
+    }
+    fn start(&self, what: &str, total: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(0);
+        self.bar.set_message(what.to_string());
+        if !self.tty {
+            eprintln!("bench: {what}…");
+        }
+    }
+    fn done(&self, what: &str, mib_s: f64) {
+        if self.tty {
+            self.bar.println(format!("{what}: {mib_s:.1} MiB/s"));
+        } else {
+            eprintln!("bench: {what}: {mib_s:.1} MiB/s");
+        }
+    }
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+struct Seeders {
+    nodes: Vec<Arc<Node>>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Seeders {
+    fn drop(&mut self) {
+        for s in &self.servers {
+            s.abort();
+        }
+    }
+}
+
+struct Leecher {
+    node: Arc<Node>,
+    store: ChunkStore,
+}
+
+async fn start_node(dir: PathBuf, peers: Vec<String>) -> Result<Node> {
+    let mut c = NodeConfig::new(dir);
+    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    // Never on the real LAN: peers are given explicitly.
+    c.mdns = false;
+    c.peers = peers;
+    Ok(Node::start(c).await?)
+}
+
+async fn wait_connected(node: &Node, n: usize) -> Result<()> {
+    let mut ev = node.events();
+    let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+    while node.connected_peers().await.len() < n {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Ok(NodeEvent::PeerConnected(_))) | Ok(Ok(_)) | Ok(Err(_)) => {}
+            Err(_) => bail!(
+                "only {} of {n} seeders connected",
+                node.connected_peers().await.len()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// What one download did.
+struct Fetched {
+    elapsed: Duration,
+    first_byte: Duration,
+    bytes_per_peer: Vec<u64>,
+    bytes_local: u64,
+}
+
+async fn fetch(leecher: &Leecher, manifest: Manifest, progress: &Progress) -> Result<Fetched> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let started = Instant::now();
+    let bar = progress.bar.clone();
+    let sink = tokio::spawn(async move {
+        let mut first = None;
+        let mut total = 0u64;
+        while let Some(b) = rx.recv().await {
+            first.get_or_insert_with(|| started.elapsed());
+            total += b.len() as u64;
+            bar.set_position(total);
+        }
+        (first, total)
+    });
+    let size = manifest.nar_size;
+    let client = Client::new(leecher.node.stream_control());
+    let peers = leecher.node.connected_peers().await;
+    let report = download(
+        client,
+        leecher.store.clone(),
+        manifest,
+        peers,
+        DownloadConfig::default(),
+        tx,
+    )
+    .await
+    .context("the peer download")?;
+    let (first, total) = sink.await?;
+    let elapsed = started.elapsed();
+    if total != size {
+        bail!("the leecher got {total} bytes of a {size}-byte NAR");
+    }
+    let mut bytes_per_peer: Vec<u64> = report.bytes_per_peer.values().copied().collect();
+    bytes_per_peer.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(Fetched {
+        elapsed,
+        first_byte: first.unwrap_or(elapsed),
+        bytes_per_peer,
+        bytes_local: report.bytes_local,
+    })
+}
+
+/// A plain HTTP server on 127.0.0.1 serving `nar` at `/nar`.
+async fn http_server(nar: Bytes) -> Result<(String, tokio::task::JoinHandle<()>)> {
+    let app = axum::Router::new().route(
+        "/nar",
+        axum::routing::get(move || {
+            let nar = nar.clone();
+            async move { nar }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/nar", listener.local_addr()?);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, task))
+}
+
+/// Download `url` to a sink; the throughput in MiB/s.
+async fn http_fetch(url: &str, size: u64, progress: &Progress) -> Result<f64> {
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let started = Instant::now();
+    let resp = client.get(url).send().await?.error_for_status()?;
+    let mut body = resp.bytes_stream();
+    let mut total = 0u64;
+    while let Some(b) = body.next().await {
+        total += b?.len() as u64;
+        progress.bar.set_position(total);
+    }
+    if total != size {
+        bail!("the HTTP download got {total} of {size} bytes");
+    }
+    Ok(size as f64 / MIB / started.elapsed().as_secs_f64())
+}
+
+async fn loopback(args: &BenchArgs) -> Result<Report> {
+    let tmp;
+    let dir = match &args.state_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("peerix-bench").tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let size = args.size_mib * 1024 * 1024;
+    let progress = Progress::new();
+    progress.start("generating the NAR", size);
+    let v1 = Bytes::from(nar_bytes(0x5eed, size as usize));
+    let v2 = Bytes::from(second_version(&v1));
+    let (p1, p2) = (store_path("bench-nar-1")?, store_path("bench-nar-2")?);
+    let (i1, i2) = (narinfo(&p1, &v1), narinfo(&p2, &v2));
+
+    // One chunk store, shared by every seeder: the NAR is chunked once, and disk is spared.
+    progress.start("chunking the NAR (seeders)", size);
+    let seed_store = ChunkStore::open(&dir.join("seed-chunks"), Options::default())?;
+    for (p, nar) in [(&p1, &v1), (&p2, &v2)] {
+        let (p, nar) = (p.clone(), nar.clone());
+        seed_store
+            .blocking(move |cs| cs.ingest_nar(&nar[..], Some(&p), None, &mut |_| {}))
+            .await?;
+    }
+    let catalog: Arc<dyn Catalog> = Arc::new(HashMap::<StorePathHash, NarInfo>::from([
+        (p1.hash(), i1.clone()),
+        (p2.hash(), i2.clone()),
+    ]));
+    let (url, http) = http_server(v1.clone()).await?;
+
+    // The single-peer figure the ideal line is built on: measured first, reused for N = 1.
+    let mut counts = args.seeders.clone();
+    if !counts.contains(&1) {
+        counts.insert(0, 1);
+    } else {
+        counts.sort_by_key(|&n| n != 1);
+    }
+    let mut rows: Vec<Row> = vec![];
+    let mut single = 0.0;
+    let mut dedup = None;
+    let last = counts.len() - 1;
+    for (run, &n) in counts.iter().enumerate() {
+        let run_dir = dir.join(format!("run-{run}-n{n}"));
+        let leecher = Leecher {
+            node: Arc::new(start_node(run_dir.join("leecher"), vec![]).await?),
+            store: ChunkStore::open(&run_dir.join("leecher-chunks"), Options::default())?,
+        };
+        let leecher_addr = leecher.node.listen_addrs()[0].to_string();
+        let mut seeders = Seeders {
+            nodes: vec![],
+            servers: vec![],
+        };
+        for i in 0..n {
+            let node = Arc::new(
+                start_node(
+                    run_dir.join(format!("seeder-{i}")),
+                    vec![leecher_addr.clone()],
+                )
+                .await?,
+            );
+            let server = Server::new(seed_store.clone(), catalog.clone(), ServeLimits::default());
+            seeders
+                .servers
+                .push(tokio::spawn(server.run(node.stream_control())?));
+            seeders.nodes.push(node);
+        }
+        wait_connected(&leecher.node, n).await?;
+        let client = Client::new(leecher.node.stream_control());
+        let manifest = client
+            .manifest(seeders.nodes[0].peer_id(), i1.nar_hash)
+            .await?
+            .context("the seeder has no manifest of the NAR")?;
+
+        progress.start(&format!("{n} seeder(s)"), size);
+        let f = fetch(&leecher, manifest, &progress).await?;
+        let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
+        progress.done(&format!("{n} seeder(s)"), mib_s);
+        progress.start(&format!("HTTP baseline (N={n})"), size);
+        let http_mib_s = http_fetch(&url, size, &progress).await?;
+        progress.done("HTTP baseline", http_mib_s);
+        if n == 1 && single == 0.0 {
+            single = mib_s;
+        }
+        if args.seeders.contains(&n) && !rows.iter().any(|r| r.seeders == n) {
+            rows.push(Row {
+                seeders: n,
+                mib_per_s: mib_s,
+                ratio_to_ideal: mib_s / (n as f64 * single),
+                http_mib_per_s: http_mib_s,
+                ratio_to_http: mib_s / http_mib_s,
+                first_byte_ms: f.first_byte.as_secs_f64() * 1000.0,
+                elapsed_s: f.elapsed.as_secs_f64(),
+                bytes_per_peer: f.bytes_per_peer,
+            });
+        }
+
+        if run == last {
+            // The leecher now holds version 1; fetch version 2 and see what crossed the wire.
+            let manifest = client
+                .manifest(seeders.nodes[0].peer_id(), i2.nar_hash)
+                .await?
+                .context("the seeder has no manifest of version 2")?;
+            progress.start("version 2 (dedup)", size);
+            let f = fetch(&leecher, manifest, &progress).await?;
+            let fetched: u64 = f.bytes_per_peer.iter().sum();
+            progress.done(
+                "version 2 (dedup)",
+                size as f64 / MIB / f.elapsed.as_secs_f64(),
+            );
+            dedup = Some(Dedup {
+                v2_size: v2.len() as u64,
+                fetched_bytes: fetched,
+                local_bytes: f.bytes_local,
+                fetched_ratio: fetched as f64 / v2.len() as f64,
+            });
+        }
+        drop(seeders);
+        drop(leecher);
+        // Free the leecher's copy before the next run.
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+    http.abort();
+    progress.finish();
+    rows.sort_by_key(|r| r.seeders);
+    Ok(Report {
+        mode: Mode::Loopback,
+        nar_size: size,
+        ideal_per_peer_mib_per_s: single,
+        rows,
+        dedup: dedup.expect("at least one run"),
+    })
+}
+
+pub fn table(r: &Report) -> String {
+    let mut s = format!(
+        "NAR {:.0} MiB, {:?} mode, ideal per peer {:.1} MiB/s\n",
+        r.nar_size as f64 / MIB,
+        r.mode,
+        r.ideal_per_peer_mib_per_s
+    );
+    s += &format!(
+        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10}\n",
+        "N", "MiB/s", "/ideal", "HTTP MiB/s", "/HTTP", "1st byte"
+    );
+    for row in &r.rows {
+        s += &format!(
+            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms\n",
+            row.seeders,
+            row.mib_per_s,
+            row.ratio_to_ideal,
+            row.http_mib_per_s,
+            row.ratio_to_http,
+            row.first_byte_ms
+        );
+    }
+    let d = &r.dedup;
+    s += &format!(
+        "dedup: version 2 ({:.1} MiB) fetched {:.2} MiB from peers ({:.2}%), {:.1} MiB local\n",
+        d.v2_size as f64 / MIB,
+        d.fetched_bytes as f64 / MIB,
+        d.fetched_ratio * 100.0,
+        d.local_bytes as f64 / MIB
+    );
+    s
+}
+
+/// Aggregate throughput against N, measured and ideal (N × the per-peer figure).
+pub fn svg(r: &Report) -> String {
+    let (w, h, m) = (640.0, 400.0, 60.0);
+    let max_n = r.rows.iter().map(|r| r.seeders).max().unwrap_or(1) as f64;
+    let max_y = r
+        .rows
+        .iter()
+        .flat_map(|row| {
+            [
+                row.mib_per_s,
+                row.seeders as f64 * r.ideal_per_peer_mib_per_s,
+            ]
+        })
+        .fold(1.0, f64::max)
+        * 1.1;
+    let x = |n: f64| m + (n / max_n) * (w - 2.0 * m);
+    let y = |v: f64| h - m - (v / max_y) * (h - 2.0 * m);
+    let line = |f: &dyn Fn(&Row) -> f64| {
+        r.rows
+            .iter()
+            .map(|row| format!("{:.1},{:.1}", x(row.seeders as f64), y(f(row))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">peerix bench: \
+         aggregate throughput, {:.0} MiB NAR, {:?}</text>\n\
+         <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">seeders (N)</text>\n\
+         <text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">MiB/s</text>\n",
+        w / 2.0,
+        r.nar_size as f64 / MIB,
+        r.mode,
+        h - m,
+        w - m,
+        h - m,
+        h - m,
+        w / 2.0,
+        h - 15.0,
+        h / 2.0,
+        h / 2.0,
+    );
+    for row in &r.rows {
+        let n = row.seeders as f64;
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            x(n),
+            h - m + 16.0,
+            row.seeders
+        );
+    }
+    for i in 0..=4 {
+        let v = max_y * i as f64 / 4.0;
+        s += &format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text>\n",
+            m - 6.0,
+            y(v) + 4.0
+        );
+    }
+    s += &format!(
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"gray\" stroke-dasharray=\"6 4\"/>\n",
+        line(&|row| row.seeders as f64 * r.ideal_per_peer_mib_per_s)
+    );
+    s += &format!(
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\"/>\n",
+        line(&|row| row.mib_per_s)
+    );
+    for row in &r.rows {
+        s += &format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"steelblue\"/>\n",
+            x(row.seeders as f64),
+            y(row.mib_per_s)
+        );
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" fill=\"steelblue\">measured</text>\n\
+         <text x=\"{}\" y=\"{}\" fill=\"gray\">ideal: N × {:.1} MiB/s</text>\n</svg>\n",
+        m + 10.0,
+        m + 4.0,
+        m + 10.0,
+        m + 20.0,
+        r.ideal_per_peer_mib_per_s
+    );
+    s
+}

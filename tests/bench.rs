@@ -1,0 +1,97 @@
+//! `peerix bench` end to end on loopback. Performance is reported, never asserted.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_peerix"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("running peerix bench");
+    assert!(
+        out.status.success(),
+        "peerix bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn loopback_bench_reports_every_seeder_count_and_dedup() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("chart.svg");
+    let out = bench(&[
+        "--seeders",
+        "1,2",
+        "--size-mib",
+        "16",
+        "--json",
+        "--svg",
+        svg.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let size = r["nar_size"].as_u64().unwrap();
+    assert_eq!(size, 16 << 20);
+    let rows = r["rows"].as_array().unwrap();
+    let ns: Vec<u64> = rows
+        .iter()
+        .map(|x| x["seeders"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, [1, 2], "one row per N");
+    for row in rows {
+        for k in [
+            "mib_per_s",
+            "ratio_to_ideal",
+            "http_mib_per_s",
+            "ratio_to_http",
+            "first_byte_ms",
+        ] {
+            let v = row[k].as_f64().unwrap();
+            assert!(v > 0.0 && v.is_finite(), "{k} = {v} in {row}");
+        }
+        let sent: u64 = row["bytes_per_peer"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .sum();
+        // Endgame duplicates may make it a little more than the NAR.
+        assert!(sent >= size, "the seeders sent the whole NAR: {row}");
+    }
+    assert!(r["ideal_per_peer_mib_per_s"].as_f64().unwrap() > 0.0);
+    let d = &r["dedup"];
+    assert_eq!(d["v2_size"].as_u64().unwrap(), size);
+    let fetched = d["fetched_bytes"].as_u64().unwrap();
+    assert!(
+        fetched > 0 && fetched < size / 4,
+        "version 2 fetched {fetched} of {size} bytes"
+    );
+    let chart = std::fs::read_to_string(&svg).expect("the SVG was written");
+    assert!(chart.starts_with("<svg") || chart.starts_with("<?xml"));
+    assert!(chart.trim_end().ends_with("</svg>"));
+}
+
+#[test]
+fn the_table_is_the_default_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench(&[
+        "--seeders",
+        "2",
+        "--size-mib",
+        "4",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("MiB/s"), "{text}");
+    assert!(text.contains("dedup"), "{text}");
+    // N = 1 is measured for the ideal line but only the asked-for N is a row.
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 1, "{text}");
+    assert!(rows[0].trim_start().starts_with("2 "), "{text}");
+}
