@@ -21,12 +21,12 @@ use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
 use peerix_swarm::{
     download, Catalog, Client, DownloadConfig, Node, NodeConfig, NodeEvent, ServeLimits, Server,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Every node in this process, on 127.0.0.1.
@@ -59,9 +59,15 @@ pub struct BenchArgs {
     /// Working directory (a temporary one, removed afterwards, by default).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// netns mode, inside the leecher's namespace: the seeders' addresses (internal).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub inner_seeders: Vec<String>,
+    /// netns mode, inside the leecher's namespace: seeder 0's HTTP URL of the NAR (internal).
+    #[arg(long, hide = true)]
+    pub inner_http: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Row {
     pub seeders: usize,
     /// Aggregate throughput of the peer download.
@@ -79,7 +85,7 @@ pub struct Row {
     pub bytes_per_peer: Vec<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Dedup {
     /// The leecher held version 1; version 2 differs from it in a few places.
     pub v2_size: u64,
@@ -90,7 +96,7 @@ pub struct Dedup {
     pub fetched_ratio: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub mode: Mode,
     pub nar_size: u64,
@@ -114,7 +120,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(loopback(&args))?,
-        Mode::Netns => bail!("--mode netns is not implemented yet"),
+        Mode::Netns if args.inner_seeders.is_empty() => crate::bench_netns::outer(&args)?,
+        Mode::Netns => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(loopback(&args))?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -142,7 +153,7 @@ pub fn nar_bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Version 2 of `v1`: a few bytes changed at a few places.
-fn second_version(v1: &[u8]) -> Vec<u8> {
+pub fn second_version(v1: &[u8]) -> Vec<u8> {
     let mut v2 = v1.to_vec();
     for i in 1..=4 {
         let at = v2.len() * i / 5;
@@ -153,12 +164,12 @@ fn second_version(v1: &[u8]) -> Vec<u8> {
     v2
 }
 
-fn store_path(name: &str) -> Result<StorePath> {
+pub fn store_path(name: &str) -> Result<StorePath> {
     let h = peerix_nix::base32::encode(&Sha256Hash::digest(name.as_bytes()).0[..20]);
     Ok(StorePath::from_base_name(&format!("{h}-{name}"))?)
 }
 
-fn narinfo(path: &StorePath, nar: &[u8]) -> NarInfo {
+pub fn narinfo(path: &StorePath, nar: &[u8]) -> NarInfo {
     let nar_hash = Sha256Hash::digest(nar);
     NarInfo {
         store_path: path.clone(),
@@ -238,9 +249,9 @@ struct Leecher {
     store: ChunkStore,
 }
 
-async fn start_node(dir: PathBuf, peers: Vec<String>) -> Result<Node> {
+pub async fn start_node(dir: PathBuf, listen: &str, peers: Vec<String>) -> Result<Node> {
     let mut c = NodeConfig::new(dir);
-    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    c.listen = vec![listen.parse()?];
     // Never on the real LAN: peers are given explicitly.
     c.mdns = false;
     c.peers = peers;
@@ -313,7 +324,7 @@ async fn fetch(leecher: &Leecher, manifest: Manifest, progress: &Progress) -> Re
 }
 
 /// A plain HTTP server on 127.0.0.1 serving `nar` at `/nar`.
-async fn http_server(nar: Bytes) -> Result<(String, tokio::task::JoinHandle<()>)> {
+pub async fn http_server(nar: Bytes, bind: &str) -> Result<(String, tokio::task::JoinHandle<()>)> {
     let app = axum::Router::new().route(
         "/nar",
         axum::routing::get(move || {
@@ -321,7 +332,7 @@ async fn http_server(nar: Bytes) -> Result<(String, tokio::task::JoinHandle<()>)
             async move { nar }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = tokio::net::TcpListener::bind(bind).await?;
     let url = format!("http://{}/nar", listener.local_addr()?);
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -366,61 +377,89 @@ async fn loopback(args: &BenchArgs) -> Result<Report> {
     let (p1, p2) = (store_path("bench-nar-1")?, store_path("bench-nar-2")?);
     let (i1, i2) = (narinfo(&p1, &v1), narinfo(&p2, &v2));
 
-    // One chunk store, shared by every seeder: the NAR is chunked once, and disk is spared.
-    progress.start("chunking the NAR (seeders)", size);
-    let seed_store = ChunkStore::open(&dir.join("seed-chunks"), Options::default())?;
-    for (p, nar) in [(&p1, &v1), (&p2, &v2)] {
-        let (p, nar) = (p.clone(), nar.clone());
-        seed_store
-            .blocking(move |cs| cs.ingest_nar(&nar[..], Some(&p), None, &mut |_| {}))
-            .await?;
-    }
-    let catalog: Arc<dyn Catalog> = Arc::new(HashMap::<StorePathHash, NarInfo>::from([
-        (p1.hash(), i1.clone()),
-        (p2.hash(), i2.clone()),
-    ]));
-    let (url, http) = http_server(v1.clone()).await?;
+    let netns = args.mode == Mode::Netns;
+    // Loopback: one chunk store, shared by every seeder: the NAR is chunked once, disk spared.
+    // netns: the seeders are other processes, started by the outer `peerix bench`.
+    let mut local = None;
+    let url = if netns {
+        args.inner_http.clone().context("--inner-http")?
+    } else {
+        progress.start("chunking the NAR (seeders)", size);
+        let seed_store = ChunkStore::open(&dir.join("seed-chunks"), Options::default())?;
+        ingest_both(&seed_store, [(&p1, &v1), (&p2, &v2)]).await?;
+        let catalog: Arc<dyn Catalog> = Arc::new(HashMap::<StorePathHash, NarInfo>::from([
+            (p1.hash(), i1.clone()),
+            (p2.hash(), i2.clone()),
+        ]));
+        let (url, http) = http_server(v1.clone(), "127.0.0.1:0").await?;
+        local = Some((seed_store, catalog, http));
+        url
+    };
 
-    // The single-peer figure the ideal line is built on: measured first, reused for N = 1.
+    // The single-peer figure the ideal line is built on (loopback): measured first, reused
+    // for N = 1. In netns mode it is the cap.
     let mut counts = args.seeders.clone();
-    if !counts.contains(&1) {
+    let mut single = 0.0;
+    if netns {
+        single = rate_mib_per_s(&args.rate)?;
+        if counts.iter().any(|&n| n > args.inner_seeders.len()) {
+            bail!("more seeders asked for than started");
+        }
+    } else if !counts.contains(&1) {
         counts.insert(0, 1);
     } else {
         counts.sort_by_key(|&n| n != 1);
     }
     let mut rows: Vec<Row> = vec![];
-    let mut single = 0.0;
     let mut dedup = None;
     let last = counts.len() - 1;
     for (run, &n) in counts.iter().enumerate() {
         let run_dir = dir.join(format!("run-{run}-n{n}"));
-        let leecher = Leecher {
-            node: Arc::new(start_node(run_dir.join("leecher"), vec![]).await?),
-            store: ChunkStore::open(&run_dir.join("leecher-chunks"), Options::default())?,
-        };
-        let leecher_addr = leecher.node.listen_addrs()[0].to_string();
         let mut seeders = Seeders {
             nodes: vec![],
             servers: vec![],
         };
-        for i in 0..n {
-            let node = Arc::new(
-                start_node(
-                    run_dir.join(format!("seeder-{i}")),
-                    vec![leecher_addr.clone()],
-                )
-                .await?,
-            );
-            let server = Server::new(seed_store.clone(), catalog.clone(), ServeLimits::default());
-            seeders
-                .servers
-                .push(tokio::spawn(server.run(node.stream_control())?));
-            seeders.nodes.push(node);
-        }
+        let addrs = match &local {
+            None => args.inner_seeders[..n].to_vec(),
+            Some((seed_store, catalog, _)) => {
+                for i in 0..n {
+                    let node = Arc::new(
+                        start_node(
+                            run_dir.join(format!("seeder-{i}")),
+                            "/ip4/127.0.0.1/tcp/0",
+                            vec![],
+                        )
+                        .await?,
+                    );
+                    let server =
+                        Server::new(seed_store.clone(), catalog.clone(), ServeLimits::default());
+                    seeders
+                        .servers
+                        .push(tokio::spawn(server.run(node.stream_control())?));
+                    seeders.nodes.push(node);
+                }
+                seeders
+                    .nodes
+                    .iter()
+                    .map(|n| n.listen_addrs()[0].to_string())
+                    .collect()
+            }
+        };
+        let listen = if netns {
+            "/ip4/0.0.0.0/tcp/0"
+        } else {
+            "/ip4/127.0.0.1/tcp/0"
+        };
+        // The leecher dials the seeders.
+        let leecher = Leecher {
+            node: Arc::new(start_node(run_dir.join("leecher"), listen, addrs).await?),
+            store: ChunkStore::open(&run_dir.join("leecher-chunks"), Options::default())?,
+        };
         wait_connected(&leecher.node, n).await?;
         let client = Client::new(leecher.node.stream_control());
+        let first = leecher.node.connected_peers().await[0];
         let manifest = client
-            .manifest(seeders.nodes[0].peer_id(), i1.nar_hash)
+            .manifest(first, i1.nar_hash)
             .await?
             .context("the seeder has no manifest of the NAR")?;
 
@@ -450,7 +489,7 @@ async fn loopback(args: &BenchArgs) -> Result<Report> {
         if run == last {
             // The leecher now holds version 1; fetch version 2 and see what crossed the wire.
             let manifest = client
-                .manifest(seeders.nodes[0].peer_id(), i2.nar_hash)
+                .manifest(first, i2.nar_hash)
                 .await?
                 .context("the seeder has no manifest of version 2")?;
             progress.start("version 2 (dedup)", size);
@@ -472,16 +511,54 @@ async fn loopback(args: &BenchArgs) -> Result<Report> {
         // Free the leecher's copy before the next run.
         let _ = std::fs::remove_dir_all(&run_dir);
     }
-    http.abort();
+    if let Some((_, _, http)) = local {
+        http.abort();
+    }
     progress.finish();
     rows.sort_by_key(|r| r.seeders);
     Ok(Report {
-        mode: Mode::Loopback,
+        mode: args.mode,
         nar_size: size,
         ideal_per_peer_mib_per_s: single,
         rows,
         dedup: dedup.expect("at least one run"),
     })
+}
+
+/// Chunk both versions of the NAR into `store`.
+pub async fn ingest_both(store: &ChunkStore, nars: [(&StorePath, &Bytes); 2]) -> Result<()> {
+    for (p, nar) in nars {
+        let (p, nar) = (p.clone(), nar.clone());
+        store
+            .blocking(move |cs| cs.ingest_nar(&nar[..], Some(&p), None, &mut |_| {}))
+            .await?;
+    }
+    Ok(())
+}
+
+/// A `tc` rate (`100mbit`, `50mbit`, `1gbit`, `800kbit`, `10mbps`) in MiB/s.
+pub fn rate_mib_per_s(rate: &str) -> Result<f64> {
+    let r = rate.trim().to_ascii_lowercase();
+    let digits = r
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(r.len());
+    let (num, unit) = r.split_at(digits);
+    let num: f64 = num.parse().with_context(|| format!("rate {rate}"))?;
+    let bits_per_s = match unit {
+        "bit" | "" => num,
+        "kbit" => num * 1e3,
+        "mbit" => num * 1e6,
+        "gbit" => num * 1e9,
+        "bps" => num * 8.0,
+        "kbps" => num * 8e3,
+        "mbps" => num * 8e6,
+        "gbps" => num * 8e9,
+        _ => bail!("rate {rate}: unknown unit {unit}"),
+    };
+    if bits_per_s <= 0.0 {
+        bail!("rate {rate} is not positive");
+    }
+    Ok(bits_per_s / 8.0 / MIB)
 }
 
 pub fn table(r: &Report) -> String {

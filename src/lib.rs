@@ -2,6 +2,7 @@
 //! the substituter that Nix talks to.
 
 pub mod bench;
+pub mod bench_netns;
 pub mod config;
 pub mod serve;
 pub mod share;

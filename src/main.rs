@@ -53,6 +53,12 @@ enum Command {
         #[command(flatten)]
         args: peerix::bench::BenchArgs,
     },
+    /// One seeder of `peerix bench --mode netns` (internal).
+    #[command(hide = true)]
+    BenchNode {
+        #[command(flatten)]
+        args: peerix::bench_netns::NodeArgs,
+    },
     /// Print the narinfo peerix would serve for a path in the local store.
     Narinfo {
         /// A store path (`/nix/store/<hash>-<name>`, or a path inside one).
@@ -114,7 +120,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     // The benchmark reports its own progress; the nodes' info logs would drown it.
     let default_filter = match cli.command {
-        Command::Bench { .. } => "warn",
+        // A lone seeder's DHT has nobody to bootstrap from; that is expected here.
+        Command::Bench { .. } | Command::BenchNode { .. } => "warn,libp2p_kad=error",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -126,6 +133,7 @@ fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Bench { args } => peerix::bench::run(args),
+        Command::BenchNode { args } => peerix::bench_netns::node(args),
         Command::Keygen {
             name,
             secret_file,

@@ -1,0 +1,238 @@
+//! `peerix bench --mode netns`: every seeder and the leecher in a network namespace of its own,
+//! joined by veths to a bridge in a hub namespace, each seeder's uplink capped with `tc tbf`.
+//! Root only. Nothing is configured outside the namespaces created here; a guard deletes them.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use peerix_chunkstore::{ChunkStore, Options};
+use peerix_nix::{NarInfo, StorePathHash};
+use peerix_swarm::{Catalog, ServeLimits, Server};
+
+use crate::bench::{self, BenchArgs, Report};
+
+/// `peerix bench-node`'s flags: one seeder, in the namespace it was started in.
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    #[arg(long)]
+    pub size_mib: u64,
+    /// The address to listen on (this namespace's).
+    #[arg(long)]
+    pub ip: String,
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The namespaces and processes of one benchmark; dropping it kills and deletes them all.
+struct Lab {
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Deleting a namespace deletes its veth ends, and with them their peers.
+        for ns in self.namespaces.iter().rev() {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+    }
+}
+
+impl Lab {
+    fn add_ns(&mut self, name: String) -> Result<()> {
+        sh(&["ip", "netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])
+    }
+
+    /// Namespace `ns`, wired to the hub's bridge, with address 10.233.0.`host`.
+    fn attach(&mut self, hub: &str, ns: &str, i: usize, host: usize) -> Result<()> {
+        let port = format!("p{i}");
+        sh(&[
+            "ip", "-n", hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            ns,
+        ])?;
+        sh(&["ip", "-n", hub, "link", "set", &port, "master", "br0", "up"])?;
+        let addr = format!("10.233.0.{host}/24");
+        sh(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])
+    }
+}
+
+pub fn outer(args: &BenchArgs) -> Result<Report> {
+    if !is_root() {
+        bail!("--mode netns needs root (it creates network namespaces)");
+    }
+    let max_n = *args.seeders.iter().max().context("--seeders")?;
+    if max_n > 200 {
+        bail!("at most 200 seeders in netns mode");
+    }
+    bench::rate_mib_per_s(&args.rate)?;
+    let exe = std::env::current_exe().context("finding the peerix binary")?;
+    let tmp;
+    let dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("peerix-bench").tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    std::fs::create_dir_all(&dir)?;
+    let pid = std::process::id();
+    let mut lab = Lab {
+        namespaces: vec![],
+        children: vec![],
+    };
+    let hub = format!("pxb{pid}-hub");
+    lab.add_ns(hub.clone())?;
+    sh(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+    sh(&["ip", "-n", &hub, "link", "set", "br0", "up"])?;
+    let leecher_ns = format!("pxb{pid}-l");
+    lab.add_ns(leecher_ns.clone())?;
+    lab.attach(&hub, &leecher_ns, 0, 1)?;
+    eprintln!("bench: starting {max_n} seeder(s), each chunking the NAR…");
+    let mut pending = vec![];
+    for i in 0..max_n {
+        let ns = format!("pxb{pid}-s{i}");
+        lab.add_ns(ns.clone())?;
+        lab.attach(&hub, &ns, i + 1, i + 2)?;
+        sh(&[
+            "ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+            &args.rate, "burst", "32kbit", "latency", "400ms",
+        ])?;
+        let ip = format!("10.233.0.{}", i + 2);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&exe)
+            .arg("bench-node")
+            .arg("--state-dir")
+            .arg(dir.join(format!("seeder-{i}")))
+            .args(["--size-mib", &args.size_mib.to_string(), "--ip", &ip])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a seeder")?;
+        let stdout = child.stdout.take().expect("piped");
+        lab.children.push(child);
+        pending.push(stdout);
+    }
+    let mut addrs = vec![];
+    let mut http = None;
+    for stdout in pending {
+        let mut lines = BufReader::new(stdout).lines();
+        let mut next = |what: &str| -> Result<String> {
+            let l = lines.next().context("a seeder exited")??;
+            l.strip_prefix(what)
+                .map(str::to_owned)
+                .with_context(|| format!("a seeder said {l:?}, not {what}…"))
+        };
+        addrs.push(next("peer ")?);
+        let url = next("http ")?;
+        http.get_or_insert(url);
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &leecher_ns])
+        .arg(&exe)
+        .args(["bench", "--mode", "netns", "--json", "--rate", &args.rate])
+        .arg("--seeders")
+        .arg(
+            args.seeders
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .args(["--size-mib", &args.size_mib.to_string()])
+        .arg("--state-dir")
+        .arg(dir.join("leecher"))
+        .arg("--inner-seeders")
+        .arg(addrs.join(","))
+        .arg("--inner-http")
+        .arg(http.context("no seeder")?)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    let out = cmd.output().context("running the leecher")?;
+    if !out.status.success() {
+        bail!("the leecher failed ({})", out.status);
+    }
+    let report: Report =
+        serde_json::from_slice(&out.stdout).context("reading the leecher's report")?;
+    drop(lab);
+    Ok(report)
+}
+
+/// `peerix bench-node`: a seeder holding both versions of the benchmark NAR; prints
+/// `peer <multiaddr>` and `http <url>`, then serves until its stdin closes.
+pub fn node(args: NodeArgs) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let size = (args.size_mib * 1024 * 1024) as usize;
+            let v1 = Bytes::from(bench::nar_bytes(0x5eed, size));
+            let v2 = Bytes::from(bench::second_version(&v1));
+            let (p1, p2) = (
+                bench::store_path("bench-nar-1")?,
+                bench::store_path("bench-nar-2")?,
+            );
+            let store = ChunkStore::open(&args.state_dir.join("chunks"), Options::default())?;
+            bench::ingest_both(&store, [(&p1, &v1), (&p2, &v2)]).await?;
+            let catalog: Arc<dyn Catalog> = Arc::new(HashMap::<StorePathHash, NarInfo>::from([
+                (p1.hash(), bench::narinfo(&p1, &v1)),
+                (p2.hash(), bench::narinfo(&p2, &v2)),
+            ]));
+            let node = bench::start_node(
+                args.state_dir.join("node"),
+                &format!("/ip4/{}/tcp/0", args.ip),
+                vec![],
+            )
+            .await?;
+            let server = Server::new(store, catalog, ServeLimits::default());
+            let serving = tokio::spawn(server.run(node.stream_control())?);
+            let (url, http) = bench::http_server(v1, &format!("{}:0", args.ip)).await?;
+            println!("peer {}", node.listen_addrs()[0]);
+            println!("http {url}");
+            // Serve until the benchmark lets go of our stdin.
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+            serving.abort();
+            http.abort();
+            Ok(())
+        })
+}
