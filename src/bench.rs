@@ -119,13 +119,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(loopback(&args))?,
+            .block_on(measure(&args))?,
         Mode::Netns if args.inner_seeders.is_empty() => crate::bench_netns::outer(&args)?,
         Mode::Netns => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(loopback(&args))?,
+            .block_on(measure(&args))?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -357,7 +357,9 @@ async fn http_fetch(url: &str, size: u64, progress: &Progress) -> Result<f64> {
     Ok(size as f64 / MIB / started.elapsed().as_secs_f64())
 }
 
-async fn loopback(args: &BenchArgs) -> Result<Report> {
+/// The measurements, in this process: on loopback with in-process seeders, or (netns mode)
+/// inside the leecher's namespace with the seeders `--inner-seeders` names.
+async fn measure(args: &BenchArgs) -> Result<Report> {
     let tmp;
     let dir = match &args.state_dir {
         Some(d) => {

@@ -114,6 +114,17 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         }
     };
     std::fs::create_dir_all(&dir)?;
+    // Ctrl-C reaches the whole process group: the seeders and the leecher die, and this
+    // process, no longer killed by it, fails on and cleans up through `Lab`'s drop.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let _rt = rt.enter();
+    use tokio::signal::unix::{signal, SignalKind};
+    let _signals = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    );
     let pid = std::process::id();
     let mut lab = Lab {
         namespaces: vec![],
