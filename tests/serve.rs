@@ -663,24 +663,38 @@ fn add_tree(nix: &Nix, name: &str, data: &[u8], key: &Path) -> String {
     path
 }
 
-#[test]
-fn chunks_come_from_two_peers_at_once() {
-    let Some(a_nix) = common::nix() else { return };
-    let c_nix = common::nix().unwrap();
-    let b_nix = common::nix().unwrap();
+/// Two holders (A and C, each with its own key) of the same 16 MiB path, and a node B that
+/// trusts both and is connected to both. `rot` runs on C's store after C indexed it.
+struct Trio {
+    a_nix: Nix,
+    b_nix: Nix,
+    /// Kept so C's store outlives the setup.
+    _c_nix: Nix,
+    a: Daemon,
+    b: Daemon,
+    c: Daemon,
+    b_key: (PathBuf, String),
+    big: String,
+}
+
+fn trio(name: &str, seed: u64, rot: impl FnOnce(&Nix, &str)) -> Option<Trio> {
+    let a_nix = common::nix()?;
+    let c_nix = common::nix()?;
+    let b_nix = common::nix()?;
     let (a_key, c_key, b_key) = (
         keys(&a_nix, "peer-a-1"),
         keys(&c_nix, "peer-c-1"),
         keys(&b_nix, "peer-b-1"),
     );
-    let data = noise(16 << 20, 0x1234_5678_9abc_def1);
-    let big = add_tree(&a_nix, "two-peers", &data, &a_key.0);
-    assert_eq!(add_tree(&c_nix, "two-peers", &data, &c_key.0), big);
+    let data = noise(16 << 20, seed);
+    let big = add_tree(&a_nix, name, &data, &a_key.0);
+    assert_eq!(add_tree(&c_nix, name, &data, &c_key.0), big);
     init_store(&b_nix);
     let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
     let mut c = Daemon::start("C", &c_nix, &["--private-key", c_key.0.to_str().unwrap()]);
     a.wait_scan();
     c.wait_scan();
+    rot(&c_nix, &big);
     let mut b = Daemon::start(
         "B",
         &b_nix,
@@ -699,17 +713,37 @@ fn chunks_come_from_two_peers_at_once() {
     );
     b.wait_peer(&a);
     b.wait_peer(&c);
-    let out = realise(&b_nix, &big, &b.url(), &b_key.1);
+    Some(Trio {
+        a_nix,
+        b_nix,
+        _c_nix: c_nix,
+        a,
+        b,
+        c,
+        b_key,
+        big,
+    })
+}
+
+#[test]
+fn chunks_come_from_two_peers_at_once() {
+    let Some(t) = trio("two-peers", 0x1234_5678_9abc_def1, |_, _| {}) else {
+        return;
+    };
+    let out = realise(&t.b_nix, &t.big, &t.b.url(), &t.b_key.1);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        nar_hashes(&b_nix, std::slice::from_ref(&big)),
-        nar_hashes(&a_nix, std::slice::from_ref(&big))
+        nar_hashes(&t.b_nix, std::slice::from_ref(&t.big)),
+        nar_hashes(&t.a_nix, std::slice::from_ref(&t.big))
     );
-    let (from_a, from_c) = (received_from(&b, &a.peer_id), received_from(&b, &c.peer_id));
+    let (from_a, from_c) = (
+        received_from(&t.b, &t.a.peer_id),
+        received_from(&t.b, &t.c.peer_id),
+    );
     assert!(
         from_a > 0 && from_c > 0,
         "from A {from_a}, from C {from_c}: not both"
@@ -758,62 +792,31 @@ fn an_update_costs_only_its_changed_chunks() {
 
 #[test]
 fn a_peer_that_cannot_serve_a_chunk_does_not_stop_the_right_path() {
-    let Some(a_nix) = common::nix() else { return };
-    let c_nix = common::nix().unwrap();
-    let b_nix = common::nix().unwrap();
-    let (a_key, c_key, b_key) = (
-        keys(&a_nix, "peer-a-1"),
-        keys(&c_nix, "peer-c-1"),
-        keys(&b_nix, "peer-b-1"),
-    );
-    let data = noise(16 << 20, 0x5555_aaaa_1234_4321);
-    let big = add_tree(&a_nix, "corrupt-peer", &data, &a_key.0);
-    assert_eq!(add_tree(&c_nix, "corrupt-peer", &data, &c_key.0), big);
-    init_store(&b_nix);
-    let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
-    let mut c = Daemon::start("C", &c_nix, &["--private-key", c_key.0.to_str().unwrap()]);
-    a.wait_scan();
-    c.wait_scan();
     // C's copy rots after it was indexed: its chunks there no longer match their ids.
-    {
+    let rot = |c_nix: &Nix, big: &str| {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(c_nix.real(&big).join("blob"))
+            .open(c_nix.real(big).join("blob"))
             .unwrap();
         for off in (0..16u64 << 20).step_by(1 << 20) {
             f.write_all_at(&[0xee; 16], off + 4096).unwrap();
         }
-    }
-    let mut b = Daemon::start(
-        "B",
-        &b_nix,
-        &[
-            "--trusted-key",
-            &a_key.1,
-            "--trusted-key",
-            &c_key.1,
-            "--private-key",
-            b_key.0.to_str().unwrap(),
-            "--peer",
-            &a.p2p,
-            "--peer",
-            &c.p2p,
-        ],
-    );
-    b.wait_peer(&a);
-    b.wait_peer(&c);
-    let out = realise(&b_nix, &big, &b.url(), &b_key.1);
+    };
+    let Some(t) = trio("corrupt-peer", 0x5555_aaaa_1234_4321, rot) else {
+        return;
+    };
+    let out = realise(&t.b_nix, &t.big, &t.b.url(), &t.b_key.1);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        nar_hashes(&b_nix, std::slice::from_ref(&big)),
-        nar_hashes(&a_nix, std::slice::from_ref(&big))
+        nar_hashes(&t.b_nix, std::slice::from_ref(&t.big)),
+        nar_hashes(&t.a_nix, std::slice::from_ref(&t.big))
     );
-    assert!(received_from(&b, &a.peer_id) > 0);
+    assert!(received_from(&t.b, &t.a.peer_id) > 0);
 }
 
 #[test]
