@@ -28,17 +28,6 @@ pub struct NodeArgs {
     pub ip: String,
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn sh(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -96,7 +85,7 @@ impl Lab {
 }
 
 pub fn outer(args: &BenchArgs) -> Result<Report> {
-    if !is_root() {
+    if !crate::is_root() {
         bail!("--mode netns needs root (it creates network namespaces)");
     }
     let max_n = *args.seeders.iter().max().context("--seeders")?;

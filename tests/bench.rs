@@ -96,20 +96,9 @@ fn the_table_is_the_default_output() {
     assert!(rows[0].trim_start().starts_with("2 "), "{text}");
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn netns_bench_reports_against_the_cap_and_cleans_up() {
-    if !is_root() {
+    if !peerix::is_root() {
         eprintln!("SKIPPED: netns_bench_reports_against_the_cap_and_cleans_up needs root");
         return;
     }

@@ -118,6 +118,24 @@ fn realise(nix: &Nix, top: &str, substituters: &str, keys: &str) -> std::process
     )
 }
 
+/// `realise`, which must succeed, and then `b` holds `paths` with the NarHashes `a` has.
+fn assert_substitutes(
+    b: &Nix,
+    a: &Nix,
+    top: &str,
+    substituters: &str,
+    keys: &str,
+    paths: &[String],
+) {
+    let out = realise(b, top, substituters, keys);
+    assert!(
+        out.status.success(),
+        "Nix could not substitute {top}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(nar_hashes(b, paths), nar_hashes(a, paths));
+}
+
 fn hash_part(path: &str) -> &str {
     &path.trim_start_matches("/nix/store/")[..32]
 }
@@ -202,16 +220,7 @@ fn nix_substitutes_a_closure_only_a_peer_holds() {
     assert_eq!((status, body.len()), (200, 0));
     assert_eq!(metric(&p.b, "peerix_nar_bytes_served"), 0);
 
-    let out = realise(&p.b_nix, &p.top, &p.b.url(), &p.b_key.1);
-    assert!(
-        out.status.success(),
-        "Nix could not substitute from peerix: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        nar_hashes(&p.b_nix, &p.paths),
-        nar_hashes(&p.a_nix, &p.paths)
-    );
+    assert_substitutes(&p.b_nix, &p.a_nix, &p.top, &p.b.url(), &p.b_key.1, &p.paths);
 
     let (status, body) = http(&p.b.http, "GET", "/metrics");
     assert_eq!(status, 200);
@@ -259,13 +268,7 @@ fn dead_peers_mean_a_quick_404_and_nix_falls_back() {
 
     let subs = format!("{} {}", b.url(), server.url);
     let trusted = format!("{} {}", b_key.1, s_pk);
-    let out = realise(&b_nix, &top, &subs, &trusted);
-    assert!(
-        out.status.success(),
-        "Nix did not fall back: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(nar_hashes(&b_nix, &paths), nar_hashes(&a_nix, &paths));
+    assert_substitutes(&b_nix, &a_nix, &top, &subs, &trusted, &paths);
 }
 
 /// A's private path (not signed by A, no upstream, no --share-all) never leaves A: B's narinfo
@@ -375,13 +378,7 @@ fn a_peer_with_an_untrusted_key_does_not_get_in_the_way() {
     );
     assert!(text.contains("peer-b-1:"), "{text}");
 
-    let out = realise(&b_nix, &top, &b.url(), &b_key.1);
-    assert!(
-        out.status.success(),
-        "Nix could not substitute: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(nar_hashes(&b_nix, &paths), nar_hashes(&a_nix, &paths));
+    assert_substitutes(&b_nix, &a_nix, &top, &b.url(), &b_key.1, &paths);
 }
 
 /// Requests that are not a narinfo or NAR name are refused without touching the filesystem;
@@ -730,15 +727,13 @@ fn chunks_come_from_two_peers_at_once() {
     let Some(t) = trio("two-peers", 0x1234_5678_9abc_def1, |_, _| {}) else {
         return;
     };
-    let out = realise(&t.b_nix, &t.big, &t.b.url(), &t.b_key.1);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        nar_hashes(&t.b_nix, std::slice::from_ref(&t.big)),
-        nar_hashes(&t.a_nix, std::slice::from_ref(&t.big))
+    assert_substitutes(
+        &t.b_nix,
+        &t.a_nix,
+        &t.big,
+        &t.b.url(),
+        &t.b_key.1,
+        std::slice::from_ref(&t.big),
     );
     let (from_a, from_c) = (
         received_from(&t.b, &t.a.peer_id),
@@ -806,15 +801,13 @@ fn a_peer_that_cannot_serve_a_chunk_does_not_stop_the_right_path() {
     let Some(t) = trio("corrupt-peer", 0x5555_aaaa_1234_4321, rot) else {
         return;
     };
-    let out = realise(&t.b_nix, &t.big, &t.b.url(), &t.b_key.1);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        nar_hashes(&t.b_nix, std::slice::from_ref(&t.big)),
-        nar_hashes(&t.a_nix, std::slice::from_ref(&t.big))
+    assert_substitutes(
+        &t.b_nix,
+        &t.a_nix,
+        &t.big,
+        &t.b.url(),
+        &t.b_key.1,
+        std::slice::from_ref(&t.big),
     );
     assert!(received_from(&t.b, &t.a.peer_id) > 0);
 }

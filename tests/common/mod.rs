@@ -15,16 +15,6 @@ pub struct Nix {
     pub dir: tempfile::TempDir,
 }
 
-fn is_root() -> bool {
-    // SAFETY: getuid has no preconditions.
-    unsafe { libc_getuid() == 0 }
-}
-
-extern "C" {
-    #[link_name = "getuid"]
-    fn libc_getuid() -> u32;
-}
-
 /// Real Nix, or `None` after saying loudly why the test is skipped. The test command in
 /// README.md sets PEERIX_REQUIRE_NIX=1 (and installs Nix), so CI never skips.
 pub fn nix() -> Option<Nix> {
@@ -37,7 +27,7 @@ pub fn nix() -> Option<Nix> {
         .unwrap_or(false);
     let why = if !have {
         Some("nix-store is not installed")
-    } else if !is_root() {
+    } else if !peerix::is_root() {
         Some("chroot-store builds need root (user namespaces for Nix's sandbox)")
     } else {
         None
