@@ -3,7 +3,8 @@
 //! Trees: `chunks` (id → [`ChunkRec`]), `manifests` (NarHash → manifest), `partial` (NarHash →
 //! manifest of a download in progress, which keeps its chunks from GC), `local` (NarHash → the
 //! base name of a local store path whose NAR it is), `paths` (store-path hash → NarHash and
-//! base name), `pins` (store-path hash → base name).
+//! base name), `pins` (store-path hash → base name), `pin_info` (store-path hash → the narinfo of
+//! a path pinned with its description), `seeds` (label → root and the paths pinned for it).
 
 use peerix_nix::Sha256Hash;
 

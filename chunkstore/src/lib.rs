@@ -16,7 +16,9 @@ mod store;
 pub use chunk::{ChunkId, ChunkerParams};
 pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Manifest};
-pub use store::{ChunkStore, FsckReport, GcStats, NarReader, Options, Progress, Stats};
+pub use store::{
+    ChunkStore, FsckReport, GcStats, NarReader, Options, Pinned, Progress, Seed, Stats,
+};
 
 /// No chunk is larger than this, whatever a peer or a file on disk says.
 pub const MAX_CHUNK: usize = 4 * 1024 * 1024;

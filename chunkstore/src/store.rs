@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use lru::LruCache;
 use peerix_nix::nar::NarLayout;
-use peerix_nix::{Sha256Hash, StorePath, StorePathHash};
+use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tracing::{debug, info, warn};
@@ -108,6 +108,8 @@ struct Inner {
     local: sled::Tree,
     paths: sled::Tree,
     pins: sled::Tree,
+    pin_info: sled::Tree,
+    seeds: sled::Tree,
     packs: Packs,
     params: ChunkerParams,
     store_root: Option<PathBuf>,
@@ -260,6 +262,8 @@ impl ChunkStore {
             local: db.open_tree("local")?,
             paths: db.open_tree("paths")?,
             pins: db.open_tree("pins")?,
+            pin_info: db.open_tree("pin_info")?,
+            seeds: db.open_tree("seeds")?,
             db,
             packs: Packs::open(&dir.join("packs"))?,
             params,
@@ -748,11 +752,48 @@ impl ChunkStore {
     /// Pin a store path's NAR: its chunk bytes are kept in packs (copied from the local store
     /// if needed) so it stays servable after the path leaves the local store.
     pub fn pin(&self, hash: &StorePathHash) -> Result<Manifest> {
+        let (m, name, _) = self.pin_chunks(hash)?;
+        self.inner.pins.insert(hash.0, name.as_bytes())?;
+        self.inner.db.flush()?;
+        Ok(m)
+    }
+
+    /// [`pin`](Self::pin), and keep the path's narinfo so the path can still be described to
+    /// peers once it has left the local store. Returns the bytes copied into packs (the rest
+    /// were held there already).
+    pub fn pin_path(&self, info: &NarInfo) -> Result<Pinned> {
+        let hash = info.store_path.hash();
+        let (manifest, _, copied) = self.pin_chunks(&hash)?;
+        if manifest.nar_hash != info.nar_hash {
+            return Err(Error::NarHashMismatch {
+                expected: info.nar_hash,
+                got: manifest.nar_hash,
+            });
+        }
+        let name = info.store_path.base_name().as_bytes();
+        let text = info.render();
+        (&self.inner.pins, &self.inner.pin_info)
+            .transaction(|(pins, infos)| {
+                pins.insert(&hash.0, name)?;
+                infos.insert(&hash.0, text.as_bytes())?;
+                Ok::<_, TxError>(())
+            })
+            .map_err(tx_err)?;
+        self.inner.db.flush()?;
+        Ok(Pinned {
+            manifest,
+            copied_bytes: copied,
+        })
+    }
+
+    /// Copy the chunks of a path's NAR into packs where they are not there yet.
+    fn pin_chunks(&self, hash: &StorePathHash) -> Result<(Manifest, String, u64)> {
         let (nar, name) = self
             .path_nar(hash)?
             .ok_or_else(|| Error::NotInLocalStore(hash.to_string()))?;
         let m = self.manifest(&nar)?.ok_or(Error::MissingNar(nar))?;
         let mut seen = HashSet::new();
+        let mut copied = 0;
         for c in &m.chunks {
             if !seen.insert(c.id) {
                 continue;
@@ -763,16 +804,71 @@ impl ChunkStore {
                 let _gc = self.inner.gc.read().expect("gc lock");
                 let loc = self.inner.packs.append(&c.id, &data)?;
                 self.drop_location(&c.id, |r| r.pack = r.pack.or(Some(loc)))?;
+                copied += data.len() as u64;
             }
         }
         self.inner.packs.sync()?;
-        self.inner.pins.insert(hash.0, name.as_bytes())?;
-        self.inner.db.flush()?;
-        Ok(m)
+        Ok((m, name, copied))
     }
 
     pub fn unpin(&self, hash: &StorePathHash) -> Result<bool> {
         let had = self.inner.pins.remove(hash.0)?.is_some();
+        self.inner.pin_info.remove(hash.0)?;
+        self.inner.db.flush()?;
+        Ok(had)
+    }
+
+    /// The narinfo kept for a path pinned with [`pin_path`](Self::pin_path).
+    pub fn pinned_info(&self, hash: &StorePathHash) -> Result<Option<NarInfo>> {
+        self.inner
+            .pin_info
+            .get(hash.0)?
+            .map(|v| parse_info(&v))
+            .transpose()
+    }
+
+    /// Every narinfo kept for a pinned path.
+    pub fn pinned_infos(&self) -> Result<Vec<NarInfo>> {
+        self.inner
+            .pin_info
+            .iter()
+            .values()
+            .map(|v| parse_info(&v?))
+            .collect()
+    }
+
+    /// Record a seed (replacing one with the same label).
+    pub fn put_seed(&self, seed: &Seed) -> Result<()> {
+        self.inner
+            .seeds
+            .insert(seed.label.as_bytes(), seed.encode())?;
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    pub fn seed(&self, label: &str) -> Result<Option<Seed>> {
+        self.inner
+            .seeds
+            .get(label.as_bytes())?
+            .map(|v| Seed::decode(label, &v))
+            .transpose()
+    }
+
+    pub fn seeds(&self) -> Result<Vec<Seed>> {
+        self.inner
+            .seeds
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let label =
+                    std::str::from_utf8(&k).map_err(|_| Error::BadRecord { what: "seed" })?;
+                Seed::decode(label, &v)
+            })
+            .collect()
+    }
+
+    pub fn remove_seed(&self, label: &str) -> Result<bool> {
+        let had = self.inner.seeds.remove(label.as_bytes())?.is_some();
         self.inner.db.flush()?;
         Ok(had)
     }
@@ -1137,6 +1233,65 @@ impl ChunkStore {
             s.pack_file_bytes += i.packs.file_len(p)?;
         }
         Ok(s)
+    }
+}
+
+fn parse_info(v: &[u8]) -> Result<NarInfo> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .ok_or(Error::BadRecord {
+            what: "pinned narinfo",
+        })
+}
+
+/// What [`ChunkStore::pin_path`] did.
+#[derive(Clone, Debug)]
+pub struct Pinned {
+    pub manifest: Manifest,
+    /// Chunk bytes copied into packs; the rest of the NAR was already there.
+    pub copied_bytes: u64,
+}
+
+/// A closure pinned under a label (what the operator named: a store path, or a link to one
+/// such as `/run/current-system`): its root and every path pinned for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seed {
+    pub label: String,
+    /// Base name of the store path the label resolved to.
+    pub root: String,
+    pub members: Vec<StorePathHash>,
+}
+
+impl Seed {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(2 + self.root.len() + 20 * self.members.len());
+        let n = u16::try_from(self.root.len()).unwrap_or(u16::MAX);
+        v.extend_from_slice(&n.to_le_bytes());
+        v.extend_from_slice(&self.root.as_bytes()[..usize::from(n)]);
+        for m in &self.members {
+            v.extend_from_slice(&m.0);
+        }
+        v
+    }
+
+    fn decode(label: &str, v: &[u8]) -> Result<Self> {
+        let bad = || Error::BadRecord { what: "seed" };
+        let n = usize::from(u16::from_le_bytes(
+            v.get(..2).ok_or_else(bad)?.try_into().expect("2"),
+        ));
+        let root = std::str::from_utf8(v.get(2..2 + n).ok_or_else(bad)?).map_err(|_| bad())?;
+        let members = v[2 + n..].chunks_exact(20);
+        if !members.remainder().is_empty() {
+            return Err(bad());
+        }
+        Ok(Self {
+            label: label.to_owned(),
+            root: root.to_owned(),
+            members: members
+                .map(|c| StorePathHash(c.try_into().expect("20")))
+                .collect(),
+        })
     }
 }
 

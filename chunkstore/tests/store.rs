@@ -468,3 +468,53 @@ async fn concurrent_ingest_and_read() {
     let r = cs.fsck(true).unwrap();
     assert!(r.is_clean(), "{:?}", r.problems);
 }
+
+#[test]
+fn pinned_narinfos_and_seeds_survive_a_reopen() {
+    use peerix_chunkstore::Seed;
+    use peerix_nix::NarInfo;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let a = fake_store_path(&root, "a", 21, 300_000);
+    let b = fake_store_path(&root, "b", 22, 300_000);
+    let dir = t.path().join("cs");
+    {
+        let cs = open(&dir, Some(&root));
+        for p in [&a, &b] {
+            let m = cs.ingest_local(p, None, &mut none).unwrap();
+            let info = NarInfo::parse(&format!(
+                "StorePath: {}\nURL: nar/x.nar\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: {}\n",
+                p.to_full_path(),
+                m.nar_hash,
+                m.nar_size,
+                a.base_name()
+            ))
+            .unwrap();
+            let pinned = cs.pin_path(&info).unwrap();
+            assert_eq!(pinned.copied_bytes, m.nar_size, "first pin copies it all");
+            assert_eq!(cs.pin_path(&info).unwrap().copied_bytes, 0, "then nothing");
+        }
+        cs.put_seed(&Seed {
+            label: "/run/current-system".into(),
+            root: b.base_name().into(),
+            members: vec![a.hash(), b.hash()],
+        })
+        .unwrap();
+    }
+    let cs = open(&dir, Some(&root));
+    let seeds = cs.seeds().unwrap();
+    assert_eq!(seeds.len(), 1);
+    assert_eq!(seeds[0].members, vec![a.hash(), b.hash()]);
+    assert_eq!(
+        cs.seed("/run/current-system").unwrap(),
+        Some(seeds[0].clone())
+    );
+    let info = cs.pinned_info(&b.hash()).unwrap().unwrap();
+    assert_eq!(info.store_path, b);
+    assert!(info.references.contains(&a));
+    assert_eq!(cs.pinned_infos().unwrap().len(), 2);
+    assert!(cs.unpin(&b.hash()).unwrap());
+    assert!(cs.pinned_info(&b.hash()).unwrap().is_none());
+    assert!(cs.remove_seed("/run/current-system").unwrap());
+    assert!(cs.seeds().unwrap().is_empty());
+}
