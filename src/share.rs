@@ -58,7 +58,7 @@ impl Default for ShareConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// The upstream cache has the same NarHash: already public.
     Upstream,
@@ -116,6 +116,8 @@ pub struct Sharing {
     shared: RwLock<Shared>,
     /// Upstream verdicts by path hash and NarHash, so a rescan asks only about new paths.
     verdicts: Mutex<HashMap<(StorePathHash, Sha256Hash), bool>>,
+    /// One scan at a time: the periodic one and those a seed asks for.
+    scanning: tokio::sync::Mutex<()>,
 }
 
 impl Sharing {
@@ -137,7 +139,28 @@ impl Sharing {
                 nars: HashSet::new(),
             }),
             verdicts: Mutex::new(HashMap::new()),
+            scanning: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Why a path would be shared if it were not pinned; `None`: it would stay private.
+    pub async fn reason_unpinned(&self, info: &PathInfo) -> Option<Reason> {
+        if self.denied(info.path.name()) {
+            return None;
+        }
+        if let Some(r) = self.decide_locally(info, &HashSet::new()) {
+            return Some(r);
+        }
+        self.upstream_has(info).await.then_some(Reason::Upstream)
+    }
+
+    /// How many paths are shared, for each reason.
+    pub fn counts(&self) -> HashMap<Reason, usize> {
+        let mut m = HashMap::new();
+        for (_, r) in self.shared.read().expect("shared").paths.values() {
+            *m.entry(*r).or_default() += 1;
+        }
+        m
     }
 
     pub fn denied(&self, name: &str) -> bool {
@@ -191,6 +214,7 @@ impl Sharing {
     /// Walk the local store, decide what is shared, and index what is shared into the chunk
     /// store (in place, one path at a time, so the scan's CPU stays bounded).
     pub async fn scan(&self) -> anyhow::Result<ScanReport> {
+        let _one = self.scanning.lock().await;
         let local = self.local.clone();
         let infos: Vec<PathInfo> = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut v = vec![];
@@ -212,6 +236,27 @@ impl Sharing {
             valid: infos.len(),
             ..ScanReport::default()
         };
+        // Pinned paths that have left the local store are still served, from packs, as the
+        // narinfo kept when they were pinned describes them.
+        let valid: HashSet<StorePathHash> = infos.iter().map(|i| i.path.hash()).collect();
+        let gone: Vec<PathInfo> = self
+            .store
+            .blocking(|cs| cs.pinned_infos())
+            .await?
+            .into_iter()
+            .filter(|n| !valid.contains(&n.store_path.hash()))
+            .map(|n| PathInfo {
+                path: n.store_path,
+                nar_hash: n.nar_hash,
+                nar_size: n.nar_size,
+                references: n.references,
+                deriver: n.deriver,
+                sigs: n.sigs,
+                ca: n.ca,
+                registration_time: 0,
+                ultimate: false,
+            })
+            .collect();
         let mut undecided = vec![];
         let mut decided = vec![];
         for info in infos {
@@ -221,6 +266,11 @@ impl Sharing {
                 decided.push((info, r));
             } else {
                 undecided.push(info);
+            }
+        }
+        for info in gone {
+            if !self.denied(info.path.name()) {
+                decided.push((info, Reason::Pinned));
             }
         }
         let checked: Vec<(PathInfo, bool)> = stream::iter(undecided)
@@ -239,7 +289,10 @@ impl Sharing {
             }
         }
         rep.shared = decided.len();
-        for (info, _) in &decided {
+        for (info, _) in decided
+            .iter()
+            .filter(|(i, _)| valid.contains(&i.path.hash()))
+        {
             let (path, nar_hash, nar_size) = (info.path.clone(), info.nar_hash, info.nar_size);
             let res = self
                 .store
