@@ -48,6 +48,22 @@ enum Command {
         #[command(flatten)]
         args: Box<peerix::config::ServeArgs>,
     },
+    /// Pin closures so this machine keeps serving them to its peers, even after they leave
+    /// the local Nix store; the running daemon announces them at once.
+    Seed {
+        #[command(flatten)]
+        args: peerix::seed_cmd::SeedArgs,
+    },
+    /// Remove seeds: their paths are unpinned and the space they took is given back.
+    Unseed {
+        #[command(flatten)]
+        args: peerix::seed_cmd::UnseedArgs,
+    },
+    /// The daemon's peers, the seeds with their sizes, what is shared, and the chunk store.
+    Status {
+        #[command(flatten)]
+        args: peerix::seed_cmd::StatusArgs,
+    },
     /// Measure multi-peer download throughput against N seeders (self-contained).
     Bench {
         #[command(flatten)]
@@ -122,6 +138,8 @@ fn main() -> Result<()> {
     let default_filter = match cli.command {
         // A lone seeder's DHT has nobody to bootstrap from; that is expected here.
         Command::Bench { .. } | Command::BenchNode { .. } => "warn,libp2p_kad=error",
+        // These commands print what they do; logs would only repeat it.
+        Command::Seed { .. } | Command::Unseed { .. } | Command::Status { .. } => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -149,7 +167,18 @@ fn main() -> Result<()> {
         } => narinfo(&store_path, &store, sign.as_deref()),
         Command::Store { args, command } => store::run(&args.state_dir, &args.store, command),
         Command::Serve { args } => serve(*args),
+        Command::Seed { args } => block_on(peerix::seed_cmd::seed(args)),
+        Command::Unseed { args } => block_on(peerix::seed_cmd::unseed(args)),
+        Command::Status { args } => block_on(peerix::seed_cmd::status(args)),
     }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
 }
 
 fn serve(args: peerix::config::ServeArgs) -> Result<()> {

@@ -39,7 +39,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::admin::Daemon;
 use crate::config::ServeConfig;
+use crate::seed::Seeder;
 use crate::share::{ShareConfig, Sharing};
 use crate::trust::Trust;
 
@@ -136,6 +138,7 @@ struct App {
     client: Client,
     lookup: Lookup,
     trust: Arc<Trust>,
+    sharing: Arc<Sharing>,
     server: ServerHandle,
     by_path: Mutex<LruCache<StorePathHash, Arc<Presented>>>,
     by_nar: Mutex<LruCache<Sha256Hash, Arc<Presented>>>,
@@ -153,8 +156,17 @@ fn read_key(path: &std::path::Path) -> Result<SecretKey> {
         .with_context(|| format!("secret key {}", path.display()))
 }
 
-/// Run the daemon until it is killed or the HTTP server fails.
-pub async fn run(cfg: ServeConfig) -> Result<()> {
+/// The stores and the sharing rules, opened from the settings: what the daemon and `peerix seed`
+/// (when no daemon runs) work with.
+pub struct Parts {
+    pub local: Arc<LocalStore>,
+    pub store: ChunkStore,
+    pub upstream: Option<Arc<UpstreamCache>>,
+    pub own_key: Option<SecretKey>,
+    pub sharing: Arc<Sharing>,
+}
+
+pub fn open_parts(cfg: &ServeConfig) -> Result<Parts> {
     let own_key = cfg.private_key.as_deref().map(read_key).transpose()?;
     let local = Arc::new(
         LocalStore::open(&cfg.store)
@@ -182,11 +194,29 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
             deny: cfg.deny.clone(),
             ..ShareConfig::default()
         },
-        local,
+        local.clone(),
         store.clone(),
         upstream.clone(),
         own_key.clone(),
     ));
+    Ok(Parts {
+        local,
+        store,
+        upstream,
+        own_key,
+        sharing,
+    })
+}
+
+/// Run the daemon until it is killed or the HTTP server fails.
+pub async fn run(cfg: ServeConfig) -> Result<()> {
+    let Parts {
+        local,
+        store,
+        upstream,
+        own_key,
+        sharing,
+    } = open_parts(&cfg)?;
 
     let mut nc = NodeConfig::new(cfg.state_dir.join("p2p"));
     nc.listen = cfg.p2p_listen.clone();
@@ -228,6 +258,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         client,
         lookup,
         trust,
+        sharing: sharing.clone(),
         server: server_handle,
         by_path: Mutex::new(LruCache::new(cap)),
         by_nar: Mutex::new(LruCache::new(cap)),
@@ -235,6 +266,18 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         metrics,
         registry,
     });
+
+    let daemon = Arc::new(Daemon {
+        seeder: Seeder {
+            store: app.store.clone(),
+            local,
+            sharing: sharing.clone(),
+        },
+        node: node.clone(),
+        http: addr,
+        busy: tokio::sync::Mutex::new(()),
+    });
+    tokio::spawn(crate::admin::listen(&cfg.state_dir, daemon)?);
 
     let p2p: Vec<String> = node.listen_addrs().iter().map(|a| a.to_string()).collect();
     eprintln!(
@@ -419,6 +462,19 @@ impl App {
             }
         }
         let until = tokio::time::Instant::now() + self.timeout;
+        // A path this node shares but Nix no longer has (a seeded path that left the store):
+        // described by this node's own store database, signed with its key, served from packs.
+        if let Some(own) = peerix_swarm::Catalog::lookup(self.sharing.as_ref(), &hash) {
+            let nh = own.nar_hash;
+            if self
+                .store
+                .blocking(move |cs| cs.has_manifest(&nh))
+                .await
+                .unwrap_or(false)
+            {
+                return Some(own);
+            }
+        }
         let found = self.lookup.find(hash, self.timeout).await?;
         let info = tokio::time::timeout_at(until, self.trust.present(&found.info))
             .await
