@@ -10,31 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::Nix;
 
-use common::Daemon;
-
-/// A raw HTTP/1.1 request (nothing normalises the path); status and body.
-fn http(addr: &str, method: &str, path: &str) -> (u16, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = vec![];
-    s.read_to_end(&mut buf).unwrap();
-    let head_end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response head");
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status");
-    (status, buf[head_end + 4..].to_vec())
-}
+use common::{http, Daemon};
 
 fn keys(nix: &Nix, name: &str) -> (PathBuf, String) {
     let d = nix.scratch("keys");

@@ -1,0 +1,267 @@
+//! `peerix seed`, `unseed` and `status` end to end: real daemons with chroot stores, the admin
+//! socket, and real Nix substituting what a seed keeps available.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::{peerix, Daemon, Nix};
+
+fn keys(nix: &Nix, name: &str) -> (PathBuf, String) {
+    let d = nix.scratch("keys");
+    let (sk, pk) = (d.join(format!("{name}.sec")), d.join(format!("{name}.pub")));
+    nix.run(
+        "nix-store",
+        &[
+            "--generate-binary-cache-key",
+            name,
+            sk.to_str().unwrap(),
+            pk.to_str().unwrap(),
+        ],
+    );
+    (sk, std::fs::read_to_string(&pk).unwrap())
+}
+
+/// `app` → `lib`: a closure that nothing shares until it is seeded (unsigned, no upstream).
+fn build_app(nix: &Nix, salt: &str) -> (String, Vec<String>) {
+    let expr = format!(
+        r#"let
+  mk = name: script: builtins.derivation {{
+    inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" script ]; salt = "{salt}";
+  }};
+  lib = mk "seedlib" "/bin/mkdir -p $out/lib; /bin/dd if=/dev/zero bs=1024 count=512 2>/dev/null | /bin/tr '\\000' x > $out/lib/data";
+  app = mk "seedapp" "/bin/mkdir -p $out/bin; echo ${{lib}} > $out/bin/app";
+in [ app lib ]"#
+    );
+    let out = nix.build(&expr);
+    (out[0].clone(), out)
+}
+
+fn nar_hashes(nix: &Nix, paths: &[String]) -> BTreeMap<String, String> {
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    nix.path_info_json(&refs)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["path"].as_str().unwrap().to_owned(),
+                o["narHash"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Run a `peerix` subcommand against a node's state directory and chroot store; its stdout,
+/// and whether it succeeded.
+fn run(nix: &Nix, state: &Path, args: &[&str]) -> (bool, String, String) {
+    let store = nix.store_arg();
+    let out = peerix()
+        .args(args)
+        .args(["--state-dir", state.to_str().unwrap(), "--store", &store])
+        .args(["--upstream-cache", "none"])
+        .output()
+        .expect("spawn peerix");
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("peerix {args:?}:\n{so}{se}");
+    (out.status.success(), so, se)
+}
+
+fn run_ok(nix: &Nix, state: &Path, args: &[&str]) -> String {
+    let (ok, so, se) = run(nix, state, args);
+    assert!(ok, "peerix {args:?} failed:\n{so}{se}");
+    so
+}
+
+fn status(nix: &Nix, state: &Path) -> serde_json::Value {
+    serde_json::from_str(&run_ok(nix, state, &["status", "--json"])).unwrap()
+}
+
+/// Delete paths from a chroot store, as `nix-collect-garbage` would.
+fn delete(nix: &Nix, paths: &[String]) {
+    let s = nix.store_arg();
+    let mut args = vec!["--store", &s, "--delete"];
+    args.extend(paths.iter().map(String::as_str));
+    nix.run("nix-store", &args);
+    for p in paths {
+        assert!(!nix.real(p).exists(), "{p} still in the store");
+    }
+}
+
+fn realise(nix: &Nix, top: &str, url: &str, key: &str) -> std::process::Output {
+    let s = nix.store_arg();
+    nix.output(
+        "nix-store",
+        &[
+            "--store",
+            &s,
+            "-r",
+            top,
+            "--option",
+            "substituters",
+            url,
+            "--option",
+            "trusted-public-keys",
+            key,
+        ],
+    )
+}
+
+fn init_store(nix: &Nix) {
+    let s = nix.store_arg();
+    nix.run("nix", &["path-info", "--store", &s, "--all"]);
+}
+
+#[test]
+fn a_seeded_closure_is_served_after_it_leaves_the_store_and_a_restart() {
+    let (Some(a_nix), Some(b_nix)) = (common::nix(), common::nix()) else {
+        return;
+    };
+    let (top, paths) = build_app(&a_nix, "seed-1");
+    let want = nar_hashes(&a_nix, &paths);
+    let a_key = keys(&a_nix, "seed-a-1");
+    init_store(&b_nix);
+    let a_args = ["--private-key", a_key.0.to_str().unwrap()];
+    let mut a = Daemon::start("A", &a_nix, &a_args);
+    assert_eq!(a.wait_scan(), 0, "nothing is shared before the seed");
+    let a_state = a_nix.scratch("state-A");
+
+    // Seeding private paths is a decision the output states; a pipe gets plain lines.
+    let out = run_ok(&a_nix, &a_state, &["seed", &top]);
+    assert!(
+        out.contains("2 of them were not shared before"),
+        "output: {out}"
+    );
+    assert!(out.contains("peerix: pinned 2/2 "), "output: {out}");
+    assert!(
+        out.contains("announces them to its peers now"),
+        "output: {out}"
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "no terminal codes on a pipe: {out:?}"
+    );
+
+    let st = status(&a_nix, &a_state);
+    assert_eq!(st["seeds"].as_array().unwrap().len(), 1);
+    assert_eq!(st["seeds"][0]["label"], top.as_str());
+    assert_eq!(st["seeds"][0]["paths"], 2);
+    assert!(st["seeds"][0]["bytes"].as_u64().unwrap() > 512 * 1024);
+    assert_eq!(st["daemon"]["shared"]["pinned"], 2);
+    assert_eq!(st["store"]["pins"], 2);
+
+    // The paths leave A's Nix store, and A restarts: the seed keeps them served.
+    delete(&a_nix, &paths);
+    drop(a);
+    let mut a = Daemon::start("A", &a_nix, &a_args);
+    assert_eq!(
+        a.wait_scan(),
+        2,
+        "the seeded paths are shared after a restart"
+    );
+    let human = run_ok(&a_nix, &a_state, &["status"]);
+    assert!(human.contains(&format!("{top}: 2 paths")), "{human}");
+    assert!(human.contains("seeded 2"), "{human}");
+
+    let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &a.p2p]);
+    b.wait_peer(&a);
+    let r = realise(&b_nix, &top, &b.url(), &a_key.1);
+    assert!(
+        r.status.success(),
+        "Nix could not substitute the seeded closure: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(nar_hashes(&b_nix, &paths), want);
+
+    // A's own Nix gets the seeded paths back from A's chunk store.
+    let r = realise(&a_nix, &top, &a.url(), &a_key.1);
+    assert!(
+        r.status.success(),
+        "A's Nix could not get its seeded closure back: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(nar_hashes(&a_nix, &paths), want);
+
+    // Unseeding by the label; an unknown name is an error.
+    let (ok, _, err) = run(
+        &a_nix,
+        &a_state,
+        &["unseed", "/nix/store/nothing-like-this"],
+    );
+    assert!(!ok && err.contains("no seed named"), "{err}");
+    let out = run_ok(&a_nix, &a_state, &["unseed", &top]);
+    assert!(out.contains(&format!("unseeded {top}")), "{out}");
+    assert!(out.contains("2 paths no longer pinned"), "{out}");
+    let st = status(&a_nix, &a_state);
+    assert_eq!(st["seeds"].as_array().unwrap().len(), 0);
+    assert_eq!(st["store"]["pins"], 0);
+}
+
+#[test]
+fn seeding_without_a_daemon_is_announced_when_it_starts() {
+    let (Some(a_nix), Some(b_nix)) = (common::nix(), common::nix()) else {
+        return;
+    };
+    let (top, paths) = build_app(&a_nix, "seed-2");
+    let want = nar_hashes(&a_nix, &paths);
+    let a_key = keys(&a_nix, "seed-b-1");
+    init_store(&b_nix);
+    let a_state = a_nix.scratch("state-A");
+
+    // A link to the closure, given in a list file, as `nix-build` leaves `./result`.
+    let link = a_nix.scratch("links").join("result");
+    std::os::unix::fs::symlink(&top, &link).unwrap();
+    let list = a_nix.scratch("lists").join("seed.txt");
+    std::fs::write(&list, format!("# what to seed\n{}\n", link.display())).unwrap();
+    let out = run_ok(
+        &a_nix,
+        &a_state,
+        &["seed", "--from-file", list.to_str().unwrap()],
+    );
+    assert!(
+        out.contains(&format!("seeding {} ({top})", link.display())),
+        "{out}"
+    );
+    assert!(out.contains("peerix serve is not running"), "{out}");
+    let st = status(&a_nix, &a_state);
+    assert!(st["daemon"].is_null());
+    assert_eq!(st["seeds"][0]["label"], link.to_str().unwrap());
+    assert_eq!(st["seeds"][0]["paths"], 2);
+
+    // A path that a deny pattern matches is not seeded, and the output says so.
+    let secret_dir = a_nix.scratch("secret-src");
+    std::fs::write(secret_dir.join("pw"), "hunter2").unwrap();
+    let tree = a_nix.scratch("tree").join("wifi-password");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("pw"), "hunter2").unwrap();
+    let secret = a_nix.add(&tree);
+    let out = run_ok(&a_nix, &a_state, &["seed", &secret]);
+    assert!(
+        out.contains("1 path not seeded: deny patterns match"),
+        "{out}"
+    );
+
+    delete(&a_nix, &paths);
+    let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
+    assert_eq!(a.wait_scan(), 2);
+    let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &a.p2p]);
+    b.wait_peer(&a);
+    let r = realise(&b_nix, &top, &b.url(), &a_key.1);
+    assert!(
+        r.status.success(),
+        "Nix could not substitute the seeded closure: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(nar_hashes(&b_nix, &paths), want);
+    let narinfo = format!(
+        "/{}.narinfo",
+        &secret.trim_start_matches("/nix/store/")[..32]
+    );
+    let (status, _) = common::http(&b.http, "GET", &narinfo);
+    assert_eq!(status, 404, "a denied path is never served");
+}
