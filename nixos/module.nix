@@ -30,6 +30,16 @@ let
     ++ concatMap (p: [ "--deny" p ]) cfg.deny
     ++ optionals (cfg.settings != { }) [ "--config" "${settingsFile}" ];
 
+  # `peerix seed` asks the running daemon; the settings matter only when it does the work itself.
+  seedArgs =
+    [ "seed" "--state-dir" cfg.stateDir ]
+    ++ [ "--upstream-cache" (if cfg.upstreamCache == null then "none" else cfg.upstreamCache) ]
+    ++ optional cfg.shareAll "--share-all"
+    ++ optionals (cfg.privateKeyFile != null) [ "--private-key" "%d/peerix.sec" ]
+    ++ concatMap (p: [ "--deny" p ]) cfg.deny
+    ++ optionals (cfg.settings != { }) [ "--config" "${settingsFile}" ]
+    ++ concatMap (p: [ "--closure-of" p ]) cfg.seed;
+
   ownPublicKeys =
     optional (cfg.publicKey != null) cfg.publicKey
     ++ optional (cfg.publicKeyFile != null) (lib.removeSuffix "\n" (builtins.readFile cfg.publicKeyFile));
@@ -236,12 +246,24 @@ in
       wantedBy = [ "multi-user.target" ];
       after = [ "peerix.service" ];
       requires = [ "peerix.service" ];
+      # Seeding again is cheap (what is pinned stays pinned) and moves a link such as
+      # /run/current-system to the generation it points at now, releasing the old one.
+      startAt = "hourly";
       serviceConfig = {
         Type = "oneshot";
+        ExecStart = lib.escapeShellArgs ([ (lib.getExe cfg.package) ] ++ seedArgs);
         User = cfg.user;
         Group = cfg.group;
-        ExecStart = lib.escapeShellArgs ([ (lib.getExe cfg.package) "seed" "--state-dir" cfg.stateDir ]
-          ++ concatMap (p: [ "--closure-of" p ]) cfg.seed);
+        LoadCredential = optional (cfg.privateKeyFile != null) "peerix.sec:${cfg.privateKeyFile}";
+        ReadOnlyPaths = [ "/nix/store" "/nix/var/nix/db" ];
+        ReadWritePaths = [ cfg.stateDir ];
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        CapabilityBoundingSet = "";
       };
     };
 

@@ -36,6 +36,12 @@ pub struct CommonArgs {
     /// Nix secret key, as for `peerix serve` (used only when no daemon runs).
     #[arg(long, value_name = "FILE")]
     pub private_key: Option<PathBuf>,
+    /// Deny patterns, as for `peerix serve` (used only when no daemon runs).
+    #[arg(long = "deny", value_name = "GLOB")]
+    pub deny: Vec<String>,
+    /// As for `peerix serve` (used only when no daemon runs).
+    #[arg(long)]
+    pub share_all: bool,
 }
 
 impl CommonArgs {
@@ -46,6 +52,8 @@ impl CommonArgs {
             store: self.store.clone(),
             upstream_cache: self.upstream_cache.clone(),
             private_key: self.private_key.clone(),
+            deny: self.deny.clone(),
+            share_all: self.share_all,
             ..ServeArgs::default()
         })
     }

@@ -1,6 +1,6 @@
 //! flake.nix and the NixOS module, checked where no nixpkgs is available: every `.nix` file
-//! parses, and every flag the module passes to `peerix serve` is one that `peerix serve --help`
-//! lists.
+//! parses, and every flag the module passes to `peerix serve` and `peerix seed` is one that the
+//! command's `--help` lists.
 
 mod common;
 
@@ -58,23 +58,32 @@ fn flags_between(src: &str, start: &str, end: &str) -> Vec<String> {
     flags
 }
 
-#[test]
-fn module_options_map_to_flags_that_exist() {
-    let module =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos/module.nix"))
-            .unwrap();
-    let help = String::from_utf8(common::peerix_ok(&["serve", "--help"])).unwrap();
-    let flags = flags_between(&module, "args =", "ownPublicKeys =");
-    assert!(flags.len() >= 15, "too few flags found: {flags:?}");
-    for f in &flags {
+/// Every flag is one that `peerix COMMAND --help` lists.
+fn assert_listed(command: &str, flags: &[String]) {
+    let help = String::from_utf8(common::peerix_ok(&[command, "--help"])).unwrap();
+    for f in flags {
         let listed = help
             .split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[' || c == ']')
             .any(|w| w == f);
         assert!(
             listed,
-            "the module passes {f}, which `peerix serve --help` does not list"
+            "the module passes {f}, which `peerix {command} --help` does not list"
         );
     }
+}
+
+#[test]
+fn module_options_map_to_flags_that_exist() {
+    let module =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos/module.nix"))
+            .unwrap();
+    let flags = flags_between(&module, "args =", "seedArgs =");
+    assert!(flags.len() >= 15, "too few flags found: {flags:?}");
+    assert_listed("serve", &flags);
+    // The seed service's command line, against `peerix seed --help`.
+    let flags = flags_between(&module, "seedArgs =", "ownPublicKeys =");
+    assert!(flags.len() >= 6, "too few seed flags found: {flags:?}");
+    assert_listed("seed", &flags);
     // Every option of the earlier peerix modules is still there.
     for opt in [
         "enable",
