@@ -41,6 +41,8 @@ pub enum SeedEvent {
         newly_shared: Vec<String>,
         denied: Vec<String>,
     },
+    /// Work on a path begins (a big one can take a while).
+    Begin { name: String, nar_size: u64 },
     /// One path is pinned; `copied` of its NAR bytes were not held in the chunk store before.
     Path {
         name: String,
@@ -147,6 +149,10 @@ impl Seeder {
             for info in seeded {
                 let name = info.path.base_name().to_owned();
                 let nar_size = info.nar_size;
+                on_event(SeedEvent::Begin {
+                    name: name.clone(),
+                    nar_size,
+                });
                 let copied = self
                     .store
                     .blocking(move |cs| {

@@ -224,6 +224,17 @@ impl Printer {
                     self.bar = Some(b);
                 }
             }
+            SeedEvent::Begin { name, nar_size } => {
+                if let Some(b) = &self.bar {
+                    b.set_message(format!(
+                        "paths {}/{}, {:.0}% already held; {name} ({})",
+                        self.paths.0,
+                        self.paths.1,
+                        dedup_pct(self.bytes.0, self.bytes.1),
+                        human(nar_size)
+                    ));
+                }
+            }
             SeedEvent::Path {
                 name,
                 nar_size,
@@ -270,7 +281,7 @@ fn paths_n(n: usize) -> String {
 
 fn dedup_pct(bytes: u64, copied: u64) -> f64 {
     if bytes == 0 {
-        100.0
+        0.0
     } else {
         100.0 * (1.0 - copied as f64 / bytes as f64)
     }
@@ -324,10 +335,12 @@ fn print_seeded(s: &SeedSummary) {
         dedup_pct(s.bytes, s.copied)
     );
     if s.newly_shared > 0 {
-        println!(
-            "peerix: {} of them are shared only because they are seeded",
-            s.newly_shared
-        );
+        let (n, verb) = if s.newly_shared == 1 {
+            ("1 path is".to_owned(), "it is")
+        } else {
+            (format!("{} paths are", s.newly_shared), "they are")
+        };
+        println!("peerix: {n} shared only because {verb} seeded");
     }
     if s.announced {
         println!("peerix: peerix serve announces them to its peers now");
