@@ -11,11 +11,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use futures::StreamExt;
 use peerix_chunkstore::{ChunkStore, Seed};
 use peerix_nix::{LocalStore, NarInfo, PathInfo, StorePath, StorePathHash, STORE_DIR};
 use serde::{Deserialize, Serialize};
 
 use crate::share::Sharing;
+
+/// Upstream checks in flight at once.
+const UPSTREAM_CONCURRENCY: usize = 8;
 
 /// Names listed in full when the output states what a seed newly shares or leaves out.
 const NAMES_SHOWN: usize = 20;
@@ -120,19 +124,29 @@ impl Seeder {
             })
             .await??;
 
-            let mut newly_shared = vec![];
-            let mut denied = vec![];
-            let mut seeded = vec![];
-            for info in infos {
-                if self.sharing.denied(info.path.name()) {
-                    denied.push(info.path.base_name().to_owned());
-                    continue;
-                }
-                if self.sharing.reason_unpinned(&info).await.is_none() {
-                    newly_shared.push(info.path.base_name().to_owned());
-                }
-                seeded.push(info);
-            }
+            let (denied, seeded): (Vec<PathInfo>, Vec<PathInfo>) = infos
+                .into_iter()
+                .partition(|i| self.sharing.denied(i.path.name()));
+            let denied: Vec<String> = denied
+                .iter()
+                .map(|i| i.path.base_name().to_owned())
+                .collect();
+            // Upstream is asked about several paths at once, as a scan does.
+            let sharing = self.sharing.clone();
+            let reasons: Vec<_> = futures::stream::iter(seeded.clone())
+                .map(move |i| {
+                    let sharing = sharing.clone();
+                    async move { sharing.reason_unpinned(&i).await }
+                })
+                .buffered(UPSTREAM_CONCURRENCY)
+                .collect()
+                .await;
+            let newly_shared: Vec<String> = seeded
+                .iter()
+                .zip(&reasons)
+                .filter(|(_, r)| r.is_none())
+                .map(|(i, _)| i.path.base_name().to_owned())
+                .collect();
             let bytes = seeded.iter().map(|i| i.nar_size).sum::<u64>();
             sum.newly_shared += newly_shared.len();
             sum.denied += denied.len();
