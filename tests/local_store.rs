@@ -13,23 +13,6 @@ fn sp(s: &str) -> StorePath {
     s.parse().unwrap()
 }
 
-/// A signing key pair in the test directory; returns the secret key file.
-fn gen_key(nix: &Nix, name: &str) -> String {
-    let dir = nix.scratch("keys");
-    let sk = dir.join(format!("{name}.sk"));
-    let pk = dir.join(format!("{name}.pk"));
-    nix.run(
-        "nix-store",
-        &[
-            "--generate-binary-cache-key",
-            name,
-            sk.to_str().unwrap(),
-            pk.to_str().unwrap(),
-        ],
-    );
-    sk.to_str().unwrap().to_owned()
-}
-
 fn sign(nix: &Nix, sk: &str, paths: &[&str]) {
     let s = nix.store_arg();
     let mut args = vec!["store", "sign", "--store", &s, "--key-file", sk];
@@ -101,8 +84,8 @@ fn agrees_with_nix_path_info_for_every_path() {
     let built = nix.build_closure("local-store-agrees");
     let added = nix.add(&tree(&nix, "a", "content a"));
     let added2 = nix.add(&tree(&nix, "b", "content b"));
-    let k1 = gen_key(&nix, "test-key-1");
-    let k2 = gen_key(&nix, "test-key-2");
+    let k1 = nix.keys("test-key-1").0.to_str().unwrap().to_owned();
+    let k2 = nix.keys("test-key-2").0.to_str().unwrap().to_owned();
     sign(&nix, &k1, &[&built[0], &built[2], &added]);
     sign(&nix, &k2, &[&built[2]]);
 

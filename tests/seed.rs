@@ -3,25 +3,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{peerix, Daemon, Nix};
-
-fn keys(nix: &Nix, name: &str) -> (PathBuf, String) {
-    let d = nix.scratch("keys");
-    let (sk, pk) = (d.join(format!("{name}.sec")), d.join(format!("{name}.pub")));
-    nix.run(
-        "nix-store",
-        &[
-            "--generate-binary-cache-key",
-            name,
-            sk.to_str().unwrap(),
-            pk.to_str().unwrap(),
-        ],
-    );
-    (sk, std::fs::read_to_string(&pk).unwrap())
-}
 
 /// `app` → `lib`: a closure that nothing shares until it is seeded (unsigned, no upstream).
 fn build_app(nix: &Nix, salt: &str) -> (String, Vec<String>) {
@@ -37,21 +21,6 @@ in [ app lib ]"#
     );
     let out = nix.build(&expr);
     (out[0].clone(), out)
-}
-
-fn nar_hashes(nix: &Nix, paths: &[String]) -> BTreeMap<String, String> {
-    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    nix.path_info_json(&refs)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            (
-                o["path"].as_str().unwrap().to_owned(),
-                o["narHash"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
 }
 
 /// Run a `peerix` subcommand against a node's state directory and chroot store; its stdout,
@@ -93,39 +62,15 @@ fn delete(nix: &Nix, paths: &[String]) {
     }
 }
 
-fn realise(nix: &Nix, top: &str, url: &str, key: &str) -> std::process::Output {
-    let s = nix.store_arg();
-    nix.output(
-        "nix-store",
-        &[
-            "--store",
-            &s,
-            "-r",
-            top,
-            "--option",
-            "substituters",
-            url,
-            "--option",
-            "trusted-public-keys",
-            key,
-        ],
-    )
-}
-
-fn init_store(nix: &Nix) {
-    let s = nix.store_arg();
-    nix.run("nix", &["path-info", "--store", &s, "--all"]);
-}
-
 #[test]
 fn a_seeded_closure_is_served_after_it_leaves_the_store_and_a_restart() {
     let (Some(a_nix), Some(b_nix)) = (common::nix(), common::nix()) else {
         return;
     };
     let (top, paths) = build_app(&a_nix, "seed-1");
-    let want = nar_hashes(&a_nix, &paths);
-    let a_key = keys(&a_nix, "seed-a-1");
-    init_store(&b_nix);
+    let want = a_nix.nar_hashes(&paths);
+    let a_key = a_nix.keys("seed-a-1");
+    b_nix.init_store();
     let a_args = ["--private-key", a_key.0.to_str().unwrap()];
     let mut a = Daemon::start("A", &a_nix, &a_args);
     assert_eq!(a.wait_scan(), 0, "nothing is shared before the seed");
@@ -170,22 +115,22 @@ fn a_seeded_closure_is_served_after_it_leaves_the_store_and_a_restart() {
 
     let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &a.p2p]);
     b.wait_peer(&a);
-    let r = realise(&b_nix, &top, &b.url(), &a_key.1);
+    let r = b_nix.realise(&top, &b.url(), &a_key.1);
     assert!(
         r.status.success(),
         "Nix could not substitute the seeded closure: {}",
         String::from_utf8_lossy(&r.stderr)
     );
-    assert_eq!(nar_hashes(&b_nix, &paths), want);
+    assert_eq!(b_nix.nar_hashes(&paths), want);
 
     // A's own Nix gets the seeded paths back from A's chunk store.
-    let r = realise(&a_nix, &top, &a.url(), &a_key.1);
+    let r = a_nix.realise(&top, &a.url(), &a_key.1);
     assert!(
         r.status.success(),
         "A's Nix could not get its seeded closure back: {}",
         String::from_utf8_lossy(&r.stderr)
     );
-    assert_eq!(nar_hashes(&a_nix, &paths), want);
+    assert_eq!(a_nix.nar_hashes(&paths), want);
 
     // Unseeding by the label; an unknown name is an error.
     let (ok, _, err) = run(
@@ -208,9 +153,9 @@ fn seeding_without_a_daemon_is_announced_when_it_starts() {
         return;
     };
     let (top, paths) = build_app(&a_nix, "seed-2");
-    let want = nar_hashes(&a_nix, &paths);
-    let a_key = keys(&a_nix, "seed-b-1");
-    init_store(&b_nix);
+    let want = a_nix.nar_hashes(&paths);
+    let a_key = a_nix.keys("seed-b-1");
+    b_nix.init_store();
     let a_state = a_nix.scratch("state-A");
 
     // A link to the closure, given in a list file, as `nix-build` leaves `./result`.
@@ -251,13 +196,13 @@ fn seeding_without_a_daemon_is_announced_when_it_starts() {
     assert_eq!(a.wait_scan(), 2);
     let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &a.p2p]);
     b.wait_peer(&a);
-    let r = realise(&b_nix, &top, &b.url(), &a_key.1);
+    let r = b_nix.realise(&top, &b.url(), &a_key.1);
     assert!(
         r.status.success(),
         "Nix could not substitute the seeded closure: {}",
         String::from_utf8_lossy(&r.stderr)
     );
-    assert_eq!(nar_hashes(&b_nix, &paths), want);
+    assert_eq!(b_nix.nar_hashes(&paths), want);
     let narinfo = format!(
         "/{}.narinfo",
         &secret.trim_start_matches("/nix/store/")[..32]

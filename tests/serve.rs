@@ -12,28 +12,6 @@ use common::Nix;
 
 use common::{http, Daemon};
 
-fn keys(nix: &Nix, name: &str) -> (PathBuf, String) {
-    let d = nix.scratch("keys");
-    let (sk, pk) = (d.join(format!("{name}.sec")), d.join(format!("{name}.pub")));
-    nix.run(
-        "nix-store",
-        &[
-            "--generate-binary-cache-key",
-            name,
-            sk.to_str().unwrap(),
-            pk.to_str().unwrap(),
-        ],
-    );
-    let pk = std::fs::read_to_string(&pk).unwrap();
-    (sk, pk)
-}
-
-/// Make sure the chroot store exists (its database too), so a daemon can open it.
-fn init_store(nix: &Nix) {
-    let s = nix.store_arg();
-    nix.run("nix", &["path-info", "--store", &s, "--all"]);
-}
-
 fn sign(nix: &Nix, key: &Path, top: &str) {
     let s = nix.store_arg();
     nix.run(
@@ -51,49 +29,6 @@ fn sign(nix: &Nix, key: &Path, top: &str) {
     );
 }
 
-fn closure(nix: &Nix, top: &str) -> Vec<String> {
-    let s = nix.store_arg();
-    nix.run("nix-store", &["--store", &s, "-qR", top])
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn nar_hashes(nix: &Nix, paths: &[String]) -> BTreeMap<String, String> {
-    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    nix.path_info_json(&refs)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            (
-                o["path"].as_str().unwrap().to_owned(),
-                o["narHash"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-/// `nix-store -r top` in `nix`'s store from `substituters`, trusting `keys`.
-fn realise(nix: &Nix, top: &str, substituters: &str, keys: &str) -> std::process::Output {
-    let s = nix.store_arg();
-    nix.output(
-        "nix-store",
-        &[
-            "--store",
-            &s,
-            "-r",
-            top,
-            "--option",
-            "substituters",
-            substituters,
-            "--option",
-            "trusted-public-keys",
-            keys,
-        ],
-    )
-}
-
 /// `realise`, which must succeed, and then `b` holds `paths` with the NarHashes `a` has.
 fn assert_substitutes(
     b: &Nix,
@@ -103,13 +38,13 @@ fn assert_substitutes(
     keys: &str,
     paths: &[String],
 ) {
-    let out = realise(b, top, substituters, keys);
+    let out = b.realise(top, substituters, keys);
     assert!(
         out.status.success(),
         "Nix could not substitute {top}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(nar_hashes(b, paths), nar_hashes(a, paths));
+    assert_eq!(b.nar_hashes(paths), a.nar_hashes(paths));
 }
 
 fn hash_part(path: &str) -> &str {
@@ -138,13 +73,13 @@ fn pair_with(salt: &str, b_extra: &[&str], prepare: impl FnOnce(&Nix, &Path)) ->
     let b_nix = common::nix()?;
     let built = a_nix.build_closure(salt);
     let top = built[0].clone();
-    let a_key = keys(&a_nix, "peer-a-1");
-    let b_key = keys(&b_nix, "peer-b-1");
+    let a_key = a_nix.keys("peer-a-1");
+    let b_key = b_nix.keys("peer-b-1");
     sign(&a_nix, &a_key.0, &top);
     prepare(&a_nix, &a_key.0);
-    let paths = closure(&a_nix, &top);
+    let paths = a_nix.closure(&top);
     assert_eq!(paths.len(), 3);
-    init_store(&b_nix);
+    b_nix.init_store();
     let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
     assert!(a.wait_scan() >= 3);
     let mut args = vec![
@@ -213,7 +148,7 @@ fn dead_peers_mean_a_quick_404_and_nix_falls_back() {
         return;
     };
     // A static cache with the same closure, signed by its own key.
-    let (s_sk, s_pk) = keys(&p.a_nix, "static-1");
+    let (s_sk, s_pk) = p.a_nix.keys("static-1");
     let dir = p.a_nix.scratch("static-cache");
     let to = format!(
         "file://{}?compression=none&secret-key={}",
@@ -258,7 +193,7 @@ fn private_paths_are_never_served() {
         return;
     };
     let private = private.unwrap();
-    for path in closure(&p.a_nix, &private) {
+    for path in p.a_nix.closure(&private) {
         let (status, _) = http(&p.b.http, "GET", &format!("/{}.narinfo", hash_part(&path)));
         assert_eq!(status, 404, "{path} was served");
     }
@@ -268,7 +203,7 @@ fn private_paths_are_never_served() {
     // Straight to A over the peer protocol: nothing for the private path, not even its
     // manifest by NarHash; the shared path as control.
     let hash_of = |path: &str| -> peerix_nix::Sha256Hash {
-        let h = nar_hashes(&p.a_nix, &[path.to_owned()]);
+        let h = p.a_nix.nar_hashes(&[path.to_owned()]);
         h.values().next().unwrap().parse().unwrap()
     };
     let (priv_nar, shared_nar) = (hash_of(&private), hash_of(&p.top));
@@ -311,13 +246,13 @@ fn a_peer_with_an_untrusted_key_does_not_get_in_the_way() {
     let c_nix = common::nix().unwrap();
     let top = a_nix.build_closure("serve-d")[0].clone();
     assert_eq!(c_nix.build_closure("serve-d")[0], top);
-    let a_key = keys(&a_nix, "peer-a-1");
-    let b_key = keys(&b_nix, "peer-b-1");
-    let c_key = keys(&c_nix, "peer-c-1");
+    let a_key = a_nix.keys("peer-a-1");
+    let b_key = b_nix.keys("peer-b-1");
+    let c_key = c_nix.keys("peer-c-1");
     sign(&a_nix, &a_key.0, &top);
     sign(&c_nix, &c_key.0, &top);
-    init_store(&b_nix);
-    let paths = closure(&a_nix, &top);
+    b_nix.init_store();
+    let paths = a_nix.closure(&top);
     // C first, so it is asked too.
     let mut c = Daemon::start("C", &c_nix, &["--private-key", c_key.0.to_str().unwrap()]);
     assert!(c.wait_scan() >= 3);
@@ -362,7 +297,7 @@ fn a_peer_with_an_untrusted_key_does_not_get_in_the_way() {
 #[test]
 fn bad_requests_are_refused() {
     let Some(nix) = common::nix() else { return };
-    init_store(&nix);
+    nix.init_store();
     // Settings from a config file too; a flag overrides the file.
     let conf = nix.scratch("conf").join("peerix.toml");
     std::fs::write(&conf, "priority = 17\ntimeout = 5.0\nshare-all = true\n").unwrap();
@@ -593,7 +528,7 @@ fn a_failed_download_cuts_the_response() {
         }
     }
     // Nix never takes it.
-    let out = realise(&p.b_nix, &big, &p.b.url(), &p.b_key.1);
+    let out = p.b_nix.realise(&big, &p.b.url(), &p.b_key.1);
     assert!(!out.status.success());
     let s = p.b_nix.store_arg();
     let valid = p
@@ -655,14 +590,14 @@ fn trio(name: &str, seed: u64, rot: impl FnOnce(&Nix, &str)) -> Option<Trio> {
     let c_nix = common::nix()?;
     let b_nix = common::nix()?;
     let (a_key, c_key, b_key) = (
-        keys(&a_nix, "peer-a-1"),
-        keys(&c_nix, "peer-c-1"),
-        keys(&b_nix, "peer-b-1"),
+        a_nix.keys("peer-a-1"),
+        c_nix.keys("peer-c-1"),
+        b_nix.keys("peer-b-1"),
     );
     let data = noise(16 << 20, seed);
     let big = add_tree(&a_nix, name, &data, &a_key.0);
     assert_eq!(add_tree(&c_nix, name, &data, &c_key.0), big);
-    init_store(&b_nix);
+    b_nix.init_store();
     let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
     let mut c = Daemon::start("C", &c_nix, &["--private-key", c_key.0.to_str().unwrap()]);
     a.wait_scan();
@@ -737,7 +672,7 @@ fn an_update_costs_only_its_changed_chunks() {
         return;
     };
     let (p1, p2) = made.unwrap();
-    let out = realise(&p.b_nix, &p1, &p.b.url(), &p.b_key.1);
+    let out = p.b_nix.realise(&p1, &p.b.url(), &p.b_key.1);
     assert!(
         out.status.success(),
         "{}",
@@ -745,7 +680,7 @@ fn an_update_costs_only_its_changed_chunks() {
     );
     let after_v1 = received_from(&p.b, &p.a.peer_id);
     let saved_v1 = metric(&p.b, "peerix_dedup_saved_bytes");
-    let out = realise(&p.b_nix, &p2, &p.b.url(), &p.b_key.1);
+    let out = p.b_nix.realise(&p2, &p.b.url(), &p.b_key.1);
     assert!(
         out.status.success(),
         "{}",
@@ -791,7 +726,7 @@ fn a_peer_that_cannot_serve_a_chunk_does_not_stop_the_right_path() {
 #[test]
 fn sigterm_stops_the_daemon_cleanly() {
     let Some(nix) = common::nix() else { return };
-    init_store(&nix);
+    nix.init_store();
     let mut d = Daemon::start("T", &nix, &[]);
     d.wait_scan();
     let pid = d.child.id().to_string();

@@ -11,19 +11,10 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap()
 }
 
-/// Nix's own key pair, made by Nix.
+/// Nix's own key pair, made by Nix: the secret and public key files.
 fn nix_keys(nix: &common::Nix, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let d = nix.scratch("keys");
-    let (sk, pk) = (d.join(format!("{name}.sec")), d.join(format!("{name}.pub")));
-    nix.run(
-        "nix-store",
-        &[
-            "--generate-binary-cache-key",
-            name,
-            sk.to_str().unwrap(),
-            pk.to_str().unwrap(),
-        ],
-    );
+    let (sk, _) = nix.keys(name);
+    let pk = sk.with_extension("pub");
     (sk, pk)
 }
 
@@ -187,14 +178,6 @@ fn peerix_cache(nix: &common::Nix, dir: &Path, paths: &[String], sign: Option<&P
     }
 }
 
-fn closure(nix: &common::Nix, top: &str) -> Vec<String> {
-    let store = nix.store_arg();
-    nix.run("nix-store", &["--store", &store, "-qR", top])
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 /// `nix-store -r` in a fresh store, substituting only from `url` and trusting only `key`.
 fn substitute(url: &str, key: &str, top: &str) -> (bool, String, common::Nix) {
     let b = common::nix().unwrap();
@@ -226,7 +209,7 @@ fn nix_substitutes_from_a_peerix_signed_cache_and_rejects_bad_signatures() {
     let Some(nix) = common::nix() else { return };
     let built = nix.build_closure("substitute");
     let top = built[0].clone();
-    let paths = closure(&nix, &top);
+    let paths = nix.closure(&top);
     assert_eq!(paths.len(), 3);
     let (sk, pk) = peerix_keys(&nix, "peerix-sub-1");
     let pk = read(&pk);

@@ -130,6 +130,73 @@ in [ top mid leaf ]"#
         self.build(&expr)
     }
 
+    /// A binary-cache key pair made by Nix: the secret key file and the public key.
+    pub fn keys(&self, name: &str) -> (PathBuf, String) {
+        let d = self.scratch("keys");
+        let (sk, pk) = (d.join(format!("{name}.sec")), d.join(format!("{name}.pub")));
+        self.run(
+            "nix-store",
+            &[
+                "--generate-binary-cache-key",
+                name,
+                sk.to_str().unwrap(),
+                pk.to_str().unwrap(),
+            ],
+        );
+        (sk, std::fs::read_to_string(&pk).unwrap())
+    }
+
+    /// Make sure the chroot store exists (its database too), so a daemon can open it.
+    pub fn init_store(&self) {
+        let s = self.store_arg();
+        self.run("nix", &["path-info", "--store", &s, "--all"]);
+    }
+
+    /// `nix-store -qR top`.
+    pub fn closure(&self, top: &str) -> Vec<String> {
+        let s = self.store_arg();
+        self.run("nix-store", &["--store", &s, "-qR", top])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Each path's NarHash as Nix reports it.
+    pub fn nar_hashes(&self, paths: &[String]) -> std::collections::BTreeMap<String, String> {
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        self.path_info_json(&refs)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["path"].as_str().unwrap().to_owned(),
+                    o["narHash"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// `nix-store -r top` from `substituters` only, trusting `keys` only.
+    pub fn realise(&self, top: &str, substituters: &str, keys: &str) -> Output {
+        let s = self.store_arg();
+        self.output(
+            "nix-store",
+            &[
+                "--store",
+                &s,
+                "-r",
+                top,
+                "--option",
+                "substituters",
+                substituters,
+                "--option",
+                "trusted-public-keys",
+                keys,
+            ],
+        )
+    }
+
     /// `nix path-info --json --sigs` of some paths, parsed.
     pub fn path_info_json(&self, paths: &[&str]) -> serde_json::Value {
         let s = self.store_arg();
