@@ -62,22 +62,74 @@ fn delete(nix: &Nix, paths: &[String]) {
     }
 }
 
+/// A (holding a closure nothing shares, with a key) and an empty B.
+struct Setup {
+    a_nix: Nix,
+    b_nix: Nix,
+    top: String,
+    paths: Vec<String>,
+    /// A's NarHashes of `paths`.
+    want: std::collections::BTreeMap<String, String>,
+    a_key: (std::path::PathBuf, String),
+    a_state: std::path::PathBuf,
+}
+
+fn setup(salt: &str) -> Option<Setup> {
+    let (a_nix, b_nix) = (common::nix()?, common::nix()?);
+    let (top, paths) = build_app(&a_nix, salt);
+    let want = a_nix.nar_hashes(&paths);
+    let a_key = a_nix.keys(&format!("{salt}-1"));
+    b_nix.init_store();
+    let a_state = a_nix.scratch("state-A");
+    Some(Setup {
+        a_nix,
+        b_nix,
+        top,
+        paths,
+        want,
+        a_key,
+        a_state,
+    })
+}
+
+impl Setup {
+    /// B starts, connected to A and trusting A's key, and its Nix substitutes the closure
+    /// with A's NarHashes.
+    fn b_substitutes(&self, a: &Daemon) -> Daemon {
+        let args = ["--trusted-key", &self.a_key.1, "--peer", &a.p2p];
+        let mut b = Daemon::start("B", &self.b_nix, &args);
+        b.wait_peer(a);
+        let r = self.b_nix.realise(&self.top, &b.url(), &self.a_key.1);
+        assert!(
+            r.status.success(),
+            "Nix could not substitute the seeded closure: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert_eq!(self.b_nix.nar_hashes(&self.paths), self.want);
+        b
+    }
+}
+
 #[test]
 fn a_seeded_closure_is_served_after_it_leaves_the_store_and_a_restart() {
-    let (Some(a_nix), Some(b_nix)) = (common::nix(), common::nix()) else {
+    let Some(t) = setup("seed-1") else {
         return;
     };
-    let (top, paths) = build_app(&a_nix, "seed-1");
-    let want = a_nix.nar_hashes(&paths);
-    let a_key = a_nix.keys("seed-a-1");
-    b_nix.init_store();
+    let Setup {
+        a_nix,
+        top,
+        paths,
+        want,
+        a_key,
+        a_state,
+        ..
+    } = &t;
     let a_args = ["--private-key", a_key.0.to_str().unwrap()];
-    let mut a = Daemon::start("A", &a_nix, &a_args);
+    let mut a = Daemon::start("A", a_nix, &a_args);
     assert_eq!(a.wait_scan(), 0, "nothing is shared before the seed");
-    let a_state = a_nix.scratch("state-A");
 
     // Seeding private paths is a decision the output states; a pipe gets plain lines.
-    let out = run_ok(&a_nix, &a_state, &["seed", &top]);
+    let out = run_ok(a_nix, a_state, &["seed", top]);
     assert!(
         out.contains("2 of them were not shared before"),
         "output: {out}"
@@ -92,7 +144,7 @@ fn a_seeded_closure_is_served_after_it_leaves_the_store_and_a_restart() {
         "no terminal codes on a pipe: {out:?}"
     );
 
-    let st = status(&a_nix, &a_state);
+    let st = status(a_nix, a_state);
     assert_eq!(st["seeds"].as_array().unwrap().len(), 1);
     assert_eq!(st["seeds"][0]["label"], top.as_str());
     assert_eq!(st["seeds"][0]["paths"], 2);
@@ -101,71 +153,62 @@ fn a_seeded_closure_is_served_after_it_leaves_the_store_and_a_restart() {
     assert_eq!(st["store"]["pins"], 2);
 
     // The paths leave A's Nix store, and A restarts: the seed keeps them served.
-    delete(&a_nix, &paths);
+    delete(a_nix, paths);
     drop(a);
-    let mut a = Daemon::start("A", &a_nix, &a_args);
+    let mut a = Daemon::start("A", a_nix, &a_args);
     assert_eq!(
         a.wait_scan(),
         2,
         "the seeded paths are shared after a restart"
     );
-    let human = run_ok(&a_nix, &a_state, &["status"]);
+    let human = run_ok(a_nix, a_state, &["status"]);
     assert!(human.contains(&format!("{top}: 2 paths")), "{human}");
     assert!(human.contains("seeded 2"), "{human}");
 
-    let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &a.p2p]);
-    b.wait_peer(&a);
-    let r = b_nix.realise(&top, &b.url(), &a_key.1);
-    assert!(
-        r.status.success(),
-        "Nix could not substitute the seeded closure: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    assert_eq!(b_nix.nar_hashes(&paths), want);
+    t.b_substitutes(&a);
 
     // A's own Nix gets the seeded paths back from A's chunk store.
-    let r = a_nix.realise(&top, &a.url(), &a_key.1);
+    let r = a_nix.realise(top, &a.url(), &a_key.1);
     assert!(
         r.status.success(),
         "A's Nix could not get its seeded closure back: {}",
         String::from_utf8_lossy(&r.stderr)
     );
-    assert_eq!(a_nix.nar_hashes(&paths), want);
+    assert_eq!(&a_nix.nar_hashes(paths), want);
 
     // Unseeding by the label; an unknown name is an error.
-    let (ok, _, err) = run(
-        &a_nix,
-        &a_state,
-        &["unseed", "/nix/store/nothing-like-this"],
-    );
+    let (ok, _, err) = run(a_nix, a_state, &["unseed", "/nix/store/nothing-like-this"]);
     assert!(!ok && err.contains("no seed named"), "{err}");
-    let out = run_ok(&a_nix, &a_state, &["unseed", &top]);
+    let out = run_ok(a_nix, a_state, &["unseed", top]);
     assert!(out.contains(&format!("unseeded {top}")), "{out}");
     assert!(out.contains("2 paths no longer pinned"), "{out}");
-    let st = status(&a_nix, &a_state);
+    let st = status(a_nix, a_state);
     assert_eq!(st["seeds"].as_array().unwrap().len(), 0);
     assert_eq!(st["store"]["pins"], 0);
 }
 
 #[test]
 fn seeding_without_a_daemon_is_announced_when_it_starts() {
-    let (Some(a_nix), Some(b_nix)) = (common::nix(), common::nix()) else {
+    let Some(t) = setup("seed-2") else {
         return;
     };
-    let (top, paths) = build_app(&a_nix, "seed-2");
-    let want = a_nix.nar_hashes(&paths);
-    let a_key = a_nix.keys("seed-b-1");
-    b_nix.init_store();
-    let a_state = a_nix.scratch("state-A");
+    let Setup {
+        a_nix,
+        top,
+        paths,
+        a_key,
+        a_state,
+        ..
+    } = &t;
 
     // A link to the closure, given in a list file, as `nix-build` leaves `./result`.
     let link = a_nix.scratch("links").join("result");
-    std::os::unix::fs::symlink(&top, &link).unwrap();
+    std::os::unix::fs::symlink(top, &link).unwrap();
     let list = a_nix.scratch("lists").join("seed.txt");
     std::fs::write(&list, format!("# what to seed\n{}\n", link.display())).unwrap();
     let out = run_ok(
-        &a_nix,
-        &a_state,
+        a_nix,
+        a_state,
         &["seed", "--from-file", list.to_str().unwrap()],
     );
     assert!(
@@ -173,36 +216,26 @@ fn seeding_without_a_daemon_is_announced_when_it_starts() {
         "{out}"
     );
     assert!(out.contains("peerix serve is not running"), "{out}");
-    let st = status(&a_nix, &a_state);
+    let st = status(a_nix, a_state);
     assert!(st["daemon"].is_null());
     assert_eq!(st["seeds"][0]["label"], link.to_str().unwrap());
     assert_eq!(st["seeds"][0]["paths"], 2);
 
     // A path that a deny pattern matches is not seeded, and the output says so.
-    let secret_dir = a_nix.scratch("secret-src");
-    std::fs::write(secret_dir.join("pw"), "hunter2").unwrap();
     let tree = a_nix.scratch("tree").join("wifi-password");
     std::fs::create_dir_all(&tree).unwrap();
     std::fs::write(tree.join("pw"), "hunter2").unwrap();
     let secret = a_nix.add(&tree);
-    let out = run_ok(&a_nix, &a_state, &["seed", &secret]);
+    let out = run_ok(a_nix, a_state, &["seed", &secret]);
     assert!(
         out.contains("1 path not seeded: deny patterns match"),
         "{out}"
     );
 
-    delete(&a_nix, &paths);
-    let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
+    delete(a_nix, paths);
+    let mut a = Daemon::start("A", a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
     assert_eq!(a.wait_scan(), 2);
-    let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &a.p2p]);
-    b.wait_peer(&a);
-    let r = b_nix.realise(&top, &b.url(), &a_key.1);
-    assert!(
-        r.status.success(),
-        "Nix could not substitute the seeded closure: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    assert_eq!(b_nix.nar_hashes(&paths), want);
+    let b = t.b_substitutes(&a);
     let narinfo = format!(
         "/{}.narinfo",
         &secret.trim_start_matches("/nix/store/")[..32]
