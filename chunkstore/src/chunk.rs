@@ -11,6 +11,33 @@ impl ChunkId {
     }
 }
 
+/// A chunk's bytes, checked against its id: only [`VerifiedChunk::new`] makes one, so whoever
+/// holds one need not hash the bytes again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedChunk {
+    pub(crate) id: ChunkId,
+    pub(crate) data: bytes::Bytes,
+}
+
+impl VerifiedChunk {
+    /// The chunk, if `data` hashes to `id` and is no larger than a chunk may be; else None.
+    pub fn new(id: ChunkId, data: bytes::Bytes) -> Option<Self> {
+        (data.len() <= crate::MAX_CHUNK && ChunkId::of(&data) == id).then_some(Self { id, data })
+    }
+
+    pub fn id(&self) -> &ChunkId {
+        &self.id
+    }
+
+    pub fn data(&self) -> &bytes::Bytes {
+        &self.data
+    }
+
+    pub fn into_parts(self) -> (ChunkId, bytes::Bytes) {
+        (self.id, self.data)
+    }
+}
+
 impl fmt::Display for ChunkId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in self.0 {

@@ -13,7 +13,7 @@ mod manifest;
 mod pack;
 mod store;
 
-pub use chunk::{ChunkId, ChunkerParams};
+pub use chunk::{ChunkId, ChunkerParams, VerifiedChunk};
 pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Manifest};
 pub use store::{

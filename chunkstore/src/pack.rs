@@ -106,23 +106,23 @@ impl Packs {
         })
     }
 
-    /// Append a chunk (compressed with zstd level 1, the fastest that still pays on binaries, when
-    /// that saves at least an eighth). The bytes are
-    /// readable as soon as this returns; `sync` makes them durable.
-    pub fn append(&self, id: &ChunkId, raw: &[u8]) -> Result<PackLoc> {
-        let compressed = zstd::bulk::compress(raw, 1).ok();
+    /// Append a chunk, compressed with zstd level 1 (the fastest that still pays on binaries)
+    /// when `compress` is set and that saves at least an eighth. The bytes are readable as soon
+    /// as this returns; `sync` makes them durable.
+    pub fn append(&self, id: &ChunkId, raw: &[u8], compress: bool) -> Result<PackLoc> {
+        let compressed = compress
+            .then(|| zstd::bulk::compress(raw, 1).ok())
+            .flatten();
         let (data, zstd) = match &compressed {
             Some(c) if c.len() < raw.len() - raw.len() / 8 => (c.as_slice(), true),
             _ => (raw, false),
         };
-        let mut rec = Vec::with_capacity(HEADER + data.len());
-        rec.extend_from_slice(&MAGIC);
-        rec.push(if zstd { FLAG_ZSTD } else { 0 });
-        rec.extend_from_slice(&[0; 3]);
-        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&id.0);
-        rec.extend_from_slice(data);
+        let mut head = [0u8; HEADER];
+        head[..4].copy_from_slice(&MAGIC);
+        head[4] = if zstd { FLAG_ZSTD } else { 0 };
+        head[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        head[12..16].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+        head[16..48].copy_from_slice(&id.0);
 
         let mut guard = self.active.lock().expect("active pack lock");
         if guard.as_ref().is_none_or(|a| a.len >= MAX_PACK) {
@@ -133,13 +133,14 @@ impl Packs {
         }
         let a = guard.as_mut().expect("active pack");
         let offset = a.len;
-        if let Err(e) = a.file.write_all(&rec) {
+        // Header and bytes in one call, without first copying them into one buffer.
+        if let Err(e) = write_all_vectored(&mut a.file, &head, data) {
             // A short write leaves a torn record; start a fresh pack rather than append after it.
             let id = a.id;
             *guard = None;
             return Err(e).at(self.path(id));
         }
-        a.len += rec.len() as u64;
+        a.len += (HEADER + data.len()) as u64;
         a.dirty = true;
         Ok(PackLoc {
             pack: a.id,
@@ -186,24 +187,29 @@ impl Packs {
     pub fn read(&self, id: &ChunkId, loc: &PackLoc, raw_len: u32) -> Result<Vec<u8>> {
         let corrupt = |why: String| Error::CorruptChunk { id: *id, why };
         let f = self.reader(loc.pack)?;
-        let mut buf = vec![0u8; HEADER + loc.stored_len as usize];
-        f.read_exact_at(&mut buf, loc.offset)
-            .map_err(|e| corrupt(format!("pack {} offset {}: {e}", loc.pack, loc.offset)))?;
-        let h = Header::parse(&buf[..HEADER]).ok_or_else(|| corrupt("bad pack header".into()))?;
+        let read_at = |buf: &mut [u8], at: u64| {
+            f.read_exact_at(buf, at)
+                .map_err(|e| corrupt(format!("pack {} offset {}: {e}", loc.pack, loc.offset)))
+        };
+        // Two reads rather than one: the bytes land where they are returned from, instead of
+        // being moved down over the header afterwards.
+        let mut head = [0u8; HEADER];
+        read_at(&mut head, loc.offset)?;
+        let h = Header::parse(&head).ok_or_else(|| corrupt("bad pack header".into()))?;
         if h.id != *id || h.stored_len != loc.stored_len || h.raw_len != raw_len {
             return Err(corrupt("pack header does not match the index".into()));
         }
-        let data = &buf[HEADER..];
+        let mut data = vec![0u8; loc.stored_len as usize];
+        read_at(&mut data, loc.offset + HEADER as u64)?;
         if h.zstd {
-            let out = zstd::bulk::decompress(data, raw_len as usize)
+            let out = zstd::bulk::decompress(&data, raw_len as usize)
                 .map_err(|e| corrupt(format!("zstd: {e}")))?;
             if out.len() != raw_len as usize {
                 return Err(corrupt("decompressed length differs".into()));
             }
             Ok(out)
         } else {
-            buf.drain(..HEADER);
-            Ok(buf)
+            Ok(data)
         }
     }
 
@@ -216,6 +222,24 @@ impl Packs {
             _ => Ok(()),
         }
     }
+}
+
+/// `write_all` of two buffers through `write_vectored`.
+fn write_all_vectored(f: &mut File, head: &[u8], data: &[u8]) -> std::io::Result<()> {
+    use std::io::{ErrorKind, IoSlice};
+    let (mut head, mut data) = (head, data);
+    while !head.is_empty() || !data.is_empty() {
+        let n = match f.write_vectored(&[IoSlice::new(head), IoSlice::new(data)]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let h = n.min(head.len());
+        head = &head[h..];
+        data = &data[n - h..];
+    }
+    Ok(())
 }
 
 struct Header {

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::error::IoContext;
 use crate::index::{hash_key, ChunkRec};
 use crate::pack::{PackLoc, Packs, HEADER};
-use crate::{ChunkId, ChunkRef, ChunkerParams, Error, Manifest, Result};
+use crate::{ChunkId, ChunkRef, ChunkerParams, Error, Manifest, Result, VerifiedChunk};
 
 /// How a [`ChunkStore`] is opened.
 #[derive(Clone, Debug, Default)]
@@ -426,7 +426,7 @@ impl ChunkStore {
             p.chunks += 1;
             p.bytes += u64::from(len);
             if !new_locs.contains_key(&id) && !self.has_chunk(&id)? {
-                let loc = self.inner.packs.append(&id, data)?;
+                let loc = self.inner.packs.append(&id, data, true)?;
                 let rec = ChunkRec {
                     len,
                     refs: 0,
@@ -589,11 +589,24 @@ impl ChunkStore {
         if got != *id {
             return Err(Error::ChunkMismatch { expected: *id, got });
         }
+        self.put(id, data, true)
+    }
+
+    /// Store a chunk a download received (its id already checked, which the type proves), as
+    /// it came: not compressed. A downloaded NAR is normally imported into the Nix store right
+    /// away, after which GC releases its pack copy, so compressing it would mostly cost time on
+    /// the download's critical path; compaction compresses what stays. Readable (and servable)
+    /// as soon as this returns. Returns false if the store already had it.
+    pub fn put_verified(&self, chunk: &VerifiedChunk) -> Result<bool> {
+        self.put(&chunk.id, &chunk.data, false)
+    }
+
+    fn put(&self, id: &ChunkId, data: &[u8], compress: bool) -> Result<bool> {
         let _gc = self.inner.gc.read().expect("gc lock");
         if self.has_chunk(id)? {
             return Ok(false);
         }
-        let loc = self.inner.packs.append(id, data)?;
+        let loc = self.inner.packs.append(id, data, compress)?;
         let len = data.len() as u32;
         let mut bad = false;
         self.inner.chunks.update_and_fetch(id.0, |old| {
@@ -802,7 +815,7 @@ impl ChunkStore {
             if rec.pack.is_none() {
                 let data = self.read_chunk(&c.id)?;
                 let _gc = self.inner.gc.read().expect("gc lock");
-                let loc = self.inner.packs.append(&c.id, &data)?;
+                let loc = self.inner.packs.append(&c.id, &data, true)?;
                 self.drop_location(&c.id, |r| r.pack = r.pack.or(Some(loc)))?;
                 copied += data.len() as u64;
             }
@@ -1045,7 +1058,7 @@ impl ChunkStore {
             );
             match i.packs.read(&id, &old, r.len).and_then(|d| verify(&id, d)) {
                 Ok(data) => {
-                    let new = i.packs.append(&id, &data)?;
+                    let new = i.packs.append(&id, &data, true)?;
                     moved.push((id, old, new));
                 }
                 Err(e) => {

@@ -3,10 +3,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::{AsyncWriteExt, Stream};
 use libp2p::PeerId;
-use peerix_chunkstore::{ChunkId, ChunkRef, Manifest, MAX_CHUNK};
+use peerix_chunkstore::{ChunkId, ChunkRef, Manifest, VerifiedChunk};
 use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
 use thiserror::Error;
 use tokio::time::Instant;
@@ -198,7 +197,7 @@ impl Client {
         &self,
         peer: PeerId,
         refs: Vec<ChunkRef>,
-    ) -> impl Stream<Item = Result<(ChunkId, Bytes), ClientError>> + Send + 'static {
+    ) -> impl Stream<Item = Result<VerifiedChunk, ClientError>> + Send + 'static {
         let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
         let state = Fetch {
             client: self.clone(),
@@ -240,7 +239,7 @@ struct Fetch {
 }
 
 impl Fetch {
-    async fn step(&mut self) -> Result<(ChunkId, Bytes), ClientError> {
+    async fn step(&mut self) -> Result<VerifiedChunk, ClientError> {
         let peer = self.peer;
         let mut attempt = 0;
         let f = loop {
@@ -270,10 +269,10 @@ impl Fetch {
         let Some(data) = data else {
             return Err(ClientError::Missing { peer, id });
         };
-        if data.len() != want.len as usize || data.len() > MAX_CHUNK || ChunkId::of(&data) != id {
+        if data.len() != want.len as usize {
             return Err(ClientError::BadChunk { peer });
         }
-        Ok((id, data))
+        VerifiedChunk::new(id, data).ok_or(ClientError::BadChunk { peer })
     }
 }
 

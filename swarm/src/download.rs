@@ -653,11 +653,12 @@ impl Scheduler {
                 let mut missing = false;
                 while let Some(item) = fetch.next().await {
                     match item {
-                        Ok((cid, data)) => {
-                            let d = data.clone();
+                        Ok(chunk) => {
+                            let c = chunk.clone();
                             // Stored before it is reported, so it can be served to others at
                             // once and read back for a later occurrence in the NAR.
-                            store.blocking(move |cs| cs.put_chunk(&cid, &d)).await?;
+                            store.blocking(move |cs| cs.put_verified(&c)).await?;
+                            let (cid, data) = chunk.into_parts();
                             let _ = tx.send(Event::Chunk {
                                 req: id,
                                 peer: p,

@@ -64,7 +64,7 @@ async fn lookup_manifest_have_chunks_round_trip() {
         let mut s = Box::pin(c.fetch_chunks(a.peer, batch.to_vec()));
         let mut n = 0;
         while let Some(item) = s.next().await {
-            let (id, bytes) = item.unwrap();
+            let (id, bytes) = item.unwrap().into_parts();
             assert_eq!(id, batch[n].id);
             got.extend_from_slice(&bytes);
             n += 1;
@@ -89,7 +89,7 @@ async fn lookup_manifest_have_chunks_round_trip() {
         "{:?}",
         items[0]
     );
-    assert_eq!(items[1].as_ref().unwrap().0, m.chunks[1].id);
+    assert_eq!(*items[1].as_ref().unwrap().id(), m.chunks[1].id);
 }
 
 /// Send raw bytes on a fresh stream and read until the server resets or closes it.
@@ -236,8 +236,8 @@ async fn a_full_server_answers_busy() {
     loop {
         let items: Vec<_> = c.fetch_chunks(a.peer, vec![m.chunks[0]]).collect().await;
         match &items[..] {
-            [Ok((id, _))] => {
-                assert_eq!(*id, m.chunks[0].id);
+            [Ok(chunk)] => {
+                assert_eq!(*chunk.id(), m.chunks[0].id);
                 break;
             }
             // The server may not yet have noticed the reset.
