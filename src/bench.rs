@@ -138,30 +138,61 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Deterministic, incompressible bytes (xorshift64).
-pub fn nar_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
+/// A benchmark NAR, generated as it is read so that memory does not grow with its size:
+/// deterministic, incompressible bytes (xorshift64); version 2 has 16 bytes changed at each of
+/// four places.
+pub struct NarGen {
+    x: u64,
+    pos: u64,
+    len: u64,
+    version: u8,
+    /// The current 8-byte word and how much of it was handed out.
+    word: [u8; 8],
+    used: usize,
 }
 
-/// Version 2 of `v1`: a few bytes changed at a few places.
-pub fn second_version(v1: &[u8]) -> Vec<u8> {
-    let mut v2 = v1.to_vec();
-    for i in 1..=4 {
-        let at = v2.len() * i / 5;
-        for b in &mut v2[at..(at + 16).min(v1.len())] {
-            *b ^= 0x5a;
+impl NarGen {
+    pub fn new(version: u8, len: u64) -> Self {
+        Self {
+            x: 0x5eed | 1,
+            pos: 0,
+            len,
+            version,
+            word: [0; 8],
+            used: 8,
         }
     }
-    v2
+}
+
+impl std::io::Read for NarGen {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min((self.len - self.pos) as usize);
+        let mut i = 0;
+        while i < n {
+            if self.used == 8 {
+                self.x ^= self.x << 13;
+                self.x ^= self.x >> 7;
+                self.x ^= self.x << 17;
+                self.word = self.x.to_le_bytes();
+                self.used = 0;
+            }
+            let k = (8 - self.used).min(n - i);
+            buf[i..i + k].copy_from_slice(&self.word[self.used..self.used + k]);
+            self.used += k;
+            i += k;
+        }
+        if self.version == 2 {
+            for j in 1..=4u64 {
+                let start = self.len * j / 5;
+                let (lo, hi) = (start.max(self.pos), (start + 16).min(self.pos + n as u64));
+                for at in lo..hi {
+                    buf[(at - self.pos) as usize] ^= 0x5a;
+                }
+            }
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 pub fn store_path(name: &str) -> Result<StorePath> {
@@ -169,21 +200,33 @@ pub fn store_path(name: &str) -> Result<StorePath> {
     Ok(StorePath::from_base_name(&format!("{h}-{name}"))?)
 }
 
-pub fn narinfo(path: &StorePath, nar: &[u8]) -> NarInfo {
-    let nar_hash = Sha256Hash::digest(nar);
+pub fn narinfo(path: &StorePath, nar_hash: Sha256Hash, nar_size: u64) -> NarInfo {
     NarInfo {
         store_path: path.clone(),
         url: Some(format!("nar/{}.nar", nar_hash.to_base32())),
         compression: Some("none".into()),
         file_hash: Some(nar_hash),
-        file_size: Some(nar.len() as u64),
+        file_size: Some(nar_size),
         nar_hash,
-        nar_size: nar.len() as u64,
+        nar_size,
         references: BTreeSet::new(),
         deriver: None,
         system: None,
         sigs: BTreeSet::new(),
         ca: None,
+    }
+}
+
+/// Feeds what is written to a SHA-256.
+struct HashWriter<'a>(&'a mut sha2::Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(self.0, b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -324,14 +367,11 @@ async fn fetch(leecher: &Leecher, manifest: Manifest, progress: &Progress) -> Re
 }
 
 /// A plain HTTP server on 127.0.0.1 serving `nar` at `/nar`.
-pub async fn http_server(nar: Bytes, bind: &str) -> Result<(String, tokio::task::JoinHandle<()>)> {
-    let app = axum::Router::new().route(
-        "/nar",
-        axum::routing::get(move || {
-            let nar = nar.clone();
-            async move { nar }
-        }),
-    );
+pub async fn http_server(
+    nar: std::path::PathBuf,
+    bind: &str,
+) -> Result<(String, tokio::task::JoinHandle<()>)> {
+    let app = axum::Router::new().route_service("/nar", tower_http::services::ServeFile::new(nar));
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let url = format!("http://{}/nar", listener.local_addr()?);
     let task = tokio::spawn(async move {
@@ -373,30 +413,35 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     };
     let size = args.size_mib * 1024 * 1024;
     let progress = Progress::new();
-    progress.start("generating the NAR", size);
-    let v1 = Bytes::from(nar_bytes(0x5eed, size as usize));
-    let v2 = Bytes::from(second_version(&v1));
     let (p1, p2) = (store_path("bench-nar-1")?, store_path("bench-nar-2")?);
-    let (i1, i2) = (narinfo(&p1, &v1), narinfo(&p2, &v2));
 
     let netns = args.mode == Mode::Netns;
     // Loopback: one chunk store, shared by every seeder: the NAR is chunked once, disk spared.
     // netns: the seeders are other processes, started by the outer `peerix bench`.
     let mut local = None;
-    let url = if netns {
-        args.inner_http.clone().context("--inner-http")?
+    let (url, infos) = if netns {
+        (args.inner_http.clone().context("--inner-http")?, None)
     } else {
         progress.start("chunking the NAR (seeders)", size);
         let seed_store = ChunkStore::open(&dir.join("seed-chunks"), Options::default())?;
-        ingest_both(&seed_store, [(&p1, &v1), (&p2, &v2)]).await?;
-        let catalog: Arc<dyn Catalog> = Arc::new(HashMap::<StorePathHash, NarInfo>::from([
-            (p1.hash(), i1.clone()),
-            (p2.hash(), i2.clone()),
-        ]));
-        let (url, http) = http_server(v1.clone(), "127.0.0.1:0").await?;
+        let infos = ingest_both(&seed_store, size).await?;
+        let catalog: Arc<dyn Catalog> = Arc::new(infos.clone());
+        let file = dir.join("nar-1");
+        write_nar_file(&file, size)?;
+        let (url, http) = http_server(file, "127.0.0.1:0").await?;
         local = Some((seed_store, catalog, http));
-        url
+        (url, Some(infos))
     };
+    // The NarHashes, from the seeders' chunk store or (netns) from the generator.
+    let nar_hash = |p: &StorePath, version: u8| -> Result<Sha256Hash> {
+        if let Some(i) = infos.as_ref().and_then(|m| m.get(&p.hash())) {
+            return Ok(i.nar_hash);
+        }
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        std::io::copy(&mut NarGen::new(version, size), &mut HashWriter(&mut h))?;
+        Ok(Sha256Hash(sha2::Digest::finalize(h).into()))
+    };
+    let (h1, h2) = (nar_hash(&p1, 1)?, nar_hash(&p2, 2)?);
 
     // The single-peer figure the ideal line is built on (loopback): measured first, reused
     // for N = 1. In netns mode it is the cap.
@@ -461,7 +506,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         let client = Client::new(leecher.node.stream_control());
         let first = leecher.node.connected_peers().await[0];
         let manifest = client
-            .manifest(first, i1.nar_hash)
+            .manifest(first, h1)
             .await?
             .context("the seeder has no manifest of the NAR")?;
 
@@ -491,7 +536,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         if run == last {
             // The leecher now holds version 1; fetch version 2 and see what crossed the wire.
             let manifest = client
-                .manifest(first, i2.nar_hash)
+                .manifest(first, h2)
                 .await?
                 .context("the seeder has no manifest of version 2")?;
             progress.start("version 2 (dedup)", size);
@@ -502,10 +547,10 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 size as f64 / MIB / f.elapsed.as_secs_f64(),
             );
             dedup = Some(Dedup {
-                v2_size: v2.len() as u64,
+                v2_size: size,
                 fetched_bytes: fetched,
                 local_bytes: f.bytes_local,
-                fetched_ratio: fetched as f64 / v2.len() as f64,
+                fetched_ratio: fetched as f64 / size as f64,
             });
         }
         drop(seeders);
@@ -528,13 +573,30 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
 }
 
 /// Chunk both versions of the NAR into `store`.
-pub async fn ingest_both(store: &ChunkStore, nars: [(&StorePath, &Bytes); 2]) -> Result<()> {
-    for (p, nar) in nars {
-        let (p, nar) = (p.clone(), nar.clone());
-        store
-            .blocking(move |cs| cs.ingest_nar(&nar[..], Some(&p), None, &mut |_| {}))
+/// Chunk both versions of the benchmark NAR into `store`, streamed from the generator; their
+/// narinfos, keyed for a catalog.
+pub async fn ingest_both(store: &ChunkStore, size: u64) -> Result<HashMap<StorePathHash, NarInfo>> {
+    let mut out = HashMap::new();
+    for (version, name) in [(1u8, "bench-nar-1"), (2, "bench-nar-2")] {
+        let p = store_path(name)?;
+        let path = p.clone();
+        let m = store
+            .blocking(move |cs| {
+                cs.ingest_nar(NarGen::new(version, size), Some(&path), None, &mut |_| {})
+            })
             .await?;
+        out.insert(p.hash(), narinfo(&p, m.nar_hash, m.nar_size));
     }
+    Ok(out)
+}
+
+/// Version 1 written to a file, for the plain HTTP server.
+pub fn write_nar_file(path: &std::path::Path, size: u64) -> Result<()> {
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    std::io::copy(&mut NarGen::new(1, size), &mut f)?;
+    std::io::Write::flush(&mut f)?;
     Ok(())
 }
 
@@ -684,4 +746,34 @@ pub fn svg(r: &Report) -> String {
         r.ideal_per_peer_mib_per_s
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NarGen;
+    use std::io::Read;
+
+    fn all(mut g: NarGen, step: usize) -> Vec<u8> {
+        let mut out = vec![];
+        let mut buf = vec![0; step];
+        loop {
+            let n = g.read(&mut buf).unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn the_generator_is_the_same_whatever_the_read_sizes_and_v2_differs_in_64_bytes() {
+        let len = 100_003;
+        let v1 = all(NarGen::new(1, len), 4096);
+        assert_eq!(v1.len() as u64, len);
+        assert_eq!(all(NarGen::new(1, len), 3), v1);
+        let v2 = all(NarGen::new(2, len), 7);
+        assert_eq!(v2.len(), v1.len());
+        assert_eq!(v1.iter().zip(&v2).filter(|(a, b)| a != b).count(), 64);
+        assert_eq!(all(NarGen::new(2, len), 65536), v2);
+    }
 }

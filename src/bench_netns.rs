@@ -2,16 +2,13 @@
 //! joined by veths to a bridge in a hub namespace, each seeder's uplink capped with `tc tbf`.
 //! Root only. Nothing is configured outside the namespaces created here; a guard deletes them.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use peerix_chunkstore::{ChunkStore, Options};
-use peerix_nix::{NarInfo, StorePathHash};
 use peerix_swarm::{Catalog, ServeLimits, Server};
 
 use crate::bench::{self, BenchArgs, Report};
@@ -204,19 +201,11 @@ pub fn node(args: NodeArgs) -> Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
-            let size = (args.size_mib * 1024 * 1024) as usize;
-            let v1 = Bytes::from(bench::nar_bytes(0x5eed, size));
-            let v2 = Bytes::from(bench::second_version(&v1));
-            let (p1, p2) = (
-                bench::store_path("bench-nar-1")?,
-                bench::store_path("bench-nar-2")?,
-            );
+            let size = args.size_mib * 1024 * 1024;
             let store = ChunkStore::open(&args.state_dir.join("chunks"), Options::default())?;
-            bench::ingest_both(&store, [(&p1, &v1), (&p2, &v2)]).await?;
-            let catalog: Arc<dyn Catalog> = Arc::new(HashMap::<StorePathHash, NarInfo>::from([
-                (p1.hash(), bench::narinfo(&p1, &v1)),
-                (p2.hash(), bench::narinfo(&p2, &v2)),
-            ]));
+            let catalog: Arc<dyn Catalog> = Arc::new(bench::ingest_both(&store, size).await?);
+            let file = args.state_dir.join("nar-1");
+            bench::write_nar_file(&file, size)?;
             let node = bench::start_node(
                 args.state_dir.join("node"),
                 &format!("/ip4/{}/tcp/0", args.ip),
@@ -225,7 +214,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
             .await?;
             let server = Server::new(store, catalog, ServeLimits::default());
             let serving = tokio::spawn(server.run(node.stream_control())?);
-            let (url, http) = bench::http_server(v1, &format!("{}:0", args.ip)).await?;
+            let (url, http) = bench::http_server(file, &format!("{}:0", args.ip)).await?;
             println!("peer {}", node.listen_addrs()[0]);
             println!("http {url}");
             // Serve until the benchmark lets go of our stdin.
