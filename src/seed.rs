@@ -315,10 +315,8 @@ fn release(cs: &ChunkStore, local: &LocalStore, paths: &[StorePathHash]) -> Resu
     if released == 0 {
         return Ok((0, 0));
     }
-    let before = cs.stats()?.pack_file_bytes;
-    cs.gc(&mut |_| {})?;
-    let after = cs.stats()?.pack_file_bytes;
-    Ok((released, before.saturating_sub(after)))
+    let gc = cs.gc(&mut |_| {})?;
+    Ok((released, gc.bytes_reclaimed))
 }
 
 /// Resolve what the operator typed to a store path: a store path (or a path inside one), or a

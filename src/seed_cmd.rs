@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::admin::{self, Reply, Request, StatusReport, StoreStatus};
 use crate::config::{ServeArgs, ServeConfig};
 use crate::seed::{self, human, name_list, SeedEvent, SeedSummary, Seeder, UnseedSummary};
-use crate::serve::{open_parts, Parts};
+use crate::serve::{open_chunk_store, open_parts, Parts};
 
 /// How long a command waits for a daemon that holds the state directory but has not opened
 /// its admin socket yet (it is starting).
@@ -403,15 +403,7 @@ pub async fn status(args: StatusArgs) -> Result<()> {
         Some(Reply::Error(e)) => bail!("peerix serve: {e}"),
         Some(other) => bail!("unexpected answer from peerix serve: {other:?}"),
         None => {
-            let dir = cfg.state_dir.join("chunks");
-            let cs = peerix_chunkstore::ChunkStore::open(
-                &dir,
-                peerix_chunkstore::Options {
-                    store_root: Some(cfg.store.clone()),
-                    ..Default::default()
-                },
-            )
-            .with_context(|| format!("opening the chunk store in {}", dir.display()))?;
+            let cs = open_chunk_store(&cfg.state_dir, &cfg.store)?;
             StatusReport {
                 daemon: None,
                 seeds: seed::seed_statuses(&cs)?,

@@ -166,21 +166,29 @@ pub struct Parts {
     pub sharing: Arc<Sharing>,
 }
 
+/// The chunk store of a state directory, reading the local store at `store_root` in place.
+pub fn open_chunk_store(
+    state_dir: &std::path::Path,
+    store_root: &std::path::Path,
+) -> Result<ChunkStore> {
+    let dir = state_dir.join("chunks");
+    ChunkStore::open(
+        &dir,
+        Options {
+            store_root: Some(store_root.to_owned()),
+            ..Options::default()
+        },
+    )
+    .with_context(|| format!("opening the chunk store in {}", dir.display()))
+}
+
 pub fn open_parts(cfg: &ServeConfig) -> Result<Parts> {
     let own_key = cfg.private_key.as_deref().map(read_key).transpose()?;
     let local = Arc::new(
         LocalStore::open(&cfg.store)
             .with_context(|| format!("opening the Nix store at {}", cfg.store.display()))?,
     );
-    let chunks_dir = cfg.state_dir.join("chunks");
-    let store = ChunkStore::open(
-        &chunks_dir,
-        Options {
-            store_root: Some(cfg.store.clone()),
-            ..Options::default()
-        },
-    )
-    .with_context(|| format!("opening the chunk store in {}", chunks_dir.display()))?;
+    let store = open_chunk_store(&cfg.state_dir, &cfg.store)?;
     let upstream = match &cfg.upstream_cache {
         Some(url) => Some(Arc::new(
             UpstreamCache::new(url, UpstreamConfig::default())

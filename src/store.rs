@@ -4,22 +4,10 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use peerix_chunkstore::{ChunkStore, Options, Progress};
+use peerix_chunkstore::Progress;
 use peerix_nix::{LocalStore, Sha256Hash, StorePath};
 
 use crate::StoreCommand;
-
-pub fn open(state_dir: &Path, store_root: &Path) -> Result<ChunkStore> {
-    let dir = state_dir.join("chunks");
-    ChunkStore::open(
-        &dir,
-        Options {
-            store_root: Some(store_root.to_owned()),
-            ..Options::default()
-        },
-    )
-    .with_context(|| format!("opening the chunk store in {}", dir.display()))
-}
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
@@ -44,7 +32,7 @@ fn progress_lines(what: &str) -> impl FnMut(&Progress) + '_ {
 }
 
 pub fn run(state_dir: &Path, store_root: &Path, cmd: StoreCommand) -> Result<()> {
-    let cs = open(state_dir, store_root)?;
+    let cs = peerix::serve::open_chunk_store(state_dir, store_root)?;
     match cmd {
         StoreCommand::Ingest { source } => {
             let m = if source.starts_with(peerix_nix::STORE_DIR) {
