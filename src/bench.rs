@@ -217,19 +217,6 @@ pub fn narinfo(path: &StorePath, nar_hash: Sha256Hash, nar_size: u64) -> NarInfo
     }
 }
 
-/// Feeds what is written to a SHA-256.
-struct HashWriter<'a>(&'a mut sha2::Sha256);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        sha2::Digest::update(self.0, b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Progress on stderr: a bar on a terminal, plain lines otherwise.
 struct Progress {
     bar: ProgressBar,
@@ -419,30 +406,18 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     // Loopback: one chunk store, shared by every seeder: the NAR is chunked once, disk spared.
     // netns: the seeders are other processes, started by the outer `peerix bench`.
     let mut local = None;
-    let (url, infos) = if netns {
-        (args.inner_http.clone().context("--inner-http")?, None)
+    let url = if netns {
+        args.inner_http.clone().context("--inner-http")?
     } else {
         progress.start("chunking the NAR (seeders)", size);
         let seed_store = ChunkStore::open(&dir.join("seed-chunks"), Options::default())?;
-        let infos = ingest_both(&seed_store, size).await?;
-        let catalog: Arc<dyn Catalog> = Arc::new(infos.clone());
+        let catalog: Arc<dyn Catalog> = Arc::new(ingest_both(&seed_store, size).await?);
         let file = dir.join("nar-1");
         write_nar_file(&file, size)?;
         let (url, http) = http_server(file, "127.0.0.1:0").await?;
         local = Some((seed_store, catalog, http));
-        (url, Some(infos))
+        url
     };
-    // The NarHashes, from the seeders' chunk store or (netns) from the generator.
-    let nar_hash = |p: &StorePath, version: u8| -> Result<Sha256Hash> {
-        if let Some(i) = infos.as_ref().and_then(|m| m.get(&p.hash())) {
-            return Ok(i.nar_hash);
-        }
-        let mut h = <sha2::Sha256 as sha2::Digest>::new();
-        std::io::copy(&mut NarGen::new(version, size), &mut HashWriter(&mut h))?;
-        Ok(Sha256Hash(sha2::Digest::finalize(h).into()))
-    };
-    let (h1, h2) = (nar_hash(&p1, 1)?, nar_hash(&p2, 2)?);
-
     // The single-peer figure the ideal line is built on (loopback): measured first, reused
     // for N = 1. In netns mode it is the cap.
     let mut counts = args.seeders.clone();
@@ -505,6 +480,16 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         wait_connected(&leecher.node, n).await?;
         let client = Client::new(leecher.node.stream_control());
         let first = leecher.node.connected_peers().await[0];
+        // The NarHashes, as the seeders describe the two versions over the peer protocol.
+        let infos = client.lookup(first, &[p1.hash(), p2.hash()]).await?;
+        let nar_hash = |p: &StorePath| {
+            infos
+                .iter()
+                .find(|i| i.store_path == *p)
+                .map(|i| i.nar_hash)
+                .with_context(|| format!("the seeder does not describe {p}"))
+        };
+        let (h1, h2) = (nar_hash(&p1)?, nar_hash(&p2)?);
         let manifest = client
             .manifest(first, h1)
             .await?
