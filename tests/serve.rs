@@ -369,18 +369,21 @@ fn add_big(nix: &Nix, key: &Path) -> String {
     path
 }
 
+/// A pair whose A also holds a signed path of several MiB (`add_big`); that path.
+fn pair_with_big(salt: &str, b_extra: &[&str]) -> Option<(Pair, String)> {
+    let mut big = None;
+    let p = pair_with(salt, b_extra, |nix, key| big = Some(add_big(nix, key)))?;
+    Some((p, big.expect("prepared")))
+}
+
 /// 32 narinfo requests at once, hits and misses, then 4 NAR downloads at once (one NAR of
 /// several MiB twice): every answer as expected, no 5xx, the exact NAR bytes.
 #[test]
 fn concurrent_requests() {
-    let mut big = None;
     // A generous lookup deadline: 32 lookups at once on a loaded 2-core machine.
-    let Some(p) = pair_with("serve-f", &["--timeout", "10"], |nix, key| {
-        big = Some(add_big(nix, key));
-    }) else {
+    let Some((p, big)) = pair_with_big("serve-f", &["--timeout", "10"]) else {
         return;
     };
-    let big = big.unwrap();
     let mut hits: Vec<String> = p.paths.clone();
     hits.push(big.clone());
     let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
@@ -483,13 +486,9 @@ fn http_raw(addr: &str, path: &str) -> Vec<u8> {
 /// cuts the response before the end, and Nix refuses the path.
 #[test]
 fn a_failed_download_cuts_the_response() {
-    let mut big = None;
-    let Some(p) = pair_with("serve-g", &["--timeout", "1"], |nix, key| {
-        big = Some(add_big(nix, key));
-    }) else {
+    let Some((p, big)) = pair_with_big("serve-g", &["--timeout", "1"]) else {
         return;
     };
-    let big = big.unwrap();
     let (status, body) = http(&p.b.http, "GET", &format!("/{}.narinfo", hash_part(&big)));
     assert_eq!(status, 200);
     let text = String::from_utf8(body).unwrap();
