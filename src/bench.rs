@@ -6,7 +6,7 @@
 //! plain HTTP download of the same bytes in the same run, the time to the first byte, and how
 //! much of a slightly changed second version had to be fetched (deduplication).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -198,23 +198,6 @@ impl std::io::Read for NarGen {
 pub fn store_path(name: &str) -> Result<StorePath> {
     let h = peerix_nix::base32::encode(&Sha256Hash::digest(name.as_bytes()).0[..20]);
     Ok(StorePath::from_base_name(&format!("{h}-{name}"))?)
-}
-
-pub fn narinfo(path: &StorePath, nar_hash: Sha256Hash, nar_size: u64) -> NarInfo {
-    NarInfo {
-        store_path: path.clone(),
-        url: Some(format!("nar/{}.nar", nar_hash.to_base32())),
-        compression: Some("none".into()),
-        file_hash: Some(nar_hash),
-        file_size: Some(nar_size),
-        nar_hash,
-        nar_size,
-        references: BTreeSet::new(),
-        deriver: None,
-        system: None,
-        sigs: BTreeSet::new(),
-        ca: None,
-    }
 }
 
 /// Progress on stderr: a bar on a terminal, plain lines otherwise.
@@ -570,7 +553,10 @@ pub async fn ingest_both(store: &ChunkStore, size: u64) -> Result<HashMap<StoreP
                 cs.ingest_nar(NarGen::new(version, size), Some(&path), None, &mut |_| {})
             })
             .await?;
-        out.insert(p.hash(), narinfo(&p, m.nar_hash, m.nar_size));
+        out.insert(
+            p.hash(),
+            NarInfo::uncompressed(p.clone(), m.nar_hash, m.nar_size),
+        );
     }
     Ok(out)
 }

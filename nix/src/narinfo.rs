@@ -293,18 +293,30 @@ impl NarInfo {
     /// The narinfo of an uncompressed NAR served as `nar/<narhash>.nar`, as peerix serves it.
     pub fn for_uncompressed(info: &crate::PathInfo) -> Self {
         Self {
-            store_path: info.path.clone(),
-            url: Some(format!("nar/{}.nar", info.nar_hash.to_base32())),
-            compression: Some("none".into()),
-            file_hash: Some(info.nar_hash),
-            file_size: Some(info.nar_size),
-            nar_hash: info.nar_hash,
-            nar_size: info.nar_size,
             references: info.references.clone(),
             deriver: info.deriver.clone(),
-            system: None,
             sigs: info.sigs.clone(),
             ca: info.ca.clone(),
+            ..Self::uncompressed(info.path.clone(), info.nar_hash, info.nar_size)
+        }
+    }
+
+    /// A narinfo for an uncompressed NAR served at `nar/<NarHash>.nar`, with nothing else
+    /// known: no references, deriver, signatures or CA.
+    pub fn uncompressed(store_path: StorePath, nar_hash: Sha256Hash, nar_size: u64) -> Self {
+        Self {
+            store_path,
+            url: Some(format!("nar/{}.nar", nar_hash.to_base32())),
+            compression: Some("none".into()),
+            file_hash: Some(nar_hash),
+            file_size: Some(nar_size),
+            nar_hash,
+            nar_size,
+            references: BTreeSet::new(),
+            deriver: None,
+            system: None,
+            sigs: BTreeSet::new(),
+            ca: None,
         }
     }
 }

@@ -51,20 +51,7 @@ pub fn store_path(n: u8) -> StorePath {
 }
 
 pub fn narinfo(path: StorePath, m: &Manifest) -> NarInfo {
-    NarInfo {
-        url: Some(format!("nar/{}.nar", m.nar_hash.to_base32())),
-        compression: Some("none".into()),
-        file_hash: Some(m.nar_hash),
-        file_size: Some(m.nar_size),
-        nar_hash: m.nar_hash,
-        nar_size: m.nar_size,
-        references: BTreeSet::new(),
-        deriver: None,
-        system: None,
-        sigs: BTreeSet::new(),
-        ca: None,
-        store_path: path,
-    }
+    NarInfo::uncompressed(path, m.nar_hash, m.nar_size)
 }
 
 enum Cmd {
