@@ -2,7 +2,7 @@
 //! behaviour, each with its own chunk store in a tempdir.
 #![allow(dead_code)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
