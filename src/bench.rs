@@ -16,10 +16,11 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use peerix_chunkstore::{ChunkStore, Manifest, Options};
+use peerix_chunkstore::{ChunkStore, Options};
 use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
 use peerix_swarm::{
-    download, Catalog, Client, DownloadConfig, Node, NodeConfig, NodeEvent, ServeLimits, Server,
+    fetch_nar, Catalog, Client, DownloadConfig, FetchRequest, Node, NodeConfig, NodeEvent,
+    ServeLimits, Server,
 };
 use serde::{Deserialize, Serialize};
 
@@ -294,7 +295,14 @@ struct Fetched {
     bytes_local: u64,
 }
 
-async fn fetch(leecher: &Leecher, manifest: Manifest, progress: &Progress) -> Result<Fetched> {
+/// Fetch one NAR the way the daemon does ([`fetch_nar`]): the manifest from a holder, the
+/// chunks from every connected seeder.
+async fn fetch(
+    leecher: &Leecher,
+    nar_hash: Sha256Hash,
+    size: u64,
+    progress: &Progress,
+) -> Result<Fetched> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let started = Instant::now();
     let bar = progress.bar.clone();
@@ -308,19 +316,18 @@ async fn fetch(leecher: &Leecher, manifest: Manifest, progress: &Progress) -> Re
         }
         (first, total)
     });
-    let size = manifest.nar_size;
     let client = Client::new(leecher.node.stream_control());
-    let peers = leecher.node.connected_peers().await;
-    let report = download(
-        client,
-        leecher.store.clone(),
-        manifest,
-        peers,
-        DownloadConfig::default(),
-        tx,
-    )
-    .await
-    .context("the peer download")?;
+    let holders = leecher.node.connected_peers().await;
+    let req = FetchRequest {
+        nar_hash,
+        nar_size: size,
+        holders,
+        others: vec![],
+        config: DownloadConfig::default(),
+    };
+    let outcome = fetch_nar(client, leecher.store.clone(), req, tx).await;
+    outcome.result.context("the peer download")?;
+    let report = outcome.report;
     let (first, total) = sink.await?;
     let elapsed = started.elapsed();
     if total != size {
@@ -473,13 +480,8 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 .with_context(|| format!("the seeder does not describe {p}"))
         };
         let (h1, h2) = (nar_hash(&p1)?, nar_hash(&p2)?);
-        let manifest = client
-            .manifest(first, h1)
-            .await?
-            .context("the seeder has no manifest of the NAR")?;
-
         progress.start(&format!("{n} seeder(s)"), size);
-        let f = fetch(&leecher, manifest, &progress).await?;
+        let f = fetch(&leecher, h1, size, &progress).await?;
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
         progress.done(&format!("{n} seeder(s)"), mib_s);
         progress.start(&format!("HTTP baseline (N={n})"), size);
@@ -503,12 +505,8 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
 
         if run == last {
             // The leecher now holds version 1; fetch version 2 and see what crossed the wire.
-            let manifest = client
-                .manifest(first, h2)
-                .await?
-                .context("the seeder has no manifest of version 2")?;
             progress.start("version 2 (dedup)", size);
-            let f = fetch(&leecher, manifest, &progress).await?;
+            let f = fetch(&leecher, h2, size, &progress).await?;
             let fetched: u64 = f.bytes_per_peer.iter().sum();
             progress.done(
                 "version 2 (dedup)",

@@ -32,6 +32,11 @@ pub struct ServeArgs {
     /// Where Nix reaches peerix (HTTP) [default: 127.0.0.1:12304].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Allow --listen on an address other than loopback. The endpoint is meant for this
+    /// machine's Nix; clients elsewhere get only what this node shares with its peers, never a
+    /// private path and never a fetch on their behalf.
+    #[arg(long)]
+    pub http_beyond_loopback: bool,
     /// libp2p listen multiaddrs [default: /ip4/0.0.0.0/tcp/12305 /ip4/0.0.0.0/udp/12305/quic-v1].
     #[arg(long = "p2p-listen", value_name = "MULTIADDR", num_args = 1..)]
     pub p2p_listen: Vec<String>,
@@ -82,6 +87,7 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub listen: Option<String>,
+    pub http_beyond_loopback: Option<bool>,
     pub p2p_listen: Option<Vec<String>>,
     #[serde(alias = "peer")]
     pub peers: Option<Vec<String>>,
@@ -157,6 +163,15 @@ impl ServeConfig {
         let listen: SocketAddr = listen_s
             .parse()
             .with_context(|| format!("--listen {listen_s} is not an IP:port"))?;
+        let beyond_loopback =
+            args.http_beyond_loopback || file.http_beyond_loopback.unwrap_or(false);
+        if !listen.ip().is_loopback() && !beyond_loopback {
+            bail!(
+                "--listen {listen} is not a loopback address: the HTTP endpoint is for this \
+                 machine's Nix; pass --http-beyond-loopback to serve other machines (they get \
+                 only what this node shares with its peers)"
+            );
+        }
         let p2p_listen = nonempty(args.p2p_listen)
             .or(file.p2p_listen)
             .unwrap_or_else(|| DEFAULT_P2P_LISTEN.iter().map(|s| s.to_string()).collect())
@@ -260,5 +275,25 @@ mod tests {
         };
         assert!(ServeConfig::merge(bad, FileConfig::default()).is_err());
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn a_listen_address_beyond_loopback_needs_its_flag() {
+        let lan = || ServeArgs {
+            listen: Some("0.0.0.0:12304".into()),
+            ..ServeArgs::default()
+        };
+        let e = ServeConfig::merge(lan(), FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("--http-beyond-loopback"), "{e}");
+        let ok = ServeArgs {
+            http_beyond_loopback: true,
+            ..lan()
+        };
+        assert!(ServeConfig::merge(ok, FileConfig::default()).is_ok());
+        let v6 = ServeArgs {
+            listen: Some("[::1]:12304".into()),
+            ..ServeArgs::default()
+        };
+        assert!(ServeConfig::merge(v6, FileConfig::default()).is_ok());
     }
 }

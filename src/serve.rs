@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Extension, Path as UrlPath, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,8 +27,8 @@ use peerix_chunkstore::{ChunkStore, Options};
 use peerix_nix::upstream::{UpstreamCache, UpstreamConfig};
 use peerix_nix::{LocalStore, NarInfo, SecretKey, Sha256Hash, StorePathHash};
 use peerix_swarm::{
-    download, Client, DownloadConfig, Lookup, Node, NodeConfig, NodeEvent, PeerId, PeerSource,
-    ServeLimits, Server, ServerHandle,
+    fetch_nar, Client, DownloadConfig, FetchError, FetchOutcome, FetchRequest, Lookup, Node,
+    NodeConfig, NodeEvent, PeerId, PeerSource, ServeLimits, Server, ServerHandle,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -36,11 +36,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::admin::Daemon;
 use crate::config::ServeConfig;
+use crate::http::{HttpLimits, Origin};
 use crate::seed::Seeder;
 use crate::share::{ShareConfig, Sharing};
 use crate::trust::Trust;
@@ -63,6 +64,7 @@ struct Metrics {
     narinfo_misses: Counter,
     nar_bytes_served: Counter,
     nar_downloads_failed: Counter,
+    peers_banned: Counter,
     bytes_from_peer: Family<PeerLabel, Counter>,
     bytes_to_peer: Family<PeerLabel, Gauge>,
     dedup_saved_bytes: Counter,
@@ -98,6 +100,11 @@ impl Metrics {
             "peerix_nar_downloads_failed",
             "NAR downloads from peers that failed (the HTTP body was cut)",
             self.nar_downloads_failed.clone(),
+        );
+        r.register(
+            "peerix_peers_banned",
+            "peers banned for lying about a NAR (bad chunks or a manifest that does not make it)",
+            self.peers_banned.clone(),
         );
         r.register(
             "peerix_peer_received_bytes",
@@ -337,10 +344,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     }
 
     let router = router(app);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server")?;
+    crate::http::serve(listener, router, HttpLimits::default(), shutdown_signal()).await;
     Ok(())
 }
 
@@ -387,7 +391,10 @@ async fn cache_info(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+async fn metrics(State(app): State<Arc<App>>, Extension(origin): Extension<Origin>) -> Response {
+    if !origin.local {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     for (peer, n) in app.server.bytes_served() {
         app.metrics
             .bytes_to_peer
@@ -429,13 +436,23 @@ fn parse_nar_name(file: &str) -> Option<Sha256Hash> {
     (hash.to_base32() == h).then_some(hash)
 }
 
-async fn narinfo(State(app): State<Arc<App>>, UrlPath(file): UrlPath<String>) -> Response {
+async fn narinfo(
+    State(app): State<Arc<App>>,
+    Extension(origin): Extension<Origin>,
+    UrlPath(file): UrlPath<String>,
+) -> Response {
     let Some(hash) = parse_narinfo_name(&file) else {
         return (StatusCode::BAD_REQUEST, "not a narinfo name\n").into_response();
     };
     app.metrics.narinfo_requests.inc();
     let started = Instant::now();
-    let found = app.find(hash).await;
+    let found = if origin.local {
+        app.find(hash).await
+    } else {
+        // Another machine gets what this node shares with its peers, and nothing it would
+        // have to fetch on that machine's behalf.
+        app.find_shared(hash).await
+    };
     if let Some(h) = &app.metrics.narinfo_latency {
         h.observe(started.elapsed().as_secs_f64());
     }
@@ -470,18 +487,8 @@ impl App {
             }
         }
         let until = tokio::time::Instant::now() + self.timeout;
-        // A path this node shares but Nix no longer has (a seeded path that left the store):
-        // described by this node's own store database, signed with its key, served from packs.
-        if let Some(own) = peerix_swarm::Catalog::lookup(self.sharing.as_ref(), &hash) {
-            let nh = own.nar_hash;
-            if self
-                .store
-                .blocking(move |cs| cs.has_manifest(&nh))
-                .await
-                .unwrap_or(false)
-            {
-                return Some(own);
-            }
+        if let Some(own) = self.find_shared(hash).await {
+            return Some(own);
         }
         let found = self.lookup.find(hash, self.timeout).await?;
         let info = tokio::time::timeout_at(until, self.trust.present(&found.info))
@@ -500,6 +507,19 @@ impl App {
             .put(info.nar_hash, p.clone());
         self.by_path.lock().expect("by_path").put(hash, p);
         Some(info)
+    }
+
+    /// A path this node shares and holds: described by its own store database (or the
+    /// narinfo kept when it was pinned, for a seeded path that left the store), signed with
+    /// its key, served from the chunk store.
+    async fn find_shared(&self, hash: StorePathHash) -> Option<NarInfo> {
+        let own = peerix_swarm::Catalog::lookup(self.sharing.as_ref(), &hash)?;
+        let nh = own.nar_hash;
+        self.store
+            .blocking(move |cs| cs.has_manifest(&nh))
+            .await
+            .unwrap_or(false)
+            .then_some(own)
     }
 
     fn nar_lock(&self, h: Sha256Hash) -> Arc<tokio::sync::Mutex<()>> {
@@ -530,12 +550,17 @@ fn body_from(rx: mpsc::Receiver<Chunk>) -> Body {
 
 async fn nar(
     State(app): State<Arc<App>>,
+    Extension(origin): Extension<Origin>,
     method: axum::http::Method,
     UrlPath(file): UrlPath<String>,
 ) -> Response {
     let Some(nar_hash) = parse_nar_name(&file) else {
         return (StatusCode::BAD_REQUEST, "not a NAR name\n").into_response();
     };
+    if !origin.local && !peerix_swarm::Catalog::shares_nar(app.sharing.as_ref(), &nar_hash) {
+        // The chunk store holds private NARs too: another machine gets only shared ones.
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    }
     if method == axum::http::Method::HEAD {
         // Answer from what is known; a HEAD must not start a download.
         let held = app
@@ -569,92 +594,129 @@ async fn nar(
         drop(guard);
         return serve_stored(&app, nar_hash, m.nar_size);
     }
+    if !origin.local {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    }
     let presented = app.by_nar.lock().expect("by_nar").get(&nar_hash).cloned();
     let Some(p) = presented else {
         return (StatusCode::NOT_FOUND, "not found\n").into_response();
     };
-    // The manifest, from the winner or any other holder, matching what Nix was told.
-    let mut candidates = vec![p.peer];
-    candidates.extend(p.holders.iter().copied().filter(|h| *h != p.peer));
-    let mut manifest = None;
-    for peer in &candidates {
-        match app.client.manifest(*peer, nar_hash).await {
-            Ok(Some(m)) if m.nar_hash == p.info.nar_hash && m.nar_size == p.info.nar_size => {
-                manifest = Some(m);
-                break;
-            }
-            Ok(Some(_)) => warn!(%peer, nar = %nar_hash, "manifest does not match the narinfo"),
-            Ok(None) => debug!(%peer, nar = %nar_hash, "peer has no manifest"),
-            Err(e) => debug!(%peer, error = %e, "manifest request failed"),
-        }
-    }
-    let Some(manifest) = manifest else {
-        return (StatusCode::NOT_FOUND, "no peer has it any more\n").into_response();
-    };
-    let mut peers = candidates;
-    for c in app.node.connected_peers().await {
-        if !peers.contains(&c) {
-            peers.push(c);
-        }
-    }
+    fetch_from_peers(app, p, guard).await
+}
+
+/// Fetch a NAR from the peers while it streams to Nix.
+///
+/// The response head waits for the first bytes, so a fetch that fails before them is a clean
+/// 404 or 502 that Nix falls back from. After that, a failure cuts the body short; the byte
+/// that would complete `Content-Length` is only sent once the fetch reported the whole NAR
+/// verified, so a complete response always means a verified NAR. Every peer that lied is
+/// banned, whatever the outcome.
+async fn fetch_from_peers(
+    app: Arc<App>,
+    p: Arc<Presented>,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+) -> Response {
+    let nar_hash = p.info.nar_hash;
     let size = p.info.nar_size;
-    let (body_tx, body_rx) = mpsc::channel::<Chunk>(BODY_QUEUE);
-    let (nar_tx, mut nar_rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
-    let (done_tx, done_rx) = oneshot::channel();
-    let cfg = DownloadConfig {
-        path: Some(p.info.store_path.clone()),
-        ..DownloadConfig::default()
+    // Banned peers are never asked again, even when a remembered narinfo names them.
+    let mut holders = vec![p.peer];
+    holders.extend(p.holders.iter().copied().filter(|h| *h != p.peer));
+    holders.retain(|h| !app.node.is_banned(h));
+    let others = app
+        .node
+        .connected_peers()
+        .await
+        .into_iter()
+        .filter(|c| !holders.contains(c) && !app.node.is_banned(c))
+        .collect();
+    let req = FetchRequest {
+        nar_hash,
+        nar_size: size,
+        holders,
+        others,
+        config: DownloadConfig {
+            path: Some(p.info.store_path.clone()),
+            ..DownloadConfig::default()
+        },
     };
-    let dl = download(
+    let (nar_tx, mut nar_rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
+    let mut fetch = tokio::spawn(fetch_nar(
         app.client.clone(),
         app.store.clone(),
-        manifest,
-        peers,
-        cfg,
+        req,
         nar_tx,
-    );
-    tokio::spawn(async move {
-        let r = dl.await;
-        let _ = done_tx.send(r);
-    });
-    let app2 = app.clone();
+    ));
+    let first = match nar_rx.recv().await {
+        Some(b) => b,
+        None => {
+            // The fetch ended before its first byte.
+            let outcome = (&mut fetch).await;
+            let status = match &outcome {
+                Ok(FetchOutcome {
+                    result: Err(FetchError::NoManifest(_)),
+                    ..
+                }) => StatusCode::NOT_FOUND,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            settle(&app, nar_hash, outcome, 0, size).await;
+            return (status, "the NAR could not be fetched from peers\n").into_response();
+        }
+    };
+    let (body_tx, body_rx) = mpsc::channel::<Chunk>(BODY_QUEUE);
     tokio::spawn(async move {
         let _guard = guard;
         let mut sent = 0u64;
+        let mut last: Option<Bytes> = None;
         let mut receiver_gone = false;
-        while let Some(b) = nar_rx.recv().await {
-            sent += b.len() as u64;
-            app2.metrics.nar_bytes_served.inc_by(b.len() as u64);
+        let mut overflow = false;
+        let mut next = Some(first);
+        loop {
+            let b = match next.take() {
+                Some(b) => b,
+                None => match nar_rx.recv().await {
+                    Some(b) => b,
+                    None => break,
+                },
+            };
+            let len = b.len() as u64;
+            if last.is_some() || sent + len > size {
+                // More than NarSize: never forwarded. Dropping the receiver stops the fetch.
+                overflow = true;
+                break;
+            }
+            if sent + len == size {
+                // The bytes that complete the body wait for the fetch's verdict.
+                last = Some(b);
+                continue;
+            }
+            sent += len;
+            app.metrics.nar_bytes_served.inc_by(len);
             if !receiver_gone && body_tx.send(Ok(b)).await.is_err() {
                 // Nix went away; keep draining so the download still completes into the store.
                 receiver_gone = true;
             }
         }
-        match done_rx.await {
-            Ok(Ok(report)) if sent == size => {
-                for (peer, n) in &report.bytes_per_peer {
-                    app2.metrics
-                        .bytes_from_peer
-                        .get_or_create(&PeerLabel {
-                            peer: peer.to_string(),
-                        })
-                        .inc_by(*n);
-                }
-                app2.metrics.dedup_saved_bytes.inc_by(report.bytes_local);
-                for bad in &report.bad_peers {
-                    app2.node
-                        .ban(*bad, "sent chunks that do not match their ids")
-                        .await;
-                }
-                info!(nar = %nar_hash, bytes = sent, "NAR downloaded and served");
+        drop(nar_rx);
+        let outcome = fetch.await;
+        let verified = !overflow
+            && matches!(&outcome, Ok(FetchOutcome { result: Ok(()), .. }))
+            && last.as_ref().is_some_and(|l| sent + l.len() as u64 == size);
+        let why = match &outcome {
+            _ if overflow => "the peers sent more than NarSize".to_owned(),
+            Ok(FetchOutcome { result: Err(e), .. }) => e.to_string(),
+            Ok(_) if !verified => format!("{sent} bytes of {size}"),
+            Ok(_) => String::new(),
+            Err(_) => "the fetch task died".into(),
+        };
+        settle(&app, nar_hash, outcome, sent, size).await;
+        match last {
+            Some(l) if verified => {
+                app.metrics.nar_bytes_served.inc_by(l.len() as u64);
+                let _ = body_tx.send(Ok(l)).await;
+                info!(nar = %nar_hash, bytes = size, "NAR downloaded and served");
             }
-            other => {
-                app2.metrics.nar_downloads_failed.inc();
-                let why = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(_)) => format!("{sent} bytes of {size}"),
-                    Err(_) => "download task died".into(),
-                };
+            _ => {
+                app.metrics.nar_downloads_failed.inc();
                 warn!(nar = %nar_hash, error = %why, "NAR download failed; cutting the response");
                 let _ = body_tx
                     .send(Err(std::io::Error::other(format!(
@@ -665,6 +727,38 @@ async fn nar(
         }
     });
     nar_response(size, body_from(body_rx))
+}
+
+/// After a fetch, whatever its outcome: ban the peers that lied, count what came from whom.
+async fn settle(
+    app: &App,
+    nar_hash: Sha256Hash,
+    outcome: std::result::Result<FetchOutcome, tokio::task::JoinError>,
+    sent: u64,
+    size: u64,
+) {
+    let Ok(outcome) = outcome else {
+        return;
+    };
+    let report = &outcome.report;
+    for bad in &report.bad_peers {
+        let why = "lied about a NAR (bad chunks, or a manifest that does not make it)";
+        app.node.ban(*bad, why).await;
+        app.metrics.peers_banned.inc();
+        eprintln!("peerix: banned peer {bad}: {why} ({nar_hash})");
+    }
+    for (peer, n) in &report.bytes_per_peer {
+        app.metrics
+            .bytes_from_peer
+            .get_or_create(&PeerLabel {
+                peer: peer.to_string(),
+            })
+            .inc_by(*n);
+    }
+    if outcome.result.is_ok() {
+        app.metrics.dedup_saved_bytes.inc_by(report.bytes_local);
+    }
+    debug!(nar = %nar_hash, sent, size, ok = outcome.result.is_ok(), "fetch settled");
 }
 
 /// Stream a NAR the chunk store holds, read (and verified) on a blocking thread.

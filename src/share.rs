@@ -105,6 +105,8 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 struct Shared {
     paths: HashMap<StorePathHash, (PathInfo, Reason)>,
     nars: HashSet<Sha256Hash>,
+    /// Counts the scans that replaced the shared set.
+    generation: u64,
 }
 
 pub struct Sharing {
@@ -137,6 +139,7 @@ impl Sharing {
             shared: RwLock::new(Shared {
                 paths: HashMap::new(),
                 nars: HashSet::new(),
+                generation: 0,
             }),
             verdicts: Mutex::new(HashMap::new()),
             scanning: tokio::sync::Mutex::new(()),
@@ -316,6 +319,7 @@ impl Sharing {
             tokio::task::yield_now().await;
         }
         let mut s = self.shared.write().expect("shared");
+        s.generation += 1;
         s.nars = decided.iter().map(|(i, _)| i.nar_hash).collect();
         s.paths = decided
             .into_iter()
@@ -376,6 +380,15 @@ impl Catalog for Sharing {
 
     fn shares_nar(&self, nar_hash: &Sha256Hash) -> bool {
         self.shared.read().expect("shared").nars.contains(nar_hash)
+    }
+
+    fn shared_nars(&self) -> Vec<Sha256Hash> {
+        let s = self.shared.read().expect("shared");
+        s.nars.iter().copied().collect()
+    }
+
+    fn generation(&self) -> u64 {
+        self.shared.read().expect("shared").generation
     }
 }
 

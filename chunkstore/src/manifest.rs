@@ -35,10 +35,21 @@ impl Manifest {
             )));
         }
         let mut sum = 0u64;
+        // A chunk id names its bytes, so it has one length wherever it appears; a manifest that
+        // gives one id two lengths would make the NAR it describes longer or shorter than the
+        // chunks that are really sent (and the NarSize check alone cannot see that).
+        let mut lens: std::collections::HashMap<ChunkId, u32> =
+            std::collections::HashMap::with_capacity(self.chunks.len());
         for c in &self.chunks {
             if c.len == 0 || c.len as usize > crate::MAX_CHUNK {
                 return Err(Error::BadManifest(format!(
                     "chunk {} has length {}",
+                    c.id, c.len
+                )));
+            }
+            if let Some(other) = lens.insert(c.id, c.len).filter(|l| *l != c.len) {
+                return Err(Error::BadManifest(format!(
+                    "chunk {} is listed with lengths {other} and {}",
                     c.id, c.len
                 )));
             }
@@ -128,6 +139,26 @@ mod tests {
         assert_eq!(Manifest::decode(m.nar_hash, &m.encode()).unwrap(), m);
         let offs: Vec<u64> = m.offsets().map(|(o, _)| o).collect();
         assert_eq!(offs, [0, 3]);
+    }
+
+    #[test]
+    fn one_id_with_two_lengths_is_refused() {
+        let e = ChunkId::of(b"e");
+        let m = Manifest {
+            nar_hash: Sha256Hash::digest(b"x"),
+            nar_size: 3,
+            chunks: vec![ChunkRef { id: e, len: 1 }, ChunkRef { id: e, len: 2 }],
+        };
+        let err = m.validate().unwrap_err().to_string();
+        assert!(err.contains("lengths 1 and 2"), "{err}");
+        // The same id twice with one length is an ordinary repeated chunk.
+        let ok = Manifest {
+            nar_hash: Sha256Hash::digest(b"x"),
+            nar_size: 2,
+            chunks: vec![ChunkRef { id: e, len: 1 }, ChunkRef { id: e, len: 1 }],
+        };
+        ok.validate().unwrap();
+        assert!(Manifest::decode(m.nar_hash, &m.encode()).is_err());
     }
 
     proptest! {

@@ -36,6 +36,14 @@ pub enum ClientError {
     Missing { peer: PeerId, id: ChunkId },
     #[error("{peer} sent bytes that do not match their chunk id")]
     BadChunk { peer: PeerId },
+    /// The bytes match the chunk id but not the length the manifest gave it: the peer that
+    /// sent them is honest, whoever supplied the manifest lied.
+    #[error("chunk {id} is {actual} bytes long, the manifest says {claimed}")]
+    WrongLength {
+        id: ChunkId,
+        claimed: u32,
+        actual: usize,
+    },
     #[error("{peer} answered something we did not ask for: {why}")]
     Unexpected { peer: PeerId, why: &'static str },
     #[error("request too large: {0}")]
@@ -269,10 +277,16 @@ impl Fetch {
         let Some(data) = data else {
             return Err(ClientError::Missing { peer, id });
         };
-        if data.len() != want.len as usize {
-            return Err(ClientError::BadChunk { peer });
+        // The id first: only bytes that match it tell whether the length was the lie.
+        let chunk = VerifiedChunk::new(id, data).ok_or(ClientError::BadChunk { peer })?;
+        if chunk.data().len() != want.len as usize {
+            return Err(ClientError::WrongLength {
+                id,
+                claimed: want.len,
+                actual: chunk.data().len(),
+            });
         }
-        VerifiedChunk::new(id, data).ok_or(ClientError::BadChunk { peer })
+        Ok(chunk)
     }
 }
 

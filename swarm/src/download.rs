@@ -83,11 +83,19 @@ pub struct DownloadReport {
 #[derive(Debug, Error)]
 pub enum DownloadError {
     #[error("bad manifest: {0}")]
-    BadManifest(String),
+    BadManifest(#[source] peerix_chunkstore::Error),
     #[error("chunk store: {0}")]
     Store(#[from] peerix_chunkstore::Error),
     #[error("no usable peer has chunk {chunk} ({missing} chunks still missing)")]
     Unavailable { chunk: ChunkId, missing: usize },
+    /// A chunk (from a peer, or one already held) is not as long as the manifest says: the
+    /// manifest lied. Nothing of that chunk was handed out.
+    #[error("chunk {chunk} is {actual} bytes long, the manifest says {claimed}")]
+    ChunkLength {
+        chunk: ChunkId,
+        claimed: u32,
+        actual: usize,
+    },
     /// The chunks were all right but the NAR they make is not the one the manifest named:
     /// whoever supplied the manifest lied. Nothing of the NAR's last chunk was handed out.
     #[error("the downloaded NAR hashes to {got}, its manifest says {expected}")]
@@ -99,7 +107,34 @@ pub enum DownloadError {
     OutputClosed,
 }
 
+impl DownloadError {
+    /// The manifest did not describe the NAR it named: whoever supplied it lied.
+    pub fn is_manifest_lie(&self) -> bool {
+        matches!(
+            self,
+            Self::BadManifest(_) | Self::ChunkLength { .. } | Self::NarHashMismatch { .. }
+        )
+    }
+}
+
+/// How a download ended. The report is kept on failure too: peers that sent bad chunks are
+/// named in it whatever the outcome, so the caller can ban them.
+#[derive(Debug)]
+pub struct DownloadOutcome {
+    pub report: DownloadReport,
+    pub result: Result<(), DownloadError>,
+}
+
+impl DownloadOutcome {
+    pub fn into_result(self) -> Result<DownloadReport, DownloadError> {
+        self.result.map(|()| self.report)
+    }
+}
+
 /// Download the NAR `manifest` describes from `peers`, streaming it to `out` in order.
+///
+/// Every chunk handed to `out` has exactly the length the manifest gives it, and the last one
+/// is handed out only once the whole NAR matched its NarHash.
 pub async fn download(
     client: Client,
     store: ChunkStore,
@@ -107,33 +142,40 @@ pub async fn download(
     peers: Vec<PeerId>,
     cfg: DownloadConfig,
     out: mpsc::Sender<Bytes>,
-) -> Result<DownloadReport, DownloadError> {
-    manifest
-        .validate()
-        .map_err(|e| DownloadError::BadManifest(e.to_string()))?;
+) -> DownloadOutcome {
+    if let Err(e) = manifest.validate() {
+        return DownloadOutcome {
+            report: DownloadReport::default(),
+            result: Err(DownloadError::BadManifest(e)),
+        };
+    }
     let started = Instant::now();
     let nar_hash = manifest.nar_hash;
     let manifest = Arc::new(manifest);
     {
         let m = manifest.clone();
-        store.blocking(move |cs| cs.begin_download(&m)).await?;
+        if let Err(e) = store.blocking(move |cs| cs.begin_download(&m)).await {
+            return DownloadOutcome {
+                report: DownloadReport::default(),
+                result: Err(e.into()),
+            };
+        }
     }
-    let r = run(client, store.clone(), manifest, peers, cfg, out).await;
-    match r {
-        Ok(mut report) => {
-            report.elapsed = started.elapsed();
+    let (mut report, result) = run(client, store.clone(), manifest, peers, cfg, out).await;
+    report.elapsed = started.elapsed();
+    match &result {
+        Ok(()) => {
             info!(nar = %nar_hash, elapsed = ?report.elapsed, local = report.bytes_local,
                 dup = report.duplicate_bytes, "download finished");
-            Ok(report)
         }
         Err(e) => {
-            warn!(nar = %nar_hash, error = %e, "download failed");
+            warn!(nar = %nar_hash, error = %e, bad_peers = report.bad_peers.len(), "download failed");
             if let Err(ae) = store.blocking(move |cs| cs.abort_download(&nar_hash)).await {
                 warn!(nar = %nar_hash, error = %ae, "cannot drop the download record");
             }
-            Err(e)
         }
     }
+    DownloadOutcome { report, result }
 }
 
 async fn run(
@@ -143,10 +185,13 @@ async fn run(
     peers: Vec<PeerId>,
     cfg: DownloadConfig,
     out: mpsc::Sender<Bytes>,
-) -> Result<DownloadReport, DownloadError> {
+) -> (DownloadReport, Result<(), DownloadError>) {
     let missing = {
         let m = manifest.clone();
-        store.blocking(move |cs| cs.missing(&m)).await?
+        match store.blocking(move |cs| cs.missing(&m)).await {
+            Ok(m) => m,
+            Err(e) => return (DownloadReport::default(), Err(e.into())),
+        }
     };
     let need: HashSet<ChunkId> = missing.iter().map(|c| c.id).collect();
     let buf = Arc::new(Arrivals::default());
@@ -162,24 +207,31 @@ async fn run(
         cfg.path.clone(),
     );
     let mut sched = Scheduler::new(client, store, &manifest, missing, peers, cfg, buf);
-    let bytes_local = {
+    let result = {
         let scheduling = sched.run(progress_rx);
         tokio::pin!(emitter, scheduling);
         let mut scheduled = false;
         loop {
             tokio::select! {
                 r = &mut scheduling, if !scheduled => {
-                    r?;
+                    if let Err(e) = r {
+                        break Err(e);
+                    }
                     scheduled = true;
                 }
-                r = &mut emitter => break r?,
+                r = &mut emitter => break r,
             }
         }
     };
     sched.tasks.abort_all();
-    let mut report = sched.report;
-    report.bytes_local = bytes_local;
-    Ok(report)
+    let mut report = std::mem::take(&mut sched.report);
+    match result {
+        Ok(local) => {
+            report.bytes_local = local;
+            (report, Ok(()))
+        }
+        Err(e) => (report, Err(e)),
+    }
 }
 
 /// Downloaded chunks not yet handed to the caller.
@@ -219,6 +271,16 @@ async fn emit(
             let id = c.id;
             Bytes::from(store.blocking(move |cs| cs.read_chunk(&id)).await?)
         };
+        // Whatever its source, a chunk is handed on only at the manifest's length: a manifest
+        // that gives a held chunk another length would otherwise fill the NAR's size before its
+        // end, with bytes the NarHash never vouched for.
+        if data.len() != c.len as usize {
+            return Err(DownloadError::ChunkLength {
+                chunk: c.id,
+                claimed: c.len,
+                actual: data.len(),
+            });
+        }
         sha.update(&data);
         offset += data.len() as u64;
         if i + 1 == n {
@@ -730,6 +792,18 @@ impl Scheduler {
                 match result {
                     Ok(()) => self.on_success(&r),
                     Err(TaskError::Store(e)) => return Err(e.into()),
+                    Err(TaskError::Client(ClientError::WrongLength {
+                        id,
+                        claimed,
+                        actual,
+                    })) => {
+                        // The peer sent the right bytes; the manifest gave them a wrong length.
+                        return Err(DownloadError::ChunkLength {
+                            chunk: id,
+                            claimed,
+                            actual,
+                        });
+                    }
                     Err(e) => self.on_failure(&r, e),
                 }
                 let received = &self.received;

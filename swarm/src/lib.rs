@@ -4,13 +4,15 @@
 
 pub mod client;
 pub mod download;
+pub mod fetch;
 pub mod lookup;
 pub mod node;
 pub mod protocol;
 pub mod server;
 
 pub use client::{Client, ClientConfig, ClientError};
-pub use download::{download, DownloadConfig, DownloadError, DownloadReport};
+pub use download::{download, DownloadConfig, DownloadError, DownloadOutcome, DownloadReport};
+pub use fetch::{fetch_nar, FetchError, FetchOutcome, FetchRequest};
 pub use libp2p::{Multiaddr, PeerId};
 pub use lookup::{Found, Lookup, PeerSource, TrustCheck};
 pub use node::{Node, NodeConfig, NodeError, NodeEvent};

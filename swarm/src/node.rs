@@ -290,6 +290,8 @@ pub struct Node {
     peer_id: PeerId,
     control: libp2p_stream::Control,
     listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    /// Peers banned so far, so callers can leave them out before asking anything.
+    banned: Mutex<HashSet<PeerId>>,
     commands: mpsc::UnboundedSender<Command>,
     events: broadcast::Sender<NodeEvent>,
     task: tokio::task::JoinHandle<()>,
@@ -406,6 +408,7 @@ impl Node {
             peer_id,
             control,
             listen_addrs,
+            banned: Mutex::new(HashSet::new()),
             commands,
             events,
             task,
@@ -516,8 +519,20 @@ impl Node {
         let _ = self.commands.send(Command::SetProvided(keys));
     }
 
+    /// Whether [`Node::ban`] was called for this peer.
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(peer)
+    }
+
     /// Disconnects a misbehaving peer and refuses it from now on.
     pub async fn ban(&self, peer: PeerId, why: &str) {
+        self.banned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer);
         let (reply, rx) = oneshot::channel();
         if self
             .commands

@@ -1,12 +1,14 @@
 //! Answering peers: lookups from the [`Catalog`], manifests, `have` and chunks from the chunk
 //! store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
+use lru::LruCache;
 use peerix_chunkstore::{ChunkId, ChunkStore};
 use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
 use thiserror::Error;
@@ -26,6 +28,14 @@ pub trait Catalog: Send + Sync {
     /// the chunk ids of a NAR) are only given out for those: a private path's NAR stays
     /// private even from a peer that learned its NarHash.
     fn shares_nar(&self, nar_hash: &Sha256Hash) -> bool;
+    /// Every NAR shared right now. Chunks are only served, and `have` only confirms them, when
+    /// they belong to one of these: a chunk id must not reveal or hand out a private file.
+    fn shared_nars(&self) -> Vec<Sha256Hash>;
+    /// A number that changes whenever what is shared changes; the server rebuilds its index of
+    /// shareable chunks when it does. A catalog that never changes keeps the default.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 impl Catalog for HashMap<StorePathHash, NarInfo> {
@@ -35,6 +45,33 @@ impl Catalog for HashMap<StorePathHash, NarInfo> {
     fn shares_nar(&self, nar_hash: &Sha256Hash) -> bool {
         self.values().any(|n| n.nar_hash == *nar_hash)
     }
+    fn shared_nars(&self) -> Vec<Sha256Hash> {
+        self.values().map(|n| n.nar_hash).collect()
+    }
+}
+
+/// The chunks of the shared NARs (complete, or being downloaded), for the catalog generation
+/// it was built from.
+struct ChunkIndex {
+    generation: u64,
+    chunks: Arc<HashSet<ChunkId>>,
+}
+
+fn build_chunk_index(
+    cs: &ChunkStore,
+    catalog: &dyn Catalog,
+) -> peerix_chunkstore::Result<HashSet<ChunkId>> {
+    let mut chunks = HashSet::new();
+    for h in catalog.shared_nars() {
+        let m = match cs.manifest(&h)? {
+            Some(m) => Some(m),
+            None => cs.partial_manifest(&h)?,
+        };
+        if let Some(m) = m {
+            chunks.extend(m.chunks.iter().map(|c| c.id));
+        }
+    }
+    Ok(chunks)
 }
 
 /// Bounds on what serving may cost us.
@@ -56,6 +93,10 @@ pub struct ServeLimits {
     pub max_offences: u32,
     /// How long an offender is refused.
     pub ban_duration: Duration,
+    /// Chunk ids a peer may ask about in `have` requests per second, and in one burst; more
+    /// is answered Busy.
+    pub have_rate: u32,
+    pub have_burst: u32,
 }
 
 impl Default for ServeLimits {
@@ -68,6 +109,8 @@ impl Default for ServeLimits {
             write_timeout: Duration::from_secs(30),
             max_offences: 3,
             ban_duration: Duration::from_secs(600),
+            have_rate: 4 * protocol::MAX_HAVE_CHUNKS as u32,
+            have_burst: 8 * protocol::MAX_HAVE_CHUNKS as u32,
         }
     }
 }
@@ -107,6 +150,11 @@ struct Shared {
     slot_freed: Notify,
     events: broadcast::Sender<ServerEvent>,
     limits: ServeLimits,
+    /// Per peer: `have` budget left (chunk ids) and when it was last topped up. Bounded: a
+    /// peer pushed out comes back with a full bucket, which costs it a fresh identity.
+    have_budget: Mutex<LruCache<PeerId, (f64, Instant)>>,
+    /// Built on demand, one build at a time.
+    chunk_index: tokio::sync::Mutex<Option<ChunkIndex>>,
 }
 
 /// Serves [`PROTOCOL`] streams.
@@ -150,7 +198,28 @@ impl ServerHandle {
     }
 }
 
+/// Peers whose `have` budget is tracked at once.
+const HAVE_BUDGET_PEERS: usize = 4096;
+
 impl Shared {
+    /// Takes `n` from the peer's `have` budget; false when it has not that much left.
+    fn take_have_budget(&self, peer: PeerId, n: usize) -> bool {
+        let (rate, burst) = (
+            f64::from(self.limits.have_rate),
+            f64::from(self.limits.have_burst),
+        );
+        let now = Instant::now();
+        let mut budgets = self.have_budget.lock().expect("have budget");
+        let (left, at) = budgets.get_or_insert_mut(peer, || (burst, now));
+        *left = (*left + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *left < n as f64 {
+            return false;
+        }
+        *left -= n as f64;
+        true
+    }
+
     fn refused(&self, peer: &PeerId) -> bool {
         let mut scores = self.scores.lock().expect("scores");
         let Some(s) = scores.get_mut(peer) else {
@@ -268,6 +337,10 @@ impl Server {
                 slot_freed: Notify::new(),
                 events,
                 limits,
+                have_budget: Mutex::new(LruCache::new(
+                    NonZeroUsize::new(HAVE_BUDGET_PEERS).expect("non-zero"),
+                )),
+                chunk_index: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -342,6 +415,32 @@ impl Server {
         let _ = tokio::time::timeout(limits.write_timeout, stream.close()).await;
     }
 
+    /// The chunks of what the catalog shares now, rebuilt when its generation moved on.
+    async fn shareable_chunks(&self) -> Result<Arc<HashSet<ChunkId>>, AnswerError> {
+        let generation = self.catalog.generation();
+        let mut index = self.shared.chunk_index.lock().await;
+        if let Some(i) = index.as_ref().filter(|i| i.generation == generation) {
+            return Ok(i.chunks.clone());
+        }
+        let catalog = self.catalog.clone();
+        let chunks = Arc::new(
+            self.store
+                .blocking(move |cs| build_chunk_index(cs, &*catalog))
+                .await
+                .map_err(|e| AnswerError::Store(e.to_string()))?,
+        );
+        debug!(
+            generation,
+            chunks = chunks.len(),
+            "index of shareable chunks rebuilt"
+        );
+        *index = Some(ChunkIndex {
+            generation,
+            chunks: chunks.clone(),
+        });
+        Ok(chunks)
+    }
+
     async fn answer(&self, peer: PeerId, req: Request, s: &mut Stream) -> Result<(), AnswerError> {
         let wt = self.shared.limits.write_timeout;
         match req {
@@ -379,10 +478,19 @@ impl Server {
                 timed(wt, write_frame(s, kind::MANIFEST_REPLY, &body)).await?;
             }
             Request::Have { chunks, nars } => {
+                if !self
+                    .shared
+                    .take_have_budget(peer, chunks.len() + nars.len())
+                {
+                    debug!(%peer, "have requests too fast; answering busy");
+                    timed(wt, write_refused(s, Refusal::Busy)).await?;
+                    return Ok(());
+                }
                 let catalog = self.catalog.clone();
+                let shareable = self.shareable_chunks().await?;
                 let reply = self
                     .store
-                    .blocking(move |cs| have(cs, &*catalog, &chunks, &nars))
+                    .blocking(move |cs| have(cs, &*catalog, &shareable, &chunks, &nars))
                     .await
                     .map_err(|e| AnswerError::Store(e.to_string()))?;
                 timed(
@@ -397,9 +505,11 @@ impl Server {
                     timed(wt, write_refused(s, Refusal::Busy)).await?;
                     return Ok(());
                 };
+                let shareable = self.shareable_chunks().await?;
                 let mut budget = protocol::MAX_CHUNK_BYTES_PER_REQUEST;
                 for id in ids {
-                    let data = if budget == 0 {
+                    // A chunk of no shared NAR is answered as missing, like one not held.
+                    let data = if budget == 0 || !shareable.contains(&id) {
                         None
                     } else {
                         self.store
@@ -435,12 +545,13 @@ impl Server {
 fn have(
     cs: &ChunkStore,
     catalog: &dyn Catalog,
+    shareable: &HashSet<ChunkId>,
     chunks: &[ChunkId],
     nars: &[Sha256Hash],
 ) -> peerix_chunkstore::Result<HaveReply> {
     let mut r = HaveReply::default();
     for c in chunks {
-        r.chunks.push(cs.has_chunk(c)?);
+        r.chunks.push(shareable.contains(c) && cs.has_chunk(c)?);
     }
     for n in nars {
         r.nars.push(if !catalog.shares_nar(n) {

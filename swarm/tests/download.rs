@@ -53,7 +53,8 @@ async fn fetch(
         }
         got
     };
-    tokio::join!(dl, consume)
+    let (outcome, got) = tokio::join!(dl, consume);
+    (outcome.into_result(), got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,8 +64,9 @@ async fn three_seeders_share_the_load() {
     let data = nar_bytes(10, 8 << 20);
     let mut m = None;
     for s in &mut seeders {
-        m = Some(s.ingest(&data));
-        s.serve_default();
+        let sm = s.ingest(&data);
+        s.serve_sharing(&sm);
+        m = Some(sm);
     }
     let m = m.unwrap();
     let peers: Vec<&Node> = seeders.iter().collect();
@@ -111,7 +113,7 @@ async fn chunks_spread_so_that_no_peer_has_them_all() {
     }
     for s in &mut seeders {
         assert!(!s.store.missing(&m).unwrap().is_empty());
-        s.serve_default();
+        s.serve_sharing(&m);
     }
     let peers: Vec<&Node> = seeders.iter().collect();
     let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
@@ -127,8 +129,9 @@ async fn a_peer_killed_mid_download() {
     let data = nar_bytes(12, 6 << 20);
     let mut m = None;
     for s in &mut seeders {
-        m = Some(s.ingest(&data));
-        s.serve_default();
+        let sm = s.ingest(&data);
+        s.serve_sharing(&sm);
+        m = Some(sm);
     }
     let m = m.unwrap();
     let victim_handle = seeders[0].handle.clone().unwrap();
@@ -178,8 +181,8 @@ async fn a_peer_sending_corrupt_chunks_is_banned() {
         m = Some(s.ingest(&data));
     }
     let m = m.unwrap();
-    seeders[0].serve_default();
-    seeders[1].serve_default();
+    seeders[0].serve_sharing(&m);
+    seeders[1].serve_sharing(&m);
     serve_rogue(&mut seeders[2], Rogue::Corrupt);
     let peers: Vec<&Node> = seeders.iter().collect();
     let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
@@ -198,8 +201,9 @@ async fn a_lying_manifest_is_caught_before_the_last_chunk() {
     let real_hash = peerix_nix::Sha256Hash::digest(&real);
     let mut other_m = None;
     for s in &mut seeders[..2] {
-        other_m = Some(s.ingest(&other));
-        s.serve_default();
+        let om = s.ingest(&other);
+        s.serve_sharing(&om);
+        other_m = Some(om);
     }
     seeders[2].ingest(&other);
     serve_rogue(&mut seeders[2], Rogue::LyingManifest(other_m.unwrap()));
@@ -246,8 +250,9 @@ async fn only_missing_chunks_cross_the_wire() {
     leecher.ingest(&v1);
     let mut m = None;
     for s in &mut seeders {
-        m = Some(s.ingest(&v2));
-        s.serve_default();
+        let sm = s.ingest(&v2);
+        s.serve_sharing(&sm);
+        m = Some(sm);
     }
     let m = m.unwrap();
     let missing: u64 = leecher
@@ -279,7 +284,7 @@ async fn a_chunk_nobody_has_is_unavailable() {
         .store
         .put_chunk(&m.chunks[0].id, &data[..m.chunks[0].len as usize])
         .unwrap();
-    seeders[0].serve_default();
+    seeders[0].serve_sharing(&m);
     let peers: Vec<&Node> = seeders.iter().collect();
     let (r, got) = fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}).await;
     assert!(matches!(r, Err(DownloadError::Unavailable { .. })), "{r:?}");

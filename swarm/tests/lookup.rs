@@ -37,6 +37,9 @@ impl Catalog for TestCatalog {
     fn shares_nar(&self, nar_hash: &Sha256Hash) -> bool {
         self.items.values().any(|n| n.nar_hash == *nar_hash)
     }
+    fn shared_nars(&self) -> Vec<Sha256Hash> {
+        self.items.values().map(|n| n.nar_hash).collect()
+    }
 }
 
 /// Trusts signatures by `keys`; tells `on_reject` when it turned an answer down.
@@ -338,6 +341,7 @@ async fn a_found_path_downloads_from_every_holder() {
         tx,
     )
     .await
+    .into_result()
     .unwrap();
     assert!(collect.await.unwrap() == nar, "the NAR differs");
     for s in &seeders {

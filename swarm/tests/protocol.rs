@@ -198,7 +198,7 @@ async fn a_full_server_answers_busy() {
     let other = Node::new().await;
     let m = a.ingest(&nar_bytes(3, 4 << 20));
     a.serve(
-        catalog(&[]),
+        catalog(&[narinfo(store_path(3), &m)]),
         ServeLimits {
             max_chunk_requests: 1,
             queue_timeout: std::time::Duration::ZERO,
@@ -245,4 +245,107 @@ async fn a_full_server_answers_busy() {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// What a node shares, switchable: the NAR `m` until `stop` is called.
+struct Switch {
+    info: peerix_nix::NarInfo,
+    shared: std::sync::atomic::AtomicBool,
+}
+
+impl peerix_swarm::Catalog for Switch {
+    fn lookup(&self, hash: &peerix_nix::StorePathHash) -> Option<peerix_nix::NarInfo> {
+        (self.shared.load(std::sync::atomic::Ordering::SeqCst)
+            && *hash == self.info.store_path.hash())
+        .then(|| self.info.clone())
+    }
+    fn shares_nar(&self, nar_hash: &peerix_nix::Sha256Hash) -> bool {
+        self.shared.load(std::sync::atomic::Ordering::SeqCst) && *nar_hash == self.info.nar_hash
+    }
+    fn shared_nars(&self) -> Vec<peerix_nix::Sha256Hash> {
+        if self.shared.load(std::sync::atomic::Ordering::SeqCst) {
+            vec![self.info.nar_hash]
+        } else {
+            vec![]
+        }
+    }
+    fn generation(&self) -> u64 {
+        u64::from(!self.shared.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// A chunk id is no oracle for private files: `have` and `chunks` answer only for chunks of
+/// NARs the node shares right now, so a peer that guesses a private file's chunk id (a small
+/// NAR is one chunk, named by the BLAKE3 of the whole NAR) learns nothing and gets nothing,
+/// and a peer that saw a manifest before a path was unshared cannot fetch its chunks after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_of_unshared_nars_are_neither_confirmed_nor_served() {
+    init_tracing();
+    let mut a = Node::new().await;
+    let b = Node::new().await;
+    let private = a.ingest(&nar_bytes(40, 10_000));
+    assert_eq!(private.chunks.len(), 1);
+    let public = a.ingest(&nar_bytes(41, 1 << 20));
+    let switch = std::sync::Arc::new(Switch {
+        info: narinfo(store_path(41), &public),
+        shared: true.into(),
+    });
+    a.serve(switch.clone(), ServeLimits::default());
+    b.connect(&a).await;
+    let c = b.client();
+    let guess = private.chunks[0].id;
+    let shared = public.chunks[0].id;
+
+    let r = c.have(a.peer, &[guess, shared], &[]).await.unwrap();
+    assert_eq!(r.chunks, vec![false, true]);
+    let items: Vec<_> = c
+        .fetch_chunks(a.peer, vec![private.chunks[0], public.chunks[0]])
+        .collect()
+        .await;
+    assert!(
+        matches!(items[0], Err(ClientError::Missing { .. })),
+        "{items:?}"
+    );
+    assert!(items[1].is_ok(), "{items:?}");
+
+    // Unshared: what was public is no longer confirmed nor served.
+    switch
+        .shared
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let r = c.have(a.peer, &[shared], &[public.nar_hash]).await.unwrap();
+    assert_eq!(r.chunks, vec![false]);
+    assert_eq!(r.nars, vec![NarState::None]);
+    let items: Vec<_> = c
+        .fetch_chunks(a.peer, vec![public.chunks[0]])
+        .collect()
+        .await;
+    assert!(
+        matches!(items[..], [Err(ClientError::Missing { .. })]),
+        "{items:?}"
+    );
+}
+
+/// `have` is rate-limited per peer: past its budget a peer hears Busy, others are not hurt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn have_requests_past_their_budget_are_answered_busy() {
+    init_tracing();
+    let mut a = Node::new().await;
+    let greedy = Node::new().await;
+    let other = Node::new().await;
+    let m = a.ingest(&nar_bytes(42, 1 << 20));
+    a.serve(
+        catalog(&[narinfo(store_path(42), &m)]),
+        ServeLimits {
+            have_rate: 1,
+            have_burst: 100,
+            ..ServeLimits::default()
+        },
+    );
+    greedy.connect(&a).await;
+    other.connect(&a).await;
+    let ids = vec![m.chunks[0].id; 60];
+    greedy.client().have(a.peer, &ids, &[]).await.unwrap();
+    let e = greedy.client().have(a.peer, &ids, &[]).await.unwrap_err();
+    assert!(matches!(e, ClientError::Busy { .. }), "{e}");
+    other.client().have(a.peer, &ids, &[]).await.unwrap();
 }

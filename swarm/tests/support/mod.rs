@@ -156,8 +156,11 @@ impl Node {
         self.tasks.push(tokio::spawn(server.run(control).unwrap()));
     }
 
-    pub fn serve_default(&mut self) {
-        self.serve(Arc::new(HashMap::new()), ServeLimits::default());
+    /// Serve with default limits, sharing the NAR `m` describes (chunks of NARs a node does
+    /// not share are never served).
+    pub fn serve_sharing(&mut self, m: &Manifest) {
+        let info = narinfo(store_path(0), m);
+        self.serve(catalog(&[info]), ServeLimits::default());
     }
 
     pub fn client(&self) -> Client {
