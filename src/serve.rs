@@ -331,21 +331,47 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         });
     }
 
-    // Scans of the local store; each one replaces what the node announces.
+    // Scans of the local store; each one replaces what the node announces, then GC gives
+    // back what the scan freed (pack copies of NARs Nix now holds, NARs that left the store).
     {
         let node = node.clone();
         let interval = cfg.scan_interval;
+        let store = app.store.clone();
+        let collecting = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(sharing.run(interval, move |s| {
             let shared = s.shared_hashes();
             let n = shared.len();
             node.set_provided(shared);
             eprintln!("peerix: scan done: {n} shared");
+            if !collecting.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tokio::spawn(collect_garbage(store.clone(), collecting.clone()));
+            }
         }));
     }
 
     let router = router(app);
     crate::http::serve(listener, router, HttpLimits::default(), shutdown_signal()).await;
     Ok(())
+}
+
+/// One GC run of the chunk store, reported on stderr when it freed something.
+async fn collect_garbage(store: ChunkStore, running: Arc<std::sync::atomic::AtomicBool>) {
+    let started = Instant::now();
+    match store.blocking(|cs| cs.gc(&mut |_| {})).await {
+        Ok(st) if st.chunks_deleted + st.pack_copies_released + st.packs_removed > 0 => {
+            eprintln!(
+                "peerix: gc: {} unused chunks deleted, {} pack copies released, {} bytes of \
+                 packs reclaimed in {:.2?}",
+                st.chunks_deleted,
+                st.pack_copies_released,
+                st.bytes_reclaimed,
+                started.elapsed()
+            );
+        }
+        Ok(_) => debug!("gc: nothing to do"),
+        Err(e) => warn!(error = %e, "gc of the chunk store failed"),
+    }
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Ctrl-C, or SIGTERM from systemd: stop taking requests and let those in flight finish.

@@ -77,6 +77,10 @@ pub struct ScanReport {
     pub private: usize,
     pub indexed: usize,
     pub index_errors: usize,
+    /// NARs whose path left the local store since the last scan.
+    pub left_store: usize,
+    /// Held NARs whose path became valid locally (read in place from now on).
+    pub attached: usize,
 }
 
 /// `*` matches any run of characters, `?` one; everything else itself.
@@ -239,6 +243,7 @@ impl Sharing {
             valid: infos.len(),
             ..ScanReport::default()
         };
+        self.follow_local_store(&infos, &mut rep).await?;
         // Pinned paths that have left the local store are still served, from packs, as the
         // narinfo kept when they were pinned describes them.
         let valid: HashSet<StorePathHash> = infos.iter().map(|i| i.path.hash()).collect();
@@ -331,9 +336,62 @@ impl Sharing {
             private = rep.private,
             denied = rep.denied,
             indexed = rep.indexed,
+            left_store = rep.left_store,
+            attached = rep.attached,
             "local store scanned"
         );
         Ok(rep)
+    }
+
+    /// The Nix store is the truth. A NAR whose path left it is no longer read in place (and
+    /// no longer held at all unless pack copies keep it whole); a NAR the chunk store holds
+    /// whose path is valid is read in place from then on, so GC can release its pack copies
+    /// (a download Nix has imported stops taking disk twice).
+    async fn follow_local_store(
+        &self,
+        infos: &[PathInfo],
+        rep: &mut ScanReport,
+    ) -> anyhow::Result<()> {
+        let valid: HashMap<StorePathHash, Sha256Hash> =
+            infos.iter().map(|i| (i.path.hash(), i.nar_hash)).collect();
+        let sources = self.store.blocking(|cs| cs.local_sources()).await?;
+        for (nar, path) in sources {
+            if valid.get(&path.hash()) == Some(&nar) {
+                continue;
+            }
+            match self.store.blocking(move |cs| cs.detach_local(&nar)).await {
+                Ok(d) => {
+                    rep.left_store += 1;
+                    debug!(%path, chunks = d.chunks, dropped = d.manifest_dropped, "path left the local store");
+                }
+                Err(e) => {
+                    warn!(%path, error = %e, "cannot forget a path that left the local store")
+                }
+            }
+        }
+        for info in infos {
+            let (path, nar, size) = (info.path.clone(), info.nar_hash, info.nar_size);
+            let res = self
+                .store
+                .blocking(move |cs| {
+                    let Some(m) = cs.manifest(&nar)? else {
+                        return Ok(false);
+                    };
+                    if cs.local_source(&nar)?.as_ref() == Some(&path) && cs.missing(&m)?.is_empty()
+                    {
+                        return Ok(false);
+                    }
+                    cs.attach_local(&path, &nar, size)?;
+                    Ok(true)
+                })
+                .await;
+            match res {
+                Ok(true) => rep.attached += 1,
+                Ok(false) => {}
+                Err(e) => warn!(path = %info.path, error = %e, "cannot read a held NAR in place"),
+            }
+        }
+        Ok(())
     }
 
     pub fn shared_hashes(&self) -> Vec<StorePathHash> {

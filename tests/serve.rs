@@ -482,8 +482,9 @@ fn http_raw(addr: &str, path: &str) -> Vec<u8> {
     }
 }
 
-/// The only peer's copy goes bad after it was indexed: the download fails its checks, so B
-/// cuts the response before the end, and Nix refuses the path.
+/// The only peer's copy goes bad after it was indexed, near its end: the first chunks reach
+/// Nix, then the download fails its checks, so B cuts the response before Content-Length and
+/// Nix refuses the path.
 #[test]
 fn a_failed_download_cuts_the_response() {
     let Some((p, big)) = pair_with_big("serve-g", &["--timeout", "1"]) else {
@@ -497,35 +498,37 @@ fn a_failed_download_cuts_the_response() {
         .find_map(|l| l.strip_prefix("URL: "))
         .unwrap()
         .to_owned();
-    // Flip bytes in the middle of A's file, behind its index's back.
+    // Flip bytes near the end of A's file, behind its index's back: the runs before it are
+    // served (and reach Nix) before the run holding it is even asked for.
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(p.a_nix.real(&big).join("blob"))
             .unwrap();
-        f.write_all_at(&[0xff; 64], 3 << 20).unwrap();
+        f.write_all_at(&[0xff; 64], (6 << 20) - 4096).unwrap();
     }
     let got = http_raw(&p.b.http, &format!("/{url}"));
-    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
-    if let Some(end) = head_end {
-        let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
-        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert!(status == 200 || status == 404, "{head}");
-        if status == 200 {
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            assert!(
-                got.len() - end - 4 < len,
-                "the whole body arrived although the download failed"
-            );
-        }
-    }
+    let end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head: the first chunks were fine");
+    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(status, 200, "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let body = got.len() - end - 4;
+    assert!(body > 0, "no byte before the failure");
+    assert!(
+        body < len,
+        "the whole body arrived although the download failed"
+    );
     // Nix never takes it.
     let out = p.b_nix.realise(&big, &p.b.url(), &p.b_key.1);
     assert!(!out.status.success());
@@ -739,5 +742,54 @@ fn sigterm_stops_the_daemon_cleanly() {
     assert!(
         status.success(),
         "peerix serve exited with {status} on SIGTERM"
+    );
+}
+
+/// Bytes B's packs take on disk, as `peerix status` reports them (the daemon answers).
+fn pack_bytes(p: &Pair) -> u64 {
+    let state = p.b_nix.scratch("state-B");
+    let out = common::peerix_ok(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v["store"]["pack_file_bytes"].as_u64().unwrap()
+}
+
+/// A path B downloaded is kept once: when Nix has imported it, B's next scan reads it in place
+/// and GC releases its pack copy. When Nix then garbage-collects it, B stops claiming it, and
+/// the next time Nix wants it, B fetches it from A again.
+#[test]
+fn a_downloaded_path_is_kept_once_and_comes_back_after_nix_collects_it() {
+    let Some((mut p, big)) = pair_with_big("serve-gc", &["--scan-interval", "1"]) else {
+        return;
+    };
+    assert_substitutes(
+        &p.b_nix,
+        &p.a_nix,
+        &big,
+        &p.b.url(),
+        &p.b_key.1,
+        std::slice::from_ref(&big),
+    );
+    // The scan after the import reads it in place; GC then gives the pack copy back.
+    p.b.wait_for("GC of the downloaded copy", |l| {
+        l.starts_with("peerix: gc: ") && !l.contains(" 0 pack copies released")
+    });
+    let packs = pack_bytes(&p);
+    assert!(
+        packs < 1 << 20,
+        "B's packs still hold {packs} bytes of a 6 MiB path Nix holds"
+    );
+
+    // Nix collects it; B's next scans notice.
+    let s = p.b_nix.store_arg();
+    p.b_nix.run("nix-store", &["--store", &s, "--delete", &big]);
+    p.b.wait_scan();
+    p.b.wait_scan();
+    assert_substitutes(
+        &p.b_nix,
+        &p.a_nix,
+        &big,
+        &p.b.url(),
+        &p.b_key.1,
+        std::slice::from_ref(&big),
     );
 }

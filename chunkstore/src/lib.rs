@@ -17,7 +17,7 @@ pub use chunk::{ChunkId, ChunkerParams, VerifiedChunk};
 pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Manifest};
 pub use store::{
-    ChunkStore, FsckReport, GcStats, NarReader, Options, Pinned, Progress, Seed, Stats,
+    ChunkStore, Detached, FsckReport, GcStats, NarReader, Options, Pinned, Progress, Seed, Stats,
 };
 
 /// No chunk is larger than this, whatever a peer or a file on disk says.

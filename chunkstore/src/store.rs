@@ -16,6 +16,9 @@ use crate::index::{hash_key, ChunkRec};
 use crate::pack::{PackLoc, Packs, HEADER};
 use crate::{ChunkId, ChunkRef, ChunkerParams, Error, Manifest, Result, VerifiedChunk};
 
+mod local;
+pub use local::Detached;
+
 /// How a [`ChunkStore`] is opened.
 #[derive(Clone, Debug, Default)]
 pub struct Options {

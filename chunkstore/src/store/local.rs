@@ -1,0 +1,136 @@
+//! Following the local Nix store: NARs that became valid there (downloaded, then imported by
+//! Nix) are read in place from then on, so GC can release their pack copies; NARs whose path
+//! left it stop being claimed.
+
+use std::sync::Arc;
+
+use peerix_nix::nar::NarLayout;
+use peerix_nix::{Sha256Hash, StorePath};
+use sled::transaction::{ConflictableTransactionError as TxError, Transactional};
+use tracing::debug;
+
+use super::{real_path, tx_err, ChunkStore};
+use crate::index::ChunkRec;
+use crate::{Error, Result};
+
+/// What [`ChunkStore::detach_local`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Detached {
+    /// Chunks that lost their in-place location.
+    pub chunks: u64,
+    /// The NAR could no longer be produced whole, so its manifest was dropped.
+    pub manifest_dropped: bool,
+}
+
+impl ChunkStore {
+    /// The NAR `nar_hash` of `path`, valid in the local store with that NarHash and NarSize
+    /// (as the store's database says), is read in place from now on: every chunk of its
+    /// manifest without an in-place location gets one in this path's files. Reads still check
+    /// each chunk's BLAKE3, so files that differ from the database are caught, never served.
+    /// Returns the chunks that got a location; nothing when the store holds no manifest of it.
+    pub fn attach_local(
+        &self,
+        path: &StorePath,
+        nar_hash: &Sha256Hash,
+        nar_size: u64,
+    ) -> Result<u64> {
+        let Some(m) = self.manifest(nar_hash)? else {
+            return Ok(0);
+        };
+        let root = self.inner.store_root.as_ref().ok_or(Error::NoLocalStore)?;
+        let real = real_path(root, path);
+        let layout = NarLayout::of_path(&real).map_err(|source| Error::Nar {
+            path: path.to_string(),
+            source,
+        })?;
+        if layout.nar_size() != nar_size || m.nar_size != nar_size {
+            return Err(Error::NarSizeMismatch {
+                expected: nar_size,
+                got: layout.nar_size(),
+            });
+        }
+        let _gc = self.inner.gc.read().expect("gc lock");
+        let i = &self.inner;
+        let attached = (&i.chunks, &i.local)
+            .transaction(|(chunks, local)| {
+                let mut n = 0u64;
+                for (off, c) in m.offsets() {
+                    let Some(v) = chunks.get(c.id.0)? else {
+                        continue;
+                    };
+                    let mut r = ChunkRec::decode(&v).map_err(TxError::Abort)?;
+                    if r.local.is_none() && r.len == c.len {
+                        r.local = Some((*nar_hash, off));
+                        chunks.insert(&c.id.0, r.encode())?;
+                        n += 1;
+                    }
+                }
+                local.insert(&nar_hash.0, path.base_name().as_bytes())?;
+                Ok(n)
+            })
+            .map_err(tx_err)?;
+        i.layouts
+            .lock()
+            .expect("layout cache")
+            .put(*nar_hash, Arc::new((real, layout)));
+        i.db.flush()?;
+        debug!(%path, chunks = attached, "NAR read in place from now on");
+        Ok(attached)
+    }
+
+    /// The local path of `nar_hash` left the Nix store: its chunks lose their in-place
+    /// locations, and when the NAR can no longer be produced whole (no pack copy of some chunk,
+    /// which is the case for every path that was only indexed in place), its manifest goes too,
+    /// so it is neither served nor claimed; a request for it then goes to peers.
+    pub fn detach_local(&self, nar_hash: &Sha256Hash) -> Result<Detached> {
+        let mut d = Detached::default();
+        {
+            let _gc = self.inner.gc.read().expect("gc lock");
+            let i = &self.inner;
+            let m = self.manifest(nar_hash)?;
+            d.chunks = (&i.chunks, &i.local)
+                .transaction(|(chunks, local)| {
+                    let mut n = 0u64;
+                    if let Some(m) = &m {
+                        for c in &m.chunks {
+                            let Some(v) = chunks.get(c.id.0)? else {
+                                continue;
+                            };
+                            let mut r = ChunkRec::decode(&v).map_err(TxError::Abort)?;
+                            if r.local.is_some_and(|(h, _)| h == *nar_hash) {
+                                r.local = None;
+                                chunks.insert(&c.id.0, r.encode())?;
+                                n += 1;
+                            }
+                        }
+                    }
+                    local.remove(&nar_hash.0)?;
+                    Ok(n)
+                })
+                .map_err(tx_err)?;
+            i.layouts.lock().expect("layout cache").pop(nar_hash);
+        }
+        if let Some(m) = self.manifest(nar_hash)? {
+            if !self.missing(&m)?.is_empty() {
+                d.manifest_dropped = self.remove_manifest(nar_hash)?;
+            }
+        }
+        self.inner.db.flush()?;
+        Ok(d)
+    }
+
+    /// Every NAR read in place, with the store path it is read from.
+    pub fn local_sources(&self) -> Result<Vec<(Sha256Hash, StorePath)>> {
+        let mut out = vec![];
+        for kv in self.inner.local.iter() {
+            let (k, v) = kv?;
+            let h = super::hash_key(&k)?;
+            let p = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| StorePath::from_base_name(s).ok())
+                .ok_or(Error::BadRecord { what: "local" })?;
+            out.push((h, p));
+        }
+        Ok(out)
+    }
+}
