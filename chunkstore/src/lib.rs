@@ -7,6 +7,9 @@
 //! against the chunk's BLAKE3 id, and a whole-NAR read against the NarHash.
 
 mod chunk;
+#[cfg(test)]
+mod crash_points;
+mod durable;
 mod error;
 mod index;
 mod manifest;

@@ -280,6 +280,19 @@ impl ChunkStore {
         self.inner.params
     }
 
+    /// Fault injection for tests: `hook` sees every [`crate::durable::Event`] and may fail it.
+    #[cfg(test)]
+    pub(crate) fn set_fault_hook(&self, hook: crate::durable::Hook) {
+        *self.inner.packs.durability.faults.hook.lock().unwrap() = Some(hook);
+    }
+
+    /// The index itself, its `chunks` tree and its `manifests` tree, for tests.
+    #[cfg(test)]
+    pub(crate) fn index_trees(&self) -> (sled::Db, sled::Tree, sled::Tree) {
+        let i = &self.inner;
+        (i.db.clone(), i.chunks.clone(), i.manifests.clone())
+    }
+
     /// Run blocking store work on tokio's blocking pool.
     pub async fn blocking<T, F>(&self, f: F) -> Result<T>
     where
@@ -440,7 +453,8 @@ impl ChunkStore {
             progress(&p);
             Ok(())
         })?;
-        self.inner.packs.sync()?;
+        let locs = new_locs.values().filter_map(|r| r.pack.as_ref());
+        self.inner.packs.make_durable(locs)?;
         self.commit(&m, &new_locs, None, path)?;
         self.inner.db.flush()?;
         Ok(m)
@@ -607,6 +621,7 @@ impl ChunkStore {
             return Ok(false);
         }
         let loc = self.inner.packs.append(id, data, compress)?;
+        self.inner.packs.make_durable([&loc])?;
         let len = data.len() as u32;
         let mut bad = false;
         self.inner.chunks.update_and_fetch(id.0, |old| {
@@ -807,6 +822,7 @@ impl ChunkStore {
         let m = self.manifest(&nar)?.ok_or(Error::MissingNar(nar))?;
         let mut seen = HashSet::new();
         let mut copied = 0;
+        let (mut batch, mut batch_bytes) = (vec![], 0);
         for c in &m.chunks {
             if !seen.insert(c.id) {
                 continue;
@@ -814,14 +830,31 @@ impl ChunkStore {
             let rec = self.chunk_rec(&c.id)?.ok_or(Error::MissingChunk(c.id))?;
             if rec.pack.is_none() {
                 let data = self.read_chunk(&c.id)?;
-                let _gc = self.inner.gc.read().expect("gc lock");
-                let loc = self.inner.packs.append(&c.id, &data, true)?;
-                self.drop_location(&c.id, |r| r.pack = r.pack.or(Some(loc)))?;
                 copied += data.len() as u64;
+                batch_bytes += data.len();
+                batch.push((c.id, data));
+                if batch_bytes >= 64 << 20 {
+                    self.copy_to_packs(&mut batch)?;
+                    batch_bytes = 0;
+                }
             }
         }
-        self.inner.packs.sync()?;
+        self.copy_to_packs(&mut batch)?;
         Ok((m, name, copied))
+    }
+
+    /// Append chunks to packs, sync them once, then record where they are.
+    fn copy_to_packs(&self, batch: &mut Vec<(ChunkId, Vec<u8>)>) -> Result<()> {
+        let _gc = self.inner.gc.read().expect("gc lock");
+        let mut locs = Vec::with_capacity(batch.len());
+        for (id, data) in batch.drain(..) {
+            locs.push((id, self.inner.packs.append(&id, &data, true)?));
+        }
+        self.inner.packs.make_durable(locs.iter().map(|(_, l)| l))?;
+        for (id, loc) in locs {
+            self.drop_location(&id, |r| r.pack = r.pack.or(Some(loc)))?;
+        }
+        Ok(())
     }
 
     pub fn unpin(&self, hash: &StorePathHash) -> Result<bool> {
@@ -1067,7 +1100,7 @@ impl ChunkStore {
                 }
             }
         }
-        i.packs.sync()?;
+        i.packs.make_durable(moved.iter().map(|(_, _, new)| new))?;
         i.chunks
             .transaction(|t| {
                 for (id, old, new) in &moved {
