@@ -116,7 +116,8 @@ struct Nars {
 }
 
 fn nars(root: &Path) -> Nars {
-    let bytes = data(1, 4 << 20);
+    // Larger than one drain of puts, so puts drain mid-download too.
+    let bytes = data(1, 12 << 20);
     let t = tempfile::tempdir().unwrap();
     let m = open(t.path(), root)
         .ingest_nar(bytes.as_slice(), None, None, &mut |_| {})
@@ -261,21 +262,26 @@ fn concurrent_puts_share_fdatasyncs() {
         }
         Ok(())
     }));
-    let (threads, each) = (8, 8);
+    let (threads, each) = (4, 16);
     std::thread::scope(|sc| {
         for th in 0..threads {
             let cs = &cs;
             sc.spawn(move || {
                 for i in 0..each {
-                    let d = data(1000 * th + i, 10_000);
+                    let d = data(1000 * th + i, 256 << 10);
                     assert!(cs.put_chunk(&ChunkId::of(&d), &d).unwrap());
                 }
             });
         }
     });
+    cs.flush().unwrap();
     let syncs = *syncs.lock().unwrap();
     let puts = threads * each;
-    assert!(syncs * 2 <= puts, "{syncs} fdatasyncs for {puts} puts");
+    // 16 MiB of puts: about one fdatasync per 8 MiB, and never one per put.
+    assert!(
+        syncs > 0 && syncs * 8 <= puts,
+        "{syncs} fdatasyncs for {puts} puts"
+    );
 }
 
 #[test]
@@ -287,15 +293,22 @@ fn after_a_failed_fdatasync_nothing_more_is_indexed() {
         _ => Ok(()),
     }));
     let (a, b) = (data(1, 5000), data(2, 5000));
-    assert!(cs.put_chunk(&ChunkId::of(&a), &a).is_err());
-    assert!(!cs.has_chunk(&ChunkId::of(&a)).unwrap());
+    let (ia, ib) = (ChunkId::of(&a), ChunkId::of(&b));
+    let indexed = |cs: &ChunkStore, id: &ChunkId| cs.index_trees().1.contains_key(id.0).unwrap();
+    assert!(cs.put_chunk(&ia, &a).unwrap());
+    assert!(cs.flush().is_err());
+    assert!(!indexed(&cs, &ia));
     cs.set_fault_hook(Arc::new(|_| Ok(())));
-    // The failed sync may have lost any page written before it: no put succeeds until the
-    // store is reopened.
-    assert!(cs.put_chunk(&ChunkId::of(&b), &b).is_err());
-    assert!(!cs.has_chunk(&ChunkId::of(&b)).unwrap());
+    // The failed sync may have lost any page written before it: nothing is made durable, so
+    // nothing is indexed, until the store is reopened.
+    assert!(cs.put_chunk(&ib, &b).unwrap());
+    assert!(cs.flush().is_err());
+    assert!(!indexed(&cs, &ia) && !indexed(&cs, &ib));
     drop(cs);
     let cs = ChunkStore::open(t.path(), Options::default()).unwrap();
-    assert!(cs.put_chunk(&ChunkId::of(&b), &b).unwrap());
+    assert!(!cs.has_chunk(&ia).unwrap());
+    assert!(cs.put_chunk(&ib, &b).unwrap());
+    cs.flush().unwrap();
+    assert!(indexed(&cs, &ib));
     assert!(cs.fsck(true).unwrap().is_clean());
 }

@@ -14,6 +14,7 @@ mod error;
 mod index;
 mod manifest;
 mod pack;
+mod pending;
 mod store;
 
 pub use chunk::{ChunkId, ChunkerParams, VerifiedChunk};

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use crate::error::IoContext;
 use crate::index::{hash_key, ChunkRec};
 use crate::pack::{PackLoc, Packs, HEADER};
+use crate::pending::Pending;
 use crate::{ChunkId, ChunkRef, ChunkerParams, Error, Manifest, Result, VerifiedChunk};
 
 /// How a [`ChunkStore`] is opened.
@@ -111,12 +112,23 @@ struct Inner {
     pin_info: sled::Tree,
     seeds: sled::Tree,
     packs: Packs,
+    /// Chunks put, readable, not yet durable nor indexed.
+    pending: Pending,
     params: ChunkerParams,
     store_root: Option<PathBuf>,
     /// Held shared by everything that reads or adds chunks, exclusively by GC, so GC never
     /// deletes a chunk that an ingest has just found and is about to reference.
     gc: RwLock<()>,
     layouts: Mutex<LruCache<Sha256Hash, Arc<(PathBuf, NarLayout)>>>,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: index what was put since the last drain.
+    fn drop(&mut self) {
+        if let Err(e) = self.pending.drain(&self.packs, &self.chunks) {
+            warn!(error = %e, "chunks put just before closing the store were not indexed");
+        }
+    }
 }
 
 type TxError = ConflictableTransactionError<Error>;
@@ -266,6 +278,7 @@ impl ChunkStore {
             seeds: db.open_tree("seeds")?,
             db,
             packs: Packs::open(&dir.join("packs"))?,
+            pending: Pending::default(),
             params,
             store_root: opts.store_root,
             gc: RwLock::new(()),
@@ -305,19 +318,40 @@ impl ChunkStore {
             .map_err(|e| Error::Join(e.to_string()))?
     }
 
-    /// Make everything committed so far durable.
+    /// Make everything committed or put so far durable.
     pub fn flush(&self) -> Result<()> {
+        let _gc = self.inner.gc.read().expect("gc lock");
+        self.drain_pending()?;
         self.inner.packs.sync()?;
         self.inner.db.flush()?;
         Ok(())
     }
 
+    /// The index's record of a chunk, with the location of a put not indexed yet.
     fn chunk_rec(&self, id: &ChunkId) -> Result<Option<ChunkRec>> {
+        let rec = self.inner.chunks.get(id.0)?;
+        let rec = rec.map(|v| ChunkRec::decode(&v)).transpose()?;
+        Ok(match (rec, self.inner.pending.get(id)) {
+            (rec, None) => rec,
+            (Some(mut r), Some((_, loc))) => {
+                r.pack = r.pack.or(Some(loc));
+                Some(r)
+            }
+            (None, Some((len, loc))) => Some(ChunkRec {
+                len,
+                refs: 0,
+                pack: Some(loc),
+                local: None,
+            }),
+        })
+    }
+
+    /// Make the puts gathered so far durable and index them (see [`crate::pending`]). The
+    /// caller holds the GC lock.
+    fn drain_pending(&self) -> Result<()> {
         self.inner
-            .chunks
-            .get(id.0)?
-            .map(|v| ChunkRec::decode(&v))
-            .transpose()
+            .pending
+            .drain(&self.inner.packs, &self.inner.chunks)
     }
 
     /// True when the store can produce this chunk's bytes.
@@ -594,7 +628,9 @@ impl ChunkStore {
     }
 
     /// Store one chunk, verified against its id. Readable (and servable) as soon as this
-    /// returns. Returns false if the store already had it.
+    /// returns; durable and indexed with the puts around it (see [`crate::pending`]), at the
+    /// latest when the download finishes or the store is flushed. Returns false if the store
+    /// already had it.
     pub fn put_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         if data.len() > crate::MAX_CHUNK {
             return Err(Error::ChunkTooLarge(data.len()));
@@ -621,28 +657,8 @@ impl ChunkStore {
             return Ok(false);
         }
         let loc = self.inner.packs.append(id, data, compress)?;
-        self.inner.packs.make_durable([&loc])?;
-        let len = data.len() as u32;
-        let mut bad = false;
-        self.inner.chunks.update_and_fetch(id.0, |old| {
-            let mut rec = match old.map(ChunkRec::decode) {
-                Some(Ok(r)) => r,
-                Some(Err(_)) => {
-                    bad = true;
-                    return old.map(|o| o.to_vec());
-                }
-                None => ChunkRec {
-                    len,
-                    refs: 0,
-                    pack: None,
-                    local: None,
-                },
-            };
-            rec.pack = rec.pack.or(Some(loc));
-            Some(rec.encode())
-        })?;
-        if bad {
-            return Err(Error::BadRecord { what: "chunk" });
+        if self.inner.pending.add(*id, data.len() as u32, loc) {
+            self.drain_pending()?;
         }
         Ok(true)
     }
@@ -659,7 +675,7 @@ impl ChunkStore {
         if let Some(c) = self.missing(&m)?.first() {
             return Err(Error::MissingChunk(c.id));
         }
-        self.inner.packs.sync()?;
+        self.drain_pending()?;
         self.commit(&m, &HashMap::new(), None, path)?;
         self.inner.db.flush()?;
         Ok(())
@@ -687,6 +703,7 @@ impl ChunkStore {
                 Err(e) => {
                     warn!(chunk = %id, error = %e, "corrupt chunk copy in pack dropped");
                     why.push(e.to_string());
+                    self.inner.pending.forget(id, &loc);
                     self.drop_location(id, |r| {
                         if r.pack == Some(loc) {
                             r.pack = None
@@ -816,6 +833,11 @@ impl ChunkStore {
 
     /// Copy the chunks of a path's NAR into packs where they are not there yet.
     fn pin_chunks(&self, hash: &StorePathHash) -> Result<(Manifest, String, u64)> {
+        // A chunk put but not indexed yet has its pack copy only in memory.
+        {
+            let _gc = self.inner.gc.read().expect("gc lock");
+            self.drain_pending()?;
+        }
         let (nar, name) = self
             .path_nar(hash)?
             .ok_or_else(|| Error::NotInLocalStore(hash.to_string()))?;
@@ -1015,6 +1037,8 @@ impl ChunkStore {
         let _gc = self.inner.gc.write().expect("gc lock");
         let i = &self.inner;
         let mut st = GcStats::default();
+        // Pack bytes of puts not indexed yet would look like garbage.
+        self.drain_pending()?;
         i.packs.seal()?;
         let in_flight: HashSet<ChunkId> = self
             .manifests_of(&i.partial)?
@@ -1125,6 +1149,7 @@ impl ChunkStore {
     /// and hashed.
     pub fn fsck(&self, verify_data: bool) -> Result<FsckReport> {
         let _gc = self.inner.gc.read().expect("gc lock");
+        self.drain_pending()?;
         let i = &self.inner;
         let mut rep = FsckReport::default();
         let mut counted: HashMap<ChunkId, u32> = HashMap::new();
