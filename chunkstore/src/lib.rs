@@ -24,5 +24,9 @@ pub use store::{
     ChunkStore, FsckReport, GcStats, NarReader, Options, Pinned, Progress, Seed, Stats,
 };
 
+/// Puts ([`ChunkStore::put_verified`], [`ChunkStore::put_chunk`]) are made durable and indexed
+/// in groups of this many bytes: a crash forgets at most this much of the last puts.
+pub const PUT_SYNC_BYTES: u64 = 8 << 20;
+
 /// No chunk is larger than this, whatever a peer or a file on disk says.
 pub const MAX_CHUNK: usize = 4 * 1024 * 1024;

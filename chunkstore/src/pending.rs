@@ -2,10 +2,11 @@
 //!
 //! A put appends the chunk to a pack and records it here, where reads find it at once (it is
 //! servable as soon as the put returns). Once [`LIMIT`] bytes have gathered, or when a download
-//! finishes, the store is flushed or GC runs, they are made durable with one fdatasync and only
-//! then indexed ([`Pending::drain`]). So a download pays one fdatasync per [`LIMIT`] bytes, not
-//! one per chunk; a crash forgets at most the last [`LIMIT`] bytes of puts (refetched as missing
-//! chunks), never indexes a chunk whose bytes are not on disk.
+//! finishes, the store is flushed or GC runs, they are made durable with one fdatasync, then
+//! indexed, and the index is flushed ([`Pending::drain`]). So a download pays two syncs per
+//! [`LIMIT`] bytes, not one per chunk; a crash forgets at most the last [`LIMIT`] bytes of puts
+//! (fetched again as missing chunks), and never leaves the index pointing at bytes that are not
+//! on disk.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,7 +16,7 @@ use crate::pack::{PackLoc, Packs};
 use crate::{ChunkId, Error, Result};
 
 /// Bytes of puts gathered before one fdatasync makes them durable and indexes them.
-pub(crate) const LIMIT: u64 = 8 << 20;
+pub(crate) const LIMIT: u64 = crate::PUT_SYNC_BYTES;
 
 #[derive(Default)]
 struct State {
@@ -94,6 +95,7 @@ impl Pending {
                 Some(rec.encode())
             })?;
         }
+        chunks.flush()?;
         let mut st = self.state.lock().expect("pending lock");
         for (id, len, loc) in batch {
             if st.chunks.get(&id) == Some(&(len, loc)) {
