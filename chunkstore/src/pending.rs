@@ -45,8 +45,8 @@ impl Pending {
     /// Record a put; true when enough has gathered to drain.
     pub(crate) fn add(&self, id: ChunkId, len: u32, loc: PackLoc) -> bool {
         let mut st = self.state.lock().expect("pending lock");
-        if !st.chunks.contains_key(&id) {
-            st.chunks.insert(id, (len, loc));
+        if let std::collections::hash_map::Entry::Vacant(e) = st.chunks.entry(id) {
+            e.insert((len, loc));
             st.bytes += u64::from(len);
         }
         st.bytes >= LIMIT
