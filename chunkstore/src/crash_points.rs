@@ -247,7 +247,7 @@ fn a_crash_at_any_point_then_a_power_loss_leaves_a_clean_store() {
 }
 
 #[test]
-fn concurrent_puts_share_fdatasyncs() {
+fn puts_are_synced_in_groups_not_one_by_one() {
     let t = tempfile::tempdir().unwrap();
     let cs = ChunkStore::open(t.path(), Options::default()).unwrap();
     let syncs = Arc::new(Mutex::new(0));
@@ -256,7 +256,7 @@ fn concurrent_puts_share_fdatasyncs() {
         if let Event::Synced { len, .. } = e {
             if len > 0 {
                 *s.lock().unwrap() += 1;
-                // A slow disk: the other writers queue up behind this sync.
+                // A slow disk: writers queue up behind this sync.
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }

@@ -4,13 +4,13 @@
 //! and is started only once the previous one is synced. So one watermark, `(pack, length)`,
 //! says what is durable: a record is durable when its end is at or below it.
 //!
-//! Group commit: a writer that needs its record durable waits while another writer's fdatasync
-//! is running; if that sync covered its record (it was written before the sync began) it is
-//! done without a sync of its own, else it syncs everything appended so far itself. So
-//! concurrent puts (a download from several peers) share fdatasyncs, and one writer pays one per
-//! put. After a failed fdatasync nothing appended before it can be trusted to be on disk (the
-//! kernel may have dropped the dirty pages), so the packs refuse to report anything durable
-//! again until the store is reopened.
+//! Group commit: a caller that needs its records durable waits while another caller's fdatasync
+//! is running; if that sync covered its records (they were written before it began) it is done
+//! without a sync of its own, else it syncs everything appended so far itself. So concurrent
+//! ingests, pins, compactions and drains of puts (see [`crate::pending`]) share fdatasyncs.
+//! After a failed fdatasync nothing appended before it can be trusted to be on disk (the kernel
+//! may have dropped the dirty pages), so the packs refuse to report anything durable again until
+//! the store is reopened.
 
 use std::fs::File;
 use std::path::Path;

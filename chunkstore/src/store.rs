@@ -555,8 +555,9 @@ impl ChunkStore {
     }
 
     /// Make `m` visible: chunk records (with any new locations) and refcounts, the manifest,
-    /// and the path mappings, in one transaction. Every chunk must have a location by then, so
-    /// no manifest ever points at a chunk that is not there.
+    /// and the path mappings, in one transaction. Every chunk must have a location in the index
+    /// by then (puts not indexed yet are indexed first), so no manifest ever points at a chunk
+    /// that is not there. The caller holds the GC lock.
     fn commit(
         &self,
         m: &Manifest,
@@ -564,6 +565,7 @@ impl ChunkStore {
         local: Option<&StorePath>,
         path: Option<&StorePath>,
     ) -> Result<()> {
+        self.drain_pending()?;
         let i = &self.inner;
         let mut unique: Vec<ChunkRef> = Vec::with_capacity(m.chunks.len());
         let mut seen = HashSet::new();
@@ -675,7 +677,6 @@ impl ChunkStore {
         if let Some(c) = self.missing(&m)?.first() {
             return Err(Error::MissingChunk(c.id));
         }
-        self.drain_pending()?;
         self.commit(&m, &HashMap::new(), None, path)?;
         self.inner.db.flush()?;
         Ok(())
