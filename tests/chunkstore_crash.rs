@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use peerix_chunkstore::{ChunkStore, Manifest, Options};
+use peerix_chunkstore::{ChunkStore, Manifest, Options, PUT_SYNC_BYTES};
 use peerix_nix::Sha256Hash;
 
 /// Incompressible-ish bytes, deterministic.
@@ -225,33 +225,73 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let src = t.path().join("src.nar");
-    let bytes = data(99, 24 << 20);
+    let bytes = data(99, 48 << 20);
     std::fs::write(&src, &bytes).unwrap();
+    let hash = Sha256Hash::digest(&bytes);
     let mut killed = 0;
+    let mut kept_before = std::collections::HashSet::new();
     for round in 0..4 {
         let child = put_child_cmd(&state, &src)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        if kill_after(child, "put ", 3 + 5 * round) {
+        let lines = 40 + 30 * round;
+        if kill_after(child, "put ", lines) {
             killed += 1;
-            let hash = Sha256Hash::digest(&bytes);
             let cs = ChunkStore::open(&state.join("chunks"), Options::default()).unwrap();
+            // No half NAR: neither readable nor counted.
             assert!(cs.nar_reader(&hash).is_err(), "a partial NAR is visible");
-            // The download's record is durable from its start; puts of the last moments
-            // before the kill may be forgotten (sled flushes twice a second), never wrong.
+            assert!(
+                !cs.has_manifest(&hash).unwrap(),
+                "a partial NAR has a manifest"
+            );
+            // The download's record is durable from its start.
             let m = cs
                 .partial_manifest(&hash)
                 .unwrap()
                 .expect("download record");
-            let distinct: std::collections::HashSet<_> = m.chunks.iter().map(|c| c.id).collect();
-            let missing = cs.missing(&m).unwrap().len();
-            eprintln!(
-                "round {round}: {} of {} chunks kept",
-                distinct.len() - missing,
-                distinct.len()
+            // Puts are durable in groups of PUT_SYNC_BYTES: every chunk of a group completed
+            // before the child printed line `lines` is kept; later ones may be forgotten,
+            // never wrong.
+            let mut durable = vec![];
+            let mut group = (vec![], 0);
+            for c in m.chunks.iter().take(lines) {
+                if kept_before.contains(&c.id) {
+                    continue;
+                }
+                group.0.push(c.id);
+                group.1 += u64::from(c.len);
+                if group.1 >= PUT_SYNC_BYTES {
+                    durable.append(&mut group.0);
+                    group.1 = 0;
+                }
+            }
+            let mut kept = std::collections::HashSet::new();
+            for (off, c) in m.offsets() {
+                if cs.has_chunk(&c.id).unwrap() {
+                    // Every chunk the index lists reads back, verified, as it was put.
+                    let off = off as usize;
+                    let got = cs.read_chunk(&c.id).unwrap();
+                    assert!(got == bytes[off..off + c.len as usize], "chunk {}", c.id);
+                    kept.insert(c.id);
+                }
+            }
+            // What survived one crash (and a clean close) survives the next.
+            assert!(
+                kept.is_superset(&kept_before),
+                "round {round}: kept chunks were lost"
             );
+            let lost = durable.iter().filter(|id| !kept.contains(*id)).count();
+            assert!(
+                lost == 0,
+                "round {round}: {lost} chunks put durably were lost"
+            );
+            assert!(
+                round > 0 || !durable.is_empty(),
+                "no group of puts completed"
+            );
+            kept_before = kept;
         }
         assert_fsck_clean(&state);
     }
@@ -261,10 +301,7 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     assert!(child.status.success());
     let cs = ChunkStore::open(&state.join("chunks"), Options::default()).unwrap();
     let mut v = vec![];
-    cs.nar_reader(&Sha256Hash::digest(&bytes))
-        .unwrap()
-        .read_to_end(&mut v)
-        .unwrap();
+    cs.nar_reader(&hash).unwrap().read_to_end(&mut v).unwrap();
     assert!(v == bytes);
     assert!(cs.fsck(true).unwrap().is_clean());
 }

@@ -7,10 +7,14 @@
 //! against the chunk's BLAKE3 id, and a whole-NAR read against the NarHash.
 
 mod chunk;
+#[cfg(test)]
+mod crash_points;
+mod durable;
 mod error;
 mod index;
 mod manifest;
 mod pack;
+mod pending;
 mod store;
 
 pub use chunk::{ChunkId, ChunkerParams, VerifiedChunk};
@@ -19,6 +23,10 @@ pub use manifest::{ChunkRef, Manifest};
 pub use store::{
     ChunkStore, Detached, FsckReport, GcStats, NarReader, Options, Pinned, Progress, Seed, Stats,
 };
+
+/// Puts ([`ChunkStore::put_verified`], [`ChunkStore::put_chunk`]) are made durable and indexed
+/// in groups of this many bytes: a crash forgets at most this much of the last puts.
+pub const PUT_SYNC_BYTES: u64 = 8 << 20;
 
 /// No chunk is larger than this, whatever a peer or a file on disk says.
 pub const MAX_CHUNK: usize = 4 * 1024 * 1024;

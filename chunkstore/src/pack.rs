@@ -2,6 +2,9 @@
 //! Nix store (downloads, seeded paths). A record is a 48-byte header and the stored bytes:
 //! magic, flags (zstd), stored length, raw length, chunk id. The header lets fsck and GC check
 //! that the index and the data agree without trusting either.
+//!
+//! Appended bytes are readable at once; [`Packs::make_durable`] is what must come between an
+//! append and the index record that points at it (see [`crate::durable`]).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -10,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::durable::{Durability, Event, Mark};
 use crate::error::IoContext;
 use crate::{ChunkId, Error, Result};
 
@@ -30,9 +34,9 @@ pub struct PackLoc {
 
 struct Active {
     id: u32,
-    file: File,
+    /// Shared with a group commit's fdatasync, which runs without the lock.
+    file: Arc<File>,
     len: u64,
-    dirty: bool,
 }
 
 pub struct Packs {
@@ -40,6 +44,7 @@ pub struct Packs {
     active: Mutex<Option<Active>>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
     next_id: Mutex<u32>,
+    pub(crate) durability: Durability,
 }
 
 pub fn pack_name(id: u32) -> String {
@@ -52,7 +57,12 @@ fn parse_name(name: &str) -> Option<u32> {
 
 impl Packs {
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).at(dir)?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).at(dir)?;
+            // The packs' directory itself must survive a crash for their names to.
+            let parent = dir.parent().unwrap_or(dir);
+            File::open(parent).and_then(|d| d.sync_all()).at(parent)?;
+        }
         // Never append to an existing pack: its tail may be torn by a crash.
         let next = Self::list_in(dir)?.into_iter().max().map_or(0, |m| m + 1);
         Ok(Self {
@@ -60,6 +70,7 @@ impl Packs {
             active: Mutex::new(None),
             readers: RwLock::new(HashMap::new()),
             next_id: Mutex::new(next),
+            durability: Durability::default(),
         })
     }
 
@@ -98,17 +109,23 @@ impl Packs {
             .append(true)
             .open(&p)
             .at(&p)?;
+        self.durability.sync_new_pack(&self.dir, id)?;
         Ok(Active {
             id,
-            file,
+            file: Arc::new(file),
             len: 0,
-            dirty: false,
         })
+    }
+
+    /// Sync a pack that takes no more appends: everything in it is durable.
+    fn retire(&self, a: Active) -> Result<()> {
+        self.durability
+            .sync_file(&a.file, (a.id, a.len), &self.path(a.id))
     }
 
     /// Append a chunk, compressed with zstd level 1 (the fastest that still pays on binaries)
     /// when `compress` is set and that saves at least an eighth. The bytes are readable as soon
-    /// as this returns; `sync` makes them durable.
+    /// as this returns; [`Packs::make_durable`] makes them durable.
     pub fn append(&self, id: &ChunkId, raw: &[u8], compress: bool) -> Result<PackLoc> {
         let compressed = compress
             .then(|| zstd::bulk::compress(raw, 1).ok())
@@ -127,21 +144,23 @@ impl Packs {
         let mut guard = self.active.lock().expect("active pack lock");
         if guard.as_ref().is_none_or(|a| a.len >= MAX_PACK) {
             if let Some(old) = guard.take() {
-                old.file.sync_data().at(self.path(old.id))?;
+                self.retire(old)?;
             }
             *guard = Some(self.new_active()?);
         }
         let a = guard.as_mut().expect("active pack");
         let offset = a.len;
         // Header and bytes in one call, without first copying them into one buffer.
-        if let Err(e) = write_all_vectored(&mut a.file, &head, data) {
-            // A short write leaves a torn record; start a fresh pack rather than append after it.
+        if let Err(e) = write_all_vectored(&a.file, &head, data) {
+            // A short write leaves a torn record; start a fresh pack rather than append after
+            // it, once what came before it is synced.
             let id = a.id;
-            *guard = None;
+            if let Some(old) = guard.take() {
+                self.retire(old)?;
+            }
             return Err(e).at(self.path(id));
         }
         a.len += (HEADER + data.len()) as u64;
-        a.dirty = true;
         Ok(PackLoc {
             pack: a.id,
             offset,
@@ -150,23 +169,43 @@ impl Packs {
         })
     }
 
-    /// Make appended chunks durable before the index points at them.
+    /// Return once the records at `locs` are on stable storage; only then may the index point
+    /// at them. Concurrent callers share fdatasyncs.
+    pub fn make_durable<'a>(&self, locs: impl IntoIterator<Item = &'a PackLoc>) -> Result<()> {
+        let end = locs
+            .into_iter()
+            .map(|l| (l.pack, l.offset + HEADER as u64 + u64::from(l.stored_len)))
+            .max();
+        let Some(end) = end else {
+            return Ok(());
+        };
+        self.sync_to(end)?;
+        self.durability.faults.at(Event::Durable { upto: end })
+    }
+
+    fn sync_to(&self, end: Mark) -> Result<()> {
+        self.durability.sync_to(end, &self.dir, || {
+            let guard = self.active.lock().expect("active pack lock");
+            guard.as_ref().map(|a| (a.file.clone(), (a.id, a.len)))
+        })
+    }
+
+    /// Make everything appended so far durable.
     pub fn sync(&self) -> Result<()> {
-        let mut guard = self.active.lock().expect("active pack lock");
-        if let Some(a) = guard.as_mut().filter(|a| a.dirty) {
-            a.file.sync_data().at(self.path(a.id))?;
-            a.dirty = false;
-        }
-        Ok(())
+        let end = {
+            let guard = self.active.lock().expect("active pack lock");
+            guard.as_ref().filter(|a| a.len > 0).map(|a| (a.id, a.len))
+        };
+        end.map_or(Ok(()), |end| self.sync_to(end))
     }
 
     /// Close the active pack so that a new one is started (compaction writes its own pack).
     pub fn seal(&self) -> Result<()> {
         let mut guard = self.active.lock().expect("active pack lock");
-        if let Some(a) = guard.take() {
-            a.file.sync_data().at(self.path(a.id))?;
+        match guard.take() {
+            Some(a) => self.retire(a),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn reader(&self, pack: u32) -> Result<Arc<File>> {
@@ -225,7 +264,7 @@ impl Packs {
 }
 
 /// `write_all` of two buffers through `write_vectored`.
-fn write_all_vectored(f: &mut File, head: &[u8], data: &[u8]) -> std::io::Result<()> {
+fn write_all_vectored(mut f: &File, head: &[u8], data: &[u8]) -> std::io::Result<()> {
     use std::io::{ErrorKind, IoSlice};
     let (mut head, mut data) = (head, data);
     while !head.is_empty() || !data.is_empty() {

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use crate::error::IoContext;
 use crate::index::{hash_key, ChunkRec};
 use crate::pack::{PackLoc, Packs, HEADER};
+use crate::pending::Pending;
 use crate::{ChunkId, ChunkRef, ChunkerParams, Error, Manifest, Result, VerifiedChunk};
 
 mod local;
@@ -114,12 +115,23 @@ struct Inner {
     pin_info: sled::Tree,
     seeds: sled::Tree,
     packs: Packs,
+    /// Chunks put, readable, not yet durable nor indexed.
+    pending: Pending,
     params: ChunkerParams,
     store_root: Option<PathBuf>,
     /// Held shared by everything that reads or adds chunks, exclusively by GC, so GC never
     /// deletes a chunk that an ingest has just found and is about to reference.
     gc: RwLock<()>,
     layouts: Mutex<LruCache<Sha256Hash, Arc<(PathBuf, NarLayout)>>>,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: index what was put since the last drain.
+    fn drop(&mut self) {
+        if let Err(e) = self.pending.drain(&self.packs, &self.chunks) {
+            warn!(error = %e, "chunks put just before closing the store were not indexed");
+        }
+    }
 }
 
 type TxError = ConflictableTransactionError<Error>;
@@ -269,6 +281,7 @@ impl ChunkStore {
             seeds: db.open_tree("seeds")?,
             db,
             packs: Packs::open(&dir.join("packs"))?,
+            pending: Pending::default(),
             params,
             store_root: opts.store_root,
             gc: RwLock::new(()),
@@ -283,6 +296,19 @@ impl ChunkStore {
         self.inner.params
     }
 
+    /// Fault injection for tests: `hook` sees every [`crate::durable::Event`] and may fail it.
+    #[cfg(test)]
+    pub(crate) fn set_fault_hook(&self, hook: crate::durable::Hook) {
+        *self.inner.packs.durability.faults.hook.lock().unwrap() = Some(hook);
+    }
+
+    /// The index itself, its `chunks` tree and its `manifests` tree, for tests.
+    #[cfg(test)]
+    pub(crate) fn index_trees(&self) -> (sled::Db, sled::Tree, sled::Tree) {
+        let i = &self.inner;
+        (i.db.clone(), i.chunks.clone(), i.manifests.clone())
+    }
+
     /// Run blocking store work on tokio's blocking pool.
     pub async fn blocking<T, F>(&self, f: F) -> Result<T>
     where
@@ -295,19 +321,40 @@ impl ChunkStore {
             .map_err(|e| Error::Join(e.to_string()))?
     }
 
-    /// Make everything committed so far durable.
+    /// Make everything committed or put so far durable.
     pub fn flush(&self) -> Result<()> {
+        let _gc = self.inner.gc.read().expect("gc lock");
+        self.drain_pending()?;
         self.inner.packs.sync()?;
         self.inner.db.flush()?;
         Ok(())
     }
 
+    /// The index's record of a chunk, with the location of a put not indexed yet.
     fn chunk_rec(&self, id: &ChunkId) -> Result<Option<ChunkRec>> {
+        let rec = self.inner.chunks.get(id.0)?;
+        let rec = rec.map(|v| ChunkRec::decode(&v)).transpose()?;
+        Ok(match (rec, self.inner.pending.get(id)) {
+            (rec, None) => rec,
+            (Some(mut r), Some((_, loc))) => {
+                r.pack = r.pack.or(Some(loc));
+                Some(r)
+            }
+            (None, Some((len, loc))) => Some(ChunkRec {
+                len,
+                refs: 0,
+                pack: Some(loc),
+                local: None,
+            }),
+        })
+    }
+
+    /// Make the puts gathered so far durable and index them (see [`crate::pending`]). The
+    /// caller holds the GC lock.
+    fn drain_pending(&self) -> Result<()> {
         self.inner
-            .chunks
-            .get(id.0)?
-            .map(|v| ChunkRec::decode(&v))
-            .transpose()
+            .pending
+            .drain(&self.inner.packs, &self.inner.chunks)
     }
 
     /// True when the store can produce this chunk's bytes.
@@ -443,7 +490,8 @@ impl ChunkStore {
             progress(&p);
             Ok(())
         })?;
-        self.inner.packs.sync()?;
+        let locs = new_locs.values().filter_map(|r| r.pack.as_ref());
+        self.inner.packs.make_durable(locs)?;
         self.commit(&m, &new_locs, None, path)?;
         self.inner.db.flush()?;
         Ok(m)
@@ -510,8 +558,9 @@ impl ChunkStore {
     }
 
     /// Make `m` visible: chunk records (with any new locations) and refcounts, the manifest,
-    /// and the path mappings, in one transaction. Every chunk must have a location by then, so
-    /// no manifest ever points at a chunk that is not there.
+    /// and the path mappings, in one transaction. Every chunk must have a location in the index
+    /// by then (puts not indexed yet are indexed first), so no manifest ever points at a chunk
+    /// that is not there. The caller holds the GC lock.
     fn commit(
         &self,
         m: &Manifest,
@@ -519,6 +568,7 @@ impl ChunkStore {
         local: Option<&StorePath>,
         path: Option<&StorePath>,
     ) -> Result<()> {
+        self.drain_pending()?;
         let i = &self.inner;
         let mut unique: Vec<ChunkRef> = Vec::with_capacity(m.chunks.len());
         let mut seen = HashSet::new();
@@ -583,7 +633,9 @@ impl ChunkStore {
     }
 
     /// Store one chunk, verified against its id. Readable (and servable) as soon as this
-    /// returns. Returns false if the store already had it.
+    /// returns; durable and indexed with the puts around it (see [`crate::pending`]), at the
+    /// latest when the download finishes or the store is flushed. Returns false if the store
+    /// already had it.
     pub fn put_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         if data.len() > crate::MAX_CHUNK {
             return Err(Error::ChunkTooLarge(data.len()));
@@ -610,27 +662,8 @@ impl ChunkStore {
             return Ok(false);
         }
         let loc = self.inner.packs.append(id, data, compress)?;
-        let len = data.len() as u32;
-        let mut bad = false;
-        self.inner.chunks.update_and_fetch(id.0, |old| {
-            let mut rec = match old.map(ChunkRec::decode) {
-                Some(Ok(r)) => r,
-                Some(Err(_)) => {
-                    bad = true;
-                    return old.map(|o| o.to_vec());
-                }
-                None => ChunkRec {
-                    len,
-                    refs: 0,
-                    pack: None,
-                    local: None,
-                },
-            };
-            rec.pack = rec.pack.or(Some(loc));
-            Some(rec.encode())
-        })?;
-        if bad {
-            return Err(Error::BadRecord { what: "chunk" });
+        if self.inner.pending.add(*id, data.len() as u32, loc) {
+            self.drain_pending()?;
         }
         Ok(true)
     }
@@ -647,7 +680,6 @@ impl ChunkStore {
         if let Some(c) = self.missing(&m)?.first() {
             return Err(Error::MissingChunk(c.id));
         }
-        self.inner.packs.sync()?;
         self.commit(&m, &HashMap::new(), None, path)?;
         self.inner.db.flush()?;
         Ok(())
@@ -675,6 +707,7 @@ impl ChunkStore {
                 Err(e) => {
                     warn!(chunk = %id, error = %e, "corrupt chunk copy in pack dropped");
                     why.push(e.to_string());
+                    self.inner.pending.forget(id, &loc);
                     self.drop_location(id, |r| {
                         if r.pack == Some(loc) {
                             r.pack = None
@@ -804,12 +837,18 @@ impl ChunkStore {
 
     /// Copy the chunks of a path's NAR into packs where they are not there yet.
     fn pin_chunks(&self, hash: &StorePathHash) -> Result<(Manifest, String, u64)> {
+        // A chunk put but not indexed yet has its pack copy only in memory.
+        {
+            let _gc = self.inner.gc.read().expect("gc lock");
+            self.drain_pending()?;
+        }
         let (nar, name) = self
             .path_nar(hash)?
             .ok_or_else(|| Error::NotInLocalStore(hash.to_string()))?;
         let m = self.manifest(&nar)?.ok_or(Error::MissingNar(nar))?;
         let mut seen = HashSet::new();
         let mut copied = 0;
+        let (mut batch, mut batch_bytes) = (vec![], 0);
         for c in &m.chunks {
             if !seen.insert(c.id) {
                 continue;
@@ -817,14 +856,31 @@ impl ChunkStore {
             let rec = self.chunk_rec(&c.id)?.ok_or(Error::MissingChunk(c.id))?;
             if rec.pack.is_none() {
                 let data = self.read_chunk(&c.id)?;
-                let _gc = self.inner.gc.read().expect("gc lock");
-                let loc = self.inner.packs.append(&c.id, &data, true)?;
-                self.drop_location(&c.id, |r| r.pack = r.pack.or(Some(loc)))?;
                 copied += data.len() as u64;
+                batch_bytes += data.len();
+                batch.push((c.id, data));
+                if batch_bytes >= 64 << 20 {
+                    self.copy_to_packs(&mut batch)?;
+                    batch_bytes = 0;
+                }
             }
         }
-        self.inner.packs.sync()?;
+        self.copy_to_packs(&mut batch)?;
         Ok((m, name, copied))
+    }
+
+    /// Append chunks to packs, sync them once, then record where they are.
+    fn copy_to_packs(&self, batch: &mut Vec<(ChunkId, Vec<u8>)>) -> Result<()> {
+        let _gc = self.inner.gc.read().expect("gc lock");
+        let mut locs = Vec::with_capacity(batch.len());
+        for (id, data) in batch.drain(..) {
+            locs.push((id, self.inner.packs.append(&id, &data, true)?));
+        }
+        self.inner.packs.make_durable(locs.iter().map(|(_, l)| l))?;
+        for (id, loc) in locs {
+            self.drop_location(&id, |r| r.pack = r.pack.or(Some(loc)))?;
+        }
+        Ok(())
     }
 
     pub fn unpin(&self, hash: &StorePathHash) -> Result<bool> {
@@ -985,6 +1041,8 @@ impl ChunkStore {
         let _gc = self.inner.gc.write().expect("gc lock");
         let i = &self.inner;
         let mut st = GcStats::default();
+        // Pack bytes of puts not indexed yet would look like garbage.
+        self.drain_pending()?;
         i.packs.seal()?;
         let in_flight: HashSet<ChunkId> = self
             .manifests_of(&i.partial)?
@@ -1070,7 +1128,7 @@ impl ChunkStore {
                 }
             }
         }
-        i.packs.sync()?;
+        i.packs.make_durable(moved.iter().map(|(_, _, new)| new))?;
         i.chunks
             .transaction(|t| {
                 for (id, old, new) in &moved {
@@ -1095,6 +1153,7 @@ impl ChunkStore {
     /// and hashed.
     pub fn fsck(&self, verify_data: bool) -> Result<FsckReport> {
         let _gc = self.inner.gc.read().expect("gc lock");
+        self.drain_pending()?;
         let i = &self.inner;
         let mut rep = FsckReport::default();
         let mut counted: HashMap<ChunkId, u32> = HashMap::new();

@@ -349,6 +349,33 @@ fn downloads_keep_their_chunks_through_gc_until_finished() {
 }
 
 #[test]
+fn an_ingest_commits_over_chunks_a_download_has_just_put() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("t");
+    make_tree(&tree, 78, 1 << 20);
+    let nar = nar_of(&tree);
+    let src = open(&t.path().join("src"), None);
+    let m = src
+        .ingest_nar(nar.as_slice(), None, None, &mut none)
+        .unwrap();
+    let dst = open(&t.path().join("dst"), None);
+    dst.begin_download(&m).unwrap();
+    // Put, servable, not yet indexed (fewer bytes than a group of puts).
+    for c in &m.chunks {
+        dst.put_chunk(&c.id, &src.read_chunk(&c.id).unwrap())
+            .unwrap();
+    }
+    // The same NAR arrives another way: its chunks are found, not stored twice.
+    let got = dst
+        .ingest_nar(nar.as_slice(), None, None, &mut none)
+        .unwrap();
+    assert_eq!(got, m);
+    assert_eq!(read_all(&dst, &m.nar_hash).unwrap(), nar);
+    dst.finish_download(&m.nar_hash, None).unwrap();
+    assert!(dst.fsck(true).unwrap().is_clean());
+}
+
+#[test]
 fn a_lying_manifest_is_caught_by_the_nar_hash() {
     let t = tempfile::tempdir().unwrap();
     let cs = open(&t.path().join("cs"), None);

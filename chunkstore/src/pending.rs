@@ -1,0 +1,111 @@
+//! Chunks put but not yet in the index: group commit for downloads.
+//!
+//! A put appends the chunk to a pack and records it here, where reads find it at once (it is
+//! servable as soon as the put returns). Once [`LIMIT`] bytes have gathered, or when a download
+//! finishes, the store is flushed or GC runs, they are made durable with one fdatasync, then
+//! indexed, and the index is flushed ([`Pending::drain`]). So a download pays two syncs per
+//! [`LIMIT`] bytes, not one per chunk; a crash forgets at most the last [`LIMIT`] bytes of puts
+//! (fetched again as missing chunks), and never leaves the index pointing at bytes that are not
+//! on disk.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::index::ChunkRec;
+use crate::pack::{PackLoc, Packs};
+use crate::{ChunkId, Error, Result};
+
+/// Bytes of puts gathered before one fdatasync makes them durable and indexes them.
+pub(crate) const LIMIT: u64 = crate::PUT_SYNC_BYTES;
+
+#[derive(Default)]
+struct State {
+    chunks: HashMap<ChunkId, (u32, PackLoc)>,
+    bytes: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Pending {
+    state: Mutex<State>,
+    /// One drain at a time: a chunk leaves `state` only once it is indexed.
+    drain: Mutex<()>,
+}
+
+impl Pending {
+    /// Length and location of a chunk put but not indexed yet.
+    pub(crate) fn get(&self, id: &ChunkId) -> Option<(u32, PackLoc)> {
+        self.state
+            .lock()
+            .expect("pending lock")
+            .chunks
+            .get(id)
+            .copied()
+    }
+
+    /// Record a put; true when enough has gathered to drain.
+    pub(crate) fn add(&self, id: ChunkId, len: u32, loc: PackLoc) -> bool {
+        let mut st = self.state.lock().expect("pending lock");
+        if let std::collections::hash_map::Entry::Vacant(e) = st.chunks.entry(id) {
+            e.insert((len, loc));
+            st.bytes += u64::from(len);
+        }
+        st.bytes >= LIMIT
+    }
+
+    /// Forget a copy that failed verification.
+    pub(crate) fn forget(&self, id: &ChunkId, loc: &PackLoc) {
+        let mut st = self.state.lock().expect("pending lock");
+        if let Some((len, l)) = st.chunks.get(id).copied() {
+            if l == *loc {
+                st.chunks.remove(id);
+                st.bytes -= u64::from(len);
+            }
+        }
+    }
+
+    /// Make every pending chunk durable, then index it. Callers hold the GC lock (shared or
+    /// exclusive), so GC never sees pack bytes that are about to be indexed as garbage.
+    pub(crate) fn drain(&self, packs: &Packs, chunks: &sled::Tree) -> Result<()> {
+        let _one = self.drain.lock().expect("drain lock");
+        let batch: Vec<(ChunkId, u32, PackLoc)> = {
+            let st = self.state.lock().expect("pending lock");
+            st.chunks.iter().map(|(id, (l, p))| (*id, *l, *p)).collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        packs.make_durable(batch.iter().map(|(_, _, loc)| loc))?;
+        let mut bad = false;
+        for (id, len, loc) in &batch {
+            chunks.update_and_fetch(id.0, |old| {
+                let mut rec = match old.map(ChunkRec::decode) {
+                    Some(Ok(r)) => r,
+                    Some(Err(_)) => {
+                        bad = true;
+                        return old.map(|o| o.to_vec());
+                    }
+                    None => ChunkRec {
+                        len: *len,
+                        refs: 0,
+                        pack: None,
+                        local: None,
+                    },
+                };
+                rec.pack = rec.pack.or(Some(*loc));
+                Some(rec.encode())
+            })?;
+        }
+        chunks.flush()?;
+        let mut st = self.state.lock().expect("pending lock");
+        for (id, len, loc) in batch {
+            if st.chunks.get(&id) == Some(&(len, loc)) {
+                st.chunks.remove(&id);
+                st.bytes -= u64::from(len);
+            }
+        }
+        if bad {
+            return Err(Error::BadRecord { what: "chunk" });
+        }
+        Ok(())
+    }
+}
