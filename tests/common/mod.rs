@@ -294,9 +294,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(name: &str, nix: &Nix, extra: &[&str]) -> Daemon {
+        Self::start_in(None, name, nix, extra)
+    }
+
+    /// `start`, inside the network namespace `netns` when given (`ip netns exec`).
+    pub fn start_in(netns: Option<&str>, name: &str, nix: &Nix, extra: &[&str]) -> Daemon {
         let state = nix.scratch(&format!("state-{name}"));
         let store = nix.store_arg();
-        let mut cmd = peerix();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_peerix")])
+                    .stdin(Stdio::null());
+                c
+            }
+            None => peerix(),
+        };
         cmd.args([
             "serve",
             "--store",

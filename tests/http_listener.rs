@@ -1,0 +1,161 @@
+//! The HTTP endpoint is for this machine. Bound beyond loopback (only with
+//! `--http-beyond-loopback`), a client on another machine gets what the node shares with its
+//! peers and nothing else: no private path, no fetch on its behalf, no metrics. The daemon runs
+//! in a network namespace the test makes, the client in a second one behind a veth pair.
+
+mod common;
+
+use std::process::Command;
+
+use common::Daemon;
+
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    /// `srv` at 10.231.0.1 and `cli` at 10.231.0.2, joined by a veth pair.
+    fn create() -> Netns {
+        let tag = std::process::id();
+        let names = [format!("px-srv-{tag}"), format!("px-cli-{tag}")];
+        let n = Netns {
+            names: names.clone(),
+        };
+        let [srv, cli] = &names;
+        let (va, vb) = (format!("pxs{tag}"), format!("pxc{tag}"));
+        for args in [
+            vec!["netns", "add", srv],
+            vec!["netns", "add", cli],
+            vec![
+                "link", "add", &va, "netns", srv, "type", "veth", "peer", "name", &vb, "netns", cli,
+            ],
+            vec!["-n", srv, "addr", "add", "10.231.0.1/24", "dev", &va],
+            vec!["-n", cli, "addr", "add", "10.231.0.2/24", "dev", &vb],
+            vec!["-n", srv, "link", "set", &va, "up"],
+            vec!["-n", cli, "link", "set", &vb, "up"],
+            vec!["-n", srv, "link", "set", "lo", "up"],
+            vec!["-n", cli, "link", "set", "lo", "up"],
+        ] {
+            let st = Command::new("ip").args(&args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        }
+        n
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Status and body of a GET made from inside `ns`.
+fn get_from(ns: &str, url: &str) -> (u16, Vec<u8>) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "-m",
+            "30",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()
+        .unwrap();
+    let mut body = out.stdout;
+    let nl = body.iter().rposition(|&b| b == b'\n').unwrap();
+    let code = std::str::from_utf8(&body[nl + 1..])
+        .unwrap()
+        .parse()
+        .unwrap();
+    body.truncate(nl);
+    (code, body)
+}
+
+#[test]
+fn beyond_loopback_only_what_is_shared() {
+    assert!(peerix::is_root(), "needs root: network namespaces");
+    let nix = common::nix().expect("real Nix");
+    let ns = Netns::create();
+    let [srv, cli] = &ns.names;
+    // A shared path (signed with the node's key) and a private one the chunk store holds too
+    // (indexed by hand, as a download would leave it).
+    let shared_tree = nix.scratch("shared");
+    std::fs::write(shared_tree.join("f"), b"shared with every peer").unwrap();
+    let shared = nix.add(&shared_tree);
+    let private_tree = nix.scratch("private");
+    std::fs::write(private_tree.join("f"), b"kept on this machine").unwrap();
+    let private = nix.add(&private_tree);
+    let (sec, _) = nix.keys("node-1");
+    let s = nix.store_arg();
+    nix.run(
+        "nix",
+        &[
+            "store",
+            "sign",
+            "--store",
+            &s,
+            "--key-file",
+            sec.to_str().unwrap(),
+            &shared,
+        ],
+    );
+    let state = nix.scratch("state-A");
+    common::peerix_ok(&[
+        "store",
+        "ingest",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--store",
+        &s,
+        &private,
+    ]);
+    let mut a = Daemon::start_in(
+        Some(srv),
+        "A",
+        &nix,
+        &[
+            "--listen",
+            "10.231.0.1:0",
+            "--http-beyond-loopback",
+            "--private-key",
+            sec.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(a.wait_scan(), 1);
+    let base = format!("http://{}", a.http);
+    let narinfo_of = |p: &str| format!("{base}/{}.narinfo", &p["/nix/store/".len()..][..32]);
+
+    let (code, body) = get_from(cli, &narinfo_of(&shared));
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let url = String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let (code, nar) = get_from(cli, &format!("{base}/{url}"));
+    assert_eq!(code, 200);
+    let want = nix.output("nix", &["store", "dump-path", "--store", &s, &shared]);
+    assert!(nar == want.stdout, "the shared NAR differs");
+
+    // The private path: no narinfo, and no NAR even by its NarHash.
+    let (code, _) = get_from(cli, &narinfo_of(&private));
+    assert_eq!(code, 404);
+    let info = nix.path_info_json(&[&private]);
+    let sri = info[0]["narHash"].as_str().unwrap().to_owned();
+    let h = nix.run("nix", &["hash", "to-base32", &sri]);
+    let (code, _) = get_from(cli, &format!("{base}/nar/{}.nar", h.trim()));
+    assert_eq!(code, 404);
+    // Metrics are for this machine only.
+    let (code, _) = get_from(cli, &format!("{base}/metrics"));
+    assert_eq!(code, 404);
+}
