@@ -317,3 +317,31 @@ pub async fn request(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_request_that_does_not_ask_does_not_share_private_paths() {
+        // As an older `peerix seed` sends it.
+        let r: Request = serde_json::from_str(r#"{"op":"seed","targets":[]}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::Seed {
+                share_private_paths: false,
+                ..
+            }
+        ));
+        let r: Request =
+            serde_json::from_str(r#"{"op":"seed","targets":[],"share_private_paths":true}"#)
+                .unwrap();
+        assert!(matches!(
+            r,
+            Request::Seed {
+                share_private_paths: true,
+                ..
+            }
+        ));
+    }
+}
