@@ -153,12 +153,14 @@ impl Seeder {
                 .await;
             let mut seeded = vec![];
             let mut private = vec![];
+            let mut private_members = vec![];
             for (info, ok) in candidates.into_iter().zip(verdicts) {
                 if !ok {
                     private.push(info.path.base_name().to_owned());
                     if !share_private {
                         continue;
                     }
+                    private_members.push(info.path.hash());
                 }
                 seeded.push(info);
             }
@@ -221,6 +223,7 @@ impl Seeder {
                 label: t.label.clone(),
                 root: root.base_name().to_owned(),
                 members,
+                private: private_members,
             };
             let (cs, local) = (self.store.clone(), self.local.clone());
             let released = tokio::task::spawn_blocking(move || -> Result<usize> {

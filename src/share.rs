@@ -203,8 +203,7 @@ impl Sharing {
         if self.denied(info.path.name()) {
             return false;
         }
-        if self.decide_locally(info, &HashSet::new()).is_some()
-            || signed_by_any(info, &self.cfg.trusted_keys)
+        if self.decide_locally(info, false).is_some() || signed_by_any(info, &self.cfg.trusted_keys)
         {
             return true;
         }
@@ -224,14 +223,15 @@ impl Sharing {
         self.cfg.deny.iter().any(|p| glob_match(p, name))
     }
 
-    /// The decision that needs no network.
-    fn decide_locally(&self, info: &PathInfo, pinned: &HashSet<String>) -> Option<Reason> {
+    /// The decision that needs no network. `pinned`: the path is pinned, and the pin alone
+    /// is reason enough (see [`Sharing::scan`]).
+    fn decide_locally(&self, info: &PathInfo, pinned: bool) -> Option<Reason> {
         if let Some(k) = &self.own_key {
             if signed_by_any(info, std::slice::from_ref(&k.public_key())) {
                 return Some(Reason::OwnSignature);
             }
         }
-        if pinned.contains(info.path.base_name()) {
+        if pinned {
             return Some(Reason::Pinned);
         }
         if self.cfg.share_all {
@@ -282,6 +282,20 @@ impl Sharing {
             .await?
             .into_iter()
             .collect();
+        // A pin shares a path by itself only when its seed shared it by choice
+        // (`--share-private-paths`) or a trusted key signed it. Any other pinned path is shared
+        // only if it is public or own-signed anyway, so pins recorded before seeds told the two
+        // apart share nothing private.
+        let opted: HashSet<StorePathHash> = self
+            .store
+            .blocking(|cs| cs.seeds())
+            .await?
+            .into_iter()
+            .flat_map(|s| s.private)
+            .collect();
+        let pin_shares = |info: &PathInfo| {
+            opted.contains(&info.path.hash()) || signed_by_any(info, &self.cfg.trusted_keys)
+        };
         let mut rep = ScanReport {
             valid: infos.len(),
             ..ScanReport::default()
@@ -307,33 +321,40 @@ impl Sharing {
                 ultimate: false,
             })
             .collect();
+        // Undecided paths, with the reason they are shared for if upstream has them.
         let mut undecided = vec![];
         let mut decided = vec![];
         for info in infos {
+            let pin = pinned.contains(info.path.base_name()) && pin_shares(&info);
             if self.denied(info.path.name()) {
                 rep.denied += 1;
-            } else if let Some(r) = self.decide_locally(&info, &pinned) {
+            } else if let Some(r) = self.decide_locally(&info, pin) {
                 decided.push((info, r));
             } else {
-                undecided.push(info);
+                undecided.push((info, Reason::Upstream));
             }
         }
         for info in gone {
-            if !self.denied(info.path.name()) {
+            if self.denied(info.path.name()) {
+                rep.denied += 1;
+            } else if self.decide_locally(&info, pin_shares(&info)).is_some() {
                 decided.push((info, Reason::Pinned));
+            } else {
+                // Served from packs, as a pin, if it is public.
+                undecided.push((info, Reason::Pinned));
             }
         }
-        let checked: Vec<(PathInfo, bool)> = stream::iter(undecided)
-            .map(|info| async move {
+        let checked: Vec<(PathInfo, Reason, bool)> = stream::iter(undecided)
+            .map(|(info, r)| async move {
                 let ok = self.upstream_has(&info).await;
-                (info, ok)
+                (info, r, ok)
             })
             .buffer_unordered(self.cfg.upstream_concurrency.max(1))
             .collect()
             .await;
-        for (info, ok) in checked {
+        for (info, r, ok) in checked {
             if ok {
-                decided.push((info, Reason::Upstream));
+                decided.push((info, r));
             } else {
                 rep.private += 1;
             }

@@ -382,4 +382,12 @@ in [ system users tool conf ]"#,
         let r = b_nix.realise(secret, &b.url(), &a_key.1);
         assert!(!r.status.success(), "B's Nix got {secret}");
     }
+
+    // Seeding again without the flag takes the choice back: the private path is unpinned and
+    // no longer shared.
+    let out = run_ok(a_nix, a_state, &["seed", system]);
+    assert!(out.contains("1 path not shared"), "{out}");
+    let st = status(a_nix, a_state);
+    assert_eq!(st["store"]["pins"], 2, "{st}");
+    assert_eq!(st["daemon"]["shared"]["total"], 2, "{st}");
 }
