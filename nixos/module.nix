@@ -35,10 +35,26 @@ let
     [ "seed" "--state-dir" cfg.stateDir ]
     ++ [ "--upstream-cache" (if cfg.upstreamCache == null then "none" else cfg.upstreamCache) ]
     ++ optional cfg.shareAll "--share-all"
+    ++ optional cfg.seedSharePrivatePaths "--share-private-paths"
     ++ optionals (cfg.privateKeyFile != null) [ "--private-key" "%d/peerix.sec" ]
+    ++ concatMap (k: [ "--trusted-key" k ]) cfg.trustedKeys
     ++ concatMap (p: [ "--deny" p ]) cfg.deny
     ++ optionals (cfg.settings != { }) [ "--config" "${settingsFile}" ]
     ++ concatMap (p: [ "--closure-of" p ]) cfg.seed;
+
+  # A secret given as a Nix path (`./peerix.sec`) is copied into the world-readable store, where
+  # every local user can read it and a seed of the closure would offer it to peers. `toString`
+  # keeps a path's own location without copying it.
+  notInStore = opt: value: {
+    assertion = value == null || !(builtins.isPath value || lib.hasPrefix "${builtins.storeDir}/" (toString value));
+    message = ''
+      services.peerix.${opt} is ${if builtins.isPath value then "a Nix path" else "in the Nix store"} (${toString value}).
+      A Nix path is copied into the Nix store; anything there is readable by everyone on the
+      machine, and a seed of the system's closure would hand the key to peers. Give the file's
+      location on the machine as a string instead, and keep the file out of the configuration:
+        services.peerix.${opt} = "/var/lib/peerix-keys/${if opt == "privateKeyFile" then "peerix.sec" else "swarm.key"}";
+    '';
+  };
 
   ownPublicKeys =
     optional (cfg.publicKey != null) cfg.publicKey
@@ -76,10 +92,12 @@ in
     privateKeyFile = mkOption {
       type = types.nullOr types.path;
       default = null;
+      example = "/var/lib/peerix-keys/peerix.sec";
       description = ''
         Nix secret key (`nix-store --generate-binary-cache-key`) that peerix signs with: paths
         signed by it are shared with peers, and what peerix hands the local Nix is re-signed
-        with it. Loaded as a systemd credential; never copied to the Nix store.
+        with it. Loaded as a systemd credential. Give it as a string (`"/var/lib/…/peerix.sec"`);
+        a Nix path (`./peerix.sec`) would copy the key into the Nix store, so it is refused.
       '';
     };
 
@@ -156,13 +174,34 @@ in
       type = types.listOf types.str;
       default = [ ];
       example = [ "/run/current-system" ];
-      description = "Closures to pin and keep serving to peers (`peerix seed --closure-of`).";
+      description = ''
+        Closures to pin and keep serving to peers (`peerix seed --closure-of`). Of each closure
+        only what is public or vouched for is seeded: paths whose NarHash the upstream cache has,
+        and paths signed by privateKeyFile's key or one of trustedKeys. The rest (a system's own
+        configuration, and any secret in it that no deny pattern names) is left out unless
+        seedSharePrivatePaths is set.
+      '';
+    };
+
+    seedSharePrivatePaths = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Let `seed` also share the paths of its closures that are neither in the upstream cache
+        nor signed by a trusted key (`peerix seed --share-private-paths`): every peer that asks
+        gets them. For closures you build to share; not for a system closure, whose
+        configuration is in such paths. Deny patterns still win.
+      '';
     };
 
     swarmKeyFile = mkOption {
       type = types.nullOr types.path;
       default = null;
-      description = "Pre-shared key that makes a private swarm (TCP only); nodes without it cannot connect.";
+      example = "/var/lib/peerix-keys/swarm.key";
+      description = ''
+        Pre-shared key that makes a private swarm (TCP only); nodes without it cannot connect.
+        Give it as a string; a Nix path would copy the key into the Nix store, so it is refused.
+      '';
     };
 
     shareAll = mkOption {
@@ -192,6 +231,11 @@ in
   };
 
   config = mkIf cfg.enable {
+    assertions = [
+      (notInStore "privateKeyFile" cfg.privateKeyFile)
+      (notInStore "swarmKeyFile" cfg.swarmKeyFile)
+    ];
+
     users.users = mkIf (cfg.user == "peerix") {
       peerix = {
         isSystemUser = true;
@@ -215,8 +259,8 @@ in
         StateDirectory = mkIf (cfg.stateDir == "/var/lib/peerix") "peerix";
         StateDirectoryMode = "0700";
         LoadCredential =
-          optional (cfg.privateKeyFile != null) "peerix.sec:${cfg.privateKeyFile}"
-          ++ optional (cfg.swarmKeyFile != null) "swarm.key:${cfg.swarmKeyFile}";
+          optional (cfg.privateKeyFile != null) "peerix.sec:${toString cfg.privateKeyFile}"
+          ++ optional (cfg.swarmKeyFile != null) "swarm.key:${toString cfg.swarmKeyFile}";
         # The store is read, never written.
         ReadOnlyPaths = [ "/nix/store" "/nix/var/nix/db" ];
         NoNewPrivileges = true;
@@ -254,7 +298,7 @@ in
         ExecStart = lib.escapeShellArgs ([ (lib.getExe cfg.package) ] ++ seedArgs);
         User = cfg.user;
         Group = cfg.group;
-        LoadCredential = optional (cfg.privateKeyFile != null) "peerix.sec:${cfg.privateKeyFile}";
+        LoadCredential = optional (cfg.privateKeyFile != null) "peerix.sec:${toString cfg.privateKeyFile}";
         ReadOnlyPaths = [ "/nix/store" "/nix/var/nix/db" ];
         ReadWritePaths = [ cfg.stateDir ];
         NoNewPrivileges = true;

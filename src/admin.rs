@@ -34,8 +34,16 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Seed { targets: Vec<Target> },
-    Unseed { which: Vec<String>, all: bool },
+    Seed {
+        targets: Vec<Target>,
+        /// `peerix seed --share-private-paths`; a client that does not say is not asking.
+        #[serde(default)]
+        share_private_paths: bool,
+    },
+    Unseed {
+        which: Vec<String>,
+        all: bool,
+    },
     Status,
 }
 
@@ -227,7 +235,10 @@ async fn handle(s: UnixStream, d: Arc<Daemon>) -> Result<()> {
     };
     let reply = match req {
         Request::Status => d.status().await.map(|s| Reply::Status(Box::new(s))),
-        Request::Seed { targets } => {
+        Request::Seed {
+            targets,
+            share_private_paths,
+        } => {
             let _one = d.busy.lock().await;
             let (tx, mut rx) = mpsc::unbounded_channel();
             let d2 = d.clone();
@@ -235,7 +246,7 @@ async fn handle(s: UnixStream, d: Arc<Daemon>) -> Result<()> {
                 let emit = move |e: SeedEvent| {
                     let _ = tx.send(e);
                 };
-                let r = d2.seeder.seed(&targets, &emit).await;
+                let r = d2.seeder.seed(&targets, share_private_paths, &emit).await;
                 if r.is_ok() {
                     d2.reannounce().await;
                 }
@@ -304,5 +315,33 @@ pub async fn request(
             Reply::Event(e) => on_event(e),
             other => return Ok(Some(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_request_that_does_not_ask_does_not_share_private_paths() {
+        // As an older `peerix seed` sends it.
+        let r: Request = serde_json::from_str(r#"{"op":"seed","targets":[]}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::Seed {
+                share_private_paths: false,
+                ..
+            }
+        ));
+        let r: Request =
+            serde_json::from_str(r#"{"op":"seed","targets":[],"share_private_paths":true}"#)
+                .unwrap();
+        assert!(matches!(
+            r,
+            Request::Seed {
+                share_private_paths: true,
+                ..
+            }
+        ));
     }
 }

@@ -55,7 +55,8 @@ pub struct ServeArgs {
     /// Nix secret key: sign what is handed to Nix and mark own-signed paths as shared.
     #[arg(long, value_name = "FILE")]
     pub private_key: Option<PathBuf>,
-    /// Accept peers' paths signed by this Nix public key, `name:base64` (repeatable).
+    /// Accept peers' paths signed by this Nix public key, `name:base64` (repeatable); a seed
+    /// shares local paths it signed.
     #[arg(long = "trusted-key", value_name = "KEY", num_args = 1..)]
     pub trusted_keys: Vec<String>,
     /// Upstream cache whose NarHashes make paths public and trusted; `none` turns it off

@@ -35,14 +35,17 @@ pub struct Target {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum SeedEvent {
-    /// A closure was computed; `newly_shared` lists paths that the daemon would not share
-    /// without this seed, `denied` those a deny pattern keeps private anyway.
+    /// A closure was computed. `paths` and `bytes` are what will be pinned. `private` lists
+    /// paths neither in the upstream cache nor signed by this node's key or a trusted key:
+    /// pinned and shared when `shared_private` (`--share-private-paths`), left out otherwise.
+    /// `denied` lists those a deny pattern keeps private whatever else says.
     Plan {
         label: String,
         root: String,
         paths: usize,
         bytes: u64,
-        newly_shared: Vec<String>,
+        private: Vec<String>,
+        shared_private: bool,
         denied: Vec<String>,
     },
     /// Work on a path begins (a big one can take a while).
@@ -63,7 +66,10 @@ pub struct SeedSummary {
     pub paths: usize,
     pub bytes: u64,
     pub copied: u64,
-    pub newly_shared: usize,
+    /// Paths shared only because `--share-private-paths` was given.
+    pub shared_private: usize,
+    /// Paths left out for want of `--share-private-paths`.
+    pub not_shared: usize,
     pub denied: usize,
     pub seconds: f64,
     /// Whether a running daemon took the seed (and announces it now).
@@ -96,9 +102,13 @@ pub struct Seeder {
 }
 
 impl Seeder {
+    /// Pin the closures of `targets`. A path that a deny pattern matches is never pinned; one
+    /// that is neither public nor signed by a key this node trusts (see
+    /// [`Sharing::seedable`]) only when `share_private` says so.
     pub async fn seed(
         &self,
         targets: &[Target],
+        share_private: bool,
         on_event: &(dyn Fn(SeedEvent) + Send + Sync),
     ) -> Result<SeedSummary> {
         let started = Instant::now();
@@ -124,7 +134,7 @@ impl Seeder {
             })
             .await??;
 
-            let (denied, seeded): (Vec<PathInfo>, Vec<PathInfo>) = infos
+            let (denied, candidates): (Vec<PathInfo>, Vec<PathInfo>) = infos
                 .into_iter()
                 .partition(|i| self.sharing.denied(i.path.name()));
             let denied: Vec<String> = denied
@@ -133,29 +143,41 @@ impl Seeder {
                 .collect();
             // Upstream is asked about several paths at once, as a scan does.
             let sharing = self.sharing.clone();
-            let reasons: Vec<_> = futures::stream::iter(seeded.clone())
+            let verdicts: Vec<bool> = futures::stream::iter(candidates.clone())
                 .map(move |i| {
                     let sharing = sharing.clone();
-                    async move { sharing.reason_unpinned(&i).await }
+                    async move { sharing.seedable(&i).await }
                 })
                 .buffered(UPSTREAM_CONCURRENCY)
                 .collect()
                 .await;
-            let newly_shared: Vec<String> = seeded
-                .iter()
-                .zip(&reasons)
-                .filter(|(_, r)| r.is_none())
-                .map(|(i, _)| i.path.base_name().to_owned())
-                .collect();
+            let mut seeded = vec![];
+            let mut private = vec![];
+            let mut private_members = vec![];
+            for (info, ok) in candidates.into_iter().zip(verdicts) {
+                if !ok {
+                    private.push(info.path.base_name().to_owned());
+                    if !share_private {
+                        continue;
+                    }
+                    private_members.push(info.path.hash());
+                }
+                seeded.push(info);
+            }
             let bytes = seeded.iter().map(|i| i.nar_size).sum::<u64>();
-            sum.newly_shared += newly_shared.len();
+            if share_private {
+                sum.shared_private += private.len();
+            } else {
+                sum.not_shared += private.len();
+            }
             sum.denied += denied.len();
             on_event(SeedEvent::Plan {
                 label: t.label.clone(),
                 root: t.root.clone(),
                 paths: seeded.len(),
                 bytes,
-                newly_shared,
+                private,
+                shared_private: share_private,
                 denied,
             });
 
@@ -201,6 +223,7 @@ impl Seeder {
                 label: t.label.clone(),
                 root: root.base_name().to_owned(),
                 members,
+                private: private_members,
             };
             let (cs, local) = (self.store.clone(), self.local.clone());
             let released = tokio::task::spawn_blocking(move || -> Result<usize> {

@@ -36,6 +36,10 @@ pub struct CommonArgs {
     /// Nix secret key, as for `peerix serve` (used only when no daemon runs).
     #[arg(long, value_name = "FILE")]
     pub private_key: Option<PathBuf>,
+    /// Trusted keys, as for `peerix serve` (used only when no daemon runs): a seed shares what
+    /// they signed.
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    pub trusted_keys: Vec<String>,
     /// Deny patterns, as for `peerix serve` (used only when no daemon runs).
     #[arg(long = "deny", value_name = "GLOB")]
     pub deny: Vec<String>,
@@ -52,6 +56,7 @@ impl CommonArgs {
             store: self.store.clone(),
             upstream_cache: self.upstream_cache.clone(),
             private_key: self.private_key.clone(),
+            trusted_keys: self.trusted_keys.clone(),
             deny: self.deny.clone(),
             share_all: self.share_all,
             ..ServeArgs::default()
@@ -71,6 +76,12 @@ pub struct SeedArgs {
     /// Seed the store paths listed in FILE, one per line (`-`: standard input).
     #[arg(long = "from-file", value_name = "FILE")]
     pub from_file: Vec<PathBuf>,
+    /// Also share the paths of these closures that are neither in the upstream cache nor
+    /// signed by this machine's key or a trusted key: your own builds, and whatever
+    /// configuration a closure holds. Every peer that asks gets them, and the output lists
+    /// them. Without it they are left out. Deny patterns win either way.
+    #[arg(long)]
+    pub share_private_paths: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -178,7 +189,8 @@ impl Printer {
                 root,
                 paths,
                 bytes,
-                newly_shared,
+                private,
+                shared_private,
                 denied,
             } => {
                 if let Some(b) = self.bar.take() {
@@ -194,12 +206,20 @@ impl Printer {
                     paths_n(paths),
                     human(bytes)
                 ));
-                if !newly_shared.is_empty() {
+                if !private.is_empty() && shared_private {
                     self.line(&format!(
-                        "peerix: {} of them were not shared before (not in the upstream cache, not signed by this machine's key); \
-                         seeding them is a decision to share them with every peer that asks:\n    {}",
-                        newly_shared.len(),
-                        name_list(&newly_shared)
+                        "peerix: {} shared only because of --share-private-paths (neither in the upstream cache \
+                         nor signed by this machine's key or a trusted key); every peer that asks gets them:\n    {}",
+                        paths_n(private.len()),
+                        name_list(&private)
+                    ));
+                }
+                if !private.is_empty() && !shared_private {
+                    self.line(&format!(
+                        "peerix: {} not shared: neither in the upstream cache nor signed by this machine's key \
+                         or a trusted key; pass --share-private-paths to share them:\n    {}",
+                        paths_n(private.len()),
+                        name_list(&private)
                     ));
                 }
                 if !denied.is_empty() {
@@ -306,6 +326,7 @@ pub async fn seed(args: SeedArgs) -> Result<()> {
     let on_event = move |e| p.lock().expect("printer").event(e);
     let req = Request::Seed {
         targets: targets.clone(),
+        share_private_paths: args.share_private_paths,
     };
     let sum = match ask(&cfg, &req, on_event.clone()).await? {
         Answer::Daemon(Reply::Seeded(s)) => s,
@@ -315,7 +336,9 @@ pub async fn seed(args: SeedArgs) -> Result<()> {
                 local: parts.local,
                 sharing: parts.sharing,
             };
-            seeder.seed(&targets, &on_event).await?
+            seeder
+                .seed(&targets, args.share_private_paths, &on_event)
+                .await?
         }
         Answer::Daemon(Reply::Error(e)) => bail!("peerix serve: {e}"),
         Answer::Daemon(other) => bail!("unexpected answer from peerix serve: {other:?}"),
@@ -334,13 +357,24 @@ fn print_seeded(s: &SeedSummary) {
         human(s.copied),
         dedup_pct(s.bytes, s.copied)
     );
-    if s.newly_shared > 0 {
-        let (n, verb) = if s.newly_shared == 1 {
-            ("1 path is".to_owned(), "it is")
-        } else {
-            (format!("{} paths are", s.newly_shared), "they are")
-        };
-        println!("peerix: {n} shared only because {verb} seeded");
+    if s.shared_private > 0 {
+        println!(
+            "peerix: {} shared only because of --share-private-paths",
+            paths_n(s.shared_private)
+        );
+    }
+    if s.not_shared > 0 {
+        println!(
+            "peerix: {} not shared (neither in the upstream cache nor signed by a trusted key); \
+             --share-private-paths shares them",
+            paths_n(s.not_shared)
+        );
+    }
+    if s.denied > 0 {
+        println!(
+            "peerix: {} never shared: deny patterns match",
+            paths_n(s.denied)
+        );
     }
     if s.announced {
         println!("peerix: peerix serve announces them to its peers now");

@@ -207,6 +207,7 @@ pub fn open_parts(cfg: &ServeConfig) -> Result<Parts> {
         ShareConfig {
             share_all: cfg.share_all,
             deny: cfg.deny.clone(),
+            trusted_keys: cfg.trusted_keys.clone(),
             ..ShareConfig::default()
         },
         local.clone(),

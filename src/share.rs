@@ -1,7 +1,8 @@
 //! What a node shares with its peers. By default only what is safe: paths whose NarHash equals
 //! the upstream cache's (already public), paths signed by this node's own key (deliberately
-//! published), and pinned paths. Everything else stays private unless the operator opts in,
-//! and deny patterns keep the obvious secrets out even then.
+//! published), and pinned paths (a seed pins only what is public or signed by a trusted key,
+//! unless told `--share-private-paths`). Everything else stays private unless the operator opts
+//! in, and deny patterns keep secrets out whatever else says.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -10,13 +11,16 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt};
 use peerix_chunkstore::ChunkStore;
 use peerix_nix::upstream::UpstreamCache;
-use peerix_nix::{LocalStore, NarInfo, PathInfo, SecretKey, Sha256Hash, StorePathHash};
+use peerix_nix::{LocalStore, NarInfo, PathInfo, PublicKey, SecretKey, Sha256Hash, StorePathHash};
 use peerix_swarm::Catalog;
 use tracing::{debug, info, warn};
 
-/// Store-path names never shared, whatever else says so: system closures and their parts that
-/// hold configuration and secrets. Globs over the name after the hash (`*` and `?`).
+/// Store-path names never shared, whatever else says so (an own signature, a seed, a pin,
+/// `--share-all`): system closures and the parts of them that NixOS and common modules put
+/// configuration and secrets into. Globs over the name after the hash (`*` and `?`); every entry
+/// is tested against the store names it is here for (`tests::every_deny_entry_catches_what_it_is_for`).
 pub const DEFAULT_DENY: &[&str] = &[
+    // The system closure's top and its configuration-specific parts.
     "nixos-system-*",
     "etc",
     "etc-*",
@@ -25,18 +29,50 @@ pub const DEFAULT_DENY: &[&str] = &[
     "*-user-environment",
     "home-manager-generation",
     "home-manager-files",
+    "activate",
+    "*-activation-script*",
+    // users.users: hashedPassword, initialPassword and password, as JSON.
+    "users-groups.json",
+    // systemd units and their scripts: Environment= lines, inlined keys (WireGuard's
+    // privateKey in its start script, mount options with password=).
+    "unit-script-*",
+    "unit-*.service",
+    "unit-*.mount",
+    "unit-*.netdev",
+    "unit-*.network",
+    // nix.settings (access-tokens), netrc files.
+    "nix.conf",
+    "netrc",
+    "*.netrc",
+    // Wi-Fi passphrases: networking.wireless before it moved to /etc, hostapd, NetworkManager.
+    "wpa_supplicant*.conf",
+    "hostapd*.conf",
+    "*.nmconnection",
+    // Key files written as Nix paths (`privateKeyFile = ./peerix.sec;`): Nix signing keys
+    // (ours and `nix-store --generate-binary-cache-key`'s), TLS, SSH and other keys.
+    "*.sec",
+    "*.key",
+    "*-key",
+    "*_key",
+    "*-keys",
+    "*.pem",
+    "*.p12",
+    "*.pfx",
+    "*.keytab",
+    "*.psk",
+    "id_rsa",
+    "id_ecdsa",
+    "id_ed25519",
+    "id_dsa",
+    "*.ovpn",
+    "*.env",
+    // Anything that says what it is.
     "*secret*",
     "*password*",
     "*passwd*",
     "*shadow*",
     "*token*",
-    "*.key",
-    "*-key",
-    "*-keys",
-    "*.pem",
     "*credentials*",
-    "activate",
-    "*-activation-script*",
 ];
 
 #[derive(Clone, Debug)]
@@ -44,6 +80,9 @@ pub struct ShareConfig {
     /// Share every valid path not denied (an explicit opt-in).
     pub share_all: bool,
     pub deny: Vec<String>,
+    /// Keys besides the node's own whose signatures let a seed share a path without
+    /// `--share-private-paths` (`peerix serve --trusted-key`).
+    pub trusted_keys: Vec<PublicKey>,
     /// Upstream checks in flight at once during a scan.
     pub upstream_concurrency: usize,
 }
@@ -53,6 +92,7 @@ impl Default for ShareConfig {
         Self {
             share_all: false,
             deny: DEFAULT_DENY.iter().map(|s| s.to_string()).collect(),
+            trusted_keys: vec![],
             upstream_concurrency: 8,
         }
     }
@@ -81,6 +121,18 @@ pub struct ScanReport {
     pub left_store: usize,
     /// Held NARs whose path became valid locally (read in place from now on).
     pub attached: usize,
+}
+
+/// Whether one of the path's signatures verifies under one of `keys`.
+fn signed_by_any(info: &PathInfo, keys: &[PublicKey]) -> bool {
+    if keys.is_empty() || info.sigs.is_empty() {
+        return false;
+    }
+    let fp = NarInfo::for_uncompressed(info).fingerprint();
+    info.sigs
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .any(|s| keys.iter().any(|k| k.verify(fp.as_bytes(), &s)))
 }
 
 /// `*` matches any run of characters, `?` one; everything else itself.
@@ -150,15 +202,19 @@ impl Sharing {
         }
     }
 
-    /// Why a path would be shared if it were not pinned; `None`: it would stay private.
-    pub async fn reason_unpinned(&self, info: &PathInfo) -> Option<Reason> {
+    /// Whether a seed may pin (and so share) a path without `--share-private-paths`: no deny
+    /// pattern matches it, and it is public or vouched for: the daemon shares it anyway (its
+    /// NarHash is upstream's, it is signed by this node's key, or `--share-all`), or it is signed
+    /// by a key this node trusts. Anything else may be a machine's own configuration or secret.
+    pub async fn seedable(&self, info: &PathInfo) -> bool {
         if self.denied(info.path.name()) {
-            return None;
+            return false;
         }
-        if let Some(r) = self.decide_locally(info, &HashSet::new()) {
-            return Some(r);
+        if self.decide_locally(info, false).is_some() || signed_by_any(info, &self.cfg.trusted_keys)
+        {
+            return true;
         }
-        self.upstream_has(info).await.then_some(Reason::Upstream)
+        self.upstream_has(info).await
     }
 
     /// How many paths are shared, for each reason.
@@ -174,21 +230,15 @@ impl Sharing {
         self.cfg.deny.iter().any(|p| glob_match(p, name))
     }
 
-    /// The decision that needs no network.
-    fn decide_locally(&self, info: &PathInfo, pinned: &HashSet<String>) -> Option<Reason> {
+    /// The decision that needs no network. `pinned`: the path is pinned, and the pin alone
+    /// is reason enough (see [`Sharing::scan`]).
+    fn decide_locally(&self, info: &PathInfo, pinned: bool) -> Option<Reason> {
         if let Some(k) = &self.own_key {
-            let fp = NarInfo::for_uncompressed(info).fingerprint();
-            let pk = k.public_key();
-            if info
-                .sigs
-                .iter()
-                .filter_map(|s| s.parse().ok())
-                .any(|s| pk.verify(fp.as_bytes(), &s))
-            {
+            if signed_by_any(info, std::slice::from_ref(&k.public_key())) {
                 return Some(Reason::OwnSignature);
             }
         }
-        if pinned.contains(info.path.base_name()) {
+        if pinned {
             return Some(Reason::Pinned);
         }
         if self.cfg.share_all {
@@ -239,6 +289,20 @@ impl Sharing {
             .await?
             .into_iter()
             .collect();
+        // A pin shares a path by itself only when its seed shared it by choice
+        // (`--share-private-paths`) or a trusted key signed it. Any other pinned path is shared
+        // only if it is public or own-signed anyway, so pins recorded before seeds told the two
+        // apart share nothing private.
+        let opted: HashSet<StorePathHash> = self
+            .store
+            .blocking(|cs| cs.seeds())
+            .await?
+            .into_iter()
+            .flat_map(|s| s.private)
+            .collect();
+        let pin_shares = |info: &PathInfo| {
+            opted.contains(&info.path.hash()) || signed_by_any(info, &self.cfg.trusted_keys)
+        };
         let mut rep = ScanReport {
             valid: infos.len(),
             ..ScanReport::default()
@@ -265,33 +329,40 @@ impl Sharing {
                 ultimate: false,
             })
             .collect();
+        // Undecided paths, with the reason they are shared for if upstream has them.
         let mut undecided = vec![];
         let mut decided = vec![];
         for info in infos {
+            let pin = pinned.contains(info.path.base_name()) && pin_shares(&info);
             if self.denied(info.path.name()) {
                 rep.denied += 1;
-            } else if let Some(r) = self.decide_locally(&info, &pinned) {
+            } else if let Some(r) = self.decide_locally(&info, pin) {
                 decided.push((info, r));
             } else {
-                undecided.push(info);
+                undecided.push((info, Reason::Upstream));
             }
         }
         for info in gone {
-            if !self.denied(info.path.name()) {
+            if self.denied(info.path.name()) {
+                rep.denied += 1;
+            } else if self.decide_locally(&info, pin_shares(&info)).is_some() {
                 decided.push((info, Reason::Pinned));
+            } else {
+                // Served from packs, as a pin, if it is public.
+                undecided.push((info, Reason::Pinned));
             }
         }
-        let checked: Vec<(PathInfo, bool)> = stream::iter(undecided)
-            .map(|info| async move {
+        let checked: Vec<(PathInfo, Reason, bool)> = stream::iter(undecided)
+            .map(|(info, r)| async move {
                 let ok = self.upstream_has(&info).await;
-                (info, ok)
+                (info, r, ok)
             })
             .buffer_unordered(self.cfg.upstream_concurrency.max(1))
             .collect()
             .await;
-        for (info, ok) in checked {
+        for (info, r, ok) in checked {
             if ok {
-                decided.push((info, Reason::Upstream));
+                decided.push((info, r));
             } else {
                 rep.private += 1;
             }
@@ -465,5 +536,124 @@ mod tests {
         assert!(!glob_match("a?c", "ac"));
         assert!(glob_match("*", ""));
         assert!(!glob_match("*-etc", "hello-2.12"));
+    }
+
+    /// Every built-in deny entry, with store names (after the hash) it is there to catch, as
+    /// NixOS, home-manager and users' configurations name them.
+    const CAUGHT: &[(&str, &[&str])] = &[
+        (
+            "nixos-system-*",
+            &["nixos-system-laptop-24.05.20240601.abcdef0"],
+        ),
+        ("etc", &["etc"]),
+        (
+            "etc-*",
+            &["etc-wpa_supplicant-nixos.conf", "etc-msmtprc", "etc-fstab"],
+        ),
+        ("*-etc", &["home-manager-etc"]),
+        ("user-environment", &["user-environment"]),
+        ("*-user-environment", &["home-manager-user-environment"]),
+        ("home-manager-generation", &["home-manager-generation"]),
+        ("home-manager-files", &["home-manager-files"]),
+        ("activate", &["activate"]),
+        (
+            "*-activation-script*",
+            &["nixos-activation-script", "home-manager-activation-script"],
+        ),
+        ("users-groups.json", &["users-groups.json"]),
+        (
+            "unit-script-*",
+            &[
+                "unit-script-wireguard-wg0-start",
+                "unit-script-wg-quick-wg0-start",
+            ],
+        ),
+        (
+            "unit-*.service",
+            &["unit-peerix.service", "unit-wireguard-wg0.service"],
+        ),
+        ("unit-*.mount", &["unit-mnt-share.mount"]),
+        ("unit-*.netdev", &["unit-40-wg0.netdev"]),
+        ("unit-*.network", &["unit-40-wg0.network"]),
+        ("nix.conf", &["nix.conf"]),
+        ("netrc", &["netrc"]),
+        ("*.netrc", &["nix.netrc"]),
+        (
+            "wpa_supplicant*.conf",
+            &["wpa_supplicant.conf", "wpa_supplicant-wlan0.conf"],
+        ),
+        ("hostapd*.conf", &["hostapd.conf", "hostapd-wlan1.conf"]),
+        ("*.nmconnection", &["home-wifi.nmconnection"]),
+        ("*.sec", &["peerix.sec", "cache-priv.sec"]),
+        ("*.key", &["swarm.key", "host.key"]),
+        ("*-key", &["signing-key", "wireguard-private-key"]),
+        ("*_key", &["ssh_host_ed25519_key", "ssh_host_rsa_key"]),
+        ("*-keys", &["authorized-keys", "binary-cache-keys"]),
+        ("*.pem", &["cache-priv-key.pem", "acme-account.pem"]),
+        ("*.p12", &["client.p12"]),
+        ("*.pfx", &["client.pfx"]),
+        ("*.keytab", &["krb5.keytab"]),
+        ("*.psk", &["home.psk"]),
+        ("id_rsa", &["id_rsa"]),
+        ("id_ecdsa", &["id_ecdsa"]),
+        ("id_ed25519", &["id_ed25519"]),
+        ("id_dsa", &["id_dsa"]),
+        ("*.ovpn", &["office.ovpn"]),
+        ("*.env", &["grafana.env", "restic.env"]),
+        ("*secret*", &["secrets.yaml", "client-secret"]),
+        ("*password*", &["wifi-password", "passwords.txt"]),
+        ("*passwd*", &["htpasswd", "passwd"]),
+        ("*shadow*", &["shadow"]),
+        ("*token*", &["github-token"]),
+        ("*credentials*", &["aws-credentials"]),
+    ];
+
+    #[test]
+    fn every_deny_entry_catches_what_it_is_for() {
+        let cfg = ShareConfig::default();
+        let entries: Vec<&str> = CAUGHT.iter().map(|(p, _)| *p).collect();
+        assert_eq!(
+            entries, DEFAULT_DENY,
+            "every built-in deny entry needs its examples here, in order"
+        );
+        for (pattern, names) in CAUGHT {
+            assert!(!names.is_empty(), "{pattern}: no example");
+            for name in *names {
+                assert!(glob_match(pattern, name), "{pattern} does not match {name}");
+                assert!(cfg.deny.iter().any(|p| glob_match(p, name)));
+            }
+        }
+    }
+
+    #[test]
+    fn packages_are_not_denied() {
+        // Public packages a system closure holds, some named like the entries above.
+        let cfg = ShareConfig::default();
+        for name in [
+            "hello-2.12.1",
+            "wpa_supplicant-2.11",
+            "hostapd-2.11",
+            "nix-2.24.10",
+            "openssh-9.8p1",
+            "unit-1.32.1",
+            "systemd-256.8",
+            "etcd-3.5.16",
+            "gnupg-2.4.5",
+            "networkmanager-1.48.10",
+            "wireguard-tools-1.0.20210914",
+            "python3-3.12.7-env",
+            "system-units",
+            "linux-6.6.63",
+            "glibc-2.40-36",
+            "glibc-2.40-36-bin",
+            "keyutils-1.6.3-lib",
+            "libsecp256k1-0.5.1",
+        ] {
+            assert!(
+                !cfg.deny.iter().any(|p| glob_match(p, name)),
+                "{name} is denied by {:?}",
+                cfg.deny.iter().find(|p| glob_match(p, name))
+            );
+        }
     }
 }

@@ -128,10 +128,11 @@ fn a_seeded_closure_is_served_after_it_leaves_the_store_and_a_restart() {
     let mut a = Daemon::start("A", a_nix, &a_args);
     assert_eq!(a.wait_scan(), 0, "nothing is shared before the seed");
 
-    // Seeding private paths is a decision the output states; a pipe gets plain lines.
-    let out = run_ok(a_nix, a_state, &["seed", top]);
+    // Seeding private paths is a decision the flag makes and the output states; a pipe gets
+    // plain lines.
+    let out = run_ok(a_nix, a_state, &["seed", "--share-private-paths", top]);
     assert!(
-        out.contains("2 of them were not shared before"),
+        out.contains("2 paths shared only because of --share-private-paths"),
         "output: {out}"
     );
     assert!(out.contains("peerix: pinned 2/2 "), "output: {out}");
@@ -209,7 +210,12 @@ fn seeding_without_a_daemon_is_announced_when_it_starts() {
     let out = run_ok(
         a_nix,
         a_state,
-        &["seed", "--from-file", list.to_str().unwrap()],
+        &[
+            "seed",
+            "--share-private-paths",
+            "--from-file",
+            list.to_str().unwrap(),
+        ],
     );
     assert!(
         out.contains(&format!("seeding {} ({top})", link.display())),
@@ -226,7 +232,7 @@ fn seeding_without_a_daemon_is_announced_when_it_starts() {
     std::fs::create_dir_all(&tree).unwrap();
     std::fs::write(tree.join("pw"), "hunter2").unwrap();
     let secret = a_nix.add(&tree);
-    let out = run_ok(a_nix, a_state, &["seed", &secret]);
+    let out = run_ok(a_nix, a_state, &["seed", "--share-private-paths", &secret]);
     assert!(
         out.contains("1 path not seeded: deny patterns match"),
         "{out}"
@@ -242,4 +248,146 @@ fn seeding_without_a_daemon_is_announced_when_it_starts() {
     );
     let (status, _) = common::http(&b.http, "GET", &narinfo);
     assert_eq!(status, 404, "a denied path is never served");
+}
+
+/// The hash part of a store path, as a narinfo request names it.
+fn narinfo_url(path: &str) -> String {
+    format!("/{}.narinfo", &path.trim_start_matches("/nix/store/")[..32])
+}
+
+/// The issue's case: a system-like closure holding a `users-groups.json` (password hashes and
+/// initial passwords) and the node's own signing key, copied into the store by a Nix path
+/// (`privateKeyFile = ./peerix.sec;`), on a builder that signs what it builds. Neither file is
+/// shared: not by the scan (own-signed), not by a seed, not with --share-private-paths. What is
+/// neither public nor signed by a trusted key is seeded only when the flag asks for it.
+#[test]
+fn seeding_a_system_closure_shares_no_secrets() {
+    let Some(t) = setup("seed-3") else {
+        return;
+    };
+    let Setup {
+        a_nix,
+        b_nix,
+        a_key,
+        a_state,
+        ..
+    } = &t;
+    let cfg = a_nix.scratch("config");
+    std::fs::copy(&a_key.0, cfg.join("peerix.sec")).unwrap();
+    let expr = format!(
+        r#"let
+  mk = name: script: builtins.derivation {{
+    inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" script ]; salt = "seed-3";
+  }};
+  users = mk "users-groups.json" "echo '{{\"users\":[{{\"name\":\"alice\",\"initialPassword\":\"hunter2\"}}]}}' > $out";
+  tool = mk "seedtool" "echo tool > $out";
+  conf = mk "hostconf" "echo conf > $out";
+  system = mk "seedsystem" "/bin/mkdir $out; echo ${{users}} ${{{key}}} ${{tool}} ${{conf}} > $out/refs";
+in [ system users tool conf ]"#,
+        key = cfg.join("peerix.sec").display()
+    );
+    let built = a_nix.build(&expr);
+    let (system, users, tool, conf) = (&built[0], &built[1], &built[2], &built[3]);
+    let closure = a_nix.closure(system);
+    let key = closure
+        .iter()
+        .find(|p| p.ends_with("-peerix.sec"))
+        .expect("the key file is in the closure")
+        .clone();
+    assert!(users.ends_with("-users-groups.json"));
+    assert_eq!(closure.len(), 5, "{closure:?}");
+    // A signs what it builds (`secret-key-files`): the system and its secrets. `tool` comes
+    // from a builder whose key A trusts; `conf` is signed by nobody.
+    let s = a_nix.store_arg();
+    let sign = |key: &Path, paths: &[&str]| {
+        let mut args = vec!["store", "sign", "--store", &s, "--key-file"];
+        args.push(key.to_str().unwrap());
+        args.extend_from_slice(paths);
+        a_nix.run("nix", &args);
+    };
+    sign(&a_key.0, &[system, users, &key]);
+    let builder = a_nix.keys("builder-3");
+    sign(&builder.0, &[tool]);
+
+    // Own-signed paths are shared by default, but no deny pattern gives way to a signature.
+    let a_args = [
+        "--private-key",
+        a_key.0.to_str().unwrap(),
+        "--trusted-key",
+        &builder.1,
+    ];
+    let mut a = Daemon::start("A", a_nix, &a_args);
+    assert_eq!(
+        a.wait_scan(),
+        1,
+        "the scan shares the own-signed system, not the own-signed secrets"
+    );
+
+    // A seed without the flag (through the running daemon): the paths signed by A's key or a
+    // key A trusts, nothing private.
+    let out = run_ok(a_nix, a_state, &["seed", system]);
+    assert!(out.contains(&format!("seeding {system}: 2 paths")), "{out}");
+    assert!(
+        out.contains(
+            "1 path not shared: neither in the upstream cache nor signed by this machine's key \
+             or a trusted key; pass --share-private-paths to share them"
+        ) && out.contains(conf.trim_start_matches("/nix/store/")),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 paths not seeded: deny patterns match"),
+        "{out}"
+    );
+    for secret in [users, &key] {
+        assert!(
+            out.contains(secret.trim_start_matches("/nix/store/")),
+            "the output names {secret}: {out}"
+        );
+    }
+    let st = status(a_nix, a_state);
+    assert_eq!(st["store"]["pins"], 2, "{st}");
+
+    // Asked explicitly, the private path is shared and named; the secrets still are not.
+    let out = run_ok(a_nix, a_state, &["seed", "--share-private-paths", system]);
+    assert!(
+        out.contains("1 path shared only because of --share-private-paths")
+            && out.contains(conf.trim_start_matches("/nix/store/")),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 paths not seeded: deny patterns match"),
+        "{out}"
+    );
+    let st = status(a_nix, a_state);
+    assert_eq!(st["store"]["pins"], 3, "{st}");
+    assert_eq!(st["daemon"]["shared"]["total"], 3, "{st}");
+
+    // A peer that trusts A gets what A shares, and never the secrets.
+    let mut b = Daemon::start("B", b_nix, &["--trusted-key", &a_key.1, "--peer", &a.p2p]);
+    b.wait_peer(&a);
+    for p in [system, tool, conf] {
+        let (status, _) = common::http(&b.http, "GET", &narinfo_url(p));
+        assert_eq!(status, 200, "B gets {p} from A");
+    }
+    let r = b_nix.realise(conf, &b.url(), &a_key.1);
+    assert!(
+        r.status.success(),
+        "B's Nix could not substitute {conf}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    for secret in [users, &key] {
+        let (status, _) = common::http(&b.http, "GET", &narinfo_url(secret));
+        assert_eq!(status, 404, "{secret} is never served to a peer");
+        let r = b_nix.realise(secret, &b.url(), &a_key.1);
+        assert!(!r.status.success(), "B's Nix got {secret}");
+    }
+
+    // Seeding again without the flag takes the choice back: the private path is unpinned and
+    // no longer shared.
+    let out = run_ok(a_nix, a_state, &["seed", system]);
+    assert!(out.contains("1 path not shared"), "{out}");
+    let st = status(a_nix, a_state);
+    assert_eq!(st["store"]["pins"], 2, "{st}");
+    assert_eq!(st["daemon"]["shared"]["total"], 2, "{st}");
 }

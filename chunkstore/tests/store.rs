@@ -525,6 +525,7 @@ fn pinned_narinfos_and_seeds_survive_a_reopen() {
             label: "/run/current-system".into(),
             root: b.base_name().into(),
             members: vec![a.hash(), b.hash()],
+            private: vec![b.hash()],
         })
         .unwrap();
     }
@@ -532,6 +533,7 @@ fn pinned_narinfos_and_seeds_survive_a_reopen() {
     let seeds = cs.seeds().unwrap();
     assert_eq!(seeds.len(), 1);
     assert_eq!(seeds[0].members, vec![a.hash(), b.hash()]);
+    assert_eq!(seeds[0].private, vec![b.hash()]);
     assert_eq!(
         cs.seed("/run/current-system").unwrap(),
         Some(seeds[0].clone())
