@@ -178,8 +178,10 @@ fn sigkill_during_gc_leaves_a_clean_store() {
     );
 }
 
-/// The child half of the put test: re-run this test binary with PEERIX_CRASH_PUT set.
-fn put_child(state: &Path, src: &Path) {
+/// The child half of the put test: re-run this test binary with PEERIX_CRASH_PUT_STATE set.
+/// After `pause_after` puts it waits well past sled's flush interval (500 ms) and prints
+/// `paused`, so the puts before that line are durable by the time the parent kills it.
+fn put_child(state: &Path, src: &Path, pause_after: usize) {
     let cs = ChunkStore::open(&state.join("chunks"), Options::default()).unwrap();
     let bytes = std::fs::read(src).unwrap();
     let m = {
@@ -191,7 +193,11 @@ fn put_child(state: &Path, src: &Path) {
     };
     cs.begin_download(&m).unwrap();
     let mut out = std::io::stdout().lock();
-    for (off, c) in m.offsets() {
+    for (i, (off, c)) in m.offsets().enumerate() {
+        if i == pause_after {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            writeln!(out, "paused").unwrap();
+        }
         let off = off as usize;
         cs.put_chunk(&c.id, &bytes[off..off + c.len as usize])
             .unwrap();
@@ -202,8 +208,8 @@ fn put_child(state: &Path, src: &Path) {
     writeln!(out, "done").unwrap();
 }
 
-/// This test binary, re-run as the child that puts chunks.
-fn put_child_cmd(state: &Path, src: &Path) -> Command {
+/// This test binary, re-run as the child that puts chunks (pausing after `pause_after`).
+fn put_child_cmd(state: &Path, src: &Path, pause_after: usize) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
     c.args([
         "--exact",
@@ -211,15 +217,47 @@ fn put_child_cmd(state: &Path, src: &Path) -> Command {
         "--nocapture",
     ])
     .env("PEERIX_CRASH_PUT_STATE", state)
-    .env("PEERIX_CRASH_PUT_SRC", src);
+    .env("PEERIX_CRASH_PUT_SRC", src)
+    .env("PEERIX_CRASH_PUT_PAUSE", pause_after.to_string());
     c
+}
+
+/// Reads the child's stdout until `more` put lines after `paused`, then SIGKILLs it. Returns
+/// the chunk ids it reported put before `paused` (durable by then), or None if it was no longer
+/// running when killed.
+fn kill_after_pause(mut child: Child, more: usize) -> Option<Vec<String>> {
+    let out = child.stdout.take().unwrap();
+    let (mut before, mut paused, mut after) = (vec![], false, 0);
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        if line == "paused" {
+            paused = true;
+        } else if let Some(id) = line.strip_prefix("put ") {
+            if paused {
+                after += 1;
+                if after >= more {
+                    break;
+                }
+            } else {
+                before.push(id.to_owned());
+            }
+        }
+    }
+    let running = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (running && paused).then_some(before)
 }
 
 #[test]
 fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     let state_env = std::env::var_os("PEERIX_CRASH_PUT_STATE");
-    if let (Some(state), Some(src)) = (state_env, std::env::var_os("PEERIX_CRASH_PUT_SRC")) {
-        put_child(Path::new(&state), Path::new(&src));
+    if let (Some(state), Some(src), Some(pause)) = (
+        state_env,
+        std::env::var_os("PEERIX_CRASH_PUT_SRC"),
+        std::env::var("PEERIX_CRASH_PUT_PAUSE").ok(),
+    ) {
+        put_child(Path::new(&state), Path::new(&src), pause.parse().unwrap());
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -227,44 +265,61 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     let src = t.path().join("src.nar");
     let bytes = data(99, 24 << 20);
     std::fs::write(&src, &bytes).unwrap();
+    let hash = Sha256Hash::digest(&bytes);
     let mut killed = 0;
     for round in 0..4 {
-        let child = put_child_cmd(&state, &src)
+        let child = put_child_cmd(&state, &src, 3 + 5 * round)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        if kill_after(child, "put ", 3 + 5 * round) {
+        if let Some(durable) = kill_after_pause(child, 2) {
             killed += 1;
-            let hash = Sha256Hash::digest(&bytes);
             let cs = ChunkStore::open(&state.join("chunks"), Options::default()).unwrap();
             assert!(cs.nar_reader(&hash).is_err(), "a partial NAR is visible");
-            // The download's record is durable from its start; puts of the last moments
-            // before the kill may be forgotten (sled flushes twice a second), never wrong.
+            // The download's record is durable from its start.
             let m = cs
                 .partial_manifest(&hash)
                 .unwrap()
                 .expect("download record");
             let distinct: std::collections::HashSet<_> = m.chunks.iter().map(|c| c.id).collect();
-            let missing = cs.missing(&m).unwrap().len();
+            let missing: std::collections::HashSet<_> =
+                cs.missing(&m).unwrap().iter().map(|c| c.id).collect();
+            let kept = distinct.len() - missing.len();
             eprintln!(
-                "round {round}: {} of {} chunks kept",
-                distinct.len() - missing,
-                distinct.len()
+                "round {round}: {kept} of {} chunks kept, {} put before the pause",
+                distinct.len(),
+                durable.len()
             );
+            // Every chunk put before the pause (flushed by then) survived the kill; puts of
+            // the last moments before it may be forgotten, never kept wrong.
+            for id in &durable {
+                let c = m.chunks.iter().find(|c| c.id.to_string() == *id).unwrap();
+                assert!(!missing.contains(&c.id), "chunk {id} was put and lost");
+            }
+            assert!(kept >= durable.len(), "{kept} kept, {} put", durable.len());
+            assert!(kept < distinct.len(), "the kill came after the last put");
+            for (off, c) in m.offsets() {
+                if !missing.contains(&c.id) {
+                    let off = off as usize;
+                    let got = cs.read_chunk(&c.id).unwrap();
+                    assert!(
+                        got == bytes[off..off + c.len as usize],
+                        "chunk {} reads back wrong",
+                        c.id
+                    );
+                }
+            }
         }
         assert_fsck_clean(&state);
     }
     assert!(killed > 0, "no put was ever killed mid-way");
     // Resuming the download completes it.
-    let child = put_child_cmd(&state, &src).output().unwrap();
+    let child = put_child_cmd(&state, &src, usize::MAX).output().unwrap();
     assert!(child.status.success());
     let cs = ChunkStore::open(&state.join("chunks"), Options::default()).unwrap();
     let mut v = vec![];
-    cs.nar_reader(&Sha256Hash::digest(&bytes))
-        .unwrap()
-        .read_to_end(&mut v)
-        .unwrap();
+    cs.nar_reader(&hash).unwrap().read_to_end(&mut v).unwrap();
     assert!(v == bytes);
     assert!(cs.fsck(true).unwrap().is_clean());
 }
