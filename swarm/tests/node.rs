@@ -290,25 +290,84 @@ async fn dht_finds_a_provider_never_introduced() {
     }
 }
 
-#[tokio::test]
+/// A hundred thousand provided keys really announced, at the pace the set's size sets: the
+/// whole set once per `provide_interval`. The interval is shortened to 1,000 s, so the pace is
+/// 100,000 / 1,000 s = 100 keys a second (a set cut short, say at kad's default limit of 1,024
+/// keys, would go at the floor of 10); for ten seconds the announcements must keep to it, from
+/// all over the set. And they reach the DHT: C, which may talk to B only, finds A as the
+/// provider of keys A announced, so B holds A's records. (That the pacer walks a whole set once
+/// per interval is its unit tests' business.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn providing_a_hundred_thousand_paths() {
+    const N: usize = 100_000;
+    const INTERVAL: Duration = Duration::from_secs(1_000);
+    const WINDOW: Duration = Duration::from_secs(10);
+    let rate = N as f64 / INTERVAL.as_secs_f64();
     init_tracing();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = start(&da, |_| {}).await;
-    let b = start(&db, |c| c.peers = vec![tcp_addr(&a).to_string()]).await;
-    wait_connected(&b, a.peer_id()).await;
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&dirs[0], |c| c.provide_interval = INTERVAL).await;
+    let b = start(&dirs[1], |c| c.peers = vec![tcp_addr(&a).to_string()]).await;
+    wait_connected(&a, b.peer_id()).await;
+    let a_id = a.peer_id();
 
-    let k = keys(100_000, 1);
+    let k = keys(N, 1);
+    let index: std::collections::HashMap<StorePathHash, usize> =
+        k.iter().enumerate().map(|(i, h)| (*h, i)).collect();
+    let mut events = a.events();
+    let started = tokio::time::Instant::now();
     a.set_provided(k.clone());
-    // Well past kad's default limit of 1,024 provided keys.
-    for i in [0, 1_024, 50_000, 99_999] {
+    let mut announced = vec![];
+    let mut seen = HashSet::new();
+    loop {
+        match tokio::time::timeout_at(started + WINDOW, events.recv()).await {
+            Ok(Ok(NodeEvent::Announced(h))) => {
+                let i = *index.get(&h).expect("an announced key is one of the set");
+                assert!(seen.insert(i), "key {i} announced twice");
+                announced.push(i);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("A's events: {e}"),
+            Err(_) => break,
+        }
+        // The pacer allows one second's burst, and never more than the rate after it.
+        let t = started.elapsed().as_secs_f64();
         assert!(
-            find_provider(&b, &k[i], a.peer_id()).await,
-            "key {i} is found"
+            announced.len() as f64 <= rate * (t + 1.0) + 1.0,
+            "{} keys announced after {t:.2} s: faster than {rate} a second",
+            announced.len()
         );
     }
-    a.shutdown().await;
-    b.shutdown().await;
+    let t = started.elapsed().as_secs_f64();
+    eprintln!("{} keys announced in {t:.2} s", announced.len());
+    assert!(
+        announced.len() as f64 >= 0.5 * rate * t,
+        "{} keys announced in {t:.2} s: the pace for {N} keys is {rate} a second",
+        announced.len()
+    );
+    assert!(
+        announced.iter().filter(|&&i| i >= 50_000).count() > announced.len() / 4,
+        "the announcements come from the first half of the set only"
+    );
+
+    // The records live in the DHT, not only in A's own store: C's allow-list keeps it from
+    // asking A itself.
+    let c = start(&dirs[2], |c| {
+        c.peers = vec![tcp_addr(&b).to_string()];
+        c.allowed_peers = Some([b.peer_id()].into());
+    })
+    .await;
+    wait_connected(&c, b.peer_id()).await;
+    let last = announced.len() - 1;
+    for i in [announced[0], announced[last / 2], announced[last]] {
+        assert!(
+            find_provider(&c, &k[i], a_id).await,
+            "key {i}: announced by A, but B does not hold the record"
+        );
+    }
+    assert!(!c.connected_peers().await.contains(&a_id));
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
 }
 
 fn psk(byte: u8) -> PreSharedKey {
