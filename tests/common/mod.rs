@@ -21,31 +21,22 @@ pub struct Nix {
 /// fails, when Nix is not installed: such a test never passes without having run.
 /// `scripts/test.sh` leaves the `needs_nix` tests out (and names them) where Nix is missing.
 pub fn nix() -> Nix {
-    let have = Command::new("nix-store")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        have,
-        "this test needs real Nix (nix-store on PATH; Debian: apt-get install nix-bin); \
-         scripts/test.sh installs it, or leaves the needs_nix tests out and says so"
-    );
-    Nix {
+    let nix = Nix {
         dir: tempfile::tempdir().expect("tempdir"),
+    };
+    // In the test environment: as a normal user even `--version` opens the default store.
+    match nix.cmd("nix-store").arg("--version").output() {
+        Ok(out) => assert!(
+            out.status.success(),
+            "this test needs real Nix, and `nix-store --version` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!(
+            "this test needs real Nix (nix-store on PATH; Debian: apt-get install nix-bin): \
+             {e}; scripts/test.sh installs it, or leaves the needs_nix tests out and says so"
+        ),
     }
-}
-
-/// For a test in a `needs_root` module: panics, so the test fails, when not run as root.
-/// `scripts/test.sh` leaves the `needs_root` tests out (and names them) for a normal user.
-pub fn require_root(why: &str) {
-    assert!(
-        peerix::is_root(),
-        "this test needs root ({why}); run it as root, or run scripts/test.sh, which leaves \
-         the needs_root tests out for a normal user and names them"
-    );
+    nix
 }
 
 impl Nix {
