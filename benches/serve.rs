@@ -5,7 +5,7 @@
 //!   once it holds the chunks ("warm"), and from the static cache;
 //! - narinfo latency on B for hits and misses (p50/p99).
 //!
-//! Needs root and Nix (chroot stores); otherwise it says so and exits.
+//! Needs real Nix (chroot stores; not root); without it, it panics saying so.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
