@@ -226,6 +226,13 @@ pub fn open_parts(cfg: &ServeConfig) -> Result<Parts> {
 
 /// Run the daemon until it is killed or the HTTP server fails.
 pub async fn run(cfg: ServeConfig) -> Result<()> {
+    // Before anything says the daemon is up: a SIGTERM that comes before the HTTP server first
+    // polls its shutdown future must still stop it cleanly, not kill it.
+    use tokio::signal::unix::{signal, SignalKind};
+    let signals = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    );
     let Parts {
         local,
         store,
@@ -351,7 +358,13 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     }
 
     let router = router(app);
-    crate::http::serve(listener, router, HttpLimits::default(), shutdown_signal()).await;
+    crate::http::serve(
+        listener,
+        router,
+        HttpLimits::default(),
+        shutdown_signal(signals),
+    )
+    .await;
     Ok(())
 }
 
@@ -375,22 +388,28 @@ async fn collect_garbage(store: ChunkStore, running: Arc<std::sync::atomic::Atom
     running.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Ctrl-C, or SIGTERM from systemd: stop taking requests and let those in flight finish.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+/// Ctrl-C, or SIGTERM from systemd: stop taking requests and let those in flight finish. The
+/// handlers are made by the caller at start-up, so a signal can never find them missing.
+async fn shutdown_signal(
+    (int, term): (
+        std::io::Result<tokio::signal::unix::Signal>,
+        std::io::Result<tokio::signal::unix::Signal>,
+    ),
+) {
+    async fn recv(s: std::io::Result<tokio::signal::unix::Signal>, name: &str) {
+        match s {
             Ok(mut s) => {
                 s.recv().await;
             }
             Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
+                warn!(error = %e, "cannot listen for {name}");
                 std::future::pending::<()>().await;
             }
         }
-    };
+    }
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+        _ = recv(int, "SIGINT") => {}
+        _ = recv(term, "SIGTERM") => {}
     }
     info!("shutting down");
 }

@@ -24,23 +24,132 @@ fn nix_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-#[test]
-fn every_nix_file_parses() {
-    let Some(nix) = common::nix() else { return };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = vec![];
-    nix_files(root, &mut files);
-    for must in ["flake.nix", "nixos/module.nix", "nixos/package.nix"] {
-        assert!(files.contains(&root.join(must)), "{must} is missing");
+mod needs_nix {
+    use super::*;
+
+    #[test]
+    fn every_nix_file_parses() {
+        let nix = common::nix();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = vec![];
+        nix_files(root, &mut files);
+        for must in ["flake.nix", "nixos/module.nix", "nixos/package.nix"] {
+            assert!(files.contains(&root.join(must)), "{must} is missing");
+        }
+        for f in files {
+            let out = nix.output("nix-instantiate", &["--parse", f.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{} does not parse: {}",
+                f.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
-    for f in files {
-        let out = nix.output("nix-instantiate", &["--parse", f.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{} does not parse: {}",
-            f.display(),
-            String::from_utf8_lossy(&out.stderr)
+
+    #[test]
+    fn the_module_refuses_key_files_given_as_nix_paths() {
+        let nix = common::nix();
+        // As a configuration next to its key would say `./peerix.sec`.
+        let dir = nix.scratch("config");
+        for f in ["peerix.sec", "swarm.key"] {
+            std::fs::write(dir.join(f), "not-a-real-key").unwrap();
+        }
+        let (sec, swarm) = (dir.join("peerix.sec"), dir.join("swarm.key"));
+        let (sec, swarm) = (sec.display(), swarm.display());
+
+        let v = eval_module(
+            &nix,
+            &format!("{{ services.peerix = {{ enable = true; privateKeyFile = {sec}; }}; }}"),
         );
+        let failed = failed_assertions(&v);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(
+            failed[0].contains("services.peerix.privateKeyFile is a Nix path")
+                && failed[0].contains("copied into the Nix store")
+                && failed[0].contains(
+                    r#"services.peerix.privateKeyFile = "/var/lib/peerix-keys/peerix.sec";"#
+                ),
+            "the message names the option, the danger and the string form: {}",
+            failed[0]
+        );
+
+        let v = eval_module(
+            &nix,
+            &format!("{{ services.peerix = {{ enable = true; swarmKeyFile = {swarm}; }}; }}"),
+        );
+        let failed = failed_assertions(&v);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(
+            failed[0].contains("services.peerix.swarmKeyFile is a Nix path"),
+            "{}",
+            failed[0]
+        );
+
+        // A string that already points into the store (`"${./peerix.sec}"`) is refused too.
+        let v = eval_module(
+            &nix,
+            "{ services.peerix = { enable = true; \
+             privateKeyFile = \"/nix/store/00000000000000000000000000000000-peerix.sec\"; }; }",
+        );
+        let failed = failed_assertions(&v);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(
+            failed[0].contains("services.peerix.privateKeyFile is in the Nix store"),
+            "{}",
+            failed[0]
+        );
+
+        // The string form passes, and the key reaches the daemon as a credential from where it is.
+        let v = eval_module(
+            &nix,
+            &format!(
+                "{{ services.peerix = {{ enable = true; privateKeyFile = \"{sec}\"; \
+                 swarmKeyFile = \"{swarm}\"; }}; }}"
+            ),
+        );
+        assert_eq!(failed_assertions(&v), Vec::<String>::new());
+        let serve = v["execStart"]["peerix"].as_str().unwrap();
+        assert!(
+            serve.contains("--private-key %d/peerix.sec")
+                && serve.contains("--swarm-key %d/swarm.key"),
+            "{serve}"
+        );
+        // Without keys nothing is asserted against.
+        let v = eval_module(&nix, "{ services.peerix.enable = true; }");
+        assert_eq!(failed_assertions(&v), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_seed_service_shares_private_paths_only_when_asked() {
+        let nix = common::nix();
+        let base = r#"enable = true; seed = [ "/run/current-system" ]; trustedKeys = [ "builder-1:AAAA" ];"#;
+        let v = eval_module(&nix, &format!("{{ services.peerix = {{ {base} }}; }}"));
+        let seed = v["execStart"]["peerix-seed"].as_str().unwrap();
+        assert!(seed.contains(" seed "), "{seed}");
+        assert!(
+            !seed.contains("--share-private-paths"),
+            "not asked for, not passed: {seed}"
+        );
+        assert!(seed.contains("--closure-of /run/current-system"), "{seed}");
+        // What the builder signed is seeded without the flag, also when no daemon runs.
+        assert!(seed.contains("--trusted-key builder-1:AAAA"), "{seed}");
+
+        let v = eval_module(
+            &nix,
+            &format!("{{ services.peerix = {{ {base} seedSharePrivatePaths = true; }}; }}"),
+        );
+        let seed = v["execStart"]["peerix-seed"].as_str().unwrap();
+        assert!(seed.contains(" --share-private-paths "), "{seed}");
+        let serve = v["execStart"]["peerix"].as_str().unwrap();
+        assert!(
+            !serve.contains("--share-private-paths"),
+            "a seed's flag, not the daemon's: {serve}"
+        );
+
+        // No seed, no seed service.
+        let v = eval_module(&nix, "{ services.peerix.enable = true; }");
+        assert!(v["execStart"].get("peerix-seed").is_none(), "{v}");
     }
 }
 
@@ -143,108 +252,4 @@ fn failed_assertions(v: &serde_json::Value) -> Vec<String> {
         .iter()
         .map(|m| m.as_str().unwrap().to_owned())
         .collect()
-}
-
-#[test]
-fn the_module_refuses_key_files_given_as_nix_paths() {
-    let Some(nix) = common::nix() else { return };
-    // As a configuration next to its key would say `./peerix.sec`.
-    let dir = nix.scratch("config");
-    for f in ["peerix.sec", "swarm.key"] {
-        std::fs::write(dir.join(f), "not-a-real-key").unwrap();
-    }
-    let (sec, swarm) = (dir.join("peerix.sec"), dir.join("swarm.key"));
-    let (sec, swarm) = (sec.display(), swarm.display());
-
-    let v = eval_module(
-        &nix,
-        &format!("{{ services.peerix = {{ enable = true; privateKeyFile = {sec}; }}; }}"),
-    );
-    let failed = failed_assertions(&v);
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert!(
-        failed[0].contains("services.peerix.privateKeyFile is a Nix path")
-            && failed[0].contains("copied into the Nix store")
-            && failed[0]
-                .contains(r#"services.peerix.privateKeyFile = "/var/lib/peerix-keys/peerix.sec";"#),
-        "the message names the option, the danger and the string form: {}",
-        failed[0]
-    );
-
-    let v = eval_module(
-        &nix,
-        &format!("{{ services.peerix = {{ enable = true; swarmKeyFile = {swarm}; }}; }}"),
-    );
-    let failed = failed_assertions(&v);
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert!(
-        failed[0].contains("services.peerix.swarmKeyFile is a Nix path"),
-        "{}",
-        failed[0]
-    );
-
-    // A string that already points into the store (`"${./peerix.sec}"`) is refused too.
-    let v = eval_module(
-        &nix,
-        "{ services.peerix = { enable = true; \
-         privateKeyFile = \"/nix/store/00000000000000000000000000000000-peerix.sec\"; }; }",
-    );
-    let failed = failed_assertions(&v);
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert!(
-        failed[0].contains("services.peerix.privateKeyFile is in the Nix store"),
-        "{}",
-        failed[0]
-    );
-
-    // The string form passes, and the key reaches the daemon as a credential from where it is.
-    let v = eval_module(
-        &nix,
-        &format!(
-            "{{ services.peerix = {{ enable = true; privateKeyFile = \"{sec}\"; \
-             swarmKeyFile = \"{swarm}\"; }}; }}"
-        ),
-    );
-    assert_eq!(failed_assertions(&v), Vec::<String>::new());
-    let serve = v["execStart"]["peerix"].as_str().unwrap();
-    assert!(
-        serve.contains("--private-key %d/peerix.sec") && serve.contains("--swarm-key %d/swarm.key"),
-        "{serve}"
-    );
-    // Without keys nothing is asserted against.
-    let v = eval_module(&nix, "{ services.peerix.enable = true; }");
-    assert_eq!(failed_assertions(&v), Vec::<String>::new());
-}
-
-#[test]
-fn the_seed_service_shares_private_paths_only_when_asked() {
-    let Some(nix) = common::nix() else { return };
-    let base =
-        r#"enable = true; seed = [ "/run/current-system" ]; trustedKeys = [ "builder-1:AAAA" ];"#;
-    let v = eval_module(&nix, &format!("{{ services.peerix = {{ {base} }}; }}"));
-    let seed = v["execStart"]["peerix-seed"].as_str().unwrap();
-    assert!(seed.contains(" seed "), "{seed}");
-    assert!(
-        !seed.contains("--share-private-paths"),
-        "not asked for, not passed: {seed}"
-    );
-    assert!(seed.contains("--closure-of /run/current-system"), "{seed}");
-    // What the builder signed is seeded without the flag, also when no daemon runs.
-    assert!(seed.contains("--trusted-key builder-1:AAAA"), "{seed}");
-
-    let v = eval_module(
-        &nix,
-        &format!("{{ services.peerix = {{ {base} seedSharePrivatePaths = true; }}; }}"),
-    );
-    let seed = v["execStart"]["peerix-seed"].as_str().unwrap();
-    assert!(seed.contains(" --share-private-paths "), "{seed}");
-    let serve = v["execStart"]["peerix"].as_str().unwrap();
-    assert!(
-        !serve.contains("--share-private-paths"),
-        "a seed's flag, not the daemon's: {serve}"
-    );
-
-    // No seed, no seed service.
-    let v = eval_module(&nix, "{ services.peerix.enable = true; }");
-    assert!(v["execStart"].get("peerix-seed").is_none(), "{v}");
 }

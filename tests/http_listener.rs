@@ -80,82 +80,86 @@ fn get_from(ns: &str, url: &str) -> (u16, Vec<u8>) {
     (code, body)
 }
 
-#[test]
-fn beyond_loopback_only_what_is_shared() {
-    assert!(peerix::is_root(), "needs root: network namespaces");
-    let nix = common::nix().expect("real Nix");
-    let ns = Netns::create();
-    let [srv, cli] = &ns.names;
-    // A shared path (signed with the node's key) and a private one the chunk store holds too
-    // (indexed by hand, as a download would leave it).
-    let shared_tree = nix.scratch("shared");
-    std::fs::write(shared_tree.join("f"), b"shared with every peer").unwrap();
-    let shared = nix.add(&shared_tree);
-    let private_tree = nix.scratch("private");
-    std::fs::write(private_tree.join("f"), b"kept on this machine").unwrap();
-    let private = nix.add(&private_tree);
-    let (sec, _) = nix.keys("node-1");
-    let s = nix.store_arg();
-    nix.run(
-        "nix",
-        &[
+mod needs_root {
+    use super::*;
+
+    #[test]
+    fn beyond_loopback_only_what_is_shared() {
+        assert!(peerix::is_root(), "needs root: network namespaces");
+        let nix = common::nix();
+        let ns = Netns::create();
+        let [srv, cli] = &ns.names;
+        // A shared path (signed with the node's key) and a private one the chunk store holds too
+        // (indexed by hand, as a download would leave it).
+        let shared_tree = nix.scratch("shared");
+        std::fs::write(shared_tree.join("f"), b"shared with every peer").unwrap();
+        let shared = nix.add(&shared_tree);
+        let private_tree = nix.scratch("private");
+        std::fs::write(private_tree.join("f"), b"kept on this machine").unwrap();
+        let private = nix.add(&private_tree);
+        let (sec, _) = nix.keys("node-1");
+        let s = nix.store_arg();
+        nix.run(
+            "nix",
+            &[
+                "store",
+                "sign",
+                "--store",
+                &s,
+                "--key-file",
+                sec.to_str().unwrap(),
+                &shared,
+            ],
+        );
+        let state = nix.scratch("state-A");
+        common::peerix_ok(&[
             "store",
-            "sign",
+            "ingest",
+            "--state-dir",
+            state.to_str().unwrap(),
             "--store",
             &s,
-            "--key-file",
-            sec.to_str().unwrap(),
-            &shared,
-        ],
-    );
-    let state = nix.scratch("state-A");
-    common::peerix_ok(&[
-        "store",
-        "ingest",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--store",
-        &s,
-        &private,
-    ]);
-    let mut a = Daemon::start_in(
-        Some(srv),
-        "A",
-        &nix,
-        &[
-            "--listen",
-            "10.231.0.1:0",
-            "--http-beyond-loopback",
-            "--private-key",
-            sec.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(a.wait_scan(), 1);
-    let base = format!("http://{}", a.http);
-    let narinfo_of = |p: &str| format!("{base}/{}.narinfo", &p["/nix/store/".len()..][..32]);
+            &private,
+        ]);
+        let mut a = Daemon::start_in(
+            Some(srv),
+            "A",
+            &nix,
+            &[
+                "--listen",
+                "10.231.0.1:0",
+                "--http-beyond-loopback",
+                "--private-key",
+                sec.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(a.wait_scan(), 1);
+        let base = format!("http://{}", a.http);
+        let narinfo_of = |p: &str| format!("{base}/{}.narinfo", &p["/nix/store/".len()..][..32]);
 
-    let (code, body) = get_from(cli, &narinfo_of(&shared));
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let url = String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_owned();
-    let (code, nar) = get_from(cli, &format!("{base}/{url}"));
-    assert_eq!(code, 200);
-    let want = nix.output("nix", &["store", "dump-path", "--store", &s, &shared]);
-    assert!(nar == want.stdout, "the shared NAR differs");
+        let (code, body) = get_from(cli, &narinfo_of(&shared));
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        let url = String::from_utf8(body)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_owned();
+        let (code, nar) = get_from(cli, &format!("{base}/{url}"));
+        assert_eq!(code, 200);
+        let want = nix.output("nix", &["store", "dump-path", "--store", &s, &shared]);
+        assert!(nar == want.stdout, "the shared NAR differs");
 
-    // The private path: no narinfo, and no NAR even by its NarHash.
-    let (code, _) = get_from(cli, &narinfo_of(&private));
-    assert_eq!(code, 404);
-    let info = nix.path_info_json(&[&private]);
-    let sri = info[0]["narHash"].as_str().unwrap().to_owned();
-    let h = nix.run("nix", &["hash", "to-base32", &sri]);
-    let (code, _) = get_from(cli, &format!("{base}/nar/{}.nar", h.trim()));
-    assert_eq!(code, 404);
-    // Metrics are for this machine only.
-    let (code, _) = get_from(cli, &format!("{base}/metrics"));
-    assert_eq!(code, 404);
+        // The private path: no narinfo, and no NAR even by its NarHash.
+        let (code, _) = get_from(cli, &narinfo_of(&private));
+        assert_eq!(code, 404);
+        let info = nix.path_info_json(&[&private]);
+        let sri = info[0]["narHash"].as_str().unwrap().to_owned();
+        let h = nix.run("nix", &["hash", "to-base32", &sri]);
+        let (code, _) = get_from(cli, &format!("{base}/nar/{}.nar", h.trim()));
+        assert_eq!(code, 404);
+        // Metrics are for this machine only.
+        let (code, _) = get_from(cli, &format!("{base}/metrics"));
+        assert_eq!(code, 404);
+    }
 }

@@ -116,8 +116,8 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(salt: &str) -> Option<Self> {
-        let nix = common::nix()?;
+    fn new(salt: &str) -> Self {
+        let nix = common::nix();
         let mut paths = nix.build_closure(salt);
         let t = nix.scratch("tree");
         std::fs::write(t.join("file"), format!("some content {salt}\n").repeat(200)).unwrap();
@@ -133,7 +133,7 @@ impl Fixture {
                 &["copy", "--store", &s, "--to", &to, &paths[0], &paths[3]],
             );
         }
-        Some(Self { nix, paths })
+        Self { nix, paths }
     }
 
     fn cache(&self, c: &str) -> PathBuf {
@@ -164,41 +164,6 @@ impl Fixture {
 }
 
 #[tokio::test]
-async fn narinfo_matches_nix_path_info() {
-    let Some(f) = Fixture::new("upstream-narinfo") else {
-        return;
-    };
-    let paths: Vec<&str> = f.paths.iter().map(String::as_str).collect();
-    let json = f.nix.path_info_json(&paths);
-    for c in COMPRESSIONS {
-        let server = serve_cache(&f.cache(c), None).await;
-        let up = UpstreamCache::new(&server.base, quick_config()).unwrap();
-        for v in json.as_array().unwrap() {
-            let path = sp(v["path"].as_str().unwrap());
-            let info = up.narinfo(&path.hash()).await.unwrap().expect("found");
-            assert_eq!(info.store_path, path);
-            assert_eq!(info.nar_hash.to_sri(), v["narHash"].as_str().unwrap());
-            assert_eq!(info.nar_size, v["narSize"].as_u64().unwrap());
-            let refs: BTreeSet<String> = info.references.iter().map(|r| r.to_string()).collect();
-            let theirs: BTreeSet<String> = v["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r.as_str().unwrap().to_owned())
-                .collect();
-            assert_eq!(refs, theirs, "{path}");
-            assert_eq!(info.compression.as_deref(), Some(c));
-            // Found narinfos are remembered too.
-            let again = up.narinfo(&path.hash()).await.unwrap().unwrap();
-            assert_eq!(again, info);
-            assert_eq!(server.count(&format!("/{}.narinfo", path.hash())), 1);
-        }
-        let ci = up.nix_cache_info().await.unwrap().expect("nix-cache-info");
-        assert_eq!(ci.store_dir.as_deref(), Some("/nix/store"));
-    }
-}
-
-#[tokio::test]
 async fn unknown_hash_is_none_and_cached_negatively() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve_cache(dir.path(), None).await;
@@ -221,112 +186,6 @@ async fn unknown_hash_is_none_and_cached_negatively() {
     assert!(uncached.narinfo(&hash(UNKNOWN)).await.unwrap().is_none());
     assert_eq!(server.count(&route), 3);
     assert!(up.nix_cache_info().await.unwrap().is_none());
-}
-
-#[tokio::test]
-async fn verify_nar_passes_for_every_compression() {
-    let Some(f) = Fixture::new("upstream-verify") else {
-        return;
-    };
-    for c in COMPRESSIONS {
-        let server = serve_cache(&f.cache(c), None).await;
-        let up = UpstreamCache::new(&server.base, quick_config()).unwrap();
-        for p in &f.paths {
-            let info = up.narinfo(&sp(p).hash()).await.unwrap().unwrap();
-            up.verify_nar(&info).await.unwrap();
-            let mut nar = Vec::new();
-            up.nar_reader(&info)
-                .await
-                .unwrap()
-                .read_to_end(&mut nar)
-                .await
-                .unwrap();
-            assert!(nar == f.dump(p), "{c} NAR of {p} equals nix-store --dump");
-        }
-    }
-}
-
-#[tokio::test]
-async fn altered_nar_fails_verification() {
-    let Some(f) = Fixture::new("upstream-altered") else {
-        return;
-    };
-    let added = &f.paths[3];
-    for c in ["none", "xz"] {
-        let server = serve_cache(&f.cache(c), None).await;
-        let up = UpstreamCache::new(&server.base, quick_config()).unwrap();
-        let info = up.narinfo(&sp(added).hash()).await.unwrap().unwrap();
-        let file = f.cache(c).join(info.url.as_deref().unwrap());
-        let original = std::fs::read(&file).unwrap();
-
-        let mut flipped = original.clone();
-        let mid = flipped.len() / 2;
-        flipped[mid] ^= 0x20;
-        std::fs::write(&file, &flipped).unwrap();
-        let err = up.verify_nar(&info).await.unwrap_err();
-        // A reader that failed keeps failing rather than looking like a clean EOF.
-        let mut r = up.nar_reader(&info).await.unwrap();
-        let mut sink = Vec::new();
-        assert!(r.read_to_end(&mut sink).await.is_err());
-        assert!(r.read(&mut [0u8; 16]).await.is_err());
-        if c == "none" {
-            assert!(
-                matches!(err, UpstreamError::NarHashMismatch { .. }),
-                "{c}: {err}"
-            );
-        } else {
-            // xz's own check may notice first; either way it is an error.
-            assert!(
-                matches!(
-                    err,
-                    UpstreamError::NarHashMismatch { .. } | UpstreamError::NarRead { .. }
-                ),
-                "{c}: {err}"
-            );
-        }
-
-        if c == "none" {
-            let mut longer = original.clone();
-            longer.extend_from_slice(b"trailing bytes");
-            std::fs::write(&file, &longer).unwrap();
-            let err = up.verify_nar(&info).await.unwrap_err();
-            assert!(matches!(err, UpstreamError::NarTooLong { .. }), "{err}");
-
-            std::fs::write(&file, &original[..original.len() - 8]).unwrap();
-            let err = up.verify_nar(&info).await.unwrap_err();
-            assert!(
-                matches!(err, UpstreamError::NarSizeMismatch { .. }),
-                "{err}"
-            );
-        }
-
-        std::fs::remove_file(&file).unwrap();
-        let err = up.verify_nar(&info).await.unwrap_err();
-        assert!(
-            matches!(err, UpstreamError::Status { status: 404, .. }),
-            "{err}"
-        );
-        std::fs::write(&file, &original).unwrap();
-        up.verify_nar(&info).await.unwrap();
-    }
-}
-
-#[tokio::test]
-async fn narinfo_for_another_path_is_rejected() {
-    let Some(f) = Fixture::new("upstream-wrong") else {
-        return;
-    };
-    let text = f.narinfo_text("xz", &f.paths[3]);
-    let server = serve_cache(&f.cache("xz"), Some(text)).await;
-    let up = UpstreamCache::new(&server.base, quick_config()).unwrap();
-    let err = up.narinfo(&hash(WRONG)).await.unwrap_err();
-    match err {
-        UpstreamError::WrongStorePath { got, requested, .. } => {
-            assert_eq!(got, sp(&f.paths[3]));
-            assert_eq!(requested, hash(WRONG));
-        }
-        e => panic!("{e}"),
-    }
 }
 
 #[tokio::test]
@@ -438,4 +297,142 @@ async fn refused_connection_is_an_error() {
     let up = UpstreamCache::new(&format!("http://{addr}"), quick_config()).unwrap();
     let err = up.narinfo(&hash(UNKNOWN)).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Http { .. }), "{err}");
+}
+
+mod needs_nix {
+    use super::*;
+
+    #[tokio::test]
+    async fn narinfo_matches_nix_path_info() {
+        let f = Fixture::new("upstream-narinfo");
+        let paths: Vec<&str> = f.paths.iter().map(String::as_str).collect();
+        let json = f.nix.path_info_json(&paths);
+        for c in COMPRESSIONS {
+            let server = serve_cache(&f.cache(c), None).await;
+            let up = UpstreamCache::new(&server.base, quick_config()).unwrap();
+            for v in json.as_array().unwrap() {
+                let path = sp(v["path"].as_str().unwrap());
+                let info = up.narinfo(&path.hash()).await.unwrap().expect("found");
+                assert_eq!(info.store_path, path);
+                assert_eq!(info.nar_hash.to_sri(), v["narHash"].as_str().unwrap());
+                assert_eq!(info.nar_size, v["narSize"].as_u64().unwrap());
+                let refs: BTreeSet<String> =
+                    info.references.iter().map(|r| r.to_string()).collect();
+                let theirs: BTreeSet<String> = v["references"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap().to_owned())
+                    .collect();
+                assert_eq!(refs, theirs, "{path}");
+                assert_eq!(info.compression.as_deref(), Some(c));
+                // Found narinfos are remembered too.
+                let again = up.narinfo(&path.hash()).await.unwrap().unwrap();
+                assert_eq!(again, info);
+                assert_eq!(server.count(&format!("/{}.narinfo", path.hash())), 1);
+            }
+            let ci = up.nix_cache_info().await.unwrap().expect("nix-cache-info");
+            assert_eq!(ci.store_dir.as_deref(), Some("/nix/store"));
+        }
+    }
+
+    #[tokio::test]
+    async fn verify_nar_passes_for_every_compression() {
+        let f = Fixture::new("upstream-verify");
+        for c in COMPRESSIONS {
+            let server = serve_cache(&f.cache(c), None).await;
+            let up = UpstreamCache::new(&server.base, quick_config()).unwrap();
+            for p in &f.paths {
+                let info = up.narinfo(&sp(p).hash()).await.unwrap().unwrap();
+                up.verify_nar(&info).await.unwrap();
+                let mut nar = Vec::new();
+                up.nar_reader(&info)
+                    .await
+                    .unwrap()
+                    .read_to_end(&mut nar)
+                    .await
+                    .unwrap();
+                assert!(nar == f.dump(p), "{c} NAR of {p} equals nix-store --dump");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn altered_nar_fails_verification() {
+        let f = Fixture::new("upstream-altered");
+        let added = &f.paths[3];
+        for c in ["none", "xz"] {
+            let server = serve_cache(&f.cache(c), None).await;
+            let up = UpstreamCache::new(&server.base, quick_config()).unwrap();
+            let info = up.narinfo(&sp(added).hash()).await.unwrap().unwrap();
+            let file = f.cache(c).join(info.url.as_deref().unwrap());
+            let original = std::fs::read(&file).unwrap();
+
+            let mut flipped = original.clone();
+            let mid = flipped.len() / 2;
+            flipped[mid] ^= 0x20;
+            std::fs::write(&file, &flipped).unwrap();
+            let err = up.verify_nar(&info).await.unwrap_err();
+            // A reader that failed keeps failing rather than looking like a clean EOF.
+            let mut r = up.nar_reader(&info).await.unwrap();
+            let mut sink = Vec::new();
+            assert!(r.read_to_end(&mut sink).await.is_err());
+            assert!(r.read(&mut [0u8; 16]).await.is_err());
+            if c == "none" {
+                assert!(
+                    matches!(err, UpstreamError::NarHashMismatch { .. }),
+                    "{c}: {err}"
+                );
+            } else {
+                // xz's own check may notice first; either way it is an error.
+                assert!(
+                    matches!(
+                        err,
+                        UpstreamError::NarHashMismatch { .. } | UpstreamError::NarRead { .. }
+                    ),
+                    "{c}: {err}"
+                );
+            }
+
+            if c == "none" {
+                let mut longer = original.clone();
+                longer.extend_from_slice(b"trailing bytes");
+                std::fs::write(&file, &longer).unwrap();
+                let err = up.verify_nar(&info).await.unwrap_err();
+                assert!(matches!(err, UpstreamError::NarTooLong { .. }), "{err}");
+
+                std::fs::write(&file, &original[..original.len() - 8]).unwrap();
+                let err = up.verify_nar(&info).await.unwrap_err();
+                assert!(
+                    matches!(err, UpstreamError::NarSizeMismatch { .. }),
+                    "{err}"
+                );
+            }
+
+            std::fs::remove_file(&file).unwrap();
+            let err = up.verify_nar(&info).await.unwrap_err();
+            assert!(
+                matches!(err, UpstreamError::Status { status: 404, .. }),
+                "{err}"
+            );
+            std::fs::write(&file, &original).unwrap();
+            up.verify_nar(&info).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn narinfo_for_another_path_is_rejected() {
+        let f = Fixture::new("upstream-wrong");
+        let text = f.narinfo_text("xz", &f.paths[3]);
+        let server = serve_cache(&f.cache("xz"), Some(text)).await;
+        let up = UpstreamCache::new(&server.base, quick_config()).unwrap();
+        let err = up.narinfo(&hash(WRONG)).await.unwrap_err();
+        match err {
+            UpstreamError::WrongStorePath { got, requested, .. } => {
+                assert_eq!(got, sp(&f.paths[3]));
+                assert_eq!(requested, hash(WRONG));
+            }
+            e => panic!("{e}"),
+        }
+    }
 }

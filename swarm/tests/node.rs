@@ -290,25 +290,84 @@ async fn dht_finds_a_provider_never_introduced() {
     }
 }
 
-#[tokio::test]
+/// A hundred thousand provided keys really announced, at the pace the set's size sets: the
+/// whole set once per `provide_interval`. The interval is shortened to 1,000 s, so the pace is
+/// 100,000 / 1,000 s = 100 keys a second (a set cut short, say at kad's default limit of 1,024
+/// keys, would go at the floor of 10); for ten seconds the announcements must keep to it, from
+/// all over the set. And they reach the DHT: C, which may talk to B only, finds A as the
+/// provider of keys A announced, so B holds A's records. (That the pacer walks a whole set once
+/// per interval is its unit tests' business.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn providing_a_hundred_thousand_paths() {
+    const N: usize = 100_000;
+    const INTERVAL: Duration = Duration::from_secs(1_000);
+    const WINDOW: Duration = Duration::from_secs(10);
+    let rate = N as f64 / INTERVAL.as_secs_f64();
     init_tracing();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = start(&da, |_| {}).await;
-    let b = start(&db, |c| c.peers = vec![tcp_addr(&a).to_string()]).await;
-    wait_connected(&b, a.peer_id()).await;
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&dirs[0], |c| c.provide_interval = INTERVAL).await;
+    let b = start(&dirs[1], |c| c.peers = vec![tcp_addr(&a).to_string()]).await;
+    wait_connected(&a, b.peer_id()).await;
+    let a_id = a.peer_id();
 
-    let k = keys(100_000, 1);
+    let k = keys(N, 1);
+    let index: std::collections::HashMap<StorePathHash, usize> =
+        k.iter().enumerate().map(|(i, h)| (*h, i)).collect();
+    let mut events = a.events();
+    let started = tokio::time::Instant::now();
     a.set_provided(k.clone());
-    // Well past kad's default limit of 1,024 provided keys.
-    for i in [0, 1_024, 50_000, 99_999] {
+    let mut announced = vec![];
+    let mut seen = HashSet::new();
+    loop {
+        match tokio::time::timeout_at(started + WINDOW, events.recv()).await {
+            Ok(Ok(NodeEvent::Announced(h))) => {
+                let i = *index.get(&h).expect("an announced key is one of the set");
+                assert!(seen.insert(i), "key {i} announced twice");
+                announced.push(i);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("A's events: {e}"),
+            Err(_) => break,
+        }
+        // The pacer allows one second's burst, and never more than the rate after it.
+        let t = started.elapsed().as_secs_f64();
         assert!(
-            find_provider(&b, &k[i], a.peer_id()).await,
-            "key {i} is found"
+            announced.len() as f64 <= rate * (t + 1.0) + 1.0,
+            "{} keys announced after {t:.2} s: faster than {rate} a second",
+            announced.len()
         );
     }
-    a.shutdown().await;
-    b.shutdown().await;
+    let t = started.elapsed().as_secs_f64();
+    eprintln!("{} keys announced in {t:.2} s", announced.len());
+    assert!(
+        announced.len() as f64 >= 0.5 * rate * t,
+        "{} keys announced in {t:.2} s: the pace for {N} keys is {rate} a second",
+        announced.len()
+    );
+    assert!(
+        announced.iter().filter(|&&i| i >= 50_000).count() > announced.len() / 4,
+        "the announcements come from the first half of the set only"
+    );
+
+    // The records live in the DHT, not only in A's own store: C's allow-list keeps it from
+    // asking A itself.
+    let c = start(&dirs[2], |c| {
+        c.peers = vec![tcp_addr(&b).to_string()];
+        c.allowed_peers = Some([b.peer_id()].into());
+    })
+    .await;
+    wait_connected(&c, b.peer_id()).await;
+    let last = announced.len() - 1;
+    for i in [announced[0], announced[last / 2], announced[last]] {
+        assert!(
+            find_provider(&c, &k[i], a_id).await,
+            "key {i}: announced by A, but B does not hold the record"
+        );
+    }
+    assert!(!c.connected_peers().await.contains(&a_id));
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
 }
 
 fn psk(byte: u8) -> PreSharedKey {
@@ -426,225 +485,182 @@ async fn ban_disconnects_and_refuses() {
     b.shutdown().await;
 }
 
-const MDNS_CHILD_ENV: &str = "PEERIX_TEST_MDNS_CHILD";
-const CHILD_PREFIX: &str = "PEERIX-CHILD";
+/// The network-namespace test: it needs root, so it lives in `needs_root` (see TESTING.md).
+mod needs_root {
+    use super::*;
 
-/// Not a test on its own: `mdns_discovers_peers_across_network_namespaces` re-executes this
-/// binary with [`MDNS_CHILD_ENV`] set to run it as a node inside a network namespace. It prints
-/// its peer id and every peer mDNS finds, and stops when its stdin closes.
-#[tokio::test]
-async fn mdns_child_helper() {
-    if std::env::var_os(MDNS_CHILD_ENV).is_none() {
-        return;
+    const CHILD_PREFIX: &str = "PEERIX-CHILD";
+
+    fn running_as_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+            })
+            .unwrap_or(false)
     }
-    init_tracing();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = NodeConfig::new(dir.path());
-    cfg.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().unwrap()];
-    cfg.mdns = true;
-    let node = Node::start(cfg).await.expect("child node starts");
-    let mut events = node.events();
-    println!("{CHILD_PREFIX} ID {}", node.peer_id());
 
-    let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        let _ = closed_tx.send(());
-    });
-    // The parent closes stdin when done; the bound only matters if it died.
-    let _ = tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            tokio::select! {
-                e = events.recv() => match e {
-                    Ok(NodeEvent::Discovered { peer, via: Discovery::Mdns }) => {
-                        println!("{CHILD_PREFIX} MDNS {peer}");
-                    }
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => break,
-                },
-                _ = &mut closed => break,
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip {args:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Two namespaces joined by a veth pair, addressed from 10.231.0.0/24 inside them only, so
+    /// no test traffic can leave them. Deleted on drop, whatever happened.
+    struct NetnsPair {
+        names: Vec<String>,
+    }
+
+    impl NetnsPair {
+        fn create() -> Result<NetnsPair, String> {
+            let pid = std::process::id();
+            let mut pair = NetnsPair { names: Vec::new() };
+            for side in ["a", "b"] {
+                let name = format!("peerix-test-{side}-{pid}");
+                ip(&["netns", "add", &name])?;
+                pair.names.push(name);
             }
+            let (a, b) = (pair.names[0].clone(), pair.names[1].clone());
+            // Created inside the namespaces directly: the pair never exists in ours.
+            ip(&[
+                "link", "add", "pxa", "netns", &a, "type", "veth", "peer", "name", "pxb", "netns",
+                &b,
+            ])?;
+            for (ns, dev, addr) in [(&a, "pxa", "10.231.0.1/24"), (&b, "pxb", "10.231.0.2/24")] {
+                ip(&["-n", ns, "link", "set", "lo", "up"])?;
+                ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+                ip(&["-n", ns, "link", "set", dev, "up"])?;
+                ip(&["-n", ns, "route", "add", "224.0.0.0/4", "dev", dev])?;
+            }
+            Ok(pair)
         }
-    })
-    .await;
-    node.shutdown().await;
-}
-
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
-}
 
-/// Two namespaces joined by a veth pair, addressed from 10.231.0.0/24 inside them only, so
-/// no test traffic can leave them. Deleted on drop, whatever happened.
-struct NetnsPair {
-    names: Vec<String>,
-}
-
-impl NetnsPair {
-    fn create() -> Result<NetnsPair, String> {
-        let pid = std::process::id();
-        let mut pair = NetnsPair { names: Vec::new() };
-        for side in ["a", "b"] {
-            let name = format!("peerix-test-{side}-{pid}");
-            ip(&["netns", "add", &name])?;
-            pair.names.push(name);
-        }
-        let (a, b) = (pair.names[0].clone(), pair.names[1].clone());
-        // Created inside the namespaces directly: the pair never exists in ours.
-        ip(&[
-            "link", "add", "pxa", "netns", &a, "type", "veth", "peer", "name", "pxb", "netns", &b,
-        ])?;
-        for (ns, dev, addr) in [(&a, "pxa", "10.231.0.1/24"), (&b, "pxb", "10.231.0.2/24")] {
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "route", "add", "224.0.0.0/4", "dev", dev])?;
-        }
-        Ok(pair)
-    }
-}
-
-impl Drop for NetnsPair {
-    fn drop(&mut self) {
-        for name in &self.names {
-            // Deleting a namespace also deletes the veth end inside it.
-            if let Err(e) = ip(&["netns", "del", name]) {
-                eprintln!("cleanup: {e}");
+    impl Drop for NetnsPair {
+        fn drop(&mut self) {
+            for name in &self.names {
+                // Deleting a namespace also deletes the veth end inside it.
+                if let Err(e) = ip(&["netns", "del", name]) {
+                    eprintln!("cleanup: {e}");
+                }
             }
         }
     }
-}
 
-struct Child {
-    proc: tokio::process::Child,
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-    id: Option<String>,
-    found: HashSet<String>,
-}
-
-fn spawn_child(ns: &str) -> Child {
-    use tokio::io::AsyncBufReadExt;
-    let exe = std::env::current_exe().unwrap();
-    let mut proc = tokio::process::Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(exe)
-        .args([
-            "--exact",
-            "mdns_child_helper",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(MDNS_CHILD_ENV, "1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn a child node");
-    let stdout = proc.stdout.take().unwrap();
-    Child {
-        proc,
-        lines: tokio::io::BufReader::new(stdout).lines(),
-        id: None,
-        found: HashSet::new(),
+    struct Child {
+        proc: tokio::process::Child,
+        _state: TempDir,
+        lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+        id: Option<String>,
+        found: HashSet<String>,
     }
-}
 
-impl Child {
-    fn on_line(&mut self, line: &str) {
-        // libtest may have printed "test mdns_child_helper ... " on the same line first.
-        let Some(at) = line.find(CHILD_PREFIX) else {
-            return;
-        };
-        let mut words = line[at + CHILD_PREFIX.len()..].split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("ID"), Some(id)) => self.id = Some(id.to_owned()),
-            (Some("MDNS"), Some(peer)) => {
-                self.found.insert(peer.to_owned());
-            }
-            _ => {}
+    fn spawn_child(ns: &str) -> Child {
+        use tokio::io::AsyncBufReadExt;
+        let state = tempfile::tempdir().unwrap();
+        let mut proc = tokio::process::Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(env!("CARGO_BIN_EXE_peerix-swarm-mdns-node"))
+            .arg(state.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn a child node");
+        let stdout = proc.stdout.take().unwrap();
+        Child {
+            proc,
+            _state: state,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+            id: None,
+            found: HashSet::new(),
         }
     }
 
-    fn found(&self, other: &Child) -> bool {
-        other.id.as_ref().is_some_and(|id| self.found.contains(id))
-    }
-}
+    impl Child {
+        fn on_line(&mut self, line: &str) {
+            let Some(rest) = line.strip_prefix(CHILD_PREFIX) else {
+                return;
+            };
+            let mut words = rest.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("ID"), Some(id)) => self.id = Some(id.to_owned()),
+                (Some("MDNS"), Some(peer)) => {
+                    self.found.insert(peer.to_owned());
+                }
+                _ => {}
+            }
+        }
 
-#[tokio::test]
-async fn mdns_discovers_peers_across_network_namespaces() {
-    if !running_as_root() {
-        eprintln!(
-            "*** SKIPPED: mdns_discovers_peers_across_network_namespaces needs root \
-             (it creates network namespaces) ***"
+        fn found(&self, other: &Child) -> bool {
+            other.id.as_ref().is_some_and(|id| self.found.contains(id))
+        }
+    }
+
+    #[tokio::test]
+    async fn mdns_discovers_peers_across_network_namespaces() {
+        assert!(
+            running_as_root(),
+            "this test needs root (it creates network namespaces); scripts/test.sh leaves the \
+         needs_root tests out for a normal user and names them"
         );
-        return;
-    }
-    let pair = NetnsPair::create().expect("set up network namespaces");
-    let mut a = spawn_child(&pair.names[0]);
-    let mut b = spawn_child(&pair.names[1]);
+        let pair = NetnsPair::create().expect("set up network namespaces");
+        let mut a = spawn_child(&pair.names[0]);
+        let mut b = spawn_child(&pair.names[1]);
 
-    let outcome = tokio::time::timeout(WAIT, async {
-        while !(a.found(&b) && b.found(&a)) {
-            tokio::select! {
-                line = a.lines.next_line() => match line {
-                    Ok(Some(l)) => {
-                        eprintln!("[child A] {l}");
-                        a.on_line(&l)
-                    }
-                    other => return Err(format!("child A ended: {other:?}")),
-                },
-                line = b.lines.next_line() => match line {
-                    Ok(Some(l)) => {
-                        eprintln!("[child B] {l}");
-                        b.on_line(&l)
-                    }
-                    other => return Err(format!("child B ended: {other:?}")),
-                },
+        let outcome = tokio::time::timeout(WAIT, async {
+            while !(a.found(&b) && b.found(&a)) {
+                tokio::select! {
+                    line = a.lines.next_line() => match line {
+                        Ok(Some(l)) => {
+                            eprintln!("[child A] {l}");
+                            a.on_line(&l)
+                        }
+                        other => return Err(format!("child A ended: {other:?}")),
+                    },
+                    line = b.lines.next_line() => match line {
+                        Ok(Some(l)) => {
+                            eprintln!("[child B] {l}");
+                            b.on_line(&l)
+                        }
+                        other => return Err(format!("child B ended: {other:?}")),
+                    },
+                }
+            }
+            Ok(())
+        })
+        .await;
+
+        // Closing stdin asks the children to stop.
+        drop(a.proc.stdin.take());
+        drop(b.proc.stdin.take());
+        for c in [&mut a, &mut b] {
+            if tokio::time::timeout(WAIT, c.proc.wait()).await.is_err() {
+                let _ = c.proc.kill().await;
             }
         }
-        Ok(())
-    })
-    .await;
+        drop(pair);
 
-    // Closing stdin asks the children to stop.
-    drop(a.proc.stdin.take());
-    drop(b.proc.stdin.take());
-    for c in [&mut a, &mut b] {
-        if tokio::time::timeout(WAIT, c.proc.wait()).await.is_err() {
-            let _ = c.proc.kill().await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!(
+                "no mutual mDNS discovery: A={:?} found {:?}, B={:?} found {:?}",
+                a.id, a.found, b.id, b.found
+            ),
         }
-    }
-    drop(pair);
-
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{e}"),
-        Err(_) => panic!(
-            "no mutual mDNS discovery: A={:?} found {:?}, B={:?} found {:?}",
-            a.id, a.found, b.id, b.found
-        ),
     }
 }
 

@@ -10,6 +10,9 @@ use peerix_swarm::server::{ServeLimits, ServerEvent};
 use peerix_swarm::PROTOCOL;
 use support::*;
 
+/// A bound on every wait, so a broken test fails instead of hanging.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_manifest_have_chunks_round_trip() {
     init_tracing();
@@ -104,10 +107,27 @@ async fn raw(node: &Node, to: &Node, bytes: &[u8]) -> usize {
 }
 
 async fn next_offence(events: &mut tokio::sync::broadcast::Receiver<ServerEvent>) -> ServerEvent {
+    next_event(
+        events,
+        |e| matches!(e, ServerEvent::Offence { .. }),
+        "an offence",
+    )
+    .await
+}
+
+/// The next server event that `want` accepts, or a panic after WAIT.
+async fn next_event(
+    events: &mut tokio::sync::broadcast::Receiver<ServerEvent>,
+    want: impl Fn(&ServerEvent) -> bool,
+    what: &str,
+) -> ServerEvent {
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let e = events.recv().await.unwrap();
-        if matches!(e, ServerEvent::Offence { .. }) {
-            return e;
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(e)) if want(&e) => return e,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("server events ended waiting for {what}: {e}"),
+            Err(_) => panic!("no {what} within {WAIT:?}"),
         }
     }
 }
@@ -159,12 +179,16 @@ async fn malformed_requests_are_counted_and_offenders_refused() {
     frame.extend_from_slice(&body);
     raw(&evil, &a, &frame).await;
     next_offence(&mut events).await;
-    loop {
-        if let ServerEvent::Offender { peer } = events.recv().await.unwrap() {
-            assert_eq!(peer, evil.peer);
-            break;
-        }
-    }
+    let offender = next_event(
+        &mut events,
+        |e| matches!(e, ServerEvent::Offender { .. }),
+        "an offender",
+    )
+    .await;
+    assert!(
+        matches!(offender, ServerEvent::Offender { peer } if peer == evil.peer),
+        "{offender:?}"
+    );
     assert_eq!(h.offenders(), vec![evil.peer]);
 
     // The offender is refused even well-formed requests; the others are still served.
@@ -233,7 +257,12 @@ async fn a_full_server_answers_busy() {
 
     // The slot comes back when the hog goes.
     drop(s);
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upload slot never came back"
+        );
         let items: Vec<_> = c.fetch_chunks(a.peer, vec![m.chunks[0]]).collect().await;
         match &items[..] {
             [Ok(chunk)] => {

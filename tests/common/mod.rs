@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 /// Nix's settings for tests: no build users, no network substituters, the new CLI on. Chroot
-/// stores build in a sandbox, which needs the host's shell and libraries bound in.
+/// stores build in a sandbox, which needs the host's shell and libraries bound in; as a normal
+/// user Nix makes that sandbox in a user namespace, so no test needs root to build.
 const NIX_CONFIG: &str = "build-users-group =\nsandbox = false\nsubstituters =\n\
 experimental-features = nix-command flakes\nsandbox-paths = /bin /lib /lib64 /usr\n\
 narinfo-cache-negative-ttl = 0\nconnect-timeout = 2";
@@ -16,33 +17,26 @@ pub struct Nix {
     pub dir: tempfile::TempDir,
 }
 
-/// Real Nix, or `None` after saying loudly why the test is skipped. The test command in
-/// README.md sets PEERIX_REQUIRE_NIX=1 (and installs Nix), so CI never skips.
-pub fn nix() -> Option<Nix> {
-    let have = Command::new("nix-store")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    let why = if !have {
-        Some("nix-store is not installed")
-    } else if !peerix::is_root() {
-        Some("chroot-store builds need root (user namespaces for Nix's sandbox)")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        if std::env::var_os("PEERIX_REQUIRE_NIX").is_some() {
-            panic!("PEERIX_REQUIRE_NIX is set but {why}");
-        }
-        eprintln!("\n*** SKIPPED: {why}; run the test command in README.md as root ***\n");
-        return None;
-    }
-    Some(Nix {
+/// Real Nix for a test in a `needs_nix` module, with a fresh chroot store. Panics, so the test
+/// fails, when Nix is not installed: such a test never passes without having run.
+/// `scripts/test.sh` leaves the `needs_nix` tests out (and names them) where Nix is missing.
+pub fn nix() -> Nix {
+    let nix = Nix {
         dir: tempfile::tempdir().expect("tempdir"),
-    })
+    };
+    // In the test environment: as a normal user even `--version` opens the default store.
+    match nix.cmd("nix-store").arg("--version").output() {
+        Ok(out) => assert!(
+            out.status.success(),
+            "this test needs real Nix, and `nix-store --version` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!(
+            "this test needs real Nix (nix-store on PATH; Debian: apt-get install nix-bin): \
+             {e}; scripts/test.sh installs it, or leaves the needs_nix tests out and says so"
+        ),
+    }
+    nix
 }
 
 impl Nix {
@@ -68,14 +62,16 @@ impl Nix {
     }
 
     /// A `Command` for a Nix tool with the test environment; the caller adds `--store` where
-    /// the tool takes it.
+    /// the tool takes it. The default store is the chroot store too, so a tool that opens a
+    /// store without being told which (key generation, `nix-instantiate --parse`) never
+    /// touches `/nix/var/nix`, which a normal user cannot write.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new(program);
         c.env("NIX_CONFIG", NIX_CONFIG)
             .env("XDG_CACHE_HOME", self.dir.path().join("xdg-cache"))
             .env("XDG_CONFIG_HOME", self.dir.path().join("xdg-config"))
             .env("HOME", self.dir.path().join("home"))
-            .env_remove("NIX_REMOTE")
+            .env("NIX_REMOTE", self.store())
             .stdin(Stdio::null());
         c
     }
@@ -109,8 +105,18 @@ impl Nix {
     /// Build a Nix expression in the chroot store; returns the output paths.
     pub fn build(&self, expr: &str) -> Vec<String> {
         let s = self.store_arg();
-        let out = self.run("nix-build", &["--store", &s, "--no-out-link", "-E", expr]);
-        out.lines().map(str::to_owned).collect()
+        let out = self.output("nix-build", &["--store", &s, "--no-out-link", "-E", expr]);
+        assert!(
+            out.status.success(),
+            "nix-build in a chroot store failed (as a normal user Nix needs unprivileged user \
+             namespaces for its build sandbox): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// A small closure with references and derivers: `top` → `mid` → `leaf`, `top` → `leaf`.

@@ -95,11 +95,15 @@ impl Node {
         swarm
             .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
             .unwrap();
-        let addr = loop {
-            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-                break address;
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                    break address;
+                }
             }
-        };
+        })
+        .await
+        .expect("a listen address within 60 s");
         let peer = *swarm.local_peer_id();
         let control = swarm.behaviour().new_control();
         let (cmd, mut rx) = mpsc::channel::<Cmd>(16);
