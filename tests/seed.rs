@@ -183,12 +183,22 @@ mod needs_nix {
         // Unseeding by the label; an unknown name is an error.
         let (ok, _, err) = run(a_nix, a_state, &["unseed", "/nix/store/nothing-like-this"]);
         assert!(!ok && err.contains("no seed named"), "{err}");
+        let packs_before = status(a_nix, a_state)["store"]["pack_file_bytes"]
+            .as_u64()
+            .unwrap();
         let out = run_ok(a_nix, a_state, &["unseed", top]);
         assert!(out.contains(&format!("unseeded {top}")), "{out}");
         assert!(out.contains("2 paths no longer pinned"), "{out}");
         let st = status(a_nix, a_state);
         assert_eq!(st["seeds"].as_array().unwrap().len(), 0);
         assert_eq!(st["store"]["pins"], 0);
+        // The paths had left the Nix store, so their pack copies were the only ones: the space
+        // goes back to the disk.
+        let packs_after = st["store"]["pack_file_bytes"].as_u64().unwrap();
+        assert!(
+            packs_before > 0 && packs_after < packs_before,
+            "packs took {packs_before} bytes before the unseed, {packs_after} after"
+        );
     }
 
     #[test]

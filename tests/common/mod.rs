@@ -322,18 +322,20 @@ impl Daemon {
             &store,
             "--state-dir",
             state.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
             "--p2p-listen",
             "/ip4/127.0.0.1/tcp/0",
             "--no-mdns",
             "--upstream-cache",
             "none",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        ]);
+        // Loopback on a port the OS picks, unless the test says where.
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn peerix serve");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
