@@ -118,6 +118,12 @@ mod needs_nix {
             String::from_utf8(body).unwrap(),
             "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"
         );
+        // stderr is a pipe here, as under systemd: log lines carry no colour codes.
+        assert!(p.b.seen.iter().any(|l| l.contains(" INFO ")));
+        assert!(
+            p.b.seen.iter().all(|l| !l.contains('\u{1b}')),
+            "colour codes in a log that is not a terminal"
+        );
         // HEAD of a narinfo peerix has.
         let (status, body) = http(
             &p.b.http,
