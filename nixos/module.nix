@@ -245,6 +245,12 @@ in
     };
     users.groups = mkIf (cfg.group == "peerix") { peerix = { }; };
 
+    # StateDirectory= only makes directories under /var/lib; another state directory is made
+    # here, owned by the daemon's user.
+    systemd.tmpfiles.rules = mkIf (cfg.stateDir != "/var/lib/peerix") [
+      "d ${cfg.stateDir} 0700 ${cfg.user} ${cfg.group} -"
+    ];
+
     systemd.services.peerix = {
       description = "peerix, a peer-to-peer binary cache for Nix";
       wantedBy = [ "multi-user.target" ];
@@ -263,6 +269,9 @@ in
           ++ optional (cfg.swarmKeyFile != null) "swarm.key:${toString cfg.swarmKeyFile}";
         # The store is read, never written.
         ReadOnlyPaths = [ "/nix/store" "/nix/var/nix/db" ];
+        # ProtectSystem=strict leaves everything read-only but StateDirectory: a state directory
+        # elsewhere must be made writable (and exist, see tmpfiles below).
+        ReadWritePaths = mkIf (cfg.stateDir != "/var/lib/peerix") [ cfg.stateDir ];
         NoNewPrivileges = true;
         ProtectSystem = "strict";
         ProtectHome = true;

@@ -151,6 +151,38 @@ mod needs_nix {
         let v = eval_module(&nix, "{ services.peerix.enable = true; }");
         assert!(v["execStart"].get("peerix-seed").is_none(), "{v}");
     }
+
+    /// ProtectSystem=strict leaves only StateDirectory writable: a state directory elsewhere
+    /// must be made, owned by the daemon's user, and writable, or the daemon crash-loops.
+    #[test]
+    fn a_custom_state_dir_is_made_and_writable() {
+        let nix = common::nix();
+        let v = eval_module(&nix, "{ services.peerix.enable = true; }");
+        let sc = &v["serviceConfig"]["peerix"];
+        assert_eq!(sc["StateDirectory"], "peerix", "{sc}");
+        assert_eq!(v["tmpfiles"], serde_json::json!([]));
+
+        let v = eval_module(
+            &nix,
+            r#"{ services.peerix = { enable = true; stateDir = "/srv/peerix"; }; }"#,
+        );
+        let sc = &v["serviceConfig"]["peerix"];
+        assert!(sc.get("StateDirectory").is_none(), "{sc}");
+        assert_eq!(sc["ProtectSystem"], "strict");
+        assert_eq!(
+            sc["ReadWritePaths"],
+            serde_json::json!(["/srv/peerix"]),
+            "{sc}"
+        );
+        assert_eq!(
+            v["tmpfiles"],
+            serde_json::json!(["d /srv/peerix 0700 peerix peerix -"])
+        );
+        assert!(v["execStart"]["peerix"]
+            .as_str()
+            .unwrap()
+            .contains("--state-dir /srv/peerix"));
+    }
 }
 
 /// The `"--flag"` string literals between two markers of the module's source.

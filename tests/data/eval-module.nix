@@ -39,6 +39,10 @@ let
         type = types.attrsOf (types.submodule { freeformType = types.attrsOf types.anything; });
         default = { };
       };
+      systemd.tmpfiles.rules = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
       users.users = freeform;
       users.groups = freeform;
       nix.settings = freeform;
@@ -58,4 +62,6 @@ in
 {
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) eval.config.assertions);
   execStart = lib.mapAttrs (_: s: s.serviceConfig.ExecStart) eval.config.systemd.services;
+  serviceConfig = lib.mapAttrs (_: s: removeAttrs s.serviceConfig [ "ExecStart" ]) eval.config.systemd.services;
+  tmpfiles = eval.config.systemd.tmpfiles.rules;
 }
