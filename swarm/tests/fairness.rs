@@ -280,3 +280,38 @@ async fn requests_in_flight_follow_each_peers_rate() {
         "{fp} requests at once to the fast peer, {sp} to the slow one"
     );
 }
+
+/// Requests that arrive together are all answered: none is dropped before the server sees
+/// it. Today libp2p-stream 0.5.0-alpha hands inbound streams to the server through one
+/// `mpsc::channel(0)` per protocol (room for one stream, whatever the connection) and drops
+/// a stream that finds it taken (`try_send`, "Channel is full, dropping inbound stream"), so
+/// a burst (the downloader sends up to 16 requests at once when a peer's target grows) loses
+/// some: 11 and 21 of 160 here. The requester sees "connection is closed" and counts a
+/// failure; three in a row drop the peer from that download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: libp2p-stream drops inbound streams of a burst; see the doc comment"]
+async fn a_burst_of_requests_is_answered_in_full() {
+    init_tracing();
+    let mut server = Node::new().await;
+    let m = server.ingest(&nar_bytes(42, 4 << 20));
+    server.serve_sharing(&m);
+    let leecher = Node::new().await;
+    leecher.connect(&server).await;
+    let client = leecher.client();
+    let mut dropped = 0;
+    for round in 0..10 {
+        let asks = (0..16).map(|i| {
+            let refs = vec![m.chunks[(round * 16 + i) % m.chunks.len()]];
+            let mut answer = Box::pin(client.fetch_chunks(server.peer, refs));
+            async move { answer.next().await.unwrap() }
+        });
+        for r in futures::future::join_all(asks).await {
+            match r {
+                Ok(_) => {}
+                Err(ClientError::Protocol { .. }) => dropped += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    assert_eq!(dropped, 0, "{dropped} of 160 requests dropped");
+}
