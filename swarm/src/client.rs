@@ -92,9 +92,10 @@ pub struct Client {
     cfg: ClientConfig,
 }
 
-/// How often a request is retried when its stream fails before the peer answered anything:
-/// libp2p-stream drops an inbound stream when the server has not yet taken the previous one,
-/// which a burst of parallel requests can hit.
+/// How often a request is retried when its stream fails before the peer answered anything: a
+/// peer that restarted, or a stream that raced the closing of an idle connection. (Streams that
+/// arrived in a burst were dropped by libp2p-stream as published; the copy peerix builds has
+/// room for them, see vendor/libp2p-stream/PEERIX.md.)
 const OPEN_RETRIES: usize = 2;
 
 impl Client {
