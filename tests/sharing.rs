@@ -48,10 +48,10 @@ struct Setup {
 /// by an upstream key, written by `nix copy --to file://…` and served over HTTP. A's store:
 /// the same `public` closure (built locally, so without upstream's signature), its own build of
 /// `differs`, and `private`.
-fn setup(salt: &str) -> Option<Setup> {
-    let up_nix = common::nix()?;
-    let a_nix = common::nix()?;
-    let b_nix = common::nix()?;
+fn setup(salt: &str) -> Setup {
+    let up_nix = common::nix();
+    let a_nix = common::nix();
+    let b_nix = common::nix();
     let up_built = up_nix.build(&expr(salt, "[ public public-dep differs ]"));
     let a_built = a_nix.build(&expr(salt, "[ public public-dep differs private ]"));
     assert_eq!(
@@ -86,7 +86,7 @@ fn setup(salt: &str) -> Option<Setup> {
     }
     let upstream = common::serve_dir(&dir);
     b_nix.init_store();
-    Some(Setup {
+    Setup {
         _up_nix: up_nix,
         a_nix,
         b_nix,
@@ -97,73 +97,18 @@ fn setup(salt: &str) -> Option<Setup> {
         public_dep,
         differs,
         private,
-    })
-}
-
-/// `peerix serve` as `Daemon::start` runs it, but checking `upstream` rather than no upstream
-/// cache at all (the flag may be given once only).
-fn start_daemon(name: &str, nix: &Nix, upstream: &str, extra: &[&str]) -> Daemon {
-    let state = nix.scratch(&format!("state-{name}"));
-    let store = nix.store_arg();
-    let mut cmd = common::peerix();
-    cmd.args([
-        "serve",
-        "--store",
-        &store,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--p2p-listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--upstream-cache",
-        upstream,
-    ])
-    .args(extra)
-    .env("RUST_LOG", "info")
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn peerix serve");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tag = name.to_owned();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
-            let Ok(line) = line else { break };
-            eprintln!("[{tag}] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut d = Daemon {
-        child,
-        name: name.to_owned(),
-        http: String::new(),
-        peer_id: String::new(),
-        p2p: String::new(),
-        lines: rx,
-        seen: vec![],
-    };
-    let line = d.wait_for("the start line", |l| {
-        l.starts_with("peerix: serving Nix on http://")
-    });
-    let rest = line.strip_prefix("peerix: serving Nix on http://").unwrap();
-    let (http, rest) = rest.split_once(", peer id ").unwrap();
-    let (id, p2p) = rest.split_once(", p2p on ").unwrap();
-    d.http = http.to_owned();
-    d.peer_id = id.to_owned();
-    d.p2p = p2p.split_whitespace().next().unwrap().to_owned();
-    d
+    }
 }
 
 /// Start A (no key of its own, so only the upstream rule can share anything) and B (no key,
 /// no trusted keys: only upstream can vouch for what A offers), both checking `upstream`.
 fn start(s: &Setup, a_extra: &[&str]) -> (Daemon, Daemon) {
     let up = s.upstream.url.as_str();
-    let a = start_daemon("A", &s.a_nix, up, a_extra);
-    let mut b = start_daemon("B", &s.b_nix, up, &["--timeout", "1", "--peer", &a.p2p]);
+    let mut a_args = vec!["--upstream-cache", up];
+    a_args.extend_from_slice(a_extra);
+    let a = Daemon::start("A", &s.a_nix, &a_args);
+    let b_args = ["--upstream-cache", up, "--timeout", "1", "--peer", &a.p2p];
+    let mut b = Daemon::start("B", &s.b_nix, &b_args);
     b.wait_peer(&a);
     (a, b)
 }
@@ -201,108 +146,112 @@ fn sigs(nix: &Nix, path: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn paths_with_upstreams_nar_hash_are_shared_and_carry_upstreams_signatures() {
-    let Some(s) = setup("sharing-a") else { return };
-    let (mut a, b) = start(&s, &[]);
-    // A's store also holds the .drv files; of all of it only the public closure is upstream's.
-    assert_eq!(a.wait_scan(), 2, "A shares exactly the public closure");
+mod needs_nix {
+    use super::*;
 
-    // Over the peer protocol A answers for the public closure only.
-    let mut want = vec![s.public.clone(), s.public_dep.clone()];
-    want.sort();
-    let got = lookup_at(
-        &a,
-        s.b_nix.scratch("probe-1"),
-        &[&s.public, &s.public_dep, &s.differs, &s.private],
-    );
-    assert_eq!(
-        got, want,
-        "A answered lookups for what upstream does not vouch for"
-    );
+    #[test]
+    fn paths_with_upstreams_nar_hash_are_shared_and_carry_upstreams_signatures() {
+        let s = setup("sharing-a");
+        let (mut a, b) = start(&s, &[]);
+        // A's store also holds the .drv files; of all of it only the public closure is upstream's.
+        assert_eq!(a.wait_scan(), 2, "A shares exactly the public closure");
 
-    // B's Nix trusts the upstream key and nothing else, and gets the public closure via B
-    // (the upstream cache is not among its substituters).
-    let out = s.b_nix.realise(&s.public, &b.url(), &s.up_key);
-    assert!(
-        out.status.success(),
-        "Nix could not substitute the public path via B: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let both = [s.public.clone(), s.public_dep.clone()];
-    assert_eq!(s.b_nix.nar_hashes(&both), s.a_nix.nar_hashes(&both));
-    // The signature Nix recorded is upstream's own (from the narinfo in the upstream cache),
-    // handed on unchanged.
-    let up_narinfo =
-        std::fs::read_to_string(s.up_dir.join(format!("{}.narinfo", hash_part(&s.public))))
-            .unwrap();
-    let up_sigs: Vec<String> = up_narinfo
-        .lines()
-        .filter_map(|l| l.strip_prefix("Sig: "))
-        .map(str::to_owned)
-        .collect();
-    assert!(
-        up_sigs.iter().any(|g| g.starts_with("upstream-1:")),
-        "{up_sigs:?}"
-    );
-    let b_sigs = sigs(&s.b_nix, &s.public);
-    let handed_on: Vec<&String> = b_sigs
-        .iter()
-        .filter(|g| g.starts_with("upstream-1:"))
-        .collect();
-    assert!(
-        !handed_on.is_empty() && handed_on.iter().all(|g| up_sigs.contains(g)),
-        "B's Nix holds {b_sigs:?}, upstream signed {up_sigs:?}"
-    );
-
-    // Neither the path upstream lacks nor the one upstream holds with another NarHash.
-    for p in [&s.private, &s.differs] {
-        let (status, body) = http(&b.http, "GET", &format!("/{}.narinfo", hash_part(p)));
-        assert_eq!(
-            status,
-            404,
-            "B served {p}: {}",
-            String::from_utf8_lossy(&body)
+        // Over the peer protocol A answers for the public closure only.
+        let mut want = vec![s.public.clone(), s.public_dep.clone()];
+        want.sort();
+        let got = lookup_at(
+            &a,
+            s.b_nix.scratch("probe-1"),
+            &[&s.public, &s.public_dep, &s.differs, &s.private],
         );
-        let out = s.b_nix.realise(p, &b.url(), &s.up_key);
-        assert!(!out.status.success(), "Nix got {p} via B");
-    }
-}
-
-/// A shares everything it holds (`--share-all`), but B accepts from an untrusted peer only
-/// what upstream vouches for: the public closure, not the path upstream lacks, and not the
-/// path whose NarHash is not upstream's.
-#[test]
-fn a_peer_sharing_everything_gets_only_upstreams_paths_accepted() {
-    let Some(s) = setup("sharing-b") else { return };
-    let (mut a, b) = start(&s, &["--share-all"]);
-    assert!(a.wait_scan() >= 4);
-    let mut want = vec![s.differs.clone(), s.private.clone(), s.public.clone()];
-    want.sort();
-    let got = lookup_at(
-        &a,
-        s.b_nix.scratch("probe-2"),
-        &[&s.public, &s.differs, &s.private],
-    );
-    assert_eq!(got, want, "A shares all it holds");
-
-    let (status, body) = http(
-        &b.http,
-        "GET",
-        &format!("/{}.narinfo", hash_part(&s.public)),
-    );
-    assert_eq!(status, 200);
-    let text = String::from_utf8(body).unwrap();
-    assert!(text.contains("Sig: upstream-1:"), "{text}");
-    for p in [&s.private, &s.differs] {
-        let (status, body) = http(&b.http, "GET", &format!("/{}.narinfo", hash_part(p)));
         assert_eq!(
-            status,
-            404,
-            "B accepted {p}: {}",
-            String::from_utf8_lossy(&body)
+            got, want,
+            "A answered lookups for what upstream does not vouch for"
         );
+
+        // B's Nix trusts the upstream key and nothing else, and gets the public closure via B
+        // (the upstream cache is not among its substituters).
+        let out = s.b_nix.realise(&s.public, &b.url(), &s.up_key);
+        assert!(
+            out.status.success(),
+            "Nix could not substitute the public path via B: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let both = [s.public.clone(), s.public_dep.clone()];
+        assert_eq!(s.b_nix.nar_hashes(&both), s.a_nix.nar_hashes(&both));
+        // The signature Nix recorded is upstream's own (from the narinfo in the upstream cache),
+        // handed on unchanged.
+        let up_narinfo =
+            std::fs::read_to_string(s.up_dir.join(format!("{}.narinfo", hash_part(&s.public))))
+                .unwrap();
+        let up_sigs: Vec<String> = up_narinfo
+            .lines()
+            .filter_map(|l| l.strip_prefix("Sig: "))
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            up_sigs.iter().any(|g| g.starts_with("upstream-1:")),
+            "{up_sigs:?}"
+        );
+        let b_sigs = sigs(&s.b_nix, &s.public);
+        let handed_on: Vec<&String> = b_sigs
+            .iter()
+            .filter(|g| g.starts_with("upstream-1:"))
+            .collect();
+        assert!(
+            !handed_on.is_empty() && handed_on.iter().all(|g| up_sigs.contains(g)),
+            "B's Nix holds {b_sigs:?}, upstream signed {up_sigs:?}"
+        );
+
+        // Neither the path upstream lacks nor the one upstream holds with another NarHash.
+        for p in [&s.private, &s.differs] {
+            let (status, body) = http(&b.http, "GET", &format!("/{}.narinfo", hash_part(p)));
+            assert_eq!(
+                status,
+                404,
+                "B served {p}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            let out = s.b_nix.realise(p, &b.url(), &s.up_key);
+            assert!(!out.status.success(), "Nix got {p} via B");
+        }
     }
-    let out = s.b_nix.realise(&s.differs, &b.url(), &s.up_key);
-    assert!(!out.status.success(), "Nix got A's build of the path via B");
+
+    /// A shares everything it holds (`--share-all`), but B accepts from an untrusted peer only
+    /// what upstream vouches for: the public closure, not the path upstream lacks, and not the
+    /// path whose NarHash is not upstream's.
+    #[test]
+    fn a_peer_sharing_everything_gets_only_upstreams_paths_accepted() {
+        let s = setup("sharing-b");
+        let (mut a, b) = start(&s, &["--share-all"]);
+        assert!(a.wait_scan() >= 4);
+        let mut want = vec![s.differs.clone(), s.private.clone(), s.public.clone()];
+        want.sort();
+        let got = lookup_at(
+            &a,
+            s.b_nix.scratch("probe-2"),
+            &[&s.public, &s.differs, &s.private],
+        );
+        assert_eq!(got, want, "A shares all it holds");
+
+        let (status, body) = http(
+            &b.http,
+            "GET",
+            &format!("/{}.narinfo", hash_part(&s.public)),
+        );
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.contains("Sig: upstream-1:"), "{text}");
+        for p in [&s.private, &s.differs] {
+            let (status, body) = http(&b.http, "GET", &format!("/{}.narinfo", hash_part(p)));
+            assert_eq!(
+                status,
+                404,
+                "B accepted {p}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let out = s.b_nix.realise(&s.differs, &b.url(), &s.up_key);
+        assert!(!out.status.success(), "Nix got A's build of the path via B");
+    }
 }

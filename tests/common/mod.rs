@@ -325,12 +325,13 @@ impl Daemon {
             "--p2p-listen",
             "/ip4/127.0.0.1/tcp/0",
             "--no-mdns",
-            "--upstream-cache",
-            "none",
         ]);
-        // Loopback on a port the OS picks, unless the test says where.
+        // Loopback on a port the OS picks, and no upstream cache, unless the test says.
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--upstream-cache") {
+            cmd.args(["--upstream-cache", "none"]);
         }
         cmd.args(extra)
             .env("RUST_LOG", "info")
