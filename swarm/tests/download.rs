@@ -290,3 +290,61 @@ async fn a_chunk_nobody_has_is_unavailable() {
     assert!(matches!(r, Err(DownloadError::Unavailable { .. })), "{r:?}");
     assert!(got.is_empty());
 }
+
+/// The endgame: once every run is assigned, an idle peer races the requests still in flight.
+/// One seeder takes its requests and never answers; with request timeouts far beyond the
+/// test's deadline, only racing those runs on the honest seeder can finish the download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endgame_races_a_peer_that_never_answers() {
+    init_tracing();
+    let (leecher, mut seeders) = cluster(2).await;
+    let data = nar_bytes(18, 2 << 20);
+    let mut m = None;
+    for s in &mut seeders {
+        m = Some(s.ingest(&data));
+    }
+    let m = m.unwrap();
+    seeders[0].serve_sharing(&m);
+    serve_rogue(&mut seeders[1], Rogue::Stall);
+    let hour = std::time::Duration::from_secs(3600);
+    let cfg = DownloadConfig {
+        min_timeout: hour,
+        timeout_per_mib: hour,
+        ..small_runs()
+    };
+    // The client's own request timeouts too, or they would requeue the silent peer's runs.
+    let client = peerix_swarm::Client::with_config(
+        leecher.control.clone(),
+        peerix_swarm::ClientConfig {
+            min_timeout: hour,
+            per_mib: hour,
+        },
+    );
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let dl = download(
+        client,
+        leecher.store.clone(),
+        m.clone(),
+        seeders.iter().map(|s| s.peer).collect(),
+        cfg,
+        tx,
+    );
+    let consume = async {
+        let mut got = vec![];
+        while let Some(b) = rx.recv().await {
+            got.extend_from_slice(&b);
+        }
+        got
+    };
+    let (outcome, got) = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        tokio::join!(dl, consume)
+    })
+    .await
+    .expect("the download waited on the silent peer");
+    let r = outcome.into_result();
+    let report = r.unwrap();
+    assert!(got == data);
+    assert_eq!(report.bytes_per_peer.get(&seeders[1].peer), None);
+    assert!(report.bad_peers.is_empty(), "silence is no lie: {report:?}");
+}
+

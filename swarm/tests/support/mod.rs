@@ -198,6 +198,8 @@ pub enum Rogue {
     Corrupt,
     /// Answers every manifest request with this manifest, relabelled to the NarHash asked for.
     LyingManifest(Manifest),
+    /// Says it has every chunk it holds, takes chunk requests and never answers them.
+    Stall,
 }
 
 pub fn serve_rogue(node: &mut Node, mode: Rogue) {
@@ -221,7 +223,7 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                                 m.nar_hash = h;
                                 Some(m)
                             }
-                            Rogue::Corrupt => store.manifest(&h).unwrap(),
+                            Rogue::Corrupt | Rogue::Stall => store.manifest(&h).unwrap(),
                         };
                         let body = protocol::encode_manifest_reply(m.as_ref()).unwrap();
                         protocol::write_frame(&mut s, kind::MANIFEST_REPLY, &body)
@@ -235,6 +237,10 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                         };
                         let body = protocol::encode_have_reply(&r);
                         let _ = protocol::write_frame(&mut s, kind::HAVE_REPLY, &body).await;
+                    }
+                    Request::Chunks(_) if matches!(mode, Rogue::Stall) => {
+                        // Holds the stream open, silent, until the test ends.
+                        std::future::pending::<()>().await;
                     }
                     Request::Chunks(ids) => {
                         for id in ids {
