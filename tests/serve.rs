@@ -696,6 +696,21 @@ mod needs_nix {
             from_a > 0 && from_c > 0,
             "from A {from_a}, from C {from_c}: not both"
         );
+        // The senders count what they served B, and B how long narinfos took.
+        let served = |d: &Daemon| {
+            let (_, body) = http(&d.http, "GET", "/metrics");
+            String::from_utf8(body)
+                .unwrap()
+                .lines()
+                .filter(|l| {
+                    l.starts_with("peerix_peer_served_bytes")
+                        && l.contains(&format!("peer=\"{}\"", t.b.peer_id))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        };
+        assert!(served(&t.a) > 0 && served(&t.c) > 0);
+        assert!(metric(&t.b, "peerix_narinfo_latency_seconds_count") >= 1);
     }
 
     #[test]
