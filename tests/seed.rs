@@ -404,4 +404,61 @@ mod needs_nix {
         assert_eq!(st["store"]["pins"], 2, "{st}");
         assert_eq!(st["daemon"]["shared"]["total"], 2, "{st}");
     }
+
+    /// Seeding a link again (as the module's hourly service does with /run/current-system)
+    /// moves the seed to what the link points at now and releases what it pinned before;
+    /// `--from-file -` reads the roots from stdin; `unseed --all` removes every seed.
+    #[test]
+    fn seeding_a_link_again_follows_it_and_unseed_all_empties() {
+        let nix = common::nix();
+        let (app1, paths1) = build_app(&nix, "relink-1");
+        let (app2, paths2) = build_app(&nix, "relink-2");
+        let state = nix.scratch("state-relink");
+        let link = nix.scratch("links").join("current");
+        std::os::unix::fs::symlink(&app1, &link).unwrap();
+        let link_s = link.to_str().unwrap().to_owned();
+
+        // The roots from stdin.
+        let store = nix.store_arg();
+        let mut child = peerix()
+            .args(["seed", "--from-file", "-", "--share-private-paths"])
+            .args(["--state-dir", state.to_str().unwrap(), "--store", &store])
+            .args(["--upstream-cache", "none"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            writeln!(stdin, "{link_s}").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let st = status(&nix, &state);
+        assert_eq!(st["seeds"].as_array().unwrap().len(), 1, "{st}");
+        assert_eq!(st["seeds"][0]["root"], &app1["/nix/store/".len()..], "{st}");
+        assert_eq!(st["seeds"][0]["paths"], paths1.len());
+        assert_eq!(st["store"]["pins"], paths1.len());
+
+        // The link moves on; seeding it again follows it and lets the old closure go.
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&app2, &link).unwrap();
+        run_ok(&nix, &state, &["seed", &link_s, "--share-private-paths"]);
+        let st = status(&nix, &state);
+        assert_eq!(st["seeds"].as_array().unwrap().len(), 1, "{st}");
+        assert_eq!(st["seeds"][0]["root"], &app2["/nix/store/".len()..], "{st}");
+        assert_eq!(st["store"]["pins"], paths2.len(), "{st}");
+
+        let out = run_ok(&nix, &state, &["unseed", "--all"]);
+        assert!(out.contains("unseeded"), "{out}");
+        let st = status(&nix, &state);
+        assert_eq!(st["seeds"].as_array().unwrap().len(), 0, "{st}");
+        assert_eq!(st["store"]["pins"], 0);
+    }
 }

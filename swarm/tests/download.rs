@@ -347,4 +347,3 @@ async fn the_endgame_races_a_peer_that_never_answers() {
     assert_eq!(report.bytes_per_peer.get(&seeders[1].peer), None);
     assert!(report.bad_peers.is_empty(), "silence is no lie: {report:?}");
 }
-
