@@ -547,3 +547,40 @@ fn pinned_narinfos_and_seeds_survive_a_reopen() {
     assert!(cs.remove_seed("/run/current-system").unwrap());
     assert!(cs.seeds().unwrap().is_empty());
 }
+
+/// Packs keep a chunk zstd-compressed only where that saves at least an eighth: text shrinks,
+/// incompressible bytes are stored as they are (never larger than they were).
+#[test]
+fn packs_compress_only_what_shrinks_by_an_eighth() {
+    let t = tempfile::tempdir().unwrap();
+    let text: Vec<u8> = b"nix store peer chunk lib /bin "
+        .iter()
+        .copied()
+        .cycle()
+        .take(2 << 20)
+        .collect();
+    let mut noise = Vec::with_capacity(2 << 20);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    while noise.len() < 2 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    for (name, data, compressed) in [("text", &text, true), ("noise", &noise, false)] {
+        let cs = open(&t.path().join(name), None);
+        cs.ingest_nar(&data[..], None, None, &mut |_| {}).unwrap();
+        let st = cs.stats().unwrap();
+        assert_eq!(st.packed_bytes, data.len() as u64, "{name}");
+        if compressed {
+            assert!(
+                st.packed_stored_bytes * 8 < st.packed_bytes,
+                "{name}: {} stored for {}",
+                st.packed_stored_bytes,
+                st.packed_bytes
+            );
+        } else {
+            assert_eq!(st.packed_stored_bytes, st.packed_bytes, "{name}");
+        }
+    }
+}
