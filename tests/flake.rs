@@ -161,6 +161,16 @@ mod needs_nix {
         let sc = &v["serviceConfig"]["peerix"];
         assert_eq!(sc["StateDirectory"], "peerix", "{sc}");
         assert_eq!(v["tmpfiles"], serde_json::json!([]));
+        // Hardened as the README says: its own user, the store read-only, no new privileges,
+        // restarted on failure.
+        assert_eq!(sc["User"], "peerix");
+        assert_eq!(
+            sc["ReadOnlyPaths"],
+            serde_json::json!(["/nix/store", "/nix/var/nix/db"])
+        );
+        assert_eq!(sc["NoNewPrivileges"], true);
+        assert_eq!(sc["Restart"], "on-failure");
+        assert_eq!(sc["CapabilityBoundingSet"], "");
 
         let v = eval_module(
             &nix,
