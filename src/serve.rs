@@ -247,6 +247,9 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
                         eprintln!("peerix: peer disconnected {p}");
                     }
                     Ok(NodeEvent::Announced(h)) => app.lookup.forget_miss(&h),
+                    Ok(NodeEvent::ExplicitPeerUnreachable { spec, error }) => {
+                        eprintln!("peerix: cannot reach peer {spec}: {error}");
+                    }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(_) => break,

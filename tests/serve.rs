@@ -855,4 +855,35 @@ mod needs_nix {
             std::slice::from_ref(&big),
         );
     }
+
+    /// `--swarm-key` puts the daemon in a private swarm: a daemon with the same key connects,
+    /// one without it is never let in, and says why.
+    #[test]
+    fn a_swarm_key_keeps_the_daemon_in_its_private_swarm() {
+        let nix = common::nix();
+        nix.init_store();
+        let dir = nix.scratch("psk");
+        let key = dir.join("swarm.key");
+        std::fs::write(
+            &key,
+            format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", "5e".repeat(32)),
+        )
+        .unwrap();
+        let key = key.to_str().unwrap();
+        let a = Daemon::start("A", &nix, &["--swarm-key", key]);
+        let mut b = Daemon::start("B", &nix, &["--swarm-key", key, "--peer", &a.p2p]);
+        b.wait_peer(&a);
+        let mut outsider = Daemon::start("C", &nix, &["--peer", &a.p2p]);
+        let line = outsider.wait_for("the refused dial", |l| {
+            l.starts_with("peerix: cannot reach peer ")
+        });
+        assert!(line.contains(&a.p2p), "{line}");
+        assert!(
+            !outsider
+                .seen
+                .iter()
+                .any(|l| l.starts_with("peerix: peer connected")),
+            "an outsider got into the private swarm"
+        );
+    }
 }

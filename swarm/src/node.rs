@@ -125,6 +125,11 @@ pub enum NodeEvent {
     },
     /// An announcement of this store path reached the DHT (at least one peer took it).
     Announced(StorePathHash),
+    /// Every address of an explicit peer failed; it is dialled again after a backoff.
+    ExplicitPeerUnreachable {
+        spec: String,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -1138,7 +1143,10 @@ impl EventLoop {
                         ),
                     }));
                 }
-                self.explicit_conn_failed(connection_id);
+                self.explicit_conn_failed(
+                    connection_id,
+                    "the connection was closed before identification",
+                );
                 if num_established == 0 {
                     self.fail_waiters(&peer_id, "the connection was closed");
                     if self.confirmed.remove(&peer_id) {
@@ -1168,7 +1176,7 @@ impl EventLoop {
                         reason: error.to_string(),
                     }));
                 }
-                self.explicit_conn_failed(connection_id);
+                self.explicit_conn_failed(connection_id, &error.to_string());
                 if let Some(p) = peer_id {
                     if !self.swarm.is_connected(&p) {
                         self.fail_waiters(&p, &error.to_string());
@@ -1373,13 +1381,18 @@ impl EventLoop {
         }
     }
 
-    fn explicit_conn_failed(&mut self, conn: ConnectionId) {
+    fn explicit_conn_failed(&mut self, conn: ConnectionId, error: &str) {
         let now = Instant::now();
         for e in &mut self.explicit {
             if let ExplicitState::Dialing(conns) = &mut e.state {
                 if conns.remove(&conn) && conns.is_empty() {
                     tracing::debug!(peer = %e.spec, retry_in = ?e.backoff, "explicit peer unreachable");
                     e.schedule_retry(now);
+                    // The operator asked for this peer by name: say why it is not there.
+                    let _ = self.events.send(NodeEvent::ExplicitPeerUnreachable {
+                        spec: e.spec.clone(),
+                        error: error.to_owned(),
+                    });
                 }
             }
         }
