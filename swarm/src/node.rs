@@ -64,6 +64,9 @@ const REDIAL_MAX: Duration = Duration::from_secs(60);
 /// A connection that lived this long was healthy: its loss starts the backoff afresh.
 const REDIAL_RESET_AFTER: Duration = Duration::from_secs(120);
 
+/// How often a node asks the LAN for peers by mDNS once its first probes are done.
+const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(20);
+
 /// How often the event loop wakes up on its own to pace announcements and redial.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -671,8 +674,17 @@ fn build_swarm(keypair: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>, N
 
     let mdns = if mdns_on {
         Some(
-            mdns::tokio::Behaviour::new(mdns::Config::default(), keypair.public().to_peer_id())
-                .map_err(NodeError::Mdns)?,
+            mdns::tokio::Behaviour::new(
+                mdns::Config {
+                    // A node answers queries but learns of others only from its own: with the
+                    // default 5 minutes, a node whose first queries went out before a neighbour
+                    // was up did not find it for minutes.
+                    query_interval: MDNS_QUERY_INTERVAL,
+                    ..mdns::Config::default()
+                },
+                keypair.public().to_peer_id(),
+            )
+            .map_err(NodeError::Mdns)?,
         )
     } else {
         None

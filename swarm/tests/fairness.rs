@@ -157,8 +157,10 @@ async fn upload_slots_are_shared_between_requesting_peers() {
     eprintln!(
         "served: greedy {gb} ({g_busy} busy), modest {mb} ({m_busy} busy), modest/greedy {ratio:.2}"
     );
+    // Fair shares gave 0.39–0.77 on a loaded 2-core machine; without the per-peer share the
+    // modest peer got 0.17–0.23.
     assert!(
-        ratio >= 0.4,
+        ratio >= 0.3,
         "unfair shares: greedy {gb} bytes, modest {mb} bytes"
     );
 }
