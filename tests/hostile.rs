@@ -7,10 +7,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::{http, Daemon, Nix};
@@ -253,37 +252,6 @@ fn sign(nix: &Nix, key: &Path, path: &str) {
     );
 }
 
-/// Status, the Content-Length it announced, and the body bytes that arrived before the
-/// connection ended (cleanly or not).
-fn get_nar(addr: &str, path: &str) -> (u16, Option<usize>, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut got = vec![];
-    let mut buf = [0u8; 65536];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    let end = got
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response head");
-    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let len = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length: "))
-        .map(|v| v.trim().parse().unwrap());
-    (status, len, got[end + 4..].to_vec())
-}
-
 /// One hostile case: the rogue is B's only peer when B's Nix asks for the narinfo, so its
 /// lie is the one B acts upon. With `honest`, A (which holds the path) connects before the NAR
 /// is fetched.
@@ -345,7 +313,7 @@ fn case(lie: Lie, honest: bool) {
         a
     });
 
-    let (status, len, got) = get_nar(&b.http, &format!("/{url}"));
+    let (status, len, got) = common::get_until_cut(&b.http, &format!("/{url}"));
     let complete = status == 200 && len == Some(got.len());
     if complete {
         assert!(

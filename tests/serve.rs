@@ -7,7 +7,6 @@ mod needs_nix {
     use super::*;
 
     use std::collections::BTreeMap;
-    use std::io::{Read, Write};
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
@@ -502,25 +501,6 @@ mod needs_nix {
         assert!(bodies[0].len() > 6 << 20);
     }
 
-    /// Everything a server sends for one GET, read until EOF or until the connection breaks.
-    fn http_raw(addr: &str, path: &str) -> Vec<u8> {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = vec![];
-        let mut buf = [0u8; 65536];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return out,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    }
-
     /// The only peer's copy goes bad after it was indexed, near its end: the first chunks reach
     /// Nix, then the download fails its checks, so B cuts the response before Content-Length and
     /// Nix refuses the path.
@@ -547,22 +527,11 @@ mod needs_nix {
                 .unwrap();
             f.write_all_at(&[0xff; 64], (6 << 20) - 4096).unwrap();
         }
-        let got = http_raw(&p.b.http, &format!("/{url}"));
-        let end = got
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("a response head: the first chunks were fine");
-        let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
-        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert_eq!(status, 200, "{head}");
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let body = got.len() - end - 4;
+        // A response head: the first chunks were fine.
+        let (status, len, got) = common::get_until_cut(&p.b.http, &format!("/{url}"));
+        assert_eq!(status, 200);
+        let len = len.expect("a Content-Length");
+        let body = got.len();
         assert!(body > 0, "no byte before the failure");
         assert!(
             body < len,

@@ -449,3 +449,36 @@ pub fn http(addr: &str, method: &str, path: &str) -> (u16, Vec<u8>) {
         .expect("a status");
     (status, buf[head_end + 4..].to_vec())
 }
+
+/// One GET read until EOF or until the server cuts the connection: the status, the
+/// Content-Length the head announced, and the body bytes that arrived. For telling a complete
+/// response from a cut one.
+pub fn get_until_cut(addr: &str, path: &str) -> (u16, Option<usize>, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = vec![];
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map(|v| v.trim().parse().unwrap());
+    (status, len, got[end + 4..].to_vec())
+}
