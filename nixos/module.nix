@@ -20,6 +20,7 @@ let
     ++ [ "--priority" (toString cfg.priority) ]
     ++ [ "--timeout" (toString cfg.timeout) ]
     ++ [ "--scan-interval" (toString cfg.scanInterval) ]
+    ++ [ "--max-store-size" cfg.maxStoreSize ]
     ++ [ "--upstream-cache" (if cfg.upstreamCache == null then "none" else cfg.upstreamCache) ]
     ++ optional cfg.disableBroadcast "--no-mdns"
     ++ optional cfg.shareAll "--share-all"
@@ -202,6 +203,13 @@ in
         Pre-shared key that makes a private swarm (TCP only); nodes without it cannot connect.
         Give it as a string; a Nix path would copy the key into the Nix store, so it is refused.
       '';
+    };
+
+    maxStoreSize = mkOption {
+      type = types.str;
+      default = "10GiB";
+      example = "50GB";
+      description = "Disk budget for NARs kept in the state directory's packs (downloads the Nix store does not hold, pinned seeds); least recently used unpinned ones are evicted past it. \"0\" means no budget.";
     };
 
     shareAll = mkOption {

@@ -21,6 +21,7 @@ pub const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
 pub const DEFAULT_PRIORITY: u32 = 30;
 pub const DEFAULT_TIMEOUT_SECS: f64 = 2.0;
 pub const DEFAULT_SCAN_INTERVAL_SECS: f64 = 600.0;
+pub const DEFAULT_MAX_STORE_SIZE: &str = "10GiB";
 
 /// `peerix serve`'s flags. Every one may also be set in the `--config` file (same names, as
 /// TOML keys; lists as arrays).
@@ -75,6 +76,11 @@ pub struct ServeArgs {
     /// Seconds between scans of the local store for paths to share [default: 600].
     #[arg(long, value_name = "SECS")]
     pub scan_interval: Option<f64>,
+    /// Disk budget for NARs held in the state directory's packs (downloads not in the local
+    /// Nix store, pins): `10GiB`, `500MB`, `0` for none. Least recently used unpinned NARs are
+    /// evicted past it [default: 10GiB].
+    #[arg(long, value_name = "SIZE")]
+    pub max_store_size: Option<String>,
     /// Share every path not denied, not only public, own-signed and pinned ones.
     #[arg(long)]
     pub share_all: bool,
@@ -103,6 +109,7 @@ pub struct FileConfig {
     pub timeout: Option<f64>,
     pub swarm_key: Option<PathBuf>,
     pub scan_interval: Option<f64>,
+    pub max_store_size: Option<String>,
     pub share_all: Option<bool>,
     pub deny: Option<Vec<String>>,
 }
@@ -123,6 +130,8 @@ pub struct ServeConfig {
     pub timeout: Duration,
     pub swarm_key: Option<PathBuf>,
     pub scan_interval: Duration,
+    /// Bytes the packs may hold; `None`: no budget.
+    pub max_store_size: Option<u64>,
     pub share_all: bool,
     /// DEFAULT_DENY plus the configured extras.
     pub deny: Vec<String>,
@@ -133,6 +142,15 @@ fn secs(what: &str, v: f64) -> Result<Duration> {
         bail!("{what} must be a positive number of seconds, not {v}");
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// A byte size such as `10GiB`, `500 MB` or `1048576`; zero means no limit.
+fn size(what: &str, v: &str) -> Result<Option<u64>> {
+    let b: bytesize::ByteSize = v
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{what}: {v:?} is not a size like 10GiB or 500MB ({e})"))?;
+    Ok((b.as_u64() > 0).then_some(b.as_u64()))
 }
 
 fn nonempty(v: Vec<String>) -> Option<Vec<String>> {
@@ -230,6 +248,13 @@ impl ServeConfig {
                     .or(file.scan_interval)
                     .unwrap_or(DEFAULT_SCAN_INTERVAL_SECS),
             )?,
+            max_store_size: size(
+                "--max-store-size",
+                args.max_store_size
+                    .or(file.max_store_size)
+                    .as_deref()
+                    .unwrap_or(DEFAULT_MAX_STORE_SIZE),
+            )?,
             share_all: args.share_all || file.share_all.unwrap_or(false),
             deny,
         })
@@ -276,6 +301,16 @@ mod tests {
         };
         assert!(ServeConfig::merge(bad, FileConfig::default()).is_err());
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        assert_eq!(c.max_store_size, Some(10 << 30));
+        let sized = |v: &str| ServeArgs {
+            max_store_size: Some(v.into()),
+            ..ServeArgs::default()
+        };
+        let m = |v| ServeConfig::merge(sized(v), FileConfig::default()).map(|c| c.max_store_size);
+        assert_eq!(m("500MB").unwrap(), Some(500_000_000));
+        assert_eq!(m("64 MiB").unwrap(), Some(64 << 20));
+        assert_eq!(m("0").unwrap(), None);
+        assert!(m("lots").is_err());
     }
 
     #[test]

@@ -38,9 +38,11 @@ use crate::seed::Seeder;
 use crate::share::{ShareConfig, Sharing};
 use crate::trust::Trust;
 
+mod housekeeping;
 mod metrics;
 mod nar;
 
+use housekeeping::Housekeeping;
 use metrics::Metrics;
 
 /// Presented narinfos remembered for the NAR request that follows.
@@ -67,6 +69,7 @@ struct App {
     by_nar: Mutex<LruCache<Sha256Hash, Arc<Presented>>>,
     /// One download per NAR at a time; a second request waits and then reads the store.
     nar_locks: Mutex<HashMap<Sha256Hash, Arc<tokio::sync::Mutex<()>>>>,
+    housekeeping: Housekeeping,
     metrics: Metrics,
     registry: Registry,
 }
@@ -189,10 +192,13 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     let mut metrics = Metrics::default();
     let registry = metrics.registry();
     let cap = NonZeroUsize::new(REMEMBERED).expect("non-zero");
+    let housekeeping = Housekeeping::start(store.clone(), cfg.max_store_size)
+        .context("reclaiming interrupted downloads")?;
     let app = Arc::new(App {
         priority: cfg.priority,
         timeout: cfg.timeout,
         store,
+        housekeeping,
         node: node.clone(),
         client,
         lookup,
@@ -263,16 +269,13 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     {
         let node = node.clone();
         let interval = cfg.scan_interval;
-        let store = app.store.clone();
-        let collecting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let housekeeping = app.housekeeping.clone();
         tokio::spawn(sharing.run(interval, move |s| {
             let shared = s.shared_hashes();
             let n = shared.len();
             node.set_provided(shared);
             eprintln!("peerix: scan done: {n} shared");
-            if !collecting.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                tokio::spawn(collect_garbage(store.clone(), collecting.clone()));
-            }
+            housekeeping.collect();
         }));
     }
 
@@ -285,26 +288,6 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     )
     .await;
     Ok(())
-}
-
-/// One GC run of the chunk store, reported on stderr when it freed something.
-async fn collect_garbage(store: ChunkStore, running: Arc<std::sync::atomic::AtomicBool>) {
-    let started = Instant::now();
-    match store.blocking(|cs| cs.gc(&mut |_| {})).await {
-        Ok(st) if st.chunks_deleted + st.pack_copies_released + st.packs_removed > 0 => {
-            eprintln!(
-                "peerix: gc: {} unused chunks deleted, {} pack copies released, {} bytes of \
-                 packs reclaimed in {:.2?}",
-                st.chunks_deleted,
-                st.pack_copies_released,
-                st.bytes_reclaimed,
-                started.elapsed()
-            );
-        }
-        Ok(_) => debug!("gc: nothing to do"),
-        Err(e) => warn!(error = %e, "gc of the chunk store failed"),
-    }
-    running.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Ctrl-C, or SIGTERM from systemd: stop taking requests and let those in flight finish. The

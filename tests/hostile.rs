@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{http, Daemon, Nix};
+use common::{http, noise, Daemon, Nix};
 use futures::{AsyncWriteExt, StreamExt};
 use peerix_chunkstore::{ChunkId, ChunkRef, ChunkStore, Manifest, Options};
 use peerix_nix::Sha256Hash;
@@ -141,17 +141,6 @@ fn manifest_reply(m: &Manifest) -> Vec<u8> {
     b.extend_from_slice(&m.nar_hash.0);
     b.extend_from_slice(&m.encode());
     b
-}
-
-fn noise(len: usize, mut x: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// The chunks of a NAR, cut as a daemon with default settings cuts them.

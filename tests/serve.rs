@@ -12,99 +12,10 @@ mod needs_nix {
 
     use common::Nix;
 
-    use common::{http, Daemon};
-
-    fn sign(nix: &Nix, key: &Path, top: &str) {
-        let s = nix.store_arg();
-        nix.run(
-            "nix",
-            &[
-                "store",
-                "sign",
-                "--store",
-                &s,
-                "--key-file",
-                key.to_str().unwrap(),
-                "-r",
-                top,
-            ],
-        );
-    }
-
-    /// `realise`, which must succeed, and then `b` holds `paths` with the NarHashes `a` has.
-    fn assert_substitutes(
-        b: &Nix,
-        a: &Nix,
-        top: &str,
-        substituters: &str,
-        keys: &str,
-        paths: &[String],
-    ) {
-        let out = b.realise(top, substituters, keys);
-        assert!(
-            out.status.success(),
-            "Nix could not substitute {top}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(b.nar_hashes(paths), a.nar_hashes(paths));
-    }
-
-    fn hash_part(path: &str) -> &str {
-        &path.trim_start_matches("/nix/store/")[..32]
-    }
-
-    /// A node holding a signed closure, and a second node connected to it that trusts the first's
-    /// key: the common start of most tests.
-    struct Pair {
-        a_nix: Nix,
-        b_nix: Nix,
-        a: Daemon,
-        b: Daemon,
-        b_key: (PathBuf, String),
-        top: String,
-        paths: Vec<String>,
-    }
-
-    fn pair(salt: &str, b_extra: &[&str]) -> Option<Pair> {
-        pair_with(salt, b_extra, |_, _| {})
-    }
-
-    /// `prepare` runs on A's store (with A's key) before A starts and scans it.
-    fn pair_with(salt: &str, b_extra: &[&str], prepare: impl FnOnce(&Nix, &Path)) -> Option<Pair> {
-        let a_nix = common::nix();
-        let b_nix = common::nix();
-        let built = a_nix.build_closure(salt);
-        let top = built[0].clone();
-        let a_key = a_nix.keys("peer-a-1");
-        let b_key = b_nix.keys("peer-b-1");
-        sign(&a_nix, &a_key.0, &top);
-        prepare(&a_nix, &a_key.0);
-        let paths = a_nix.closure(&top);
-        assert_eq!(paths.len(), 3);
-        b_nix.init_store();
-        let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
-        assert!(a.wait_scan() >= 3);
-        let mut args = vec![
-            "--trusted-key",
-            &a_key.1,
-            "--private-key",
-            b_key.0.to_str().unwrap(),
-            "--peer",
-            &a.p2p,
-        ];
-        args.extend_from_slice(b_extra);
-        let mut b = Daemon::start("B", &b_nix, &args);
-        b.wait_peer(&a);
-        Some(Pair {
-            a_nix,
-            b_nix,
-            a,
-            b,
-            b_key,
-            top,
-            paths,
-        })
-    }
+    use common::pair::{
+        assert_substitutes, hash_part, pack_bytes, pair, pair_with, pair_with_big, sign, Pair,
+    };
+    use common::{http, noise, Daemon};
 
     #[test]
     fn nix_substitutes_a_closure_only_a_peer_holds() {
@@ -384,34 +295,6 @@ mod needs_nix {
             took >= Duration::from_millis(450) && took < Duration::from_secs(3),
             "a miss with a silent peer took {took:?}; the flag says 0.5 s, the file 5 s"
         );
-    }
-
-    /// Deterministic bytes that neither compress nor dedup.
-    fn noise(len: usize, mut x: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
-    /// A 6 MiB content-addressed path, signed with `key`.
-    fn add_big(nix: &Nix, key: &Path) -> String {
-        let tree = nix.scratch("big-tree");
-        std::fs::write(tree.join("blob"), noise(6 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
-        let path = nix.add(&tree);
-        sign(nix, key, &path);
-        path
-    }
-
-    /// A pair whose A also holds a signed path of several MiB (`add_big`); that path.
-    fn pair_with_big(salt: &str, b_extra: &[&str]) -> Option<(Pair, String)> {
-        let mut big = None;
-        let p = pair_with(salt, b_extra, |nix, key| big = Some(add_big(nix, key)))?;
-        Some((p, big.expect("prepared")))
     }
 
     /// 32 narinfo requests at once, hits and misses, then 4 NAR downloads at once (one NAR of
@@ -774,14 +657,6 @@ mod needs_nix {
             status.success(),
             "peerix serve exited with {status} on SIGTERM"
         );
-    }
-
-    /// Bytes B's packs take on disk, as `peerix status` reports them (the daemon answers).
-    fn pack_bytes(p: &Pair) -> u64 {
-        let state = p.b_nix.scratch("state-B");
-        let out = common::peerix_ok(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        v["store"]["pack_file_bytes"].as_u64().unwrap()
     }
 
     /// A path B downloaded is kept once: when Nix has imported it, B's next scan reads it in place

@@ -21,7 +21,8 @@ pub use chunk::{ChunkId, ChunkerParams, VerifiedChunk};
 pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Manifest};
 pub use store::{
-    ChunkStore, Detached, FsckReport, GcStats, NarReader, Options, Pinned, Progress, Seed, Stats,
+    ChunkStore, Detached, Evicted, FsckReport, GcStats, NarReader, Options, Pinned, Progress, Seed,
+    Stats, SWEEP_BATCH,
 };
 
 /// Puts ([`ChunkStore::put_verified`], [`ChunkStore::put_chunk`]) are made durable and indexed

@@ -212,6 +212,7 @@ async fn fetch_from_peers(
             Err(_) => "the fetch task died".into(),
         };
         settle(&app, nar_hash, outcome, sent, size).await;
+        app.housekeeping.after_download().await;
         match last {
             Some(l) if verified => {
                 app.metrics.nar_bytes_served.inc_by(l.len() as u64);

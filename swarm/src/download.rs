@@ -170,8 +170,20 @@ pub async fn download(
         }
         Err(e) => {
             warn!(nar = %nar_hash, error = %e, bad_peers = report.bad_peers.len(), "download failed");
-            if let Err(ae) = store.blocking(move |cs| cs.abort_download(&nar_hash)).await {
-                warn!(nar = %nar_hash, error = %ae, "cannot drop the download record");
+            // A manifest that lied is dropped; otherwise what arrived is kept, so a retry
+            // (Nix retries a failed substitution) fetches only the rest.
+            let lied = e.is_manifest_lie();
+            let r = store
+                .blocking(move |cs| {
+                    if lied {
+                        cs.abort_download(&nar_hash)
+                    } else {
+                        cs.suspend_download(&nar_hash)
+                    }
+                })
+                .await;
+            if let Err(ae) = r {
+                warn!(nar = %nar_hash, error = %ae, "cannot update the download record");
             }
         }
     }

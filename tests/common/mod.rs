@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub mod pair;
+
 /// Nix's settings for tests: no build users, no network substituters, the new CLI on. Chroot
 /// stores build in a sandbox, which needs the host's shell and libraries bound in; as a normal
 /// user Nix makes that sandbox in a user namespace, so no test needs root to build.
@@ -481,4 +483,16 @@ pub fn get_until_cut(addr: &str, path: &str) -> (u16, Option<usize>, Vec<u8>) {
         .find_map(|l| l.strip_prefix("content-length: "))
         .map(|v| v.trim().parse().unwrap());
     (status, len, got[end + 4..].to_vec())
+}
+
+/// Deterministic bytes that neither compress nor dedup.
+pub fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

@@ -1,0 +1,203 @@
+//! The chunk store over a machine's life: a disk budget kept by evicting least recently used
+//! NARs, GC that runs beside reads and downloads, downloads that are interrupted and resumed
+//! or reclaimed.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use peerix_chunkstore::{ChunkStore, ChunkerParams, Manifest, Options};
+use support::{make_tree, nar_of, none, open, read_all, Rng};
+
+/// A NAR of `size` bytes that shares nothing with the others, ingested into packs.
+fn ingest(cs: &ChunkStore, seed: u64, size: usize) -> (Manifest, Vec<u8>) {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("t");
+    make_tree(&tree, seed, size);
+    let nar = nar_of(&tree);
+    let m = cs
+        .ingest_nar(nar.as_slice(), None, None, &mut none)
+        .unwrap();
+    (m, nar)
+}
+
+#[test]
+fn the_budget_evicts_least_recently_used_nars_and_never_a_pinned_one() {
+    let t = tempfile::tempdir().unwrap();
+    let cs = open(&t.path().join("s"), None);
+    // Noise-like data: zstd cannot shrink it, so stored bytes are about the NAR sizes.
+    let nars: Vec<_> = (0..4).map(|i| ingest(&cs, 1001 + 2 * i, 2 << 20)).collect();
+    let one = cs.packed_live_bytes().unwrap() / 4;
+    // Use them in the order 2, 0, 3, 1: 2 is the least recently used.
+    for i in [2, 0, 3, 1] {
+        cs.mark_used(&nars[i].0.nar_hash).unwrap();
+    }
+    let budget = one * 3 + one / 2;
+    let st = cs.gc_within(Some(budget), &mut |_| {}).unwrap();
+    let gone: Vec<usize> = (0..4)
+        .filter(|&i| cs.manifest(&nars[i].0.nar_hash).unwrap().is_none())
+        .collect();
+    assert_eq!(gone, [2], "evicted {} NARs", st.nars_evicted);
+    for i in [0, 1, 3] {
+        assert_eq!(read_all(&cs, &nars[i].0.nar_hash).unwrap(), nars[i].1);
+    }
+    assert!(cs.packed_live_bytes().unwrap() <= budget);
+    assert!(
+        cs.pack_file_bytes().unwrap() <= budget,
+        "GC compacted the packs down to the budget"
+    );
+    let rep = cs.fsck(true).unwrap();
+    assert!(rep.is_clean(), "{:?}", rep.problems);
+
+    // A budget smaller than anything: everything goes that is not pinned.
+    let st = cs.gc_within(Some(1), &mut |_| {}).unwrap();
+    assert_eq!(st.nars_evicted, 3);
+    assert_eq!(cs.stats().unwrap().manifests, 0);
+    assert_eq!(cs.pack_file_bytes().unwrap(), 0);
+    assert!(cs.fsck(true).unwrap().is_clean());
+}
+
+#[test]
+fn pinned_and_local_nars_are_never_evicted() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let store_dir = root.join("nix/store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let cs = open(&t.path().join("s"), Some(&root));
+    // A path of the local store, indexed in place, then pinned (its chunks copied to packs).
+    let name = "0c6kzph7l0dcbyl8cvq3q7zryzqal1va-pinned";
+    make_tree(&store_dir.join(name), 5, 1 << 20);
+    let path = peerix_nix::StorePath::from_base_name(name).unwrap();
+    let pinned = cs.ingest_local(&path, None, &mut none).unwrap();
+    cs.pin(&path.hash()).unwrap();
+    let (other, _) = ingest(&cs, 6, 1 << 20);
+    cs.gc_within(Some(1), &mut |_| {}).unwrap();
+    assert!(cs.manifest(&pinned.nar_hash).unwrap().is_some());
+    assert!(cs.manifest(&other.nar_hash).unwrap().is_none());
+    assert!(cs.fsck(true).unwrap().is_clean());
+}
+
+/// GC sweeps in batches: a reader hammering the store while GC deletes tens of thousands of
+/// records never fails and never waits for more than a batch.
+#[test]
+fn gc_runs_beside_reads_and_reports_its_longest_pause() {
+    let t = tempfile::tempdir().unwrap();
+    // Tiny chunks: many records from little data.
+    let cs = ChunkStore::open(
+        &t.path().join("s"),
+        Options {
+            chunker: ChunkerParams::new(256, 1024, 4096).unwrap(),
+            store_root: None,
+        },
+    )
+    .unwrap();
+    let (keep, keep_nar) = ingest(&cs, 42, 1 << 20);
+    // Many small dead chunks: a NAR of tiny files, cut small, then forgotten.
+    let mut dead = vec![];
+    let mut r = Rng(9);
+    for i in 0..6 {
+        let tree = t.path().join(format!("d{i}"));
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::write(tree.join("f"), r.bytes(2 << 20)).unwrap();
+        let nar = nar_of(&tree);
+        dead.push(
+            cs.ingest_nar(nar.as_slice(), None, None, &mut none)
+                .unwrap(),
+        );
+    }
+    let records = cs.stats().unwrap().chunks;
+    assert!(
+        records > 2 * peerix_chunkstore::SWEEP_BATCH as u64,
+        "{records} records: too few to sweep in several batches"
+    );
+    for m in &dead {
+        cs.remove_manifest(&m.nar_hash).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (cs, stop, reads, keep) = (cs.clone(), stop.clone(), reads.clone(), keep.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for c in &keep.chunks {
+                    cs.read_chunk(&c.id).expect("a live chunk reads during GC");
+                    reads.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    // The reader is reading before GC starts.
+    while reads.load(Ordering::SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    let st = cs.gc(&mut |_| {}).unwrap();
+    let during = reads.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    reader.join().unwrap();
+    assert!(st.chunks_deleted as usize > 2 * peerix_chunkstore::SWEEP_BATCH);
+    assert!(during > 0);
+    eprintln!(
+        "gc: {} records deleted, longest pause {:?}, {} reads alongside",
+        st.chunks_deleted, st.longest_pause, during
+    );
+    assert_eq!(read_all(&cs, &keep.nar_hash).unwrap(), keep_nar);
+    assert!(cs.fsck(true).unwrap().is_clean());
+}
+
+/// A download that stopped keeps what it stored for a retry, which then needs only the rest;
+/// one left idle (or found on start) is reclaimed and GC frees its chunks.
+#[test]
+fn interrupted_downloads_resume_and_are_reclaimed_when_idle() {
+    let t = tempfile::tempdir().unwrap();
+    let src = open(&t.path().join("src"), None);
+    let (m, nar) = ingest(&src, 77, 2 << 20);
+    let dst_dir = t.path().join("dst");
+    let dst = open(&dst_dir, None);
+    let unique: HashSet<_> = m.chunks.iter().map(|c| c.id).collect();
+
+    dst.begin_download(&m).unwrap();
+    let half = m.chunks.len() / 2;
+    for c in &m.chunks[..half] {
+        dst.put_chunk(&c.id, &src.read_chunk(&c.id).unwrap())
+            .unwrap();
+    }
+    dst.suspend_download(&m.nar_hash).unwrap();
+    // Not idle long enough: kept, through GC.
+    assert_eq!(dst.reclaim_partials(Duration::from_secs(600)).unwrap(), 0);
+    dst.gc(&mut |_| {}).unwrap();
+    // The retry needs only what the first attempt did not get.
+    dst.begin_download(&m).unwrap();
+    let missing = dst.missing(&m).unwrap();
+    assert!(
+        missing.len() < unique.len(),
+        "nothing was kept for the retry"
+    );
+    // While it runs, nothing reclaims it.
+    assert_eq!(dst.reclaim_partials(Duration::ZERO).unwrap(), 0);
+    for c in &missing {
+        dst.put_chunk(&c.id, &src.read_chunk(&c.id).unwrap())
+            .unwrap();
+    }
+    dst.finish_download(&m.nar_hash, None).unwrap();
+    assert_eq!(read_all(&dst, &m.nar_hash).unwrap(), nar);
+
+    // A second NAR interrupted, then the process "restarts": reclaimed on start, GC frees it.
+    let (m2, _) = ingest(&src, 78, 2 << 20);
+    dst.begin_download(&m2).unwrap();
+    for c in &m2.chunks[..m2.chunks.len() / 2] {
+        dst.put_chunk(&c.id, &src.read_chunk(&c.id).unwrap())
+            .unwrap();
+    }
+    drop(dst);
+    let dst = open(&dst_dir, None);
+    assert!(dst.has_partial(&m2.nar_hash).unwrap());
+    assert_eq!(dst.reclaim_partials(Duration::ZERO).unwrap(), 1);
+    let st = dst.gc(&mut |_| {}).unwrap();
+    assert!(st.chunks_deleted > 0);
+    assert!(!dst.has_partial(&m2.nar_hash).unwrap());
+    assert_eq!(read_all(&dst, &m.nar_hash).unwrap(), nar);
+    assert!(dst.fsck(true).unwrap().is_clean());
+}

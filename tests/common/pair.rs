@@ -1,0 +1,122 @@
+//! Two daemons with real Nix stores: A holds a signed closure (and maybe a path of several
+//! MiB), B trusts A's key and is connected to it. The start of most end-to-end tests.
+
+use std::path::{Path, PathBuf};
+
+use super::{noise, Daemon, Nix};
+
+pub fn sign(nix: &Nix, key: &Path, top: &str) {
+    let s = nix.store_arg();
+    nix.run(
+        "nix",
+        &[
+            "store",
+            "sign",
+            "--store",
+            &s,
+            "--key-file",
+            key.to_str().unwrap(),
+            "-r",
+            top,
+        ],
+    );
+}
+
+/// `realise`, which must succeed, and then `b` holds `paths` with the NarHashes `a` has.
+pub fn assert_substitutes(
+    b: &Nix,
+    a: &Nix,
+    top: &str,
+    substituters: &str,
+    keys: &str,
+    paths: &[String],
+) {
+    let out = b.realise(top, substituters, keys);
+    assert!(
+        out.status.success(),
+        "Nix could not substitute {top}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(b.nar_hashes(paths), a.nar_hashes(paths));
+}
+
+pub fn hash_part(path: &str) -> &str {
+    &path.trim_start_matches("/nix/store/")[..32]
+}
+
+/// A node holding a signed closure, and a second node connected to it that trusts the first's
+/// key: the common start of most tests.
+pub struct Pair {
+    pub a_nix: Nix,
+    pub b_nix: Nix,
+    pub a: Daemon,
+    pub b: Daemon,
+    pub b_key: (PathBuf, String),
+    pub top: String,
+    pub paths: Vec<String>,
+}
+
+pub fn pair(salt: &str, b_extra: &[&str]) -> Option<Pair> {
+    pair_with(salt, b_extra, |_, _| {})
+}
+
+/// `prepare` runs on A's store (with A's key) before A starts and scans it.
+pub fn pair_with(salt: &str, b_extra: &[&str], prepare: impl FnOnce(&Nix, &Path)) -> Option<Pair> {
+    let a_nix = super::nix();
+    let b_nix = super::nix();
+    let built = a_nix.build_closure(salt);
+    let top = built[0].clone();
+    let a_key = a_nix.keys("peer-a-1");
+    let b_key = b_nix.keys("peer-b-1");
+    sign(&a_nix, &a_key.0, &top);
+    prepare(&a_nix, &a_key.0);
+    let paths = a_nix.closure(&top);
+    assert_eq!(paths.len(), 3);
+    b_nix.init_store();
+    let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
+    assert!(a.wait_scan() >= 3);
+    let mut args = vec![
+        "--trusted-key",
+        &a_key.1,
+        "--private-key",
+        b_key.0.to_str().unwrap(),
+        "--peer",
+        &a.p2p,
+    ];
+    args.extend_from_slice(b_extra);
+    let mut b = Daemon::start("B", &b_nix, &args);
+    b.wait_peer(&a);
+    Some(Pair {
+        a_nix,
+        b_nix,
+        a,
+        b,
+        b_key,
+        top,
+        paths,
+    })
+}
+
+/// A 6 MiB content-addressed path, signed with `key`.
+pub fn add_big(nix: &Nix, key: &Path) -> String {
+    let tree = nix.scratch("big-tree");
+    std::fs::write(tree.join("blob"), noise(6 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
+    let path = nix.add(&tree);
+    sign(nix, key, &path);
+    path
+}
+
+/// A pair whose A also holds a signed path of several MiB (`add_big`); that path.
+pub fn pair_with_big(salt: &str, b_extra: &[&str]) -> Option<(Pair, String)> {
+    let mut big = None;
+    let p = pair_with(salt, b_extra, |nix, key| big = Some(add_big(nix, key)))?;
+    Some((p, big.expect("prepared")))
+}
+
+/// Bytes B's packs take on disk, as `peerix status` reports them (the daemon answers).
+pub fn pack_bytes(p: &Pair) -> u64 {
+    let state = p.b_nix.scratch("state-B");
+    let out = super::peerix_ok(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v["store"]["pack_file_bytes"].as_u64().unwrap()
+}
