@@ -391,7 +391,7 @@ impl App {
             let nh = p.info.nar_hash;
             if self
                 .store
-                .blocking(move |cs| cs.has_manifest(&nh))
+                .blocking(move |cs| cs.readable_manifest(&nh).map(|m| m.is_some()))
                 .await
                 .unwrap_or(false)
             {
@@ -428,7 +428,7 @@ impl App {
         let own = peerix_swarm::Catalog::lookup(self.sharing.as_ref(), &hash)?;
         let nh = own.nar_hash;
         self.store
-            .blocking(move |cs| cs.has_manifest(&nh))
+            .blocking(move |cs| cs.readable_manifest(&nh).map(|m| m.is_some()))
             .await
             .unwrap_or(false)
             .then_some(own)

@@ -124,6 +124,13 @@ pub fn run(state_dir: &Path, store_root: &Path, cmd: StoreCommand) -> Result<()>
                 r.packs,
                 mib(r.garbage_bytes)
             );
+            if r.left_store > 0 {
+                println!(
+                    "{} chunks were read in place from paths Nix has collected since the last \
+                     scan (the daemon's next scan forgets them)",
+                    r.left_store
+                );
+            }
             for p in &r.problems {
                 println!("problem: {p}");
             }

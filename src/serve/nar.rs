@@ -89,7 +89,7 @@ pub(super) async fn nar(
     let guard = lock.lock_owned().await;
     let held = app
         .store
-        .blocking(move |cs| cs.manifest(&nar_hash))
+        .blocking(move |cs| cs.readable_manifest(&nar_hash))
         .await
         .ok()
         .flatten();

@@ -318,16 +318,12 @@ impl Daemon {
             }
             None => peerix(),
         };
-        cmd.args([
-            "serve",
-            "--store",
-            &store,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--p2p-listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-        ]);
+        cmd.args(["serve", "--store", &store]);
+        // The test's own state directory (a small filesystem, say) when it gives one.
+        if !extra.contains(&"--state-dir") {
+            cmd.args(["--state-dir", state.to_str().unwrap()]);
+        }
+        cmd.args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
         // Loopback on a port the OS picks, and no upstream cache, unless the test says.
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);

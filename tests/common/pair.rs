@@ -54,6 +54,20 @@ pub struct Pair {
     pub b_key: (PathBuf, String),
     pub top: String,
     pub paths: Vec<String>,
+    /// B's extra command-line arguments, to start it again.
+    pub b_args: Vec<String>,
+}
+
+impl Pair {
+    /// Kill B with SIGKILL, wherever it is, and start it again on the same state; it is
+    /// connected to A again when this returns.
+    pub fn kill_and_restart_b(&mut self) {
+        let _ = self.b.child.kill();
+        let _ = self.b.child.wait();
+        let args: Vec<&str> = self.b_args.iter().map(String::as_str).collect();
+        self.b = Daemon::start("B", &self.b_nix, &args);
+        self.b.wait_peer(&self.a);
+    }
 }
 
 pub fn pair(salt: &str, b_extra: &[&str]) -> Option<Pair> {
@@ -86,7 +100,9 @@ pub fn pair_with(salt: &str, b_extra: &[&str], prepare: impl FnOnce(&Nix, &Path)
     args.extend_from_slice(b_extra);
     let mut b = Daemon::start("B", &b_nix, &args);
     b.wait_peer(&a);
+    let b_args = args.iter().map(|s| s.to_string()).collect();
     Some(Pair {
+        b_args,
         a_nix,
         b_nix,
         a,

@@ -139,6 +139,15 @@ impl ChunkStore {
     /// Finish a download whose NAR has been checked against its NarHash: every chunk must be
     /// there; the manifest becomes complete and durable.
     pub fn finish_download(&self, nar_hash: &Sha256Hash, path: Option<&StorePath>) -> Result<()> {
+        // Chunks this NAR shares with a path of the local store, read in place so far, get a
+        // pack copy: the NAR is held in packs, and Nix may collect that path at any time. The
+        // partial record keeps them from GC meanwhile. (Once Nix imports this NAR, the scan
+        // reads it in place too and GC releases the copies.)
+        if let Some(m) = self.partial_manifest(nar_hash)? {
+            if self.missing(&m)?.is_empty() {
+                self.ensure_packed(&m)?;
+            }
+        }
         let _gc = self.inner.gc.read().expect("gc lock");
         let m = match self.partial_manifest(nar_hash)? {
             Some(m) => m,

@@ -112,12 +112,26 @@ impl ChunkStore {
             .collect()
     }
 
-    pub(super) fn pinned_chunks(&self) -> Result<HashSet<ChunkId>> {
+    /// Chunks whose pack copy must stay even where the local store has them too: those of
+    /// pinned NARs, of downloads, and of NARs the local store does not hold (a path Nix
+    /// collects takes its files with it, and a NAR held only in packs must not lose a chunk
+    /// it shares with that path).
+    pub(super) fn pack_needed(&self) -> Result<HashSet<ChunkId>> {
+        let mut nars = self.pinned_nars()?;
+        for k in self.inner.manifests.iter().keys() {
+            let k = k?;
+            if !self.inner.local.contains_key(&k)? {
+                nars.insert(hash_key(&k)?);
+            }
+        }
         let mut set = HashSet::new();
-        for nar in self.pinned_nars()? {
+        for nar in nars {
             if let Some(m) = self.manifest(&nar)? {
                 set.extend(m.chunks.iter().map(|c| c.id));
             }
+        }
+        for m in self.manifests_of(&self.inner.partial)? {
+            set.extend(m.chunks.iter().map(|c| c.id));
         }
         Ok(set)
     }
@@ -177,9 +191,9 @@ impl ChunkStore {
                         .iter()
                         .flat_map(|m| m.chunks.iter().map(|c| c.id))
                         .collect();
-                    roots = Some((gen, in_flight, self.pinned_chunks()?));
+                    roots = Some((gen, in_flight, self.pack_needed()?));
                 }
-                let (_, in_flight, pinned) = roots.as_ref().expect("just set");
+                let (_, in_flight, needed) = roots.as_ref().expect("just set");
                 let range = match &after {
                     Some(k) => i
                         .chunks
@@ -201,7 +215,7 @@ impl ChunkStore {
                         batch.remove(k.clone());
                         st.chunks_deleted += 1;
                         st.bytes_deleted += u64::from(r.len);
-                    } else if r.pack.is_some() && r.local.is_some() && !pinned.contains(&id) {
+                    } else if r.pack.is_some() && r.local.is_some() && !needed.contains(&id) {
                         r.pack = None;
                         batch.insert(k.clone(), r.encode());
                         st.pack_copies_released += 1;

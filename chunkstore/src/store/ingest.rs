@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use peerix_nix::nar::NarLayout;
@@ -166,7 +167,10 @@ impl ChunkStore {
             let len = data.len() as u32;
             p.chunks += 1;
             p.bytes += u64::from(len);
-            if !new_locs.contains_key(&id) && !self.has_chunk(&id)? {
+            // A chunk held only in place in the local store gets a pack copy too: this NAR
+            // lives in packs, and Nix may collect that path at any time.
+            if !new_locs.contains_key(&id) && self.chunk_rec(&id)?.is_none_or(|r| r.pack.is_none())
+            {
                 let loc = self.inner.packs.append(&id, data, true)?;
                 let rec = ChunkRec {
                     len,
@@ -261,6 +265,10 @@ impl ChunkStore {
     ) -> Result<()> {
         self.drain_pending()?;
         let i = &self.inner;
+        if local.is_none() {
+            // GC's sweep batches recompute which chunks NARs held in packs need.
+            i.roots_gen.fetch_add(1, Ordering::SeqCst);
+        }
         let mut unique: Vec<ChunkRef> = Vec::with_capacity(m.chunks.len());
         let mut seen = HashSet::new();
         for c in &m.chunks {

@@ -11,7 +11,7 @@ use tracing::debug;
 
 use super::{real_path, tx_err, ChunkStore};
 use crate::index::ChunkRec;
-use crate::{Error, Result};
+use crate::{Error, Manifest, Result};
 
 /// What [`ChunkStore::detach_local`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,8 +79,8 @@ impl ChunkStore {
     }
 
     /// The local path of `nar_hash` left the Nix store: its chunks lose their in-place
-    /// locations, and when the NAR can no longer be produced whole (no pack copy of some chunk,
-    /// which is the case for every path that was only indexed in place), its manifest goes too,
+    /// locations, and unless every chunk has a pack copy (which is the case for pinned NARs
+    /// only, since GC releases the others), its manifest goes too,
     /// so it is neither served nor claimed; a request for it then goes to peers.
     pub fn detach_local(&self, nar_hash: &Sha256Hash) -> Result<Detached> {
         let mut d = Detached::default();
@@ -110,13 +110,33 @@ impl ChunkStore {
                 .map_err(tx_err)?;
             i.layouts.lock().expect("layout cache").pop(nar_hash);
         }
+        // Kept only when every chunk has a pack copy (pinned NARs): a chunk still read in
+        // place from another path would go when Nix collects that one too.
         if let Some(m) = self.manifest(nar_hash)? {
-            if !self.missing(&m)?.is_empty() {
+            let mut packed = true;
+            for c in &m.chunks {
+                if self.chunk_rec(&c.id)?.is_none_or(|r| r.pack.is_none()) {
+                    packed = false;
+                    break;
+                }
+            }
+            if !packed {
                 d.manifest_dropped = self.remove_manifest(nar_hash)?;
             }
         }
         self.inner.db.flush()?;
         Ok(d)
+    }
+
+    /// The manifest of a NAR the store can produce now. A NAR read in place whose store path
+    /// Nix has collected since the last scan is detached at once (see
+    /// [`detach_local`](Self::detach_local)), so a request for it goes to peers instead of
+    /// failing half-way.
+    pub fn readable_manifest(&self, nar_hash: &Sha256Hash) -> Result<Option<Manifest>> {
+        if self.local_path_gone(nar_hash)? {
+            self.detach_local(nar_hash)?;
+        }
+        self.manifest(nar_hash)
     }
 
     /// Every NAR read in place, with the store path it is read from.

@@ -235,8 +235,27 @@ impl ChunkStore {
     }
 
     /// True when the store can produce this chunk's bytes.
+    ///
+    /// A chunk read in place from a store path that Nix has collected since the last scan does
+    /// not count: a download fetches it from peers (and keeps it in a pack) instead of failing
+    /// on it mid-way.
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
-        Ok(self.chunk_rec(id)?.is_some_and(|r| r.has_location()))
+        Ok(match self.chunk_rec(id)? {
+            Some(r) if r.pack.is_some() => true,
+            Some(ChunkRec {
+                local: Some((nar, _)),
+                ..
+            }) => !self.local_path_gone(&nar)?,
+            _ => false,
+        })
+    }
+
+    /// True when the local store path a NAR was read from in place no longer exists.
+    pub(super) fn local_path_gone(&self, nar: &Sha256Hash) -> Result<bool> {
+        let (Some(root), Some(path)) = (&self.inner.store_root, self.local_source(nar)?) else {
+            return Ok(false);
+        };
+        Ok(std::fs::symlink_metadata(real_path(root, &path)).is_err())
     }
 
     pub fn manifest(&self, nar_hash: &Sha256Hash) -> Result<Option<Manifest>> {

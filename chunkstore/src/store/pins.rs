@@ -58,6 +58,13 @@ impl ChunkStore {
             .path_nar(hash)?
             .ok_or_else(|| Error::NotInLocalStore(hash.to_string()))?;
         let m = self.manifest(&nar)?.ok_or(Error::MissingNar(nar))?;
+        let copied = self.ensure_packed(&m)?;
+        Ok((m, name, copied))
+    }
+
+    /// Copy the chunks of `m` that have no pack copy into packs (from the local store, where
+    /// they are read in place); returns the bytes copied. The caller holds no GC lock.
+    pub(super) fn ensure_packed(&self, m: &Manifest) -> Result<u64> {
         let mut seen = HashSet::new();
         let mut copied = 0;
         let (mut batch, mut batch_bytes) = (vec![], 0);
@@ -78,7 +85,7 @@ impl ChunkStore {
             }
         }
         self.copy_to_packs(&mut batch)?;
-        Ok((m, name, copied))
+        Ok(copied)
     }
 
     /// Append chunks to packs, sync them once, then record where they are.
