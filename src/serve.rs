@@ -33,6 +33,8 @@ use tracing::{debug, info, warn};
 
 use crate::admin::Daemon;
 use crate::config::ServeConfig;
+use crate::dashboard::stats::{Activity, Kind};
+use crate::dashboard::{Dashboard, Settings};
 use crate::http::{HttpLimits, Origin};
 use crate::seed::Seeder;
 use crate::share::{ShareConfig, Sharing};
@@ -69,6 +71,7 @@ struct App {
     nar_locks: Mutex<HashMap<Sha256Hash, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Metrics,
     registry: Registry,
+    dash: Arc<Dashboard>,
 }
 
 fn read_key(path: &std::path::Path) -> Result<SecretKey> {
@@ -124,7 +127,7 @@ pub fn open_parts(cfg: &ServeConfig) -> Result<Parts> {
             share_all: cfg.share_all,
             deny: cfg.deny.clone(),
             trusted_keys: cfg.trusted_keys.clone(),
-            ..ShareConfig::default()
+            upstream_concurrency: cfg.upstream_concurrency,
         },
         local.clone(),
         store.clone(),
@@ -173,6 +176,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     tokio::spawn(server.run(control).context("serving the peer protocol")?);
 
     let client = Client::new(node.stream_control());
+    let has_own_key = own_key.is_some();
     let trust = Arc::new(Trust::new(cfg.trusted_keys.clone(), upstream, own_key));
     let lookup = Lookup::new(
         node.clone() as Arc<dyn PeerSource>,
@@ -188,6 +192,25 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
 
     let mut metrics = Metrics::default();
     let registry = metrics.registry();
+    let dash = Arc::new(Dashboard::new(
+        &cfg.state_dir,
+        node.clone(),
+        server_handle.clone(),
+        sharing.clone(),
+        store.clone(),
+        metrics.nar_bytes_served.clone(),
+        Settings {
+            http: addr,
+            upstream: cfg.upstream_cache.clone(),
+            own_key: has_own_key,
+            trusted_keys: cfg.trusted_keys.len(),
+            share_all: cfg.share_all,
+            scan_interval: cfg.scan_interval,
+            mdns: cfg.mdns,
+            explicit_peers: cfg.peers.clone(),
+        },
+    ));
+    tokio::spawn(dash.clone().run());
     let cap = NonZeroUsize::new(REMEMBERED).expect("non-zero");
     let app = Arc::new(App {
         priority: cfg.priority,
@@ -204,6 +227,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         nar_locks: Mutex::new(HashMap::new()),
         metrics,
         registry,
+        dash: dash.clone(),
     });
 
     let daemon = Arc::new(Daemon {
@@ -233,6 +257,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
             for p in app.node.connected_peers().await {
                 if seen.insert(p) {
                     eprintln!("peerix: peer connected {p}");
+                    app.dash.stats.peer_seen(&p.to_string(), true);
                 }
             }
             loop {
@@ -240,11 +265,13 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
                     Ok(NodeEvent::PeerConnected(p)) => {
                         if seen.insert(p) {
                             eprintln!("peerix: peer connected {p}");
+                            app.dash.stats.peer_seen(&p.to_string(), true);
                         }
                     }
                     Ok(NodeEvent::PeerDisconnected(p)) => {
                         seen.remove(&p);
                         eprintln!("peerix: peer disconnected {p}");
+                        app.dash.stats.peer_seen(&p.to_string(), false);
                     }
                     Ok(NodeEvent::Announced(h)) => app.lookup.forget_miss(&h),
                     Ok(NodeEvent::ExplicitPeerUnreachable { spec, error }) => {
@@ -265,11 +292,14 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         let interval = cfg.scan_interval;
         let store = app.store.clone();
         let collecting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dash = dash.clone();
         tokio::spawn(sharing.run(interval, move |s| {
             let shared = s.shared_hashes();
             let n = shared.len();
             node.set_provided(shared);
             eprintln!("peerix: scan done: {n} shared");
+            dash.stats
+                .log(Activity::new(Kind::Scan, true).detail(format!("{n} paths shared")));
             if !collecting.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 tokio::spawn(collect_garbage(store.clone(), collecting.clone()));
             }
@@ -284,6 +314,8 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         shutdown_signal(signals),
     )
     .await;
+    // The dashboard's counters outlive the process.
+    let _ = tokio::task::spawn_blocking(move || dash.save()).await;
     Ok(())
 }
 
@@ -334,6 +366,7 @@ async fn shutdown_signal(
 }
 
 fn router(app: Arc<App>) -> Router {
+    let dashboard = crate::dashboard::router(app.dash.clone());
     Router::new()
         .route("/nix-cache-info", get(cache_info))
         .route("/health", get(|| async { "ok" }))
@@ -342,6 +375,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/:file", get(narinfo))
         .fallback(|| async { StatusCode::NOT_FOUND })
         .with_state(app)
+        .merge(dashboard)
 }
 
 async fn cache_info(State(app): State<Arc<App>>) -> Response {
@@ -384,6 +418,10 @@ async fn narinfo(
     };
     if let Some(h) = &app.metrics.narinfo_latency {
         h.observe(started.elapsed().as_secs_f64());
+    }
+    if origin.local {
+        let path = found.as_ref().map(|i| i.store_path.to_string());
+        app.dash.stats.check(&hash.to_string(), path.as_deref());
     }
     match found {
         Some(info) => {
