@@ -1,6 +1,7 @@
 # The NixOS module: `services.peerix`. The options of the earlier peerix modules keep their
 # names and meaning; each option maps to a `peerix serve` flag (tests/flake.rs holds them
-# against `peerix serve --help`).
+# against `peerix serve --help`). The options only the Iroh-based peerix had are renamed,
+# changed or removed below (`imports`), so its users' configurations still evaluate.
 self:
 { config, lib, pkgs, ... }:
 
@@ -21,6 +22,7 @@ let
     ++ [ "--timeout" (toString cfg.timeout) ]
     ++ [ "--scan-interval" (toString cfg.scanInterval) ]
     ++ [ "--max-store-size" cfg.maxStoreSize ]
+    ++ [ "--upstream-concurrency" (toString cfg.upstreamConcurrency) ]
     ++ [ "--upstream-cache" (if cfg.upstreamCache == null then "none" else cfg.upstreamCache) ]
     ++ optional cfg.disableBroadcast "--no-mdns"
     ++ optional cfg.shareAll "--share-all"
@@ -57,11 +59,49 @@ let
     '';
   };
 
+  # The Iroh-based peerix's `trackerUrl` named an HTTP tracker; the nearest thing peerix has is
+  # a peer to connect to first. `https://tracker.lan:12305/peerix` becomes `tracker.lan:12305`
+  # (a host without a port gets p2pPort).
+  trackerPeer = url:
+    let
+      noScheme = lib.last (lib.splitString "://" url);
+      hostPort = lib.head (lib.splitString "/" noScheme);
+    in
+    lib.optional (url != null && hostPort != "") hostPort;
+
   ownPublicKeys =
     optional (cfg.publicKey != null) cfg.publicKey
     ++ optional (cfg.publicKeyFile != null) (lib.removeSuffix "\n" (builtins.readFile cfg.publicKeyFile));
 in
 {
+  imports =
+    let
+      old = name: [ "services" "peerix" name ];
+    in
+    [
+      (lib.mkChangedOptionModule (old "trackerUrl") (old "extraHosts")
+        (c: trackerPeer c.services.peerix.trackerUrl))
+      # "nixpkgs" shared what cache.nixos.org has: peerix's default. "rules" shared everything
+      # but what heuristics called system-specific: shareAll, with peerix's deny list (always on).
+      (lib.mkChangedOptionModule (old "filterMode") (old "shareAll")
+        (c: lib.mkIf (c.services.peerix.filterMode == "rules") true))
+      (lib.mkRenamedOptionModule (old "filterConcurrency") (old "upstreamConcurrency"))
+      # Serve every package, unfiltered: shareAll (deny patterns still win).
+      (lib.mkChangedOptionModule (old "noFilter") (old "shareAll")
+        (c: lib.mkIf c.services.peerix.noFilter true))
+      # LAN discovery on top of the tracker: mDNS, which peerix runs unless disableBroadcast.
+      (lib.mkChangedOptionModule (old "lanDiscovery") (old "disableBroadcast")
+        (c: !c.services.peerix.lanDiscovery))
+      (lib.mkRemovedOptionModule (old "noVerify") ''
+        peerix always verifies what it hands Nix: a narinfo must carry a signature by one of
+        trustedKeys or match the upstream cache's NarHash, and every chunk and the whole NAR are
+        checked. To take a peer's own builds, add the key it signs with to
+        services.peerix.trustedKeys.'')
+      (lib.mkRemovedOptionModule (old "allowInsecureHttp") ''
+        peerix has no tracker, peers talk over encrypted libp2p connections, and upstreamCache
+        takes an http:// URL as given; nothing needs this switch.'')
+    ];
+
   options.services.peerix = {
     enable = mkEnableOption "peerix, a peer-to-peer binary cache for Nix";
 
@@ -149,7 +189,19 @@ in
     scanInterval = mkOption {
       type = types.ints.unsigned;
       default = 600;
-      description = "Seconds between scans of the local store for paths to share.";
+      description = "Seconds between scans of the local store for paths to share; 0 scans once at start (and after each seed), with no periodic rescans.";
+    };
+
+    upstreamConcurrency = mkOption {
+      type = types.ints.positive;
+      default = 8;
+      description = "Questions to the upstream cache in flight at once during a scan (the Iroh-based peerix's filterConcurrency).";
+    };
+
+    globalCacheTTL = mkOption {
+      type = types.nullOr types.ints.unsigned;
+      default = null;
+      description = "Seconds the local Nix remembers narinfos, found or not (narinfo-cache-positive-ttl and -negative-ttl); null leaves Nix's positive TTL alone and sets the negative one to 60.";
     };
 
     port = mkOption {
@@ -335,7 +387,10 @@ in
       connect-timeout = lib.mkDefault 5;
       fallback = lib.mkDefault true;
       # A path a peer did not have a minute ago may be there now.
-      narinfo-cache-negative-ttl = lib.mkDefault 60;
+      narinfo-cache-negative-ttl =
+        if cfg.globalCacheTTL == null then lib.mkDefault 60 else cfg.globalCacheTTL;
+    } // lib.optionalAttrs (cfg.globalCacheTTL != null) {
+      narinfo-cache-positive-ttl = cfg.globalCacheTTL;
     };
 
     networking.firewall = mkIf cfg.openFirewall {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone on a fresh Debian machine: installs what the tests
-# need (real Nix from Debian's nix-bin, the cargo-nextest runner), then checks formatting and
-# lints and runs every test this environment can run. README.md gives this command; .ci/run
-# calls it; TESTING.md says what each test group proves and needs.
+# need (real Nix from Debian's nix-bin, Chromium for the dashboard test, the cargo-nextest
+# runner), then checks formatting and lints and runs every test this environment can run.
+# README.md gives this command; .ci/run calls it; TESTING.md says what each test group proves
+# and needs.
 #
 # Tests that need root live in modules named `needs_root`, tests that need real Nix (but not
 # root) in modules named `needs_nix`; inside, a missing requirement is a failure, never a quiet
@@ -21,6 +22,14 @@ if ! command -v nix-store >/dev/null 2>&1; then
   as_root apt-get update -qq &&
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nix-bin ||
     echo "!! could not install nix-bin: the needs_nix tests will not run here"
+fi
+
+# A browser for the dashboard test (tests/dashboard.rs renders the page headless).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (a headless browser for the dashboard test)"
+  as_root apt-get update -qq &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium ||
+    echo "!! could not install chromium: the dashboard test will fail"
 fi
 
 # The runner: per-test timeouts and filtersets; there is no weaker fallback.

@@ -73,7 +73,8 @@ pub struct ServeArgs {
     /// Private swarm key file (`/key/swarm/psk/1.0.0/`); only peers with it can connect.
     #[arg(long, value_name = "FILE")]
     pub swarm_key: Option<PathBuf>,
-    /// Seconds between scans of the local store for paths to share [default: 600].
+    /// Seconds between scans of the local store for paths to share; 0 scans once at start
+    /// (and after each seed) only [default: 600].
     #[arg(long, value_name = "SECS")]
     pub scan_interval: Option<f64>,
     /// Disk budget for NARs held in the state directory's packs (downloads not in the local
@@ -84,6 +85,9 @@ pub struct ServeArgs {
     /// Share every path not denied, not only public, own-signed and pinned ones.
     #[arg(long)]
     pub share_all: bool,
+    /// Questions to the upstream cache in flight at once during a scan [default: 8].
+    #[arg(long, value_name = "N")]
+    pub upstream_concurrency: Option<usize>,
     /// Extra glob over store-path names never shared, added to the built-in list (repeatable).
     #[arg(long, value_name = "PATTERN", num_args = 1..)]
     pub deny: Vec<String>,
@@ -111,6 +115,7 @@ pub struct FileConfig {
     pub scan_interval: Option<f64>,
     pub max_store_size: Option<String>,
     pub share_all: Option<bool>,
+    pub upstream_concurrency: Option<usize>,
     pub deny: Option<Vec<String>>,
 }
 
@@ -129,10 +134,12 @@ pub struct ServeConfig {
     pub priority: u32,
     pub timeout: Duration,
     pub swarm_key: Option<PathBuf>,
-    pub scan_interval: Duration,
+    /// `None`: one scan at start-up (and one after each seed), no periodic rescans.
+    pub scan_interval: Option<Duration>,
     /// Bytes the packs may hold; `None`: no budget.
     pub max_store_size: Option<u64>,
     pub share_all: bool,
+    pub upstream_concurrency: usize,
     /// DEFAULT_DENY plus the configured extras.
     pub deny: Vec<String>,
 }
@@ -242,12 +249,14 @@ impl ServeConfig {
                     .unwrap_or(DEFAULT_TIMEOUT_SECS),
             )?,
             swarm_key: args.swarm_key.or(file.swarm_key),
-            scan_interval: secs(
-                "--scan-interval",
-                args.scan_interval
-                    .or(file.scan_interval)
-                    .unwrap_or(DEFAULT_SCAN_INTERVAL_SECS),
-            )?,
+            scan_interval: match args
+                .scan_interval
+                .or(file.scan_interval)
+                .unwrap_or(DEFAULT_SCAN_INTERVAL_SECS)
+            {
+                0.0 => None,
+                v => Some(secs("--scan-interval", v)?),
+            },
             max_store_size: size(
                 "--max-store-size",
                 args.max_store_size
@@ -256,6 +265,11 @@ impl ServeConfig {
                     .unwrap_or(DEFAULT_MAX_STORE_SIZE),
             )?,
             share_all: args.share_all || file.share_all.unwrap_or(false),
+            upstream_concurrency: args
+                .upstream_concurrency
+                .or(file.upstream_concurrency)
+                .unwrap_or(8)
+                .clamp(1, 256),
             deny,
         })
     }
@@ -264,6 +278,20 @@ impl ServeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scan_interval_of_zero_means_no_periodic_rescan() {
+        let file: FileConfig = toml::from_str("scan-interval = 0\n").unwrap();
+        let c = ServeConfig::merge(ServeArgs::default(), file).unwrap();
+        assert_eq!(c.scan_interval, None);
+        let c = ServeConfig::merge(ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.scan_interval, Some(Duration::from_secs(600)));
+        let args = ServeArgs {
+            scan_interval: Some(-1.0),
+            ..ServeArgs::default()
+        };
+        assert!(ServeConfig::merge(args, FileConfig::default()).is_err());
+    }
 
     #[test]
     fn flags_override_the_file() {

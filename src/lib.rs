@@ -5,6 +5,7 @@ pub mod admin;
 pub mod bench;
 pub mod bench_netns;
 pub mod config;
+pub mod dashboard;
 pub mod http;
 pub mod seed;
 pub mod seed_cmd;

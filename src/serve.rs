@@ -33,6 +33,8 @@ use tracing::{debug, info, warn};
 
 use crate::admin::Daemon;
 use crate::config::ServeConfig;
+use crate::dashboard::stats::{Activity, Kind};
+use crate::dashboard::{Dashboard, Settings};
 use crate::http::{HttpLimits, Origin};
 use crate::seed::Seeder;
 use crate::share::{ShareConfig, Sharing};
@@ -72,6 +74,7 @@ struct App {
     housekeeping: Housekeeping,
     metrics: Metrics,
     registry: Registry,
+    dash: Arc<Dashboard>,
 }
 
 fn read_key(path: &std::path::Path) -> Result<SecretKey> {
@@ -127,7 +130,7 @@ pub fn open_parts(cfg: &ServeConfig) -> Result<Parts> {
             share_all: cfg.share_all,
             deny: cfg.deny.clone(),
             trusted_keys: cfg.trusted_keys.clone(),
-            ..ShareConfig::default()
+            upstream_concurrency: cfg.upstream_concurrency,
         },
         local.clone(),
         store.clone(),
@@ -176,6 +179,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     tokio::spawn(server.run(control).context("serving the peer protocol")?);
 
     let client = Client::new(node.stream_control());
+    let has_own_key = own_key.is_some();
     let trust = Arc::new(Trust::new(cfg.trusted_keys.clone(), upstream, own_key));
     let lookup = Lookup::new(
         node.clone() as Arc<dyn PeerSource>,
@@ -191,6 +195,26 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
 
     let mut metrics = Metrics::default();
     let registry = metrics.registry();
+    let dash = Arc::new(Dashboard::new(
+        &cfg.state_dir,
+        node.clone(),
+        server_handle.clone(),
+        sharing.clone(),
+        store.clone(),
+        metrics.nar_bytes_served.clone(),
+        Settings {
+            http: addr,
+            upstream: cfg.upstream_cache.clone(),
+            own_key: has_own_key,
+            trusted_keys: cfg.trusted_keys.len(),
+            share_all: cfg.share_all,
+            scan_interval: cfg.scan_interval,
+            budget: cfg.max_store_size,
+            mdns: cfg.mdns,
+            explicit_peers: cfg.peers.clone(),
+        },
+    ));
+    tokio::spawn(dash.clone().run());
     let cap = NonZeroUsize::new(REMEMBERED).expect("non-zero");
     let housekeeping = Housekeeping::start(store.clone(), cfg.max_store_size)
         .context("reclaiming interrupted downloads")?;
@@ -210,6 +234,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         nar_locks: Mutex::new(HashMap::new()),
         metrics,
         registry,
+        dash: dash.clone(),
     });
 
     let daemon = Arc::new(Daemon {
@@ -239,6 +264,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
             for p in app.node.connected_peers().await {
                 if seen.insert(p) {
                     eprintln!("peerix: peer connected {p}");
+                    app.dash.stats.peer_seen(&p.to_string(), true);
                 }
             }
             loop {
@@ -246,11 +272,13 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
                     Ok(NodeEvent::PeerConnected(p)) => {
                         if seen.insert(p) {
                             eprintln!("peerix: peer connected {p}");
+                            app.dash.stats.peer_seen(&p.to_string(), true);
                         }
                     }
                     Ok(NodeEvent::PeerDisconnected(p)) => {
                         seen.remove(&p);
                         eprintln!("peerix: peer disconnected {p}");
+                        app.dash.stats.peer_seen(&p.to_string(), false);
                     }
                     Ok(NodeEvent::Announced(h)) => app.lookup.forget_miss(&h),
                     Ok(NodeEvent::ExplicitPeerUnreachable { spec, error }) => {
@@ -270,11 +298,14 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         let node = node.clone();
         let interval = cfg.scan_interval;
         let housekeeping = app.housekeeping.clone();
+        let dash = dash.clone();
         tokio::spawn(sharing.run(interval, move |s| {
             let shared = s.shared_hashes();
             let n = shared.len();
             node.set_provided(shared);
             eprintln!("peerix: scan done: {n} shared");
+            dash.stats
+                .log(Activity::new(Kind::Scan, true).detail(format!("{n} paths shared")));
             housekeeping.collect();
         }));
     }
@@ -287,6 +318,8 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         shutdown_signal(signals),
     )
     .await;
+    // The dashboard's counters outlive the process.
+    let _ = tokio::task::spawn_blocking(move || dash.save()).await;
     Ok(())
 }
 
@@ -317,6 +350,7 @@ async fn shutdown_signal(
 }
 
 fn router(app: Arc<App>) -> Router {
+    let dashboard = crate::dashboard::router(app.dash.clone());
     Router::new()
         .route("/nix-cache-info", get(cache_info))
         .route("/health", get(|| async { "ok" }))
@@ -325,6 +359,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/:file", get(narinfo))
         .fallback(|| async { StatusCode::NOT_FOUND })
         .with_state(app)
+        .merge(dashboard)
 }
 
 async fn cache_info(State(app): State<Arc<App>>) -> Response {
@@ -367,6 +402,10 @@ async fn narinfo(
     };
     if let Some(h) = &app.metrics.narinfo_latency {
         h.observe(started.elapsed().as_secs_f64());
+    }
+    if origin.local {
+        let path = found.as_ref().map(|i| i.store_path.to_string());
+        app.dash.stats.check(&hash.to_string(), path.as_deref());
     }
     match found {
         Some(info) => {

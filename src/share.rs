@@ -484,15 +484,33 @@ impl Sharing {
             .map(|(_, r)| *r)
     }
 
-    /// Rescan every `interval`, forever.
-    pub async fn run(self: Arc<Self>, interval: Duration, on_scan: impl Fn(&Self)) {
+    /// Scan now, then every `interval`, forever; with no interval, scan once.
+    pub async fn run(self: Arc<Self>, interval: Option<Duration>, on_scan: impl Fn(&Self)) {
         loop {
             if let Err(e) = self.scan().await {
                 warn!(error = %e, "scan of the local store failed");
             }
             on_scan(&self);
-            tokio::time::sleep(interval).await;
+            match interval {
+                Some(i) => tokio::time::sleep(i).await,
+                None => {
+                    debug!("no periodic rescans (scan interval 0)");
+                    return;
+                }
+            }
         }
+    }
+
+    /// The store path whose NAR this is, and the NAR's size, among the paths shared now.
+    pub fn path_of_nar(&self, nar_hash: &Sha256Hash) -> Option<(String, u64)> {
+        let s = self.shared.read().expect("shared");
+        if !s.nars.contains(nar_hash) {
+            return None;
+        }
+        s.paths
+            .values()
+            .find(|(i, _)| i.nar_hash == *nar_hash)
+            .map(|(i, _)| (i.path.to_string(), i.nar_size))
     }
 }
 

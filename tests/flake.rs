@@ -193,6 +193,204 @@ mod needs_nix {
             .unwrap()
             .contains("--state-dir /srv/peerix"));
     }
+
+    /// Configurations as users of the two earlier peerix modules wrote them: they evaluate, and
+    /// what they asked for is what the service runs, what Nix is told and what the firewall opens.
+    mod earlier_modules {
+        use super::*;
+
+        fn serve_line(v: &serde_json::Value) -> String {
+            v["execStart"]["peerix"].as_str().unwrap().to_owned()
+        }
+
+        fn warnings(v: &serde_json::Value) -> String {
+            v["warnings"].to_string()
+        }
+
+        /// The Iroh-based peerix with a tracker of one's own, LAN discovery on top, its defaults
+        /// written out (priority 5, timeout 10, scans off) and Nix's narinfo TTL set.
+        #[test]
+        fn an_iroh_peerix_configuration_with_a_tracker() {
+            let nix = common::nix();
+            let v = eval_module(
+                &nix,
+                r#"{ services.peerix = {
+                enable = true;
+                openFirewall = true;
+                trackerUrl = "https://tracker.example.org:12305/peerix";
+                filterMode = "nixpkgs";
+                filterConcurrency = 4;
+                noFilter = false;
+                lanDiscovery = true;
+                upstreamCache = "https://cache.nixos.org";
+                priority = 5;
+                timeout = 10.0;
+                scanInterval = 0;
+                globalCacheTTL = 300;
+                privateKeyFile = "/var/lib/peerix-keys/cache-priv-key.pem";
+                publicKey = "myhost:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+              }; }"#,
+            );
+            assert_eq!(failed_assertions(&v), Vec::<String>::new());
+            let serve = serve_line(&v);
+            for want in [
+                " --peer tracker.example.org:12305",
+                " --priority 5 ",
+                " --timeout 10.000000 ",
+                " --scan-interval 0 ",
+                " --upstream-concurrency 4 ",
+                " --upstream-cache https://cache.nixos.org ",
+                " --private-key %d/peerix.sec",
+            ] {
+                assert!(serve.contains(want), "{want} missing: {serve}");
+            }
+            // filterMode "nixpkgs" and noFilter = false are peerix's default; LAN discovery is mDNS.
+            assert!(!serve.contains("--share-all"), "{serve}");
+            assert!(!serve.contains("--no-mdns"), "{serve}");
+            let w = warnings(&v);
+            for opt in [
+                "trackerUrl",
+                "filterMode",
+                "filterConcurrency",
+                "noFilter",
+                "lanDiscovery",
+            ] {
+                assert!(
+                    w.contains(&format!("services.peerix.{opt}'")),
+                    "no warning for {opt}: {w}"
+                );
+            }
+            assert!(
+                w.contains("renamed to `services.peerix.upstreamConcurrency'"),
+                "{w}"
+            );
+            let ns = &v["nixSettings"];
+            assert_eq!(
+                ns["extra-substituters"],
+                serde_json::json!(["http://127.0.0.1:12304"])
+            );
+            assert_eq!(
+                ns["extra-trusted-public-keys"],
+                serde_json::json!(["myhost:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="])
+            );
+            assert_eq!(ns["narinfo-cache-negative-ttl"], 300);
+            assert_eq!(ns["narinfo-cache-positive-ttl"], 300);
+            assert_eq!(ns["fallback"], true);
+            assert_eq!(
+                v["firewall"],
+                serde_json::json!({ "allowedTCPPorts": [12305], "allowedUDPPorts": [12305, 5353] })
+            );
+        }
+
+        /// The Iroh-based peerix in LAN mode (no tracker) with the heuristic filter: everything not
+        /// system-specific is shared (shareAll; peerix's deny list is that heuristic), no LAN
+        /// discovery asked for.
+        #[test]
+        fn an_iroh_peerix_configuration_without_a_tracker() {
+            let nix = common::nix();
+            let v = eval_module(
+                &nix,
+                r#"{ services.peerix = {
+                enable = true;
+                trackerUrl = null;
+                filterMode = "rules";
+                lanDiscovery = false;
+                openFirewall = false;
+              }; }"#,
+            );
+            assert_eq!(failed_assertions(&v), Vec::<String>::new());
+            let serve = serve_line(&v);
+            assert!(serve.contains(" --share-all"), "{serve}");
+            assert!(serve.contains(" --no-mdns"), "{serve}");
+            assert!(!serve.contains("--peer "), "no tracker, no peer: {serve}");
+            // Left at peerix's own defaults.
+            assert!(serve.contains(" --priority 30 ") && serve.contains(" --scan-interval 600 "));
+            assert_eq!(v["firewall"], serde_json::json!({}));
+            assert_eq!(v["nixSettings"]["narinfo-cache-negative-ttl"], 60);
+            assert!(v["nixSettings"].get("narinfo-cache-positive-ttl").is_none());
+
+            // noFilter = true: every package, unfiltered.
+            let v = eval_module(
+                &nix,
+                r#"{ services.peerix = { enable = true; noFilter = true; }; }"#,
+            );
+            assert!(serve_line(&v).contains(" --share-all"));
+        }
+
+        /// noVerify and allowInsecureHttp have no meaning in peerix: the configuration still
+        /// evaluates, and the failed assertions say what to do instead.
+        #[test]
+        fn iroh_options_peerix_has_no_use_for_say_what_replaces_them() {
+            let nix = common::nix();
+            let v = eval_module(
+                &nix,
+                r#"{ services.peerix = { enable = true; noVerify = true; allowInsecureHttp = true; }; }"#,
+            );
+            let failed = failed_assertions(&v);
+            assert_eq!(failed.len(), 2, "{failed:?}");
+            let all = failed.join("\n");
+            assert!(
+                all.contains("services.peerix.noVerify' in") && all.contains("trustedKeys"),
+                "{all}"
+            );
+            assert!(
+                all.contains("services.peerix.allowInsecureHttp' in") && all.contains("http://"),
+                "{all}"
+            );
+            assert!(serve_line(&v).contains(" serve "));
+        }
+
+        /// The first peerix (UDP broadcast, hosts by name, key files beside the configuration).
+        #[test]
+        fn a_first_peerix_configuration() {
+            let nix = common::nix();
+            let dir = nix.scratch("secrets");
+            std::fs::write(dir.join("peerix-public"), "laptop-1:BBBB=\n").unwrap();
+            let public = dir.join("peerix-public");
+            let v = eval_module(
+                &nix,
+                &format!(
+                    r#"{{
+                  services.peerix = {{
+                    enable = true;
+                    openFirewall = true;
+                    privateKeyFile = "/var/lib/peerix-keys/peerix-private";
+                    publicKeyFile = {};
+                    user = "peerix";
+                    group = "peerix";
+                    disableBroadcast = true;
+                    extraHosts = [ "asus" "msi" "10.0.0.9:4000" ];
+                    globalCacheTTL = 10;
+                  }};
+                  users.users.peerix = {{ isSystemUser = true; group = "peerix"; }};
+                  users.groups.peerix = {{ }};
+                }}"#,
+                    public.display()
+                ),
+            );
+            assert_eq!(failed_assertions(&v), Vec::<String>::new());
+            assert_eq!(v["warnings"], serde_json::json!([]));
+            let serve = serve_line(&v);
+            for want in [
+                " --peer asus:12305 --peer msi:12305 --peer 10.0.0.9:4000",
+                " --no-mdns",
+            ] {
+                assert!(serve.contains(want), "{want} missing: {serve}");
+            }
+            let ns = &v["nixSettings"];
+            assert_eq!(
+                ns["extra-trusted-public-keys"],
+                serde_json::json!(["laptop-1:BBBB="])
+            );
+            assert_eq!(ns["narinfo-cache-positive-ttl"], 10);
+            assert_eq!(ns["narinfo-cache-negative-ttl"], 10);
+            // No broadcast, so no mDNS port.
+            assert_eq!(
+                v["firewall"],
+                serde_json::json!({ "allowedTCPPorts": [12305], "allowedUDPPorts": [12305] })
+            );
+        }
+    }
 }
 
 /// The `"--flag"` string literals between two markers of the module's source.

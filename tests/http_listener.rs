@@ -1,6 +1,6 @@
 //! The HTTP endpoint is for this machine. Bound beyond loopback (only with
 //! `--http-beyond-loopback`), a client on another machine gets what the node shares with its
-//! peers and nothing else: no private path, no fetch on its behalf, no metrics. The daemon runs
+//! peers and nothing else: no private path, no fetch on its behalf, no metrics, no dashboard. The daemon runs
 //! in a network namespace the test makes, the client in a second one behind a veth pair.
 
 mod common;
@@ -53,6 +53,11 @@ impl Drop for Netns {
 
 /// Status and body of a GET made from inside `ns`.
 fn get_from(ns: &str, url: &str) -> (u16, Vec<u8>) {
+    get_with(ns, url, &[])
+}
+
+/// `get_from` with extra curl arguments (headers).
+fn get_with(ns: &str, url: &str, extra: &[&str]) -> (u16, Vec<u8>) {
     let out = Command::new("ip")
         .args([
             "netns",
@@ -66,8 +71,9 @@ fn get_from(ns: &str, url: &str) -> (u16, Vec<u8>) {
             "-",
             "-w",
             "\n%{http_code}",
-            url,
         ])
+        .args(extra)
+        .arg(url)
         .output()
         .unwrap();
     let mut body = out.stdout;
@@ -158,8 +164,27 @@ mod needs_root {
         let h = nix.run("nix", &["hash", "to-base32", &sri]);
         let (code, _) = get_from(cli, &format!("{base}/nar/{}.nar", h.trim()));
         assert_eq!(code, 404);
-        // Metrics are for this machine only.
-        let (code, _) = get_from(cli, &format!("{base}/metrics"));
-        assert_eq!(code, 404);
+        // Metrics and the dashboard are for this machine only.
+        for path in [
+            "/metrics",
+            "/dashboard",
+            "/dashboard/",
+            "/dashboard/api",
+            "/dashboard/app.js",
+            "/dashboard/style.css",
+        ] {
+            // Naming the machine as its own Nix would (Host: 127.0.0.1) changes nothing: it is
+            // where the connection comes from that counts.
+            for host in [None, Some("Host: 127.0.0.1:12304"), Some("Host: localhost")] {
+                let extra: Vec<&str> = host.iter().flat_map(|h| ["-H", *h]).collect();
+                let (code, body) = get_with(cli, &format!("{base}{path}"), &extra);
+                assert_eq!(
+                    code,
+                    404,
+                    "{path} {host:?}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
     }
 }

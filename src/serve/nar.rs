@@ -161,7 +161,12 @@ async fn fetch_from_peers(
                 }) => StatusCode::NOT_FOUND,
                 _ => StatusCode::BAD_GATEWAY,
             };
-            settle(&app, nar_hash, outcome, 0, size).await;
+            let why = match &outcome {
+                Ok(FetchOutcome { result: Err(e), .. }) => e.to_string(),
+                Ok(_) => "no bytes arrived".to_owned(),
+                Err(_) => "the fetch task died".to_owned(),
+            };
+            settle(&app, &p, outcome, 0, Some(&why)).await;
             return (status, "the NAR could not be fetched from peers\n").into_response();
         }
     };
@@ -211,7 +216,7 @@ async fn fetch_from_peers(
             Ok(_) => String::new(),
             Err(_) => "the fetch task died".into(),
         };
-        settle(&app, nar_hash, outcome, sent, size).await;
+        settle(&app, &p, outcome, sent, (!verified).then_some(why.as_str())).await;
         app.housekeeping.after_download().await;
         match last {
             Some(l) if verified => {
@@ -234,14 +239,24 @@ async fn fetch_from_peers(
 }
 
 /// After a fetch, whatever its outcome: ban the peers that lied, count what came from whom.
+/// `failure`: why the NAR did not reach Nix whole, if it did not.
 async fn settle(
     app: &App,
-    nar_hash: Sha256Hash,
+    p: &Presented,
     outcome: std::result::Result<FetchOutcome, tokio::task::JoinError>,
     sent: u64,
-    size: u64,
+    failure: Option<&str>,
 ) {
+    let nar_hash = p.info.nar_hash;
+    let size = p.info.nar_size;
+    let path = p.info.store_path.to_string();
     let Ok(outcome) = outcome else {
+        app.dash.stats.downloaded(
+            &path,
+            &[],
+            size,
+            Some(failure.unwrap_or("the fetch task died")),
+        );
         return;
     };
     let report = &outcome.report;
@@ -249,6 +264,7 @@ async fn settle(
         let why = "lied about a NAR (bad chunks, or a manifest that does not make it)";
         app.node.ban(*bad, why).await;
         app.metrics.peers_banned.inc();
+        app.dash.stats.banned(&bad.to_string(), why);
         eprintln!("peerix: banned peer {bad}: {why} ({nar_hash})");
     }
     for (peer, n) in &report.bytes_per_peer {
@@ -262,6 +278,12 @@ async fn settle(
     if outcome.result.is_ok() {
         app.metrics.dedup_saved_bytes.inc_by(report.bytes_local);
     }
+    let per_peer: Vec<(String, u64)> = report
+        .bytes_per_peer
+        .iter()
+        .map(|(p, n)| (p.to_string(), *n))
+        .collect();
+    app.dash.stats.downloaded(&path, &per_peer, size, failure);
     debug!(nar = %nar_hash, sent, size, ok = outcome.result.is_ok(), "fetch settled");
 }
 

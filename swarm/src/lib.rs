@@ -15,7 +15,7 @@ pub use download::{download, DownloadConfig, DownloadError, DownloadOutcome, Dow
 pub use fetch::{fetch_nar, FetchError, FetchOutcome, FetchRequest};
 pub use libp2p::{Multiaddr, PeerId};
 pub use lookup::{Found, Lookup, PeerSource, TrustCheck};
-pub use node::{Node, NodeConfig, NodeError, NodeEvent};
+pub use node::{Node, NodeConfig, NodeError, NodeEvent, Overview, PeerDetails};
 pub use server::{Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle};
 
 /// The peer protocol, versioned: a peer that speaks another version is simply not offered it.

@@ -135,6 +135,29 @@ pub enum NodeEvent {
     },
 }
 
+/// One connected peer as the node sees it, for an operator's view.
+#[derive(Debug, Clone)]
+pub struct PeerDetails {
+    pub peer: PeerId,
+    /// The remote address of one of its connections.
+    pub addr: Option<Multiaddr>,
+    /// Through a relay (`/p2p-circuit`) rather than a direct connection.
+    pub relayed: bool,
+    /// It dialled us.
+    pub inbound: bool,
+    /// The last ping's round trip, once one came back.
+    pub rtt: Option<Duration>,
+    pub connected_for: Duration,
+}
+
+/// Connected peers and the addresses others confirmed for this node.
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    pub peers: Vec<PeerDetails>,
+    /// External addresses confirmed (reachable from outside); empty on a LAN or behind NAT.
+    pub external_addrs: Vec<Multiaddr>,
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// Holds `identity.key`, so the peer id survives restarts.
@@ -183,6 +206,10 @@ impl NodeConfig {
             idle_timeout: IDLE_CONNECTION_TIMEOUT,
         }
     }
+}
+
+fn is_relayed(a: &Multiaddr) -> bool {
+    a.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 /// Reads a swarm key in the usual `/key/swarm/psk/1.0.0/` text format (as go-ipfs writes it).
@@ -280,6 +307,7 @@ enum Command {
         reply: oneshot::Sender<Result<(), NodeError>>,
     },
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    Overview(oneshot::Sender<Overview>),
     Providers {
         key: kad::RecordKey,
         found: mpsc::UnboundedSender<PeerId>,
@@ -399,6 +427,8 @@ impl Node {
             listen_addrs: listen_addrs.clone(),
             confirmed: HashSet::new(),
             connected_since: HashMap::new(),
+            conns: HashMap::new(),
+            rtts: HashMap::new(),
             pending_dials: HashMap::new(),
             peer_waiters: HashMap::new(),
             provider_queries: HashMap::new(),
@@ -450,6 +480,15 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::ConnectedPeers(tx)).is_err() {
             return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Connected peers with their addresses and round trips, and this node's external addresses.
+    pub async fn overview(&self) -> Overview {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Overview(tx)).is_err() {
+            return Overview::default();
         }
         rx.await.unwrap_or_default()
     }
@@ -915,6 +954,10 @@ struct EventLoop {
     /// Peers with an identified connection, i.e. reported as connected.
     confirmed: HashSet<PeerId>,
     connected_since: HashMap<PeerId, Instant>,
+    /// Open connections: whose, the remote address, inbound. Bounded by the connections held.
+    conns: HashMap<ConnectionId, (PeerId, Multiaddr, bool)>,
+    /// Last ping round trip of each connected peer.
+    rtts: HashMap<PeerId, Duration>,
     pending_dials: HashMap<ConnectionId, (String, oneshot::Sender<Result<(), NodeError>>)>,
     /// Callers waiting for a peer that another dial or connection is already bringing up.
     peer_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NodeError>>>>,
@@ -1047,6 +1090,9 @@ impl EventLoop {
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.confirmed.iter().copied().collect());
             }
+            Command::Overview(reply) => {
+                let _ = reply.send(self.overview());
+            }
             Command::Providers { key, found } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
                 self.provider_queries.insert(
@@ -1135,9 +1181,27 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
+                self.conns.insert(
+                    connection_id,
+                    (
+                        peer_id,
+                        endpoint.get_remote_address().clone(),
+                        endpoint.is_listener(),
+                    ),
+                );
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) if self.swarm.is_connected(&peer) => {
+                self.rtts.insert(peer, rtt);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -1147,6 +1211,10 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                self.conns.remove(&connection_id);
+                if num_established == 0 {
+                    self.rtts.remove(&peer_id);
+                }
                 if let Some((target, reply)) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Err(NodeError::Dial {
                         target,
@@ -1215,6 +1283,35 @@ impl EventLoop {
                     .retain(|a| a != &address);
             }
             _ => {}
+        }
+    }
+
+    fn overview(&self) -> Overview {
+        let now = Instant::now();
+        let peers = self
+            .confirmed
+            .iter()
+            .map(|p| {
+                // A direct connection is the one to show when there is one.
+                let mut conns: Vec<_> = self.conns.values().filter(|(q, _, _)| q == p).collect();
+                conns.sort_by_key(|(_, a, _)| is_relayed(a));
+                let first = conns.first();
+                PeerDetails {
+                    peer: *p,
+                    addr: first.map(|(_, a, _)| a.clone()),
+                    relayed: first.is_some_and(|(_, a, _)| is_relayed(a)),
+                    inbound: first.is_some_and(|(_, _, i)| *i),
+                    rtt: self.rtts.get(p).copied(),
+                    connected_for: self
+                        .connected_since
+                        .get(p)
+                        .map_or(Duration::ZERO, |s| now.duration_since(*s)),
+                }
+            })
+            .collect();
+        Overview {
+            peers,
+            external_addrs: self.swarm.external_addresses().cloned().collect(),
         }
     }
 

@@ -128,6 +128,8 @@ pub enum ServerEvent {
     Offence { peer: PeerId, error: String },
     /// A peer reached the offence limit and is refused for a while; the node may ban it.
     Offender { peer: PeerId },
+    /// A peer was given the manifest of a shared NAR: it is about to fetch that NAR's chunks.
+    ManifestServed { peer: PeerId, nar_hash: Sha256Hash },
 }
 
 #[derive(Default)]
@@ -476,6 +478,12 @@ impl Server {
                     vec![0]
                 });
                 timed(wt, write_frame(s, kind::MANIFEST_REPLY, &body)).await?;
+                if m.is_some() {
+                    let _ = self
+                        .shared
+                        .events
+                        .send(ServerEvent::ManifestServed { peer, nar_hash: h });
+                }
             }
             Request::Have { chunks, nars } => {
                 if !self

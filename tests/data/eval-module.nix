@@ -1,7 +1,7 @@
 # nixos/module.nix evaluated with nixpkgs' lib alone (tests/data/nixpkgs-lib, MIT): the NixOS
 # options the module sets are declared here as stand-ins, and `pkgs` is the little it uses.
 # evalModules does not check assertions, so the failed ones are returned for the test to look at,
-# with each service's command line.
+# with each service's command line, the warnings, nix.settings and the firewall.
 { config }:
 let
   lib = import ./nixpkgs-lib/lib;
@@ -64,4 +64,7 @@ in
   execStart = lib.mapAttrs (_: s: s.serviceConfig.ExecStart) eval.config.systemd.services;
   serviceConfig = lib.mapAttrs (_: s: removeAttrs s.serviceConfig [ "ExecStart" ]) eval.config.systemd.services;
   tmpfiles = eval.config.systemd.tmpfiles.rules;
+  warnings = eval.config.warnings;
+  nixSettings = eval.config.nix.settings;
+  firewall = eval.config.networking.firewall;
 }
