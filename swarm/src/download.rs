@@ -46,6 +46,10 @@ pub struct DownloadConfig {
     pub timeout_per_mib: Duration,
     /// How long to leave a peer that answered Busy alone.
     pub busy_backoff: Duration,
+    /// How long to leave a peer alone after its first failure (doubled for each next one), so
+    /// a connection that closed can be dialled again, or a restarting peer come back, before
+    /// the peer is given up.
+    pub failure_backoff: Duration,
     /// The store path the NAR belongs to, recorded when the download is finished.
     pub path: Option<StorePath>,
 }
@@ -58,10 +62,11 @@ impl Default for DownloadConfig {
             max_in_flight: 16,
             target_queue: Duration::from_secs(1),
             window_bytes: 64 * 1024 * 1024,
-            max_failures: 3,
+            max_failures: 4,
             min_timeout: Duration::from_secs(4),
             timeout_per_mib: Duration::from_secs(4),
             busy_backoff: Duration::from_millis(250),
+            failure_backoff: Duration::from_millis(500),
             path: None,
         }
     }
@@ -246,11 +251,49 @@ async fn run(
     }
 }
 
-/// Downloaded chunks not yet handed to the caller.
+/// Downloaded chunks not yet handed to the caller. Their bytes are kept in memory up to
+/// [`ARRIVALS_IN_MEMORY`]; past that (peers faster than the caller reads) only the fact that
+/// they arrived is, and the emitter reads them back from the store, where every chunk is put
+/// as it arrives. Memory then stays flat whatever the window and the NAR's size.
 #[derive(Default)]
 struct Arrivals {
-    chunks: Mutex<HashMap<ChunkId, Bytes>>,
+    chunks: Mutex<ArrivedChunks>,
     arrived: Notify,
+}
+
+#[derive(Default)]
+struct ArrivedChunks {
+    /// `None`: arrived and stored, bytes not kept.
+    map: HashMap<ChunkId, Option<Bytes>>,
+    bytes: usize,
+}
+
+/// Chunk bytes a download keeps in memory for the emitter.
+pub const ARRIVALS_IN_MEMORY: usize = 8 << 20;
+
+impl Arrivals {
+    fn insert(&self, id: ChunkId, data: Bytes) {
+        let mut a = self.chunks.lock().expect("arrivals");
+        let kept = if a.bytes + data.len() <= ARRIVALS_IN_MEMORY {
+            a.bytes += data.len();
+            Some(data)
+        } else {
+            None
+        };
+        a.map.insert(id, kept);
+        drop(a);
+        self.arrived.notify_one();
+    }
+
+    /// `Some(Some(bytes))`, `Some(None)` (read it from the store), or `None` (not arrived).
+    fn take(&self, id: &ChunkId) -> Option<Option<Bytes>> {
+        let mut a = self.chunks.lock().expect("arrivals");
+        let got = a.map.remove(id)?;
+        if let Some(d) = &got {
+            a.bytes -= d.len();
+        }
+        Some(got)
+    }
 }
 
 /// Hand the NAR to `out` in order; returns the bytes that came from the local store.
@@ -270,12 +313,19 @@ async fn emit(
     let mut last = None;
     for (i, c) in manifest.chunks.iter().enumerate() {
         let data = if need.remove(&c.id) {
-            loop {
+            let kept = loop {
                 // notify_one keeps a permit when nobody waits, so no arrival is missed.
-                if let Some(d) = buf.chunks.lock().expect("arrivals").remove(&c.id) {
+                if let Some(d) = buf.take(&c.id) {
                     break d;
                 }
                 buf.arrived.notified().await;
+            };
+            match kept {
+                Some(d) => d,
+                None => {
+                    let id = c.id;
+                    Bytes::from(store.blocking(move |cs| cs.read_chunk(&id)).await?)
+                }
             }
         } else {
             // Held before, or downloaded and stored at an earlier place in this NAR.
@@ -341,6 +391,8 @@ struct Peer {
     /// Bytes per second, smoothed.
     rate: Option<f64>,
     failures: u32,
+    /// When the last counted failure happened.
+    failed_at: Option<Instant>,
     /// Dropped for repeated failures or banned for bad chunks: given no more work.
     gone: bool,
     busy_until: Option<Instant>,
@@ -432,6 +484,7 @@ impl Scheduler {
                 target: cfg.initial_in_flight.clamp(1, cfg.max_in_flight) as f64,
                 rate: None,
                 failures: 0,
+                failed_at: None,
                 gone: false,
                 busy_until: None,
             })
@@ -788,8 +841,7 @@ impl Scheduler {
                     .entry(self.peers[peer].id)
                     .or_default() += len;
                 if self.received.insert(id) {
-                    self.buf.chunks.lock().expect("arrivals").insert(id, data);
-                    self.buf.arrived.notify_one();
+                    self.buf.insert(id, data);
                 } else {
                     self.report.duplicate_bytes += len;
                 }
@@ -891,11 +943,25 @@ impl Scheduler {
             }
             _ => {
                 let peer = &mut self.peers[p];
+                // Requests already in flight when the peer last failed fail with it (a
+                // connection that closes takes all of them): one incident, counted once.
+                if peer.failed_at.is_some_and(|t| r.started <= t) {
+                    debug!(peer = %peer_id, error = %e, "request failed with the others");
+                    return;
+                }
                 peer.failures += 1;
-                debug!(peer = %peer_id, error = %e, failures = peer.failures, "request failed");
+                let now = Instant::now();
+                peer.failed_at = Some(now);
+                info!(peer = %peer_id, error = %e, failures = peer.failures, "request failed");
                 if peer.failures >= self.cfg.max_failures {
                     info!(peer = %peer_id, "dropping peer from this download");
                     peer.gone = true;
+                } else {
+                    // The next request dials again if the connection is gone; a fresh
+                    // connection starts with the initial number of requests.
+                    let backoff = self.cfg.failure_backoff * 2u32.pow(peer.failures - 1);
+                    peer.busy_until = Some(now + backoff);
+                    peer.target = self.cfg.initial_in_flight as f64;
                 }
             }
         }

@@ -5,7 +5,7 @@
 //!
 //! Usage: `peerix-swarm-mdns-node STATE_DIR`. It listens on every address in its namespace with
 //! mDNS on, prints `PEERIX-CHILD ID <peer id>` and then `PEERIX-CHILD MDNS <peer id>` for every
-//! peer mDNS finds, and stops when its stdin closes (or after two minutes, should the parent
+//! peer mDNS finds and `PEERIX-CHILD CONNECTED <peer id>` for every connection, and stops when its stdin closes (or after two minutes, should the parent
 //! have died without closing it).
 
 use std::time::Duration;
@@ -40,6 +40,7 @@ async fn main() {
                     Ok(NodeEvent::Discovered { peer, via: Discovery::Mdns }) => {
                         println!("{PREFIX} MDNS {peer}");
                     }
+                    Ok(NodeEvent::PeerConnected(peer)) => println!("{PREFIX} CONNECTED {peer}"),
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => break,
                 },

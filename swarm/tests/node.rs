@@ -565,6 +565,7 @@ mod needs_root {
         lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
         id: Option<String>,
         found: HashSet<String>,
+        connected: HashSet<String>,
     }
 
     fn spawn_child(ns: &str) -> Child {
@@ -586,6 +587,7 @@ mod needs_root {
             lines: tokio::io::BufReader::new(stdout).lines(),
             id: None,
             found: HashSet::new(),
+            connected: HashSet::new(),
         }
     }
 
@@ -600,12 +602,22 @@ mod needs_root {
                 (Some("MDNS"), Some(peer)) => {
                     self.found.insert(peer.to_owned());
                 }
+                (Some("CONNECTED"), Some(peer)) => {
+                    self.connected.insert(peer.to_owned());
+                }
                 _ => {}
             }
         }
 
         fn found(&self, other: &Child) -> bool {
             other.id.as_ref().is_some_and(|id| self.found.contains(id))
+        }
+
+        fn connected(&self, other: &Child) -> bool {
+            other
+                .id
+                .as_ref()
+                .is_some_and(|id| self.connected.contains(id))
         }
     }
 
@@ -621,7 +633,11 @@ mod needs_root {
         let mut b = spawn_child(&pair.names[1]);
 
         let outcome = tokio::time::timeout(WAIT, async {
-            while !(a.found(&b) && b.found(&a)) {
+            // What a user sees: mDNS found a neighbour and the two are connected. Which side
+            // hears of the other first is mDNS timing: the node that started first sent its
+            // first queries before the other was there, and the one that starts second finds
+            // it at once and dials it.
+            while !((a.found(&b) || b.found(&a)) && a.connected(&b) && b.connected(&a)) {
                 tokio::select! {
                     line = a.lines.next_line() => match line {
                         Ok(Some(l)) => {
@@ -657,8 +673,9 @@ mod needs_root {
             Ok(Ok(())) => {}
             Ok(Err(e)) => panic!("{e}"),
             Err(_) => panic!(
-                "no mutual mDNS discovery: A={:?} found {:?}, B={:?} found {:?}",
-                a.id, a.found, b.id, b.found
+                "no mDNS discovery and connection: A={:?} found {:?} connected {:?}, B={:?} \
+                 found {:?} connected {:?}",
+                a.id, a.found, a.connected, b.id, b.found, b.connected
             ),
         }
     }

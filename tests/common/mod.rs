@@ -323,7 +323,10 @@ impl Daemon {
         if !extra.contains(&"--state-dir") {
             cmd.args(["--state-dir", state.to_str().unwrap()]);
         }
-        cmd.args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+        if !extra.contains(&"--p2p-listen") {
+            cmd.args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0"]);
+        }
+        cmd.arg("--no-mdns");
         // Loopback on a port the OS picks, and no upstream cache, unless the test says.
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);

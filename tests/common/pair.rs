@@ -54,11 +54,18 @@ pub struct Pair {
     pub b_key: (PathBuf, String),
     pub top: String,
     pub paths: Vec<String>,
-    /// B's extra command-line arguments, to start it again.
+    /// A's and B's extra command-line arguments, to start them again.
+    pub a_args: Vec<String>,
     pub b_args: Vec<String>,
 }
 
 impl Pair {
+    /// Kill A with SIGKILL and start it again on the same state (the same identity) and the
+    /// same p2p port, so B's address for it stays right.
+    pub fn kill_and_restart_a(&mut self) {
+        restart_on_same_port(&mut self.a, &self.a_nix, &self.a_args);
+    }
+
     /// Kill B with SIGKILL, wherever it is, and start it again on the same state; it is
     /// connected to A again when this returns.
     pub fn kill_and_restart_b(&mut self) {
@@ -87,6 +94,10 @@ pub fn pair_with(salt: &str, b_extra: &[&str], prepare: impl FnOnce(&Nix, &Path)
     let paths = a_nix.closure(&top);
     assert_eq!(paths.len(), 3);
     b_nix.init_store();
+    let a_args = vec![
+        "--private-key".to_owned(),
+        a_key.0.to_str().unwrap().to_owned(),
+    ];
     let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
     assert!(a.wait_scan() >= 3);
     let mut args = vec![
@@ -102,6 +113,7 @@ pub fn pair_with(salt: &str, b_extra: &[&str], prepare: impl FnOnce(&Nix, &Path)
     b.wait_peer(&a);
     let b_args = args.iter().map(|s| s.to_string()).collect();
     Some(Pair {
+        a_args,
         b_args,
         a_nix,
         b_nix,
@@ -113,10 +125,35 @@ pub fn pair_with(salt: &str, b_extra: &[&str], prepare: impl FnOnce(&Nix, &Path)
     })
 }
 
+/// Kill a daemon with SIGKILL and start it again with `args` on the same state (the same
+/// identity) and the same p2p port, so its peers' addresses for it stay right.
+pub fn restart_on_same_port(d: &mut Daemon, nix: &Nix, args: &[String]) {
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let tcp = d.p2p.split("/p2p/").next().unwrap().to_owned();
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.extend(["--p2p-listen", &tcp]);
+    *d = Daemon::start(&d.name.clone(), nix, &a);
+}
+
 /// A 6 MiB content-addressed path, signed with `key`.
 pub fn add_big(nix: &Nix, key: &Path) -> String {
-    let tree = nix.scratch("big-tree");
-    std::fs::write(tree.join("blob"), noise(6 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
+    add_sized(nix, key, "big-tree", 6)
+}
+
+/// A content-addressed path named `name` holding `mib` MiB that neither compress nor dedup,
+/// signed with `key`. Written a MiB at a time, so the test's memory does not grow with it.
+pub fn add_sized(nix: &Nix, key: &Path, name: &str, mib: usize) -> String {
+    use std::io::Write;
+    let tree = nix.scratch(name);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(tree.join("blob")).unwrap());
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..mib {
+        f.write_all(&noise(1 << 20, x.wrapping_add(i as u64)))
+            .unwrap();
+        x = x.rotate_left(7) ^ 0x5851_f42d_4c95_7f2d;
+    }
+    f.flush().unwrap();
     let path = nix.add(&tree);
     sign(nix, key, &path);
     path
