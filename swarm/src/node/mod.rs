@@ -10,29 +10,31 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::{Boxed, OrTransport};
-use libp2p::core::upgrade::Version;
-use libp2p::identity::Keypair;
-use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
+use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, QueryId};
 use libp2p::multiaddr::Protocol;
-use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::pnet::PreSharedKey;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
-use libp2p::{
-    allow_block_list, identify, mdns, noise, ping, Multiaddr, PeerId, StreamProtocol, Swarm,
-    SwarmBuilder, Transport,
-};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::{identify, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use peerix_nix::StorePathHash;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
+
+mod behaviour;
+mod identity;
+mod transport;
+
+use behaviour::{build_swarm, Behaviour, BehaviourEvent};
+use transport::is_quic;
+
+pub use behaviour::MAX_PROVIDED_KEYS;
+pub use identity::{load_or_create_identity, read_swarm_key};
 
 /// peerix's own DHT: a private protocol name keeps peerix nodes out of the IPFS DHT and
 /// keeps IPFS nodes out of ours.
@@ -50,37 +52,19 @@ pub const IDENTIFY_PROTOCOL_VERSION: &str = "/peerix/1.0.0";
 /// The default port, for TCP and QUIC alike.
 pub const DEFAULT_PORT: u16 = 12305;
 
-const IDENTITY_FILE: &str = "identity.key";
-
 /// Long enough that the peer protocol's connections survive the pauses between requests.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Bounds a TCP handshake (pnet, noise, yamux); a peer with the wrong swarm key can otherwise
-/// leave multistream-select waiting for bytes that never come.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
 const REDIAL_INITIAL: Duration = Duration::from_secs(1);
 const REDIAL_MAX: Duration = Duration::from_secs(60);
 /// A connection that lived this long was healthy: its loss starts the backoff afresh.
 const REDIAL_RESET_AFTER: Duration = Duration::from_secs(120);
 
-/// How often a node asks the LAN for peers by mDNS once its first probes are done.
-const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(20);
-
 /// How often the event loop wakes up on its own to pace announcements and redial.
 const TICK: Duration = Duration::from_millis(100);
 
 /// Bootstrap again at most this often when new peers keep arriving.
 const BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(30);
-
-/// Provider records we keep, for our own keys and for those other nodes announce to us. A LAN
-/// of a few dozen nodes with 100,000 paths each stays well below this; the bound exists so
-/// that a hostile peer cannot grow the store without limit.
-pub const MAX_PROVIDED_KEYS: usize = 5_000_000;
-
-/// Plain Kademlia records are not used by peerix; keeping their limit low keeps peers from
-/// filling our memory with them.
-const MAX_RECORDS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -210,93 +194,6 @@ impl NodeConfig {
 
 fn is_relayed(a: &Multiaddr) -> bool {
     a.iter().any(|p| matches!(p, Protocol::P2pCircuit))
-}
-
-/// Reads a swarm key in the usual `/key/swarm/psk/1.0.0/` text format (as go-ipfs writes it).
-pub fn read_swarm_key(path: &Path) -> Result<PreSharedKey, NodeError> {
-    let text = std::fs::read_to_string(path).map_err(|source| NodeError::SwarmKeyIo {
-        path: path.to_owned(),
-        source,
-    })?;
-    text.trim()
-        .parse::<PreSharedKey>()
-        .map_err(|e| NodeError::SwarmKeyFormat {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })
-}
-
-/// Loads the node's ed25519 key, creating it (readable by the owner only) on first start.
-pub fn load_or_create_identity(state_dir: &Path) -> Result<Keypair, NodeError> {
-    std::fs::create_dir_all(state_dir).map_err(|source| NodeError::StateDir {
-        path: state_dir.to_owned(),
-        source,
-    })?;
-    let path = state_dir.join(IDENTITY_FILE);
-    let io_err = |source| NodeError::IdentityIo {
-        path: path.clone(),
-        source,
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let key =
-                Keypair::from_protobuf_encoding(&bytes).map_err(|e| NodeError::IdentityDecode {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            if key.key_type() != libp2p::identity::KeyType::Ed25519 {
-                return Err(NodeError::IdentityDecode {
-                    path,
-                    reason: format!("key type {:?}", key.key_type()),
-                });
-            }
-            Ok(key)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| NodeError::IdentityDecode {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            write_private(&path, &bytes).map_err(io_err)?;
-            tracing::info!(path = %path.display(), peer = %key.public().to_peer_id(), "created a new node identity");
-            Ok(key)
-        }
-        Err(e) => Err(io_err(e)),
-    }
-}
-
-/// Writes through a temporary file so a crash never leaves a truncated key behind, and creates
-/// it with mode 0600 so the secret is never readable by others, not even briefly.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("key.tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-}
-
-#[derive(NetworkBehaviour)]
-struct Behaviour {
-    // Blocking comes first so a banned peer is refused before other behaviours see it.
-    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
-    stream: libp2p_stream::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
-    mdns: Toggle<mdns::tokio::Behaviour>,
-    identify: identify::Behaviour,
-    ping: ping::Behaviour,
 }
 
 enum Command {
@@ -613,171 +510,6 @@ async fn hold_stream(mut stream: libp2p::Stream) {
             break;
         }
     }
-}
-
-fn is_quic(addr: &Multiaddr) -> bool {
-    addr.iter()
-        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
-}
-
-/// TCP dialling from a fresh port rather than the listen port.
-///
-/// With the listen port reused, two nodes that find each other at the same moment (mDNS
-/// answers reach both at once) dial each other from and to the same port pair: TCP turns that
-/// into one simultaneous-open connection on which both sides are the initiator, and the
-/// handshake fails on both. Reuse only helps NAT hole punching, which peerix does not do.
-struct FreshPortTcp(libp2p::tcp::tokio::Transport);
-
-impl Transport for FreshPortTcp {
-    type Output = <libp2p::tcp::tokio::Transport as Transport>::Output;
-    type Error = <libp2p::tcp::tokio::Transport as Transport>::Error;
-    type ListenerUpgrade = <libp2p::tcp::tokio::Transport as Transport>::ListenerUpgrade;
-    type Dial = <libp2p::tcp::tokio::Transport as Transport>::Dial;
-
-    fn listen_on(
-        &mut self,
-        id: libp2p::core::transport::ListenerId,
-        addr: Multiaddr,
-    ) -> Result<(), libp2p::core::transport::TransportError<Self::Error>> {
-        self.0.listen_on(id, addr)
-    }
-
-    fn remove_listener(&mut self, id: libp2p::core::transport::ListenerId) -> bool {
-        self.0.remove_listener(id)
-    }
-
-    fn dial(
-        &mut self,
-        addr: Multiaddr,
-        opts: libp2p::core::transport::DialOpts,
-    ) -> Result<Self::Dial, libp2p::core::transport::TransportError<Self::Error>> {
-        let opts = libp2p::core::transport::DialOpts {
-            port_use: libp2p::core::transport::PortUse::New,
-            ..opts
-        };
-        self.0.dial(addr, opts)
-    }
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<libp2p::core::transport::TransportEvent<Self::ListenerUpgrade, Self::Error>>
-    {
-        std::pin::Pin::new(&mut self.get_mut().0).poll(cx)
-    }
-}
-
-fn build_transport(
-    key: &Keypair,
-    psk: Option<PreSharedKey>,
-) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
-    let tcp_config = libp2p::tcp::Config::default().nodelay(true);
-    let noise = noise::Config::new(key)?;
-    // The yamux defaults auto-tune each stream's window (up to a large per-connection cap),
-    // which is what lets one stream carry hundreds of MB/s.
-    let yamux = libp2p::yamux::Config::default();
-    let tcp = match psk {
-        Some(psk) => FreshPortTcp(libp2p::tcp::tokio::Transport::new(tcp_config))
-            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux)
-            .timeout(HANDSHAKE_TIMEOUT)
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-        None => FreshPortTcp(libp2p::tcp::tokio::Transport::new(tcp_config))
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux)
-            .timeout(HANDSHAKE_TIMEOUT)
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-    };
-    if psk.is_some() {
-        return Ok(tcp);
-    }
-    let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key))
-        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
-    Ok(OrTransport::new(tcp, quic)
-        .map(|either, _| either.into_inner())
-        .boxed())
-}
-
-fn build_swarm(keypair: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>, NodeError> {
-    let psk = cfg.swarm_key;
-    let mdns_on = cfg.mdns;
-    let allowed = cfg.allowed_peers.clone();
-    let kad_server = cfg.kad_server;
-    let provide_interval = cfg.provide_interval;
-    let idle_timeout = cfg.idle_timeout;
-
-    let mdns = if mdns_on {
-        Some(
-            mdns::tokio::Behaviour::new(
-                mdns::Config {
-                    // A node answers queries but learns of others only from its own: with the
-                    // default 5 minutes, a node whose first queries went out before a neighbour
-                    // was up did not find it for minutes.
-                    query_interval: MDNS_QUERY_INTERVAL,
-                    ..mdns::Config::default()
-                },
-                keypair.public().to_peer_id(),
-            )
-            .map_err(NodeError::Mdns)?,
-        )
-    } else {
-        None
-    };
-
-    let swarm = SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_other_transport(|key| build_transport(key, psk))
-        .map_err(|e| NodeError::Transport(e.to_string()))?
-        .with_behaviour(|key| {
-            let local = key.public().to_peer_id();
-            let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
-            // We pace announcements ourselves (see `Pacer`): kad's own republication would
-            // announce every key at once, every interval.
-            kad_cfg.set_provider_publication_interval(None);
-            kad_cfg.set_provider_record_ttl(Some(provide_interval.saturating_mul(2)));
-            kad_cfg.set_query_timeout(Duration::from_secs(30));
-            let store = MemoryStore::with_config(
-                local,
-                MemoryStoreConfig {
-                    max_records: MAX_RECORDS,
-                    max_provided_keys: MAX_PROVIDED_KEYS,
-                    ..Default::default()
-                },
-            );
-            let mut kad = kad::Behaviour::with_config(local, store, kad_cfg);
-            if kad_server {
-                kad.set_mode(Some(kad::Mode::Server));
-            }
-            let allowed = allowed.map(|peers| {
-                let mut b =
-                    allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
-                for p in peers {
-                    b.allow_peer(p);
-                }
-                b
-            });
-            Behaviour {
-                blocked: Default::default(),
-                allowed: allowed.into(),
-                stream: libp2p_stream::Behaviour::new(),
-                kad,
-                mdns: mdns.into(),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
-                        .with_agent_version(format!("peerix/{}", env!("CARGO_PKG_VERSION"))),
-                ),
-                ping: ping::Behaviour::default(),
-            }
-        })
-        .map_err(|e| NodeError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
-        .build();
-    Ok(swarm)
 }
 
 /// What an explicit peer entry names.
