@@ -28,11 +28,15 @@ use tokio::time::Instant;
 
 mod announce;
 mod behaviour;
+mod explicit;
 mod identity;
 mod transport;
 
 use announce::Pacer;
 use behaviour::{build_swarm, Behaviour, BehaviourEvent};
+use explicit::{
+    hold_stream, Explicit, ExplicitState, KEEPALIVE_PROTOCOL, REDIAL_INITIAL, REDIAL_RESET_AFTER,
+};
 use transport::is_quic;
 
 pub use behaviour::MAX_PROVIDED_KEYS;
@@ -42,12 +46,6 @@ pub use identity::{load_or_create_identity, read_swarm_key};
 /// keeps IPFS nodes out of ours.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peerix/kad/1.0.0");
 
-/// An idle stream on this protocol holds a connection to an explicit peer open: they are
-/// there because nothing else finds them, and letting the connection idle out would only have
-/// us redial a minute later, over and over. Both ends hold the stream, since either end
-/// closes a connection it considers idle.
-const KEEPALIVE_PROTOCOL: StreamProtocol = StreamProtocol::new("/peerix/keepalive/1");
-
 /// Sent in identify; a peer announcing anything else is not a peerix node.
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/peerix/1.0.0";
 
@@ -56,11 +54,6 @@ pub const DEFAULT_PORT: u16 = 12305;
 
 /// Long enough that the peer protocol's connections survive the pauses between requests.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
-
-const REDIAL_INITIAL: Duration = Duration::from_secs(1);
-const REDIAL_MAX: Duration = Duration::from_secs(60);
-/// A connection that lived this long was healthy: its loss starts the backoff afresh.
-const REDIAL_RESET_AFTER: Duration = Duration::from_secs(120);
 
 /// How often the event loop wakes up on its own to pace announcements and redial.
 const TICK: Duration = Duration::from_millis(100);
@@ -502,92 +495,6 @@ impl Node {
     }
 }
 
-/// Keeps a keep-alive stream open until the other end or the connection goes away.
-async fn hold_stream(mut stream: libp2p::Stream) {
-    use futures::AsyncReadExt;
-    let mut buf = [0u8; 64];
-    // Nothing is ever sent; any bytes are ignored.
-    while let Ok(n) = stream.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-/// What an explicit peer entry names.
-#[derive(Debug, Clone)]
-enum ExplicitTarget {
-    Addr(Multiaddr),
-    HostPort(String),
-}
-
-#[derive(Debug)]
-enum ExplicitState {
-    Idle { next: Instant },
-    Resolving,
-    Dialing(HashSet<ConnectionId>),
-    Connected,
-}
-
-/// An explicit peer, kept connected: redialled with backoff whenever it goes away.
-#[derive(Debug)]
-struct Explicit {
-    spec: String,
-    target: Option<ExplicitTarget>,
-    peer: Option<PeerId>,
-    state: ExplicitState,
-    backoff: Duration,
-}
-
-impl Explicit {
-    fn parse(spec: &str) -> Explicit {
-        let spec_trim = spec.trim();
-        let target = if spec_trim.starts_with('/') {
-            match spec_trim.parse::<Multiaddr>() {
-                Ok(a) => Some(ExplicitTarget::Addr(a)),
-                Err(e) => {
-                    tracing::warn!(peer = spec, error = %e, "ignoring an explicit peer that is not a valid multiaddr");
-                    None
-                }
-            }
-        } else if spec_trim
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        {
-            Some(ExplicitTarget::HostPort(spec_trim.to_owned()))
-        } else {
-            tracing::warn!(
-                peer = spec,
-                "ignoring an explicit peer that is neither a multiaddr nor host:port"
-            );
-            None
-        };
-        let peer = match &target {
-            Some(ExplicitTarget::Addr(a)) => match a.iter().last() {
-                Some(Protocol::P2p(id)) => Some(id),
-                _ => None,
-            },
-            _ => None,
-        };
-        Explicit {
-            spec: spec_trim.to_owned(),
-            target,
-            peer,
-            state: ExplicitState::Idle {
-                next: Instant::now(),
-            },
-            backoff: REDIAL_INITIAL,
-        }
-    }
-
-    fn schedule_retry(&mut self, now: Instant) {
-        self.state = ExplicitState::Idle {
-            next: now + self.backoff,
-        };
-        self.backoff = (self.backoff * 2).min(REDIAL_MAX);
-    }
-}
-
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     local: PeerId,
@@ -1010,16 +917,6 @@ impl EventLoop {
         self.pump_announcements(now);
     }
 
-    fn hold_open(&mut self, peer: PeerId) {
-        let mut control = self.control.clone();
-        tokio::spawn(async move {
-            match control.open_stream(peer, KEEPALIVE_PROTOCOL).await {
-                Ok(stream) => hold_stream(stream).await,
-                Err(e) => tracing::debug!(%peer, error = %e, "cannot hold the connection open"),
-            }
-        });
-    }
-
     fn maybe_bootstrap(&mut self) {
         let now = Instant::now();
         if self
@@ -1112,139 +1009,5 @@ impl EventLoop {
             }
             _ => {}
         }
-    }
-
-    fn explicit_conn_failed(&mut self, conn: ConnectionId, error: &str) {
-        let now = Instant::now();
-        for e in &mut self.explicit {
-            if let ExplicitState::Dialing(conns) = &mut e.state {
-                if conns.remove(&conn) && conns.is_empty() {
-                    tracing::debug!(peer = %e.spec, retry_in = ?e.backoff, "explicit peer unreachable");
-                    e.schedule_retry(now);
-                    // The operator asked for this peer by name: say why it is not there.
-                    let _ = self.events.send(NodeEvent::ExplicitPeerUnreachable {
-                        spec: e.spec.clone(),
-                        error: error.to_owned(),
-                    });
-                }
-            }
-        }
-    }
-
-    fn redial_explicit(&mut self, now: Instant) {
-        for index in 0..self.explicit.len() {
-            let e = &mut self.explicit[index];
-            let ExplicitState::Idle { next } = e.state else {
-                continue;
-            };
-            if next > now {
-                continue;
-            }
-            if let Some(p) = e.peer {
-                // Connected already, by its own dial or another of ours.
-                if self.confirmed.contains(&p) {
-                    e.state = ExplicitState::Connected;
-                    continue;
-                }
-            }
-            match e.target.clone() {
-                None => {
-                    // Unusable entry: never retried.
-                    e.state = ExplicitState::Idle {
-                        next: now + Duration::from_secs(365 * 24 * 3600),
-                    };
-                }
-                Some(ExplicitTarget::Addr(addr)) => self.dial_explicit(index, vec![addr]),
-                Some(ExplicitTarget::HostPort(hp)) => {
-                    e.state = ExplicitState::Resolving;
-                    let Some(tx) = self.resolved_tx.clone() else {
-                        continue;
-                    };
-                    tokio::spawn(async move {
-                        let addrs = match tokio::net::lookup_host(hp.as_str()).await {
-                            Ok(it) => it
-                                .map(|sa| {
-                                    let ip = match sa.ip() {
-                                        std::net::IpAddr::V4(v4) => Protocol::Ip4(v4),
-                                        std::net::IpAddr::V6(v6) => Protocol::Ip6(v6),
-                                    };
-                                    Multiaddr::empty().with(ip).with(Protocol::Tcp(sa.port()))
-                                })
-                                .collect(),
-                            Err(e) => {
-                                tracing::debug!(peer = %hp, error = %e, "cannot resolve explicit peer");
-                                Vec::new()
-                            }
-                        };
-                        let _ = tx.send((index, addrs));
-                    });
-                }
-            }
-        }
-    }
-
-    fn on_resolved(&mut self, index: usize, addrs: Vec<Multiaddr>) {
-        let Some(e) = self.explicit.get_mut(index) else {
-            return;
-        };
-        if !matches!(e.state, ExplicitState::Resolving) {
-            return;
-        }
-        if addrs.is_empty() {
-            e.schedule_retry(Instant::now());
-            return;
-        }
-        self.dial_explicit(index, addrs);
-    }
-
-    fn dial_explicit(&mut self, index: usize, addrs: Vec<Multiaddr>) {
-        let peer = self.explicit[index].peer;
-        let mut conns = HashSet::new();
-        for addr in addrs {
-            let opts = match peer {
-                Some(p) => DialOpts::peer_id(p)
-                    .addresses(vec![addr.clone()])
-                    .condition(PeerCondition::Always)
-                    .build(),
-                None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
-            };
-            let conn = opts.connection_id();
-            match self.swarm.dial(opts) {
-                Ok(()) => {
-                    conns.insert(conn);
-                }
-                Err(err) => {
-                    tracing::debug!(%addr, error = %err, "cannot dial explicit peer");
-                }
-            }
-        }
-        let e = &mut self.explicit[index];
-        if conns.is_empty() {
-            e.schedule_retry(Instant::now());
-        } else {
-            tracing::debug!(peer = %e.spec, "dialling explicit peer");
-            e.state = ExplicitState::Dialing(conns);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn explicit_peer_specs() {
-        let e = Explicit::parse("/ip4/10.0.0.1/tcp/12305");
-        assert!(matches!(e.target, Some(ExplicitTarget::Addr(_))));
-        assert!(e.peer.is_none());
-        let id = PeerId::random();
-        let e = Explicit::parse(&format!("/ip4/10.0.0.1/tcp/12305/p2p/{id}"));
-        assert_eq!(e.peer, Some(id));
-        let e = Explicit::parse("example.org:12305");
-        assert!(matches!(e.target, Some(ExplicitTarget::HostPort(_))));
-        let e = Explicit::parse("[::1]:12305");
-        assert!(matches!(e.target, Some(ExplicitTarget::HostPort(_))));
-        assert!(Explicit::parse("nonsense").target.is_none());
-        assert!(Explicit::parse("/not/a/multiaddr").target.is_none());
     }
 }
