@@ -28,12 +28,14 @@ use tokio::time::Instant;
 
 mod announce;
 mod behaviour;
+mod dht;
 mod explicit;
 mod identity;
 mod transport;
 
 use announce::Pacer;
 use behaviour::{build_swarm, Behaviour, BehaviourEvent};
+use dht::ProviderQuery;
 use explicit::{
     hold_stream, Explicit, ExplicitState, KEEPALIVE_PROTOCOL, REDIAL_INITIAL, REDIAL_RESET_AFTER,
 };
@@ -57,9 +59,6 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often the event loop wakes up on its own to pace announcements and redial.
 const TICK: Duration = Duration::from_millis(100);
-
-/// Bootstrap again at most this often when new peers keep arriving.
-const BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -524,11 +523,6 @@ struct EventLoop {
     keepalive_acceptor: tokio::task::JoinHandle<()>,
 }
 
-struct ProviderQuery {
-    found: mpsc::UnboundedSender<PeerId>,
-    seen: HashSet<PeerId>,
-}
-
 impl EventLoop {
     async fn run(mut self) {
         let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel();
@@ -575,14 +569,6 @@ impl EventLoop {
                 true
             }
         });
-    }
-
-    fn routing_table_empty(&mut self) -> bool {
-        self.swarm
-            .behaviour_mut()
-            .kad
-            .kbuckets()
-            .all(|b| b.num_entries() == 0)
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -915,99 +901,5 @@ impl EventLoop {
         }
         // New peers mean keys waiting for someone to announce to.
         self.pump_announcements(now);
-    }
-
-    fn maybe_bootstrap(&mut self) {
-        let now = Instant::now();
-        if self
-            .last_bootstrap
-            .is_some_and(|t| now.duration_since(t) < BOOTSTRAP_MIN_GAP)
-        {
-            return;
-        }
-        // NoKnownPeers only means the routing table is still empty; the next peer retries.
-        if self.swarm.behaviour_mut().kad.bootstrap().is_ok() {
-            self.last_bootstrap = Some(now);
-        }
-    }
-
-    fn on_kad(&mut self, event: kad::Event) {
-        match event {
-            kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
-            } => match result {
-                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
-                    providers,
-                    ..
-                })) => {
-                    let mut to_dial = Vec::new();
-                    if let Some(q) = self.provider_queries.get_mut(&id) {
-                        for p in providers {
-                            if p == self.local || !q.seen.insert(p) {
-                                continue;
-                            }
-                            if q.found.send(p).is_err() {
-                                break;
-                            }
-                            to_dial.push(p);
-                        }
-                    }
-                    for p in to_dial {
-                        if !self.swarm.is_connected(&p) {
-                            self.emit(NodeEvent::Discovered {
-                                peer: p,
-                                via: Discovery::Kad,
-                            });
-                            // Now, while the query still holds the addresses it learned.
-                            let opts = DialOpts::peer_id(p)
-                                .condition(PeerCondition::DisconnectedAndNotDialing)
-                                .build();
-                            if let Err(e) = self.swarm.dial(opts) {
-                                tracing::debug!(peer = %p, error = %e, "cannot dial a provider");
-                            }
-                        }
-                    }
-                    if step.last {
-                        self.provider_queries.remove(&id);
-                    }
-                }
-                kad::QueryResult::GetProviders(Ok(
-                    kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. },
-                )) => {
-                    self.provider_queries.remove(&id);
-                }
-                kad::QueryResult::GetProviders(Err(e)) => {
-                    tracing::debug!(error = %e, "provider lookup ended");
-                    self.provider_queries.remove(&id);
-                }
-                kad::QueryResult::StartProviding(result)
-                    if step.last && self.announcing.remove(&id).is_some() =>
-                {
-                    match result {
-                        Ok(kad::AddProviderOk { key }) => {
-                            if let Ok(h) = <[u8; 20]>::try_from(key.as_ref()) {
-                                self.emit(NodeEvent::Announced(StorePathHash(h)));
-                            }
-                        }
-                        Err(e) => tracing::debug!(error = %e, "announcement incomplete"),
-                    }
-                    self.pacer.done();
-                    self.pump_announcements(Instant::now());
-                }
-                kad::QueryResult::Bootstrap(Err(e)) => {
-                    tracing::debug!(error = %e, "bootstrap incomplete");
-                }
-                _ => {}
-            },
-            kad::Event::RoutingUpdated {
-                peer, is_new_peer, ..
-            } if is_new_peer && !self.swarm.is_connected(&peer) => {
-                self.emit(NodeEvent::Discovered {
-                    peer,
-                    via: Discovery::Kad,
-                });
-            }
-            _ => {}
-        }
     }
 }
