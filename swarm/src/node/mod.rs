@@ -31,6 +31,7 @@ mod behaviour;
 mod dht;
 mod explicit;
 mod identity;
+mod peers;
 mod transport;
 
 use announce::Pacer;
@@ -43,6 +44,7 @@ use transport::is_quic;
 
 pub use behaviour::MAX_PROVIDED_KEYS;
 pub use identity::{load_or_create_identity, read_swarm_key};
+pub use peers::{Overview, PeerDetails};
 
 /// peerix's own DHT: a private protocol name keeps peerix nodes out of the IPFS DHT and
 /// keeps IPFS nodes out of ours.
@@ -113,29 +115,6 @@ pub enum NodeEvent {
     },
 }
 
-/// One connected peer as the node sees it, for an operator's view.
-#[derive(Debug, Clone)]
-pub struct PeerDetails {
-    pub peer: PeerId,
-    /// The remote address of one of its connections.
-    pub addr: Option<Multiaddr>,
-    /// Through a relay (`/p2p-circuit`) rather than a direct connection.
-    pub relayed: bool,
-    /// It dialled us.
-    pub inbound: bool,
-    /// The last ping's round trip, once one came back.
-    pub rtt: Option<Duration>,
-    pub connected_for: Duration,
-}
-
-/// Connected peers and the addresses others confirmed for this node.
-#[derive(Debug, Clone, Default)]
-pub struct Overview {
-    pub peers: Vec<PeerDetails>,
-    /// External addresses confirmed (reachable from outside); empty on a LAN or behind NAT.
-    pub external_addrs: Vec<Multiaddr>,
-}
-
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// Holds `identity.key`, so the peer id survives restarts.
@@ -184,10 +163,6 @@ impl NodeConfig {
             idle_timeout: IDLE_CONNECTION_TIMEOUT,
         }
     }
-}
-
-fn is_relayed(a: &Multiaddr) -> bool {
-    a.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 enum Command {
@@ -800,35 +775,6 @@ impl EventLoop {
                     .retain(|a| a != &address);
             }
             _ => {}
-        }
-    }
-
-    fn overview(&self) -> Overview {
-        let now = Instant::now();
-        let peers = self
-            .confirmed
-            .iter()
-            .map(|p| {
-                // A direct connection is the one to show when there is one.
-                let mut conns: Vec<_> = self.conns.values().filter(|(q, _, _)| q == p).collect();
-                conns.sort_by_key(|(_, a, _)| is_relayed(a));
-                let first = conns.first();
-                PeerDetails {
-                    peer: *p,
-                    addr: first.map(|(_, a, _)| a.clone()),
-                    relayed: first.is_some_and(|(_, a, _)| is_relayed(a)),
-                    inbound: first.is_some_and(|(_, _, i)| *i),
-                    rtt: self.rtts.get(p).copied(),
-                    connected_for: self
-                        .connected_since
-                        .get(p)
-                        .map_or(Duration::ZERO, |s| now.duration_since(*s)),
-                }
-            })
-            .collect();
-        Overview {
-            peers,
-            external_addrs: self.swarm.external_addresses().cloned().collect(),
         }
     }
 
