@@ -10,7 +10,7 @@ use libp2p::kad;
 use peerix_nix::StorePathHash;
 use tokio::time::Instant;
 
-use super::EventLoop;
+use super::event_loop::EventLoop;
 
 /// Announces provided keys at a bounded pace.
 ///

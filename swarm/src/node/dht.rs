@@ -13,7 +13,8 @@ use peerix_nix::StorePathHash;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Discovery, EventLoop, NodeEvent};
+use super::event_loop::EventLoop;
+use super::{Discovery, NodeEvent};
 
 /// Bootstrap again at most this often when new peers keep arriving.
 const BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(30);

@@ -12,7 +12,8 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use tokio::time::Instant;
 
-use super::{EventLoop, NodeEvent};
+use super::event_loop::EventLoop;
+use super::NodeEvent;
 
 /// An idle stream on this protocol holds a connection to an explicit peer open: they are
 /// there because nothing else finds them, and letting the connection idle out would only have

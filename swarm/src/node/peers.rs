@@ -8,7 +8,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use tokio::time::Instant;
 
-use super::EventLoop;
+use super::event_loop::EventLoop;
 
 /// One connected peer as the node sees it, for an operator's view.
 #[derive(Debug, Clone)]
