@@ -25,7 +25,8 @@ use super::announce::Pacer;
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::dht::ProviderQuery;
 use super::explicit::{Explicit, ExplicitState, REDIAL_INITIAL, REDIAL_RESET_AFTER};
-use super::{Command, Discovery, NodeError, NodeEvent, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
+use super::handle::Command;
+use super::{Discovery, NodeError, NodeEvent, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 
 /// How often the event loop wakes up on its own to pace announcements and redial.
 const TICK: Duration = Duration::from_millis(100);
