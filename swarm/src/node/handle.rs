@@ -1,0 +1,330 @@
+//! The public [`Node`] handle: starting a node (identity, swarm, listeners, then the event
+//! loop on its own task) and the methods that talk to the running loop through [`Command`]s.
+//! The handle holds no swarm state of its own beyond the listen addresses and the ban list
+//! callers consult without a round trip.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::kad;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId};
+use peerix_nix::StorePathHash;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::announce::Pacer;
+use super::behaviour::build_swarm;
+use super::event_loop::EventLoop;
+use super::explicit::{hold_stream, Explicit, KEEPALIVE_PROTOCOL};
+use super::identity::load_or_create_identity;
+use super::transport::is_quic;
+use super::{NodeConfig, NodeError, NodeEvent, Overview};
+
+pub(super) enum Command {
+    Dial {
+        opts: DialOpts,
+        peer: Option<PeerId>,
+        target: String,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    Overview(oneshot::Sender<Overview>),
+    Providers {
+        key: kad::RecordKey,
+        found: mpsc::UnboundedSender<PeerId>,
+    },
+    SetProvided(Vec<StorePathHash>),
+    Ban {
+        peer: PeerId,
+        why: String,
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A running peerix node. Dropping it stops the node too; [`Node::shutdown`] also waits for it.
+pub struct Node {
+    peer_id: PeerId,
+    control: libp2p_stream::Control,
+    listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    /// Peers banned so far, so callers can leave them out before asking anything.
+    banned: Mutex<HashSet<PeerId>>,
+    commands: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts the node; returns once every listener has an address (or failed, if not all did).
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        let keypair = load_or_create_identity(&cfg.state_dir)?;
+        let peer_id = keypair.public().to_peer_id();
+
+        let mut listen = cfg.listen.clone();
+        if cfg.swarm_key.is_some() {
+            let before = listen.len();
+            listen.retain(|a| !is_quic(a));
+            if listen.len() != before {
+                tracing::warn!(
+                    "a swarm key is set: QUIC is turned off, since pnet can only protect TCP"
+                );
+            }
+        }
+        if listen.is_empty() {
+            return Err(NodeError::NoListenAddrs);
+        }
+
+        let mut swarm = build_swarm(keypair, &cfg)?;
+        let control = swarm.behaviour().stream.new_control();
+        let keepalive_acceptor = match control.clone().accept(KEEPALIVE_PROTOCOL) {
+            Ok(mut incoming) => tokio::spawn(async move {
+                while let Some((peer, stream)) = incoming.next().await {
+                    tracing::trace!(%peer, "holding a connection open for the peer");
+                    tokio::spawn(hold_stream(stream));
+                }
+            }),
+            Err(e) => return Err(NodeError::Transport(e.to_string())),
+        };
+
+        let mut pending = HashSet::new();
+        let mut errors = Vec::new();
+        for addr in &listen {
+            match swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    pending.insert(id);
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        let mut addrs = Vec::new();
+        while !pending.is_empty() {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr {
+                    listener_id,
+                    address,
+                } => {
+                    pending.remove(&listener_id);
+                    addrs.push(address);
+                }
+                SwarmEvent::ListenerClosed {
+                    listener_id,
+                    reason,
+                    addresses,
+                } => {
+                    pending.remove(&listener_id);
+                    errors.push(format!("{addresses:?}: closed: {reason:?}"));
+                }
+                SwarmEvent::ListenerError { listener_id, error } => {
+                    pending.remove(&listener_id);
+                    errors.push(format!("listener: {error}"));
+                }
+                _ => {}
+            }
+        }
+        if addrs.is_empty() {
+            return Err(NodeError::Listen(errors.join("; ")));
+        }
+        for e in &errors {
+            tracing::warn!(error = %e, "a listen address failed");
+        }
+        tracing::info!(peer = %peer_id, addrs = ?addrs, "node listening");
+
+        let listen_addrs = Arc::new(Mutex::new(addrs));
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(1024);
+
+        let explicit = cfg.peers.iter().map(|s| Explicit::parse(s)).collect();
+        let pacer = Pacer::new(
+            cfg.provide_interval,
+            cfg.provide_min_rate,
+            cfg.provide_in_flight,
+            Instant::now(),
+        );
+        let event_loop = EventLoop {
+            swarm,
+            local: peer_id,
+            commands: command_rx,
+            events: events.clone(),
+            listen_addrs: listen_addrs.clone(),
+            confirmed: HashSet::new(),
+            connected_since: HashMap::new(),
+            conns: HashMap::new(),
+            rtts: HashMap::new(),
+            pending_dials: HashMap::new(),
+            peer_waiters: HashMap::new(),
+            provider_queries: HashMap::new(),
+            mdns_pending: HashSet::new(),
+            explicit,
+            resolved_tx: None,
+            pacer,
+            announcing: HashMap::new(),
+            last_bootstrap: None,
+            control: control.clone(),
+            keepalive_acceptor,
+        };
+        let task = tokio::spawn(event_loop.run());
+        Ok(Node {
+            peer_id,
+            control,
+            listen_addrs,
+            banned: Mutex::new(HashSet::new()),
+            commands,
+            events,
+            task,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Opens and accepts the peer protocol's streams.
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    /// The addresses actually listened on, each ending in `/p2p/<our id>`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let addrs = self
+            .listen_addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        addrs
+            .into_iter()
+            .map(|a| a.with(Protocol::P2p(self.peer_id)))
+            .collect()
+    }
+
+    /// Peers with an identified connection.
+    pub async fn connected_peers(&self) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::ConnectedPeers(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Connected peers with their addresses and round trips, and this node's external addresses.
+    pub async fn overview(&self) -> Overview {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Overview(tx)).is_err() {
+            return Overview::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    /// Dials an address and waits until the remote is identified as a peerix node.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        let peer = match addr.iter().last() {
+            Some(Protocol::P2p(id)) => Some(id),
+            _ => None,
+        };
+        let opts = match peer {
+            Some(id) => DialOpts::peer_id(id)
+                .addresses(vec![addr.clone()])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+        };
+        self.dial_opts(opts, peer, addr.to_string()).await
+    }
+
+    /// Connects to a peer by id, with the addresses the DHT knows for it.
+    pub async fn connect(&self, peer: PeerId) -> Result<(), NodeError> {
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        self.dial_opts(opts, Some(peer), peer.to_string()).await
+    }
+
+    async fn dial_opts(
+        &self,
+        opts: DialOpts,
+        peer: Option<PeerId>,
+        target: String,
+    ) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Dial {
+                opts,
+                peer,
+                target,
+                reply,
+            })
+            .map_err(|_| NodeError::Shutdown)?;
+        rx.await.map_err(|_| NodeError::Shutdown)?
+    }
+
+    /// Peers that announce `key` in the DHT, collected until the lookup ends or `timeout`
+    /// passes. Providers we are not connected to are dialled while the lookup still holds
+    /// their addresses, so opening a stream to them afterwards finds a connection or a dial.
+    pub async fn providers(&self, key: &StorePathHash, timeout: Duration) -> Vec<PeerId> {
+        let deadline = Instant::now() + timeout;
+        let (found, mut rx) = mpsc::unbounded_channel();
+        let key = kad::RecordKey::new(key.as_bytes());
+        if self
+            .commands
+            .send(Command::Providers { key, found })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        while let Ok(Some(peer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            out.push(peer);
+        }
+        out
+    }
+
+    /// Replaces the set of store paths this node announces. New keys are announced first;
+    /// dropped keys stop being announced (other nodes forget them when their records expire).
+    pub fn set_provided(&self, keys: Vec<StorePathHash>) {
+        let _ = self.commands.send(Command::SetProvided(keys));
+    }
+
+    /// Whether [`Node::ban`] was called for this peer.
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(peer)
+    }
+
+    /// Disconnects a misbehaving peer and refuses it from now on.
+    pub async fn ban(&self, peer: PeerId, why: &str) {
+        self.banned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer);
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Ban {
+                peer,
+                why: why.to_owned(),
+                reply,
+            })
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    pub async fn shutdown(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}

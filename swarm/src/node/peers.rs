@@ -1,0 +1,69 @@
+//! The operator's view of connected peers: [`PeerDetails`] and [`Overview`], and how the
+//! event loop fills them from its connection bookkeeping (which connection to show, round
+//! trips, how long a peer has been connected).
+
+use std::time::Duration;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use tokio::time::Instant;
+
+use super::event_loop::EventLoop;
+
+/// One connected peer as the node sees it, for an operator's view.
+#[derive(Debug, Clone)]
+pub struct PeerDetails {
+    pub peer: PeerId,
+    /// The remote address of one of its connections.
+    pub addr: Option<Multiaddr>,
+    /// Through a relay (`/p2p-circuit`) rather than a direct connection.
+    pub relayed: bool,
+    /// It dialled us.
+    pub inbound: bool,
+    /// The last ping's round trip, once one came back.
+    pub rtt: Option<Duration>,
+    pub connected_for: Duration,
+}
+
+/// Connected peers and the addresses others confirmed for this node.
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    pub peers: Vec<PeerDetails>,
+    /// External addresses confirmed (reachable from outside); empty on a LAN or behind NAT.
+    pub external_addrs: Vec<Multiaddr>,
+}
+
+fn is_relayed(a: &Multiaddr) -> bool {
+    a.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+impl EventLoop {
+    pub(super) fn overview(&self) -> Overview {
+        let now = Instant::now();
+        let peers = self
+            .confirmed
+            .iter()
+            .map(|p| {
+                // A direct connection is the one to show when there is one.
+                let mut conns: Vec<_> = self.conns.values().filter(|(q, _, _)| q == p).collect();
+                conns.sort_by_key(|(_, a, _)| is_relayed(a));
+                let first = conns.first();
+                PeerDetails {
+                    peer: *p,
+                    addr: first.map(|(_, a, _)| a.clone()),
+                    relayed: first.is_some_and(|(_, a, _)| is_relayed(a)),
+                    inbound: first.is_some_and(|(_, _, i)| *i),
+                    rtt: self.rtts.get(p).copied(),
+                    connected_for: self
+                        .connected_since
+                        .get(p)
+                        .map_or(Duration::ZERO, |s| now.duration_since(*s)),
+                }
+            })
+            .collect();
+        Overview {
+            peers,
+            external_addrs: self.swarm.external_addresses().cloned().collect(),
+        }
+    }
+}
