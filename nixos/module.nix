@@ -3,7 +3,7 @@
 # against `peerix serve --help`). The options only the Iroh-based peerix had are renamed,
 # changed or removed below (`imports`), so its users' configurations still evaluate.
 self:
-{ config, lib, pkgs, ... }:
+{ config, options, lib, pkgs, ... }:
 
 let
   cfg = config.services.peerix;
@@ -92,17 +92,25 @@ in
       # LAN discovery on top of the tracker: mDNS, which peerix runs unless disableBroadcast.
       (lib.mkChangedOptionModule (old "lanDiscovery") (old "disableBroadcast")
         (c: !c.services.peerix.lanDiscovery))
-      (lib.mkRemovedOptionModule (old "noVerify") ''
-        peerix always verifies what it hands Nix: a narinfo must carry a signature by one of
-        trustedKeys or match the upstream cache's NarHash, and every chunk and the whole NAR are
-        checked. To take a peer's own builds, add the key it signs with to
-        services.peerix.trustedKeys.'')
-      (lib.mkRemovedOptionModule (old "allowInsecureHttp") ''
-        peerix has no tracker, peers talk over encrypted libp2p connections, and upstreamCache
-        takes an http:// URL as given; nothing needs this switch.'')
     ];
 
   options.services.peerix = {
+    # The Iroh-based peerix's switches that peerix has no use for. Kept (hidden) so that a
+    # configuration that sets them still switches; setting them (to anything) only warns.
+    noVerify = mkOption {
+      type = types.bool;
+      default = false;
+      visible = false;
+      description = "Iroh-based peerix only; peerix always verifies. Has no effect.";
+    };
+
+    allowInsecureHttp = mkOption {
+      type = types.bool;
+      default = false;
+      visible = false;
+      description = "Iroh-based peerix only; nothing in peerix needs it. Has no effect.";
+    };
+
     enable = mkEnableOption "peerix, a peer-to-peer binary cache for Nix";
 
     package = mkOption {
@@ -291,6 +299,15 @@ in
   };
 
   config = mkIf cfg.enable {
+    warnings =
+      optional (options.services.peerix.noVerify.highestPrio < 1500) ''
+        services.peerix.noVerify has no effect and can go: peerix always verifies what it hands
+        Nix (a narinfo must carry a signature by one of trustedKeys or match the upstream
+        cache's NarHash, and every chunk and the whole NAR are checked). To take a peer's own
+        builds, add the key it signs with to services.peerix.trustedKeys.''
+      ++ optional (options.services.peerix.allowInsecureHttp.highestPrio < 1500) ''
+        services.peerix.allowInsecureHttp has no effect and can go: peerix has no tracker, peers
+        talk over encrypted libp2p connections, and upstreamCache takes an http:// URL as given.'';
     assertions = [
       (notInStore "privateKeyFile" cfg.privateKeyFile)
       (notInStore "swarmKeyFile" cfg.swarmKeyFile)

@@ -268,8 +268,12 @@ impl EventLoop {
                 // Said at info level with its cause: a connection that goes away under a
                 // transfer must say why (an I/O error, a keep-alive timeout, closed by us).
                 match &cause {
-                    Some(e) => tracing::info!(peer = %peer_id, left = num_established, error = %e, "connection closed"),
-                    None => tracing::debug!(peer = %peer_id, left = num_established, "connection closed"),
+                    Some(e) => {
+                        tracing::info!(peer = %peer_id, left = num_established, error = %e, "connection closed")
+                    }
+                    None => {
+                        tracing::debug!(peer = %peer_id, left = num_established, "connection closed")
+                    }
                 }
                 self.conns.remove(&connection_id);
                 if num_established == 0 {
