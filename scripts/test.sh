@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone on a fresh Debian machine: installs what the tests
 # need (real Nix from Debian's nix-bin, Chromium for the dashboard test, the cargo-nextest
-# runner), then checks formatting and lints and runs every test this environment can run.
-# README.md gives this command; .ci/run calls it; TESTING.md says what each test group proves
-# and needs.
+# runner), then checks formatting and lints, runs every test this environment can run, then
+# each fuzz target briefly (scripts/fuzz.sh). README.md gives this command; .ci/run calls it;
+# TESTING.md says what each test group proves and needs.
 #
 # Tests that need root live in modules named `needs_root`, tests that need real Nix (but not
 # root) in modules named `needs_nix`; inside, a missing requirement is a failure, never a quiet
@@ -84,6 +84,17 @@ set +e
 cargo nextest run --workspace --locked --no-fail-fast ${run_filter[@]+"${run_filter[@]}"} 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+# Every decoder of outside bytes, fuzzed briefly over the committed corpus (scripts/fuzz.sh;
+# PEERIX_FUZZ_SECONDS per target, 0 skips): a crash found again fails the command.
+fuzz_secs=${PEERIX_FUZZ_SECONDS:-15}
+if [ "$fuzz_secs" != 0 ]; then
+  echo "== fuzzing (${fuzz_secs}s per target)"
+  if ! scripts/fuzz.sh "$fuzz_secs"; then
+    echo "!! fuzzing found a problem (see above)"
+    status=1
+  fi
+fi
 
 # The tests left out, by name, per reason.
 not_run=0

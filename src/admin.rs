@@ -209,7 +209,9 @@ async fn send(w: &mut (impl AsyncWriteExt + Unpin), r: &Reply) -> Result<()> {
     Ok(())
 }
 
-async fn read_line(r: impl AsyncRead + Unpin, limit: u64) -> Result<Option<String>> {
+/// One request line, at most `limit` bytes with its newline. Public for the fuzz targets.
+#[doc(hidden)]
+pub async fn read_line(r: impl AsyncRead + Unpin, limit: u64) -> Result<Option<String>> {
     let mut line = String::new();
     let n = BufReader::new(r.take(limit)).read_line(&mut line).await?;
     if n == 0 {

@@ -19,7 +19,8 @@ use crate::client::{Client, ClientError};
 use crate::node::Node;
 
 /// Decides whether a peer's narinfo may be handed to Nix (a signature by a trusted key, or the
-/// same NarHash as the upstream cache). Checks run concurrently, one per answer.
+/// same NarHash as the upstream cache). Checks run concurrently, one per answering peer (the
+/// first narinfo for the path asked; a peer's others are ignored).
 pub trait TrustCheck: Send + Sync {
     fn check<'a>(&'a self, info: &'a NarInfo) -> BoxFuture<'a, bool>;
 }
@@ -141,17 +142,22 @@ impl Lookup {
         while let Some(ev) = tasks.next().await {
             match ev {
                 Event::Answer(peer, Ok(infos)) => {
-                    for info in infos {
-                        if info.store_path.hash() != hash {
-                            continue;
-                        }
-                        answers.push((peer, info.nar_hash));
-                        let trust = self.trust.clone();
-                        tasks.push(Box::pin(async move {
-                            let ok = trust.check(&info).await;
-                            Event::Checked(peer, Box::new(info), ok)
-                        }));
+                    // One path was asked, so one answer is checked: a reply may hold up to
+                    // MAX_LOOKUP narinfos, and each check may cost signature verifications
+                    // or an upstream request.
+                    let total = infos.len();
+                    let Some(info) = infos.into_iter().find(|i| i.store_path.hash() == hash) else {
+                        continue;
+                    };
+                    if total > 1 {
+                        debug!(%peer, total, "lookup: several narinfos for one path; only the first is checked");
                     }
+                    answers.push((peer, info.nar_hash));
+                    let trust = self.trust.clone();
+                    tasks.push(Box::pin(async move {
+                        let ok = trust.check(&info).await;
+                        Event::Checked(peer, Box::new(info), ok)
+                    }));
                 }
                 Event::Answer(peer, Err(e)) => debug!(%peer, error = %e, "lookup: peer failed"),
                 Event::Providers(ps) => {

@@ -381,3 +381,75 @@ async fn a_nar_the_catalog_does_not_share_stays_private() {
     let have = client.have(peer_id, &[], &[m.nar_hash]).await.unwrap();
     assert_eq!(have.nars, vec![peerix_swarm::protocol::NarState::None]);
 }
+
+/// Counts the checks it is asked for and trusts nothing.
+#[derive(Default)]
+struct CountingTrust {
+    checks: AtomicUsize,
+}
+
+impl TrustCheck for CountingTrust {
+    fn check<'a>(&'a self, _: &'a NarInfo) -> BoxFuture<'a, bool> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { false })
+    }
+}
+
+/// A peer that answers every lookup with `copies` copies of one narinfo.
+async fn rogue_repeating(info: NarInfo, copies: usize) -> (Arc<Node>, TempDir) {
+    use futures::{AsyncWriteExt, StreamExt};
+    use peerix_swarm::protocol::{self, kind, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = NodeConfig::new(dir.path().join("node"));
+    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    c.mdns = false;
+    let node = Arc::new(Node::start(c).await.unwrap());
+    let mut incoming = node
+        .stream_control()
+        .accept(peerix_swarm::PROTOCOL)
+        .unwrap();
+    let text = info.render();
+    tokio::spawn(async move {
+        while let Some((_, mut s)) = incoming.next().await {
+            let text = text.clone();
+            tokio::spawn(async move {
+                if let Ok(Request::Lookup(_)) = protocol::read_request(&mut s).await {
+                    let (body, n) = protocol::encode_lookup_reply(&vec![text; copies]);
+                    assert_eq!(n, copies);
+                    let _ = protocol::write_frame(&mut s, kind::LOOKUP_REPLY, &body).await;
+                }
+                let _ = s.close().await;
+            });
+        }
+    });
+    (node, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reply_of_a_thousand_copies_costs_one_check() {
+    let p = path(9);
+    let key = SecretKey::generate("untrusted-1").unwrap();
+    let (rogue, _dir) =
+        rogue_repeating(narinfo(&p, &key), peerix_swarm::protocol::MAX_LOOKUP).await;
+    let leecher = peer(
+        TestCatalog::default(),
+        vec![rogue.listen_addrs()[0].to_string()],
+        vec![],
+    )
+    .await;
+    wait_connected(&leecher.node, 1).await;
+    let trust = Arc::new(CountingTrust::default());
+    let client = Client::new(leecher.node.stream_control());
+    let l = Lookup::new(
+        leecher.node.clone(),
+        client,
+        trust.clone(),
+        Duration::from_secs(30),
+    );
+    assert!(l.find(p.hash(), Duration::from_secs(5)).await.is_none());
+    assert_eq!(
+        trust.checks.load(Ordering::SeqCst),
+        1,
+        "one answering peer, one check"
+    );
+}

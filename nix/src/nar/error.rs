@@ -71,6 +71,9 @@ pub enum NarError {
     TargetTooLong { offset: u64, len: u64, max: usize },
     #[error("NAR offset {offset}: empty symlink target")]
     EmptyTarget { offset: u64 },
+    /// No filesystem can hold it: the unpacked link would be another (cut at the NUL) or fail.
+    #[error("NAR offset {offset}: symlink target contains a NUL byte")]
+    NulInTarget { offset: u64 },
     #[error("NAR offset {offset}: nesting deeper than {max} directories")]
     TooDeep { offset: u64, max: usize },
     #[error("NAR offset {offset}: file of {size} bytes would make the NAR exceed {max} bytes")]

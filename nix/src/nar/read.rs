@@ -507,6 +507,9 @@ impl<R: Read> Parser<'_, R> {
                 if target.is_empty() {
                     return Err(NarError::EmptyTarget { offset: at });
                 }
+                if target.contains(&0) {
+                    return Err(NarError::NulInTarget { offset: at });
+                }
                 sink.symlink(path, &target)?;
                 self.expect(")")?;
                 Ok(false)

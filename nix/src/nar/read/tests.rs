@@ -300,6 +300,17 @@ fn symlink_targets() {
     );
     let e = err(&link(b""));
     assert!(matches!(e, NarError::EmptyTarget { .. }), "{e}");
+    // Found by fuzzing: validate accepted it, unpack could not create it.
+    let e = err(&link(b"libfoo.s\0\0\x01"));
+    assert!(matches!(e, NarError::NulInTarget { offset: 88 }), "{e}");
+    assert!(matches!(
+        unpack(
+            &link(b"a\0")[..],
+            &NarLimits::default(),
+            &tempfile::tempdir().unwrap().path().join("x")
+        ),
+        Err(NarError::NulInTarget { .. })
+    ));
 }
 
 fn nested(depth: usize) -> Vec<u8> {

@@ -1,0 +1,19 @@
+//! The `--config` TOML file: parsing and resolving never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use peerix::config::{FileConfig, ServeArgs, ServeConfig};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(file) = toml::from_str::<FileConfig>(s) else {
+        return;
+    };
+    if let Ok(c) = ServeConfig::merge(ServeArgs::default(), file) {
+        assert!(!c.timeout.is_zero());
+        assert!(!c.scan_interval.is_zero());
+        assert!(!c.p2p_listen.is_empty());
+    }
+});
