@@ -15,6 +15,9 @@
 # printed. Installs what is missing: the nightly toolchain (rustup) and cargo-fuzz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The fuzz crate always builds in fuzz/target (instrumented, nightly): never in a target
+# directory shared with the stable builds.
+unset CARGO_TARGET_DIR
 
 secs=${1:-15}
 shift || true
