@@ -437,10 +437,16 @@ impl App {
                 return Some(p.info.clone());
             }
         }
-        let until = tokio::time::Instant::now() + self.timeout;
         if let Some(own) = self.find_shared(hash).await {
             return Some(own);
         }
+        self.find_remote(hash).await.map(|p| p.info.clone())
+    }
+
+    /// Ask the peers for a path (trusted answers only, within the lookup deadline); what is
+    /// found is remembered for the NAR request that follows.
+    async fn find_remote(&self, hash: StorePathHash) -> Option<Arc<Presented>> {
+        let until = tokio::time::Instant::now() + self.timeout;
         let found = self.lookup.find(hash, self.timeout).await?;
         let info = tokio::time::timeout_at(until, self.trust.present(&found.info))
             .await
@@ -456,8 +462,21 @@ impl App {
             .lock()
             .expect("by_nar")
             .put(info.nar_hash, p.clone());
-        self.by_path.lock().expect("by_path").put(hash, p);
-        Some(info)
+        self.by_path.lock().expect("by_path").put(hash, p.clone());
+        Some(p)
+    }
+
+    /// The store path of a NAR the chunk store holds, if it knows it.
+    async fn stored_path(&self, nar_hash: Sha256Hash) -> Option<StorePathHash> {
+        if let Some(p) = self.by_nar.lock().expect("by_nar").get(&nar_hash) {
+            return Some(p.info.store_path.hash());
+        }
+        self.store
+            .blocking(move |cs| cs.local_source(&nar_hash))
+            .await
+            .ok()
+            .flatten()
+            .map(|p| p.hash())
     }
 
     /// A path this node shares and holds: described by its own store database (or the

@@ -139,6 +139,55 @@ mod needs_nix {
         wait_within_budget(&mut p, &state, budget);
     }
 
+    /// B serves a path it holds in its Nix store (read in place); the file changes under it
+    /// after the response has begun. The rest of the NAR comes from A instead of Nix being cut
+    /// off: the body is complete and is exactly the NAR.
+    #[test]
+    fn a_stored_nar_that_fails_half_way_is_finished_from_a_peer() {
+        let mut big = None;
+        let Some(mut p) = pair_with("life-fallback", &["--scan-interval", "1"], |nix, key| {
+            big = Some(common::pair::add_big(nix, key))
+        }) else {
+            return;
+        };
+        let big = big.unwrap();
+        let out = p.b_nix.realise(&big, &p.b.url(), &p.b_key.1);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // B reads it in place from now on, and gives its pack copy back.
+        p.b.wait_for("GC of the downloaded copy", |l| {
+            l.starts_with("peerix: gc: ") && !l.contains(" 0 pack copies released")
+        });
+        // Past its first MiB, the file on B's disk is no longer what Nix recorded.
+        let blob = p.b_nix.real(&big).join("blob");
+        let mut perms = std::fs::metadata(&blob).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&blob, perms).unwrap();
+        let mut bytes = std::fs::read(&blob).unwrap();
+        for b in &mut bytes[(4 << 20)..(4 << 20) + 4096] {
+            *b = !*b;
+        }
+        std::fs::write(&blob, &bytes).unwrap();
+
+        let (url, size) = nar_url(&p, &big);
+        let (status, body) = http(&p.b.http, "GET", &url);
+        assert_eq!(status, 200);
+        assert_eq!(body.len(), size, "the response was cut");
+        let want = p.a_nix.nar_hashes(std::slice::from_ref(&big));
+        assert_eq!(
+            peerix_nix::Sha256Hash::digest(&body).to_sri(),
+            want[&big],
+            "B's response is not the NAR"
+        );
+        p.b.wait_for("the fall back to peers", |l| {
+            l.contains("stored NAR unreadable; fetching the rest from peers")
+        });
+    }
+
     /// Weeks of a laptop's life, shortened: Nix substitutes changing versions of packages
     /// through B, collects them again, B fetches NARs it keeps only in packs, and is killed
     /// with SIGKILL at random moments (mid-download, mid-scan, mid-GC). After every kill B's

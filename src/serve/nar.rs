@@ -119,8 +119,31 @@ async fn fetch_from_peers(
     p: Arc<Presented>,
     guard: tokio::sync::OwnedMutexGuard<()>,
 ) -> Response {
-    let nar_hash = p.info.nar_hash;
     let size = p.info.nar_size;
+    let started = match start_fetch(&app, &p).await {
+        Ok(s) => s,
+        Err(status) => {
+            return (status, "the NAR could not be fetched from peers\n").into_response();
+        }
+    };
+    let (body_tx, body_rx) = mpsc::channel::<Chunk>(BODY_QUEUE);
+    tokio::spawn(async move {
+        let _guard = guard;
+        forward(&app, &p, started, &body_tx, 0).await;
+    });
+    nar_response(size, body_from(body_rx))
+}
+
+/// A fetch from the peers under way, with the first bytes it produced.
+struct Started {
+    fetch: tokio::task::JoinHandle<FetchOutcome>,
+    nar_rx: mpsc::Receiver<Bytes>,
+    first: Bytes,
+}
+
+/// Start fetching the NAR `p` describes; wait for its first bytes. A fetch that ends before
+/// them is settled here, and the status Nix should get is returned.
+async fn start_fetch(app: &Arc<App>, p: &Arc<Presented>) -> Result<Started, StatusCode> {
     // Banned peers are never asked again, even when a remembered narinfo names them.
     let mut holders = vec![p.peer];
     holders.extend(p.holders.iter().copied().filter(|h| *h != p.peer));
@@ -133,8 +156,8 @@ async fn fetch_from_peers(
         .filter(|c| !holders.contains(c) && !app.node.is_banned(c))
         .collect();
     let req = FetchRequest {
-        nar_hash,
-        nar_size: size,
+        nar_hash: p.info.nar_hash,
+        nar_size: p.info.nar_size,
         holders,
         others,
         config: DownloadConfig {
@@ -149,8 +172,12 @@ async fn fetch_from_peers(
         req,
         nar_tx,
     ));
-    let first = match nar_rx.recv().await {
-        Some(b) => b,
+    match nar_rx.recv().await {
+        Some(first) => Ok(Started {
+            fetch,
+            nar_rx,
+            first,
+        }),
         None => {
             // The fetch ended before its first byte.
             let outcome = (&mut fetch).await;
@@ -166,76 +193,99 @@ async fn fetch_from_peers(
                 Ok(_) => "no bytes arrived".to_owned(),
                 Err(_) => "the fetch task died".to_owned(),
             };
-            settle(&app, &p, outcome, 0, Some(&why)).await;
-            return (status, "the NAR could not be fetched from peers\n").into_response();
+            settle(app, p, outcome, 0, Some(&why)).await;
+            Err(status)
         }
-    };
-    let (body_tx, body_rx) = mpsc::channel::<Chunk>(BODY_QUEUE);
-    tokio::spawn(async move {
-        let _guard = guard;
-        let mut sent = 0u64;
-        let mut last: Option<Bytes> = None;
-        let mut receiver_gone = false;
-        let mut overflow = false;
-        let mut next = Some(first);
-        loop {
-            let b = match next.take() {
+    }
+}
+
+/// Hand a fetch's NAR to the body from byte `skip` on (what came before was sent already),
+/// holding back the bytes that complete it until the fetch reports the whole NAR verified;
+/// otherwise end the body with an error. Settles the fetch.
+async fn forward(
+    app: &Arc<App>,
+    p: &Presented,
+    started: Started,
+    body_tx: &mpsc::Sender<Chunk>,
+    skip: u64,
+) {
+    let Started {
+        fetch,
+        mut nar_rx,
+        first,
+    } = started;
+    let nar_hash = p.info.nar_hash;
+    let size = p.info.nar_size;
+    // `at`: NAR bytes the fetch produced so far; `sent`: NAR bytes the body has (from `skip`).
+    let (mut at, mut sent) = (0u64, skip);
+    let mut last: Option<Bytes> = None;
+    let mut receiver_gone = false;
+    let mut overflow = false;
+    let mut next = Some(first);
+    loop {
+        let mut b = match next.take() {
+            Some(b) => b,
+            None => match nar_rx.recv().await {
                 Some(b) => b,
-                None => match nar_rx.recv().await {
-                    Some(b) => b,
-                    None => break,
-                },
-            };
-            let len = b.len() as u64;
-            if last.is_some() || sent + len > size {
-                // More than NarSize: never forwarded. Dropping the receiver stops the fetch.
-                overflow = true;
-                break;
-            }
-            if sent + len == size {
-                // The bytes that complete the body wait for the fetch's verdict.
-                last = Some(b);
-                continue;
-            }
-            sent += len;
-            app.metrics.nar_bytes_served.inc_by(len);
-            if !receiver_gone && body_tx.send(Ok(b)).await.is_err() {
-                // Nix went away; keep draining so the download still completes into the store.
-                receiver_gone = true;
-            }
-        }
-        drop(nar_rx);
-        let outcome = fetch.await;
-        let verified = !overflow
-            && matches!(&outcome, Ok(FetchOutcome { result: Ok(()), .. }))
-            && last.as_ref().is_some_and(|l| sent + l.len() as u64 == size);
-        let why = match &outcome {
-            _ if overflow => "the peers sent more than NarSize".to_owned(),
-            Ok(FetchOutcome { result: Err(e), .. }) => e.to_string(),
-            Ok(_) if !verified => format!("{sent} bytes of {size}"),
-            Ok(_) => String::new(),
-            Err(_) => "the fetch task died".into(),
+                None => break,
+            },
         };
-        settle(&app, &p, outcome, sent, (!verified).then_some(why.as_str())).await;
-        app.housekeeping.after_download().await;
-        match last {
-            Some(l) if verified => {
-                app.metrics.nar_bytes_served.inc_by(l.len() as u64);
-                let _ = body_tx.send(Ok(l)).await;
-                info!(nar = %nar_hash, bytes = size, "NAR downloaded and served");
-            }
-            _ => {
-                app.metrics.nar_downloads_failed.inc();
-                warn!(nar = %nar_hash, error = %why, "NAR download failed; cutting the response");
-                let _ = body_tx
-                    .send(Err(std::io::Error::other(format!(
-                        "download failed: {why}"
-                    ))))
-                    .await;
-            }
+        let len = b.len() as u64;
+        at += len;
+        if at <= skip {
+            continue;
         }
-    });
-    nar_response(size, body_from(body_rx))
+        if at - len < skip {
+            b = b.slice((skip - (at - len)) as usize..);
+        }
+        let len = b.len() as u64;
+        if last.is_some() || sent + len > size {
+            // More than NarSize: never forwarded. Dropping the receiver stops the fetch.
+            overflow = true;
+            break;
+        }
+        if sent + len == size {
+            // The bytes that complete the body wait for the fetch's verdict.
+            last = Some(b);
+            continue;
+        }
+        sent += len;
+        app.metrics.nar_bytes_served.inc_by(len);
+        if !receiver_gone && body_tx.send(Ok(b)).await.is_err() {
+            // Nix went away; keep draining so the download still completes into the store.
+            receiver_gone = true;
+        }
+    }
+    drop(nar_rx);
+    let outcome = fetch.await;
+    let verified = !overflow
+        && matches!(&outcome, Ok(FetchOutcome { result: Ok(()), .. }))
+        && last.as_ref().is_some_and(|l| sent + l.len() as u64 == size);
+    let why = match &outcome {
+        _ if overflow => "the peers sent more than NarSize".to_owned(),
+        Ok(FetchOutcome { result: Err(e), .. }) => e.to_string(),
+        Ok(_) if !verified => format!("{sent} bytes of {size}"),
+        Ok(_) => String::new(),
+        Err(_) => "the fetch task died".into(),
+    };
+    settle(app, p, outcome, sent, (!verified).then_some(why.as_str())).await;
+    app.housekeeping.after_download().await;
+    match last {
+        Some(l) if verified => {
+            app.metrics.nar_bytes_served.inc_by(l.len() as u64);
+            let _ = body_tx.send(Ok(l)).await;
+            info!(nar = %nar_hash, bytes = size, "NAR downloaded and served");
+        }
+        _ => {
+            app.metrics.nar_downloads_failed.inc();
+            warn!(nar = %nar_hash, error = %why, "NAR download failed; cutting the response");
+            let _ = body_tx
+                .send(Err(std::io::Error::other(format!(
+                    "download failed: {why}"
+                ))))
+                .await;
+        }
+    }
 }
 
 /// After a fetch, whatever its outcome: ban the peers that lied, count what came from whom.
@@ -287,41 +337,71 @@ async fn settle(
     debug!(nar = %nar_hash, sent, size, ok = outcome.result.is_ok(), "fetch settled");
 }
 
-/// Stream a NAR the chunk store holds, read (and verified) on a blocking thread.
+/// Stream a NAR the chunk store holds, read (and verified) on a blocking thread. When a read
+/// fails half-way (a file of a path read in place changed or went away under us), the rest
+/// comes from the peers, if one has the NAR, instead of Nix being cut off.
 fn serve_stored(app: &Arc<App>, nar_hash: Sha256Hash, size: u64) -> Response {
     let (tx, rx) = mpsc::channel::<Chunk>(BODY_QUEUE);
-    let store = app.store.clone();
-    let app2 = app.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut r = match store.nar_reader(&nar_hash) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                return;
-            }
+    let app = app.clone();
+    tokio::spawn(async move {
+        let reading = {
+            let (app, tx) = (app.clone(), tx.clone());
+            tokio::task::spawn_blocking(move || read_stored(&app, nar_hash, &tx))
         };
-        let mut buf = vec![0u8; READ_BUF];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    app2.metrics.nar_bytes_served.inc_by(n as u64);
-                    if tx
-                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    warn!(nar = %nar_hash, error = %e, "stored NAR unreadable; cutting the response");
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
+        let (sent, e) = match reading.await {
+            Ok(Ok(())) => return,
+            Ok(Err(failed)) => failed,
+            Err(_) => (0, std::io::Error::other("the reading task died")),
+        };
+        warn!(nar = %nar_hash, error = %e, sent, "stored NAR unreadable; fetching the rest from peers");
+        let rest = match app.stored_path(nar_hash).await {
+            Some(hash) => app.find_remote(hash).await,
+            None => None,
+        };
+        let Some(p) = rest.filter(|p| p.info.nar_hash == nar_hash && p.info.nar_size == size)
+        else {
+            warn!(nar = %nar_hash, "no peer has it; cutting the response");
+            let _ = tx.send(Err(e)).await;
+            return;
+        };
+        match start_fetch(&app, &p).await {
+            Ok(started) => forward(&app, &p, started, &tx, sent).await,
+            Err(_) => {
+                let _ = tx.send(Err(e)).await;
             }
         }
     });
     nar_response(size, body_from(rx))
+}
+
+/// Read a stored NAR into the body; on a failed read, the bytes sent so far and the error.
+fn read_stored(
+    app: &App,
+    nar_hash: Sha256Hash,
+    tx: &mpsc::Sender<Chunk>,
+) -> Result<(), (u64, std::io::Error)> {
+    let mut r = app
+        .store
+        .nar_reader(&nar_hash)
+        .map_err(|e| (0, std::io::Error::other(e.to_string())))?;
+    let mut buf = vec![0u8; READ_BUF];
+    let mut sent = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                app.metrics.nar_bytes_served.inc_by(n as u64);
+                if tx
+                    .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                sent += n as u64;
+            }
+            Err(e) => return Err((sent, e)),
+        }
+    }
 }
 
 #[cfg(test)]
