@@ -537,6 +537,11 @@ impl Catalog for Sharing {
     fn generation(&self) -> u64 {
         self.shared.read().expect("shared").generation
     }
+
+    /// Each scan bumps the generation: none has finished while it is 0.
+    fn ready(&self) -> bool {
+        self.generation() > 0
+    }
 }
 
 #[cfg(test)]

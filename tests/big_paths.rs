@@ -49,6 +49,7 @@ mod needs_nix {
             return;
         };
         let big = big.unwrap();
+        let idle = peak_rss(p.b.child.id());
         let (b_nix_store, url, key) = (p.b_nix.store_arg(), p.b.url(), p.b_key.1.clone());
         let nix = std::thread::scope(|s| {
             let realise = s.spawn(|| p.b_nix.realise(&big, &url, &key));
@@ -75,8 +76,9 @@ mod needs_nix {
             .count();
         eprintln!(
             "big path: {mib} MiB across a restart of A; Nix retried {retries} times; B's peak \
-             RSS {} MiB",
-            rss >> 20
+             RSS {} MiB ({} MiB before the download)",
+            rss >> 20,
+            idle >> 20
         );
         for l in p.b.seen.iter().filter(|l| {
             l.contains("request failed")

@@ -36,6 +36,12 @@ pub trait Catalog: Send + Sync {
     fn generation(&self) -> u64 {
         0
     }
+    /// False until the catalog knows what is shared (a daemon's first scan of its store after
+    /// a start): meanwhile chunk and `have` requests are answered Busy, so a peer waits a
+    /// moment instead of concluding that chunks this node holds are gone.
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 impl Catalog for HashMap<StorePathHash, NarInfo> {
@@ -484,6 +490,11 @@ impl Server {
                         .events
                         .send(ServerEvent::ManifestServed { peer, nar_hash: h });
                 }
+            }
+            Request::Have { .. } | Request::Chunks(_) if !self.catalog.ready() => {
+                debug!(%peer, "not ready (the first scan is under way); answering busy");
+                timed(wt, write_refused(s, Refusal::Busy)).await?;
+                return Ok(());
             }
             Request::Have { chunks, nars } => {
                 if !self

@@ -64,7 +64,7 @@ impl Default for DownloadConfig {
             initial_in_flight: 2,
             max_in_flight: 16,
             target_queue: Duration::from_secs(1),
-            window_bytes: 64 * 1024 * 1024,
+            window_bytes: 16 * 1024 * 1024,
             max_failures: 4,
             min_timeout: Duration::from_secs(4),
             timeout_per_mib: Duration::from_secs(4),
