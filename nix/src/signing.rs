@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use thiserror::Error;
 
 /// Key files and signature strings are tiny; anything longer is not one.
@@ -28,7 +28,7 @@ pub enum KeyError {
         got: usize,
         expected: usize,
     },
-    #[error("public key is not a valid ed25519 point")]
+    #[error("public key is not a valid ed25519 point, or a weak one (of small order)")]
     BadPoint,
     #[error("secret key's public half does not match its secret half")]
     Mismatch,
@@ -150,7 +150,8 @@ impl PublicKey {
         sig.name == self.name
             && self
                 .key
-                .verify(msg, &ed25519_dalek::Signature::from_bytes(&sig.bytes))
+                // Strict, as libsodium: no small-order keys or R, no non-canonical encodings.
+                .verify_strict(msg, &ed25519_dalek::Signature::from_bytes(&sig.bytes))
                 .is_ok()
     }
 }
@@ -162,6 +163,11 @@ impl FromStr for PublicKey {
         let (name, data) = split_named(s.trim(), what)?;
         let bytes: [u8; 32] = decode(data, what)?;
         let key = VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::BadPoint)?;
+        // A point of small order verifies forged signatures (all zeros, for one); libsodium,
+        // which Nix verifies with, refuses such keys too.
+        if key.is_weak() {
+            return Err(KeyError::BadPoint);
+        }
         Ok(Self {
             name: name.to_owned(),
             key,
@@ -216,6 +222,19 @@ impl fmt::Debug for Signature {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Found by fuzzing: the all-zero key is a point of small order, and an all-zero
+    /// signature verified under it for some messages. Such keys are refused.
+    #[test]
+    fn weak_public_keys_are_refused() {
+        let zero = format!("name:{}", B64.encode([0u8; 32]));
+        assert!(matches!(zero.parse::<PublicKey>(), Err(KeyError::BadPoint)));
+        // The identity point, another small-order key.
+        let mut id = [0u8; 32];
+        id[0] = 1;
+        let id = format!("name:{}", B64.encode(id));
+        assert!(matches!(id.parse::<PublicKey>(), Err(KeyError::BadPoint)));
+    }
 
     #[test]
     fn round_trip_and_verify() {
