@@ -4,18 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::pair::{add_sized, pair_with, restart_on_same_port};
-
-/// B's running total of NAR bytes sent to Nix, from its metrics.
-fn served(http: &str) -> u64 {
-    let (_, body) = common::http(http, "GET", "/metrics");
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix("peerix_nar_bytes_served_total "))
-        .map_or(0, |v| v.trim().parse().unwrap_or(0))
-}
 
 /// Peak resident memory of a process so far (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
@@ -50,16 +39,21 @@ mod needs_nix {
         };
         let big = big.unwrap();
         let idle = peak_rss(p.b.child.id());
-        let (b_nix_store, url, key) = (p.b_nix.store_arg(), p.b.url(), p.b_key.1.clone());
+        // Nix reaches B through a proxy that says when an eighth of the NAR has gone by.
+        let proxy = common::counting_proxy(&p.b.http, (mib as u64) << 17);
+        let (b_nix_store, url, key) = (
+            p.b_nix.store_arg(),
+            format!("http://{}", proxy.addr),
+            p.b_key.1.clone(),
+        );
         let nix = std::thread::scope(|s| {
             let realise = s.spawn(|| p.b_nix.realise(&big, &url, &key));
-            // A goes away once B has handed Nix an eighth of the NAR.
-            let until = Instant::now() + common::WAIT * 4;
-            while served(&p.b.http) < (mib as u64) << 17 {
-                assert!(Instant::now() < until, "B never got going");
-                assert!(!realise.is_finished(), "Nix finished before A was killed");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            // A goes away at that moment, in the middle of the transfer.
+            proxy
+                .reached
+                .recv_timeout(common::WAIT * 4)
+                .expect("B never got going");
+            assert!(!realise.is_finished(), "Nix finished before A was killed");
             restart_on_same_port(&mut p.a, &p.a_nix, &p.a_args);
             realise.join().unwrap()
         });

@@ -12,39 +12,37 @@ mod needs_nix {
     use std::process::Command;
     use std::time::{Duration, Instant};
 
-    use common::{http, Daemon, Nix};
+    use common::pair::sign;
+    use common::{http, Daemon};
 
     const CHROMIUM: &str = "chromium";
 
-    fn sign(nix: &Nix, key: &Path, path: &str) {
-        let s = nix.store_arg();
-        let k = key.to_str().unwrap();
-        nix.run(
-            "nix",
-            &["store", "sign", "--store", &s, "--key-file", k, "-r", path],
-        );
-    }
-
-    fn api(d: &Daemon) -> serde_json::Value {
-        let (status, body) = http(&d.http, "GET", "/dashboard/api");
+    /// The dashboard's JSON; with `after`, once more than that many samples have been taken.
+    fn api(d: &Daemon, after: Option<u64>) -> serde_json::Value {
+        let path = match after {
+            Some(n) => format!("/dashboard/api?after={n}"),
+            None => "/dashboard/api".to_owned(),
+        };
+        let (status, body) = http(&d.http, "GET", &path);
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         serde_json::from_slice(&body).unwrap()
     }
 
-    /// `api` until `pred` holds, or a panic with the last answer.
+    /// `api` until `pred` holds, sample by sample, or a panic with the last answer.
     fn api_until(
         d: &Daemon,
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
         let until = Instant::now() + Duration::from_secs(30);
+        let mut after = None;
         loop {
-            let v = api(d);
+            let v = api(d, after);
             if pred(&v) {
                 return v;
             }
             assert!(Instant::now() < until, "{}: no {what}: {v:#}", d.name);
-            std::thread::sleep(Duration::from_millis(250));
+            after = v["samples_taken"].as_u64();
         }
     }
 
@@ -270,7 +268,7 @@ mod needs_nix {
         assert_eq!(status, 405);
 
         // Restarted (SIGTERM, as systemd stops it), B still knows what happened.
-        let before = api(&b);
+        let before = api(&b, None);
         let pid = b.child.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
@@ -280,7 +278,7 @@ mod needs_nix {
         assert!(b.child.wait().unwrap().success());
         assert!(b_nix.scratch("state-B").join("dashboard.json").exists());
         let b2 = Daemon::start("B", &b_nix, &b_args);
-        let after = api(&b2);
+        let after = api(&b2, None);
         assert_eq!(after["node"]["peer_id"], b.peer_id.as_str());
         assert_eq!(after["totals"]["downloads"], before["totals"]["downloads"]);
         assert_eq!(

@@ -104,19 +104,8 @@ mod needs_root {
         std::fs::write(private_tree.join("f"), b"kept on this machine").unwrap();
         let private = nix.add(&private_tree);
         let (sec, _) = nix.keys("node-1");
+        common::pair::sign(&nix, &sec, &shared);
         let s = nix.store_arg();
-        nix.run(
-            "nix",
-            &[
-                "store",
-                "sign",
-                "--store",
-                &s,
-                "--key-file",
-                sec.to_str().unwrap(),
-                &shared,
-            ],
-        );
         let state = nix.scratch("state-A");
         common::peerix_ok(&[
             "store",

@@ -275,17 +275,30 @@ mod needs_nix {
                 _ => {}
             }
             if round % 6 == 5 {
-                // SIGKILL at a random moment of a download that is under way.
-                let (url, _) = nar_url(&p, &versions[rand(versions.len())]);
+                // SIGKILL at a random point of a download that is under way: once the
+                // response has reached a random byte of the NAR (or ended).
+                let (url, size) = nar_url(&p, &versions[rand(versions.len())]);
+                let at = rand(size + 1);
                 let addr = p.b.http.clone();
-                // Whatever the kill leaves of the response (maybe not even its head) is fine.
+                let (reached, point) = std::sync::mpsc::channel();
                 let fetch = std::thread::spawn(move || {
                     use std::io::{Read, Write};
                     let mut s = std::net::TcpStream::connect(&addr).unwrap();
                     let _ = write!(s, "GET {url} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+                    let (mut got, mut buf) = (0, vec![0u8; 16 << 10]);
+                    while got < at {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got += n,
+                        }
+                    }
+                    let _ = reached.send(());
+                    // Whatever the kill leaves of the rest is fine.
                     let _ = s.read_to_end(&mut vec![]);
                 });
-                std::thread::sleep(std::time::Duration::from_millis(rand(400) as u64));
+                point
+                    .recv_timeout(common::WAIT)
+                    .expect("the response began");
                 let _ = p.b.child.kill();
                 let _ = p.b.child.wait();
                 let _ = fetch.join();

@@ -69,6 +69,8 @@ pub struct Dashboard {
     settings: Settings,
     started: Instant,
     store_view: tokio::sync::Mutex<Option<(Instant, Value)>>,
+    /// Throughput samples taken so far: `/dashboard/api?after=N` waits for the next one.
+    samples: tokio::sync::watch::Sender<u64>,
 }
 
 impl Dashboard {
@@ -99,6 +101,7 @@ impl Dashboard {
             settings,
             started: Instant::now(),
             store_view: tokio::sync::Mutex::new(None),
+            samples: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -128,6 +131,7 @@ impl Dashboard {
                         .map(|(p, n)| (p.to_string(), n))
                         .collect();
                     self.stats.sample(self.to_nix.get(), &to_peers, &mut last);
+                    self.samples.send_modify(|n| *n += 1);
                     if saved_at.elapsed() >= SAVE_EVERY {
                         saved_at = Instant::now();
                         let d = self.clone();
@@ -252,6 +256,7 @@ impl Dashboard {
         let s = &self.settings;
         json!({
             "now": stats::now_ms(),
+            "samples_taken": *self.samples.borrow(),
             "node": {
                 "peer_id": self.node.peer_id().to_string(),
                 "version": env!("CARGO_PKG_VERSION"),
@@ -395,13 +400,28 @@ async fn style(Extension(origin): Extension<Origin>, headers: HeaderMap) -> Resp
     )
 }
 
+#[derive(serde::Deserialize)]
+struct ApiQuery {
+    /// Answer once more than this many samples have been taken (at most [`LONG_POLL`] later):
+    /// a client follows the sampling instead of guessing when to ask.
+    after: Option<u64>,
+}
+
+/// How long `/dashboard/api?after=N` may wait for the next sample.
+const LONG_POLL: Duration = Duration::from_secs(15);
+
 async fn api(
     State(d): State<Arc<Dashboard>>,
     Extension(origin): Extension<Origin>,
     headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ApiQuery>,
 ) -> Response {
     if !for_us(origin, &headers) {
         return NOT_HERE.into_response();
+    }
+    if let Some(after) = q.after {
+        let mut rx = d.samples.subscribe();
+        let _ = tokio::time::timeout(LONG_POLL, rx.wait_for(|n| *n > after)).await;
     }
     (
         [

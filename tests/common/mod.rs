@@ -495,3 +495,53 @@ pub fn noise(len: usize, mut x: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A TCP proxy on loopback in front of `target` that tells when `threshold` bytes have gone
+/// from the target to its clients: a test acts at a point of a transfer, not after a time.
+pub struct CountingProxy {
+    pub addr: String,
+    pub reached: std::sync::mpsc::Receiver<()>,
+}
+
+pub fn counting_proxy(target: &str, threshold: u64) -> CountingProxy {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, reached) = std::sync::mpsc::channel();
+    let count = Arc::new(AtomicU64::new(0));
+    let target = target.to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { break };
+            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            let (mut c_r, mut s_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_r, &mut s_w);
+                let _ = s_w.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_r, mut c_w) = (server, client);
+            let (count, tx) = (count.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match s_r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if c_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let before = count.fetch_add(n as u64, Ordering::SeqCst);
+                    if before < threshold && before + n as u64 >= threshold {
+                        let _ = tx.send(());
+                    }
+                }
+                let _ = c_w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    CountingProxy { addr, reached }
+}

@@ -12,7 +12,7 @@ use peerix_nix::{Sha256Hash, StorePath};
 use sled::transaction::Transactional;
 use tracing::debug;
 
-use super::{real_path, tx_err, ChunkStore, Progress, TxError};
+use super::{tx_err, ChunkStore, Progress, TxError};
 use crate::index::ChunkRec;
 use crate::{ChunkId, ChunkRef, ChunkerParams, Error, Manifest, Result};
 use sha2::{Digest, Sha256};
@@ -201,12 +201,7 @@ impl ChunkStore {
         expected: Option<(Sha256Hash, u64)>,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Manifest> {
-        let root = self.inner.store_root.as_ref().ok_or(Error::NoLocalStore)?;
-        let real = real_path(root, path);
-        let layout = NarLayout::of_path(&real).map_err(|source| Error::Nar {
-            path: path.to_string(),
-            source,
-        })?;
+        let (real, layout) = self.layout_of(path)?;
         if let Some((_, size)) = expected {
             if layout.nar_size() != size {
                 return Err(Error::NarSizeMismatch {

@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use peerix_nix::nar::NarLayout;
 use peerix_nix::{Sha256Hash, StorePath};
 use sled::transaction::{ConflictableTransactionError as TxError, Transactional};
 use tracing::debug;
 
-use super::{real_path, tx_err, ChunkStore};
+use super::{tx_err, ChunkStore};
 use crate::index::ChunkRec;
 use crate::{Error, Manifest, Result};
 
@@ -37,12 +36,7 @@ impl ChunkStore {
         let Some(m) = self.manifest(nar_hash)? else {
             return Ok(0);
         };
-        let root = self.inner.store_root.as_ref().ok_or(Error::NoLocalStore)?;
-        let real = real_path(root, path);
-        let layout = NarLayout::of_path(&real).map_err(|source| Error::Nar {
-            path: path.to_string(),
-            source,
-        })?;
+        let (real, layout) = self.layout_of(path)?;
         if layout.nar_size() != nar_size || m.nar_size != nar_size {
             return Err(Error::NarSizeMismatch {
                 expected: nar_size,

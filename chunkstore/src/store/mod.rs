@@ -250,6 +250,17 @@ impl ChunkStore {
         })
     }
 
+    /// Where a local store path's files are, and the layout of its NAR over them.
+    pub(super) fn layout_of(&self, path: &StorePath) -> Result<(PathBuf, NarLayout)> {
+        let root = self.inner.store_root.as_ref().ok_or(Error::NoLocalStore)?;
+        let real = real_path(root, path);
+        let layout = NarLayout::of_path(&real).map_err(|source| Error::Nar {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok((real, layout))
+    }
+
     /// True when the local store path a NAR was read from in place no longer exists.
     pub(super) fn local_path_gone(&self, nar: &Sha256Hash) -> Result<bool> {
         let (Some(root), Some(path)) = (&self.inner.store_root, self.local_source(nar)?) else {

@@ -10,7 +10,7 @@ use peerix_nix::Sha256Hash;
 use tracing::warn;
 
 use super::ingest::ShaPipe;
-use super::{real_path, ChunkStore};
+use super::ChunkStore;
 use crate::index::ChunkRec;
 use crate::{ChunkId, Error, Manifest, Result};
 
@@ -87,13 +87,8 @@ impl ChunkStore {
         if let Some(l) = self.inner.layouts.lock().expect("layout cache").get(nar) {
             return Ok(l.clone());
         }
-        let root = self.inner.store_root.as_ref().ok_or(Error::NoLocalStore)?;
         let path = self.local_source(nar)?.ok_or(Error::MissingNar(*nar))?;
-        let real = real_path(root, &path);
-        let layout = NarLayout::of_path(&real).map_err(|source| Error::Nar {
-            path: path.to_string(),
-            source,
-        })?;
+        let (real, layout) = self.layout_of(&path)?;
         let l = Arc::new((real, layout));
         self.inner
             .layouts
