@@ -23,6 +23,8 @@ let
     ++ [ "--scan-interval" (toString cfg.scanInterval) ]
     ++ [ "--max-store-size" cfg.maxStoreSize ]
     ++ [ "--upstream-concurrency" (toString cfg.upstreamConcurrency) ]
+    ++ [ "--wire-compression" cfg.wireCompression ]
+    ++ optional (!cfg.deltas) "--no-deltas"
     ++ [ "--upstream-cache" (if cfg.upstreamCache == null then "none" else cfg.upstreamCache) ]
     ++ optional cfg.disableBroadcast "--no-mdns"
     ++ optional cfg.shareAll "--share-all"
@@ -270,6 +272,18 @@ in
       default = "10GiB";
       example = "50GB";
       description = "Disk budget for NARs kept in the state directory's packs (downloads the Nix store does not hold, pinned seeds); least recently used unpinned ones are evicted past it. \"0\" means no budget.";
+    };
+
+    wireCompression = mkOption {
+      type = types.enum [ "auto" "always" "never" ];
+      default = "auto";
+      description = "How chunks are asked to come from peers: \"auto\" asks for zstd while a peer's link is slower than compression (raw on a fast LAN), \"always\" or \"never\".";
+    };
+
+    deltas = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Ask peers to send a changed chunk as a delta against an older version of the path this machine holds (far fewer bytes on an update; costs the sending peer CPU).";
     };
 
     shareAll = mkOption {

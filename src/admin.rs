@@ -72,6 +72,24 @@ pub struct DaemonStatus {
     pub p2p: Vec<String>,
     pub peers: Vec<String>,
     pub shared: SharedCounts,
+    #[serde(default)]
+    pub traffic: TrafficStatus,
+}
+
+/// Chunk traffic since the daemon started: NAR bytes against the bytes that crossed the wire,
+/// and what kept the rest off it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrafficStatus {
+    /// Chunk bytes received from peers (as the NAR holds them) and as they came on the wire.
+    pub chunk_bytes_received: u64,
+    pub wire_bytes_received: u64,
+    pub saved_by_dedup: u64,
+    pub saved_by_compression: u64,
+    pub saved_by_delta: u64,
+    /// Chunk bytes sent to peers, as they went on the wire.
+    pub wire_bytes_served: u64,
+    /// Bytes of chunks recompressed once to be served small to many.
+    pub recompressed_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -119,6 +137,10 @@ pub struct Daemon {
     pub http: SocketAddr,
     /// Seeds and unseeds one at a time.
     pub busy: tokio::sync::Mutex<()>,
+    /// The traffic figures, read when asked.
+    pub traffic: Box<dyn Fn() -> TrafficStatus + Send + Sync>,
+    /// Called after a seed or an unseed (the pins changed).
+    pub after_seed: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Daemon {
@@ -128,6 +150,7 @@ impl Daemon {
             warn!(error = %e, "rescan after a seed failed");
         }
         self.node.set_provided(self.seeder.sharing.shared_hashes());
+        (self.after_seed)();
     }
 
     async fn status(&self) -> Result<StatusReport> {
@@ -142,11 +165,16 @@ impl Daemon {
             .collect();
         peers.sort();
         peers.dedup();
-        let store = self
+        let (store, recompressed) = self
             .seeder
             .store
-            .blocking(|cs| Ok(StoreStatus::of(cs)))
-            .await??;
+            .blocking(|cs| Ok((StoreStatus::of(cs), cs.recompressed_bytes())))
+            .await?;
+        let store = store?;
+        let traffic = TrafficStatus {
+            recompressed_bytes: recompressed?,
+            ..(self.traffic)()
+        };
         Ok(StatusReport {
             daemon: Some(DaemonStatus {
                 peer_id: self.node.peer_id().to_string(),
@@ -165,6 +193,7 @@ impl Daemon {
                     pinned: n(Reason::Pinned),
                     share_all: n(Reason::OptIn),
                 },
+                traffic,
             }),
             seeds: self.seeder.seeds().await?,
             store,

@@ -91,6 +91,33 @@ pub struct ServeArgs {
     /// Extra glob over store-path names never shared, added to the built-in list (repeatable).
     #[arg(long, value_name = "PATTERN", num_args = 1..)]
     pub deny: Vec<String>,
+    /// Chunks from peers: `auto` asks for zstd (and deltas against older versions held here)
+    /// while a peer's link is slower than compression, `always`, or `never` [default: auto].
+    #[arg(long, value_name = "MODE")]
+    pub wire_compression: Option<WireCompression>,
+    /// Never ask peers for deltas against older versions of a path held here (they cost the
+    /// sending peer CPU).
+    #[arg(long)]
+    pub no_deltas: bool,
+}
+
+/// `--wire-compression`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WireCompression {
+    Auto,
+    Always,
+    Never,
+}
+
+impl From<WireCompression> for peerix_swarm::Compression {
+    fn from(w: WireCompression) -> Self {
+        match w {
+            WireCompression::Auto => Self::Auto,
+            WireCompression::Always => Self::Always,
+            WireCompression::Never => Self::Never,
+        }
+    }
 }
 
 /// The `--config` file.
@@ -117,6 +144,8 @@ pub struct FileConfig {
     pub share_all: Option<bool>,
     pub upstream_concurrency: Option<usize>,
     pub deny: Option<Vec<String>>,
+    pub wire_compression: Option<WireCompression>,
+    pub deltas: Option<bool>,
 }
 
 /// Everything resolved.
@@ -142,6 +171,8 @@ pub struct ServeConfig {
     pub upstream_concurrency: usize,
     /// DEFAULT_DENY plus the configured extras.
     pub deny: Vec<String>,
+    pub wire_compression: peerix_swarm::Compression,
+    pub deltas: bool,
 }
 
 fn secs(what: &str, v: f64) -> Result<Duration> {
@@ -271,6 +302,12 @@ impl ServeConfig {
                 .unwrap_or(8)
                 .clamp(1, 256),
             deny,
+            wire_compression: args
+                .wire_compression
+                .or(file.wire_compression)
+                .unwrap_or(WireCompression::Auto)
+                .into(),
+            deltas: !args.no_deltas && file.deltas.unwrap_or(true),
         })
     }
 }

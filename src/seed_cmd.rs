@@ -463,6 +463,17 @@ pub async fn status(args: StatusArgs) -> Result<()> {
                 "shared: {} paths (upstream {}, own signature {}, seeded {}, share-all {})",
                 s.total, s.upstream, s.own_signature, s.pinned, s.share_all
             );
+            let t = &d.traffic;
+            println!(
+                "traffic: {} of chunks from peers as {} on the wire (saved: dedup {}, compression {}, deltas {}); {} sent to peers; {} recompressed to serve",
+                human(t.chunk_bytes_received),
+                human(t.wire_bytes_received),
+                human(t.saved_by_dedup),
+                human(t.saved_by_compression),
+                human(t.saved_by_delta),
+                human(t.wire_bytes_served),
+                human(t.recompressed_bytes)
+            );
         }
         None => println!(
             "peerix serve: not running (no admin socket at {})",

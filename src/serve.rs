@@ -26,7 +26,7 @@ use peerix_nix::upstream::{UpstreamCache, UpstreamConfig};
 use peerix_nix::{LocalStore, NarInfo, SecretKey, Sha256Hash, StorePathHash};
 use peerix_swarm::{
     Client, Lookup, Node, NodeConfig, NodeEvent, PeerId, PeerSource, ServeLimits, Server,
-    ServerHandle,
+    ServerHandle, WireConfig,
 };
 use prometheus_client::registry::Registry;
 use tracing::{debug, info, warn};
@@ -43,6 +43,7 @@ use crate::trust::Trust;
 mod housekeeping;
 mod metrics;
 mod nar;
+mod recompress;
 
 use housekeeping::Housekeeping;
 use metrics::Metrics;
@@ -75,6 +76,8 @@ struct App {
     metrics: Metrics,
     registry: Registry,
     dash: Arc<Dashboard>,
+    /// How chunks are asked to travel from peers.
+    wire: WireConfig,
 }
 
 fn read_key(path: &std::path::Path) -> Result<SecretKey> {
@@ -218,6 +221,12 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     let cap = NonZeroUsize::new(REMEMBERED).expect("non-zero");
     let housekeeping = Housekeeping::start(store.clone(), cfg.max_store_size)
         .context("reclaiming interrupted downloads")?;
+    // Recompressed frames may take an eighth of the disk budget (1 GiB without one).
+    let recompressor = recompress::Recompressor::spawn(
+        store.clone(),
+        cfg.max_store_size.map_or(1 << 30, |b| b / 8),
+        server_handle.subscribe(),
+    );
     let app = Arc::new(App {
         priority: cfg.priority,
         timeout: cfg.timeout,
@@ -235,6 +244,11 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         metrics,
         registry,
         dash: dash.clone(),
+        wire: WireConfig {
+            compression: cfg.wire_compression,
+            deltas: cfg.deltas,
+            ..WireConfig::default()
+        },
     });
 
     let daemon = Arc::new(Daemon {
@@ -246,6 +260,14 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         node: node.clone(),
         http: addr,
         busy: tokio::sync::Mutex::new(()),
+        traffic: {
+            let app = app.clone();
+            Box::new(move || app.traffic())
+        },
+        after_seed: {
+            let r = recompressor.clone();
+            Box::new(move || r.wake())
+        },
     });
     tokio::spawn(crate::admin::listen(&cfg.state_dir, daemon)?);
 

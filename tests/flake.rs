@@ -239,6 +239,7 @@ mod needs_nix {
                 " --timeout 10.000000 ",
                 " --scan-interval 0 ",
                 " --upstream-concurrency 4 ",
+                " --wire-compression auto ",
                 " --upstream-cache https://cache.nixos.org ",
                 " --private-key %d/peerix.sec",
             ] {
@@ -247,6 +248,7 @@ mod needs_nix {
             // filterMode "nixpkgs" and noFilter = false are peerix's default; LAN discovery is mDNS.
             assert!(!serve.contains("--share-all"), "{serve}");
             assert!(!serve.contains("--no-mdns"), "{serve}");
+            assert!(!serve.contains("--no-deltas"), "{serve}");
             let w = warnings(&v);
             for opt in [
                 "trackerUrl",

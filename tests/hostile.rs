@@ -34,6 +34,11 @@ enum Lie {
     AnotherNarSize,
     /// Chunk lengths that do not add up to the NarSize.
     LengthsDoNotAddUp,
+    /// The right manifest; each chunk as a zstd frame that expands past the length it states
+    /// (the chunk's, with more bytes after it).
+    ZstdPastItsSize,
+    /// The right manifest; each chunk as a delta against a chunk B never offered.
+    DeltaAgainstUnheld,
 }
 
 /// What the rogue answers.
@@ -43,6 +48,7 @@ struct Script {
     /// The body of the manifest reply, encoded by hand so that it may be invalid.
     manifest_reply: Vec<u8>,
     chunks: HashMap<ChunkId, Bytes>,
+    lie: Lie,
 }
 
 struct Rogue {
@@ -125,12 +131,37 @@ async fn answer<S: futures::AsyncWrite + Unpin>(
             };
             protocol::write_frame(s, kind::HAVE_REPLY, &protocol::encode_have_reply(&r)).await
         }
-        Request::Chunks(ids) => {
+        Request::Chunks(protocol::ChunksRequest { ids, .. }) => {
             for id in ids {
-                protocol::write_chunk(s, &id, script.chunks.get(&id).map(|b| &b[..])).await?;
+                let body = encode(script.lie, script.chunks.get(&id).cloned());
+                protocol::write_chunk(s, &id, &body).await?;
             }
             s.flush().await
         }
+    }
+}
+
+/// A chunk's frame body, as the lie has it.
+fn encode(lie: Lie, data: Option<Bytes>) -> protocol::ChunkBody {
+    let Some(d) = data else {
+        return protocol::ChunkBody::Missing;
+    };
+    let raw_len = d.len() as u32;
+    match lie {
+        Lie::ZstdPastItsSize => {
+            let mut more = d.to_vec();
+            more.extend_from_slice(b"and then some");
+            protocol::ChunkBody::Zstd {
+                raw_len,
+                data: zstd::bulk::compress(&more, 3).unwrap().into(),
+            }
+        }
+        Lie::DeltaAgainstUnheld => protocol::ChunkBody::Delta {
+            bases: vec![ChunkId([9; 32])],
+            raw_len,
+            data: zstd::bulk::compress(&d, 3).unwrap().into(),
+        },
+        _ => protocol::ChunkBody::Raw(d),
     }
 }
 
@@ -223,12 +254,14 @@ fn script(lie: Lie, narinfo: String, nar: &[u8]) -> Script {
             list[0].len += 1;
             (with(list, size), real_chunks)
         }
+        Lie::ZstdPastItsSize | Lie::DeltaAgainstUnheld => (real.clone(), real_chunks),
     };
     Script {
         narinfo,
         nar_hash: h,
         manifest_reply: manifest_reply(&m),
         chunks,
+        lie,
     }
 }
 
@@ -399,5 +432,25 @@ mod needs_nix {
     #[test]
     fn chunk_lengths_that_do_not_add_up() {
         case(Lie::LengthsDoNotAddUp, false);
+    }
+
+    #[test]
+    fn a_compressed_chunk_that_expands_past_its_stated_size() {
+        case(Lie::ZstdPastItsSize, false);
+    }
+
+    #[test]
+    fn a_compressed_chunk_that_expands_past_its_stated_size_honest_peer_present() {
+        case(Lie::ZstdPastItsSize, true);
+    }
+
+    #[test]
+    fn a_delta_against_a_chunk_never_offered() {
+        case(Lie::DeltaAgainstUnheld, false);
+    }
+
+    #[test]
+    fn a_delta_against_a_chunk_never_offered_honest_peer_present() {
+        case(Lie::DeltaAgainstUnheld, true);
     }
 }

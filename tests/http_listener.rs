@@ -7,49 +7,8 @@ mod common;
 
 use std::process::Command;
 
+use common::netns::Netns;
 use common::Daemon;
-
-struct Netns {
-    names: [String; 2],
-}
-
-impl Netns {
-    /// `srv` at 10.231.0.1 and `cli` at 10.231.0.2, joined by a veth pair.
-    fn create() -> Netns {
-        let tag = std::process::id();
-        let names = [format!("px-srv-{tag}"), format!("px-cli-{tag}")];
-        let n = Netns {
-            names: names.clone(),
-        };
-        let [srv, cli] = &names;
-        let (va, vb) = (format!("pxs{tag}"), format!("pxc{tag}"));
-        for args in [
-            vec!["netns", "add", srv],
-            vec!["netns", "add", cli],
-            vec![
-                "link", "add", &va, "netns", srv, "type", "veth", "peer", "name", &vb, "netns", cli,
-            ],
-            vec!["-n", srv, "addr", "add", "10.231.0.1/24", "dev", &va],
-            vec!["-n", cli, "addr", "add", "10.231.0.2/24", "dev", &vb],
-            vec!["-n", srv, "link", "set", &va, "up"],
-            vec!["-n", cli, "link", "set", &vb, "up"],
-            vec!["-n", srv, "link", "set", "lo", "up"],
-            vec!["-n", cli, "link", "set", "lo", "up"],
-        ] {
-            let st = Command::new("ip").args(&args).status().unwrap();
-            assert!(st.success(), "ip {args:?}");
-        }
-        n
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
 
 /// Status and body of a GET made from inside `ns`.
 fn get_from(ns: &str, url: &str) -> (u16, Vec<u8>) {
@@ -93,7 +52,7 @@ mod needs_root {
     fn beyond_loopback_only_what_is_shared() {
         assert!(peerix::is_root(), "needs root: network namespaces");
         let nix = common::nix();
-        let ns = Netns::create();
+        let ns = Netns::create("h");
         let [srv, cli] = &ns.names;
         // A shared path (signed with the node's key) and a private one the chunk store holds too
         // (indexed by hand, as a download would leave it).

@@ -21,8 +21,9 @@ pub use chunk::{ChunkId, ChunkerParams, VerifiedChunk};
 pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Manifest};
 pub use store::{
-    ChunkStore, Detached, Evicted, FsckReport, GcStats, NarReader, Options, Pinned, Progress, Seed,
-    Stats, SWEEP_BATCH,
+    package_name, ChunkStore, DeltaPlan, Detached, Evicted, FsckReport, GcStats, NarReader,
+    Options, Pinned, Progress, Recompressed, Seed, Stats, StoredChunk, DELTA_BASE_BYTES,
+    DELTA_BASE_CHUNKS, RECOMPRESS_LEVEL, SWEEP_BATCH,
 };
 
 /// Puts ([`ChunkStore::put_verified`], [`ChunkStore::put_chunk`]) are made durable and indexed

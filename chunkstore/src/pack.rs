@@ -224,6 +224,17 @@ impl Packs {
     /// Read and check a record; returns the raw (decompressed) bytes, unverified against the id
     /// beyond the header (the caller checks BLAKE3).
     pub fn read(&self, id: &ChunkId, loc: &PackLoc, raw_len: u32) -> Result<Vec<u8>> {
+        self.read_record(id, loc, raw_len).map(|(raw, _)| raw)
+    }
+
+    /// As [`Packs::read`], and the zstd frame the record holds when it is stored compressed,
+    /// so that it can be sent on as it is.
+    pub fn read_record(
+        &self,
+        id: &ChunkId,
+        loc: &PackLoc,
+        raw_len: u32,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
         let corrupt = |why: String| Error::CorruptChunk { id: *id, why };
         let f = self.reader(loc.pack)?;
         let read_at = |buf: &mut [u8], at: u64| {
@@ -246,9 +257,9 @@ impl Packs {
             if out.len() != raw_len as usize {
                 return Err(corrupt("decompressed length differs".into()));
             }
-            Ok(out)
+            Ok((out, Some(data)))
         } else {
-            Ok(data)
+            Ok((data, None))
         }
     }
 

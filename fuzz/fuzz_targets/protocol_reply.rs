@@ -6,6 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use peerix_chunkstore::MAX_CHUNK;
 use peerix_nix::{NarInfo, Sha256Hash};
+use peerix_swarm::compress;
 use peerix_swarm::protocol::{self, kind, max_body, read_frame, Frame, MAX_LOOKUP};
 
 fuzz_target!(|data: &[u8]| {
@@ -65,10 +66,15 @@ fn check_reply(f: &Frame, n_chunks: usize, n_nars: usize) {
         .expect("an encoded have reply decodes");
         assert_eq!(again, h);
     }
-    if let Ok((_id, bytes)) = protocol::decode_chunk(f.clone()) {
-        if let Some(b) = bytes {
-            assert_eq!(b.len() + 33, f.body.len());
-            assert!(b.len() <= MAX_CHUNK);
+    if let Ok((id, body)) = protocol::decode_chunk(f.clone()) {
+        assert_eq!(body.encoded_len() + 32, f.body.len());
+        let raw_len = body.raw_len();
+        assert!(raw_len.unwrap_or(0) <= MAX_CHUNK);
+        // Decompression is bounded by the stated length, whatever the bytes; a delta is tried
+        // against the frame's own bytes as its base.
+        let prefix = f.body.clone();
+        if let Ok(Some(r)) = compress::decode(id, body, Some(&prefix)) {
+            assert_eq!(Some(r.chunk.data().len()), raw_len);
         }
     }
     let _ = protocol::refusal(f);

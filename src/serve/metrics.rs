@@ -31,6 +31,10 @@ pub(super) struct Metrics {
     pub(super) bytes_from_peer: Family<PeerLabel, Counter>,
     pub(super) bytes_to_peer: Family<PeerLabel, Gauge>,
     pub(super) dedup_saved_bytes: Counter,
+    pub(super) chunk_bytes_received: Counter,
+    pub(super) chunk_wire_bytes: Counter,
+    pub(super) compression_saved_bytes: Counter,
+    pub(super) delta_saved_bytes: Counter,
     pub(super) narinfo_latency: Option<Histogram>,
 }
 
@@ -71,18 +75,38 @@ impl Metrics {
         );
         r.register(
             "peerix_peer_received_bytes",
-            "verified chunk bytes received from each peer",
+            "verified chunk bytes received from each peer (uncompressed)",
             self.bytes_from_peer.clone(),
         );
         r.register(
             "peerix_peer_served_bytes",
-            "chunk bytes served to each peer",
+            "chunk bytes served to each peer, as they went on the wire",
             self.bytes_to_peer.clone(),
         );
         r.register(
             "peerix_dedup_saved_bytes",
             "NAR bytes not downloaded because the chunks were already held",
             self.dedup_saved_bytes.clone(),
+        );
+        r.register(
+            "peerix_chunk_bytes_received",
+            "chunk bytes received from peers, as the NAR holds them",
+            self.chunk_bytes_received.clone(),
+        );
+        r.register(
+            "peerix_chunk_wire_bytes",
+            "chunk bytes received from peers as they came over the wire (compressed or raw)",
+            self.chunk_wire_bytes.clone(),
+        );
+        r.register(
+            "peerix_compression_saved_bytes",
+            "chunk bytes from peers that zstd kept off the wire",
+            self.compression_saved_bytes.clone(),
+        );
+        r.register(
+            "peerix_delta_saved_bytes",
+            "chunk bytes from peers that deltas against older versions kept off the wire",
+            self.delta_saved_bytes.clone(),
         );
         r.register(
             "peerix_narinfo_latency_seconds",
@@ -120,4 +144,21 @@ pub(super) async fn metrics(
         out,
     )
         .into_response()
+}
+
+impl App {
+    /// The chunk traffic figures `peerix status` shows (the recompressed bytes are the
+    /// store's, filled in by the caller).
+    pub(super) fn traffic(&self) -> crate::admin::TrafficStatus {
+        let m = &self.metrics;
+        crate::admin::TrafficStatus {
+            chunk_bytes_received: m.chunk_bytes_received.get(),
+            wire_bytes_received: m.chunk_wire_bytes.get(),
+            saved_by_dedup: m.dedup_saved_bytes.get(),
+            saved_by_compression: m.compression_saved_bytes.get(),
+            saved_by_delta: m.delta_saved_bytes.get(),
+            wire_bytes_served: self.server.bytes_served().values().sum(),
+            recompressed_bytes: 0,
+        }
+    }
 }

@@ -162,6 +162,7 @@ async fn start_fetch(app: &Arc<App>, p: &Arc<Presented>) -> Result<Started, Stat
         others,
         config: DownloadConfig {
             path: Some(p.info.store_path.clone()),
+            wire: app.wire.clone(),
             ..DownloadConfig::default()
         },
     };
@@ -328,6 +329,14 @@ async fn settle(
     if outcome.result.is_ok() {
         app.metrics.dedup_saved_bytes.inc_by(report.bytes_local);
     }
+    app.metrics
+        .chunk_bytes_received
+        .inc_by(report.bytes_per_peer.values().sum());
+    app.metrics.chunk_wire_bytes.inc_by(report.wire_bytes);
+    app.metrics
+        .compression_saved_bytes
+        .inc_by(report.saved_by_compression);
+    app.metrics.delta_saved_bytes.inc_by(report.saved_by_delta);
     let per_peer: Vec<(String, u64)> = report
         .bytes_per_peer
         .iter()

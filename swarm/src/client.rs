@@ -1,18 +1,20 @@
 //! Asking peers: one request per stream, every answer bounded and timed.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncWriteExt, Stream};
 use libp2p::PeerId;
-use peerix_chunkstore::{ChunkId, ChunkRef, Manifest, VerifiedChunk};
+use peerix_chunkstore::{ChunkId, ChunkRef, ChunkStore, Manifest, VerifiedChunk};
 use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
 use thiserror::Error;
 use tokio::time::Instant;
 
+use crate::compress::{self, DecodeError, Received};
 use crate::protocol::{
     self, decode_chunk, decode_have_reply, decode_lookup_reply, decode_manifest_reply, refusal,
-    Frame, HaveReply, ProtocolError, Refusal, Request,
+    ChunkBody, ChunksRequest, Frame, HaveReply, ProtocolError, Refusal, Request, Want,
 };
 use crate::PROTOCOL;
 
@@ -36,6 +38,15 @@ pub enum ClientError {
     Missing { peer: PeerId, id: ChunkId },
     #[error("{peer} sent bytes that do not match their chunk id")]
     BadChunk { peer: PeerId },
+    #[error("{peer} sent a chunk that does not decode: {source}")]
+    BadEncoding {
+        peer: PeerId,
+        #[source]
+        source: DecodeError,
+    },
+    /// The bases of a delta could not be read here (collected since we offered them).
+    #[error("cannot read the base of a delta: {0}")]
+    Base(#[source] peerix_chunkstore::Error),
     /// The bytes match the chunk id but not the length the manifest gave it: the peer that
     /// sent them is honest, whoever supplied the manifest lied.
     #[error("chunk {id} is {actual} bytes long, the manifest says {claimed}")]
@@ -54,7 +65,7 @@ impl ClientError {
     /// The peer misbehaved, as opposed to being slow, busy or gone.
     pub fn is_misbehaviour(&self) -> bool {
         match self {
-            Self::BadChunk { .. } | Self::Unexpected { .. } => true,
+            Self::BadChunk { .. } | Self::BadEncoding { .. } | Self::Unexpected { .. } => true,
             Self::Protocol { source, .. } => source.is_offence(),
             _ => false,
         }
@@ -199,18 +210,34 @@ impl Client {
         }
     }
 
-    /// Fetch chunks, yielding each as soon as it arrived and matched its id. A chunk the peer
-    /// no longer has is a [`ClientError::Missing`] item and the stream goes on; any other
-    /// error ends it. The whole request times out in proportion to the bytes asked for.
+    /// Fetch raw chunks: [`Client::fetch_chunks_as`] with nothing but raw bytes accepted.
     pub fn fetch_chunks(
         &self,
         peer: PeerId,
         refs: Vec<ChunkRef>,
     ) -> impl Stream<Item = Result<VerifiedChunk, ClientError>> + Send + 'static {
+        use futures::StreamExt;
+        self.fetch_chunks_as(peer, refs, Want::default(), None)
+            .map(|r| r.map(|r| r.chunk))
+    }
+
+    /// Fetch chunks in the forms `want` allows, yielding each as soon as it arrived, decoded
+    /// and matched its id. Deltas may only be against chunks in `bases`. A chunk the peer no
+    /// longer has is a [`ClientError::Missing`] item and the stream goes on; any other error
+    /// ends it. The whole request times out in proportion to the bytes asked for.
+    pub fn fetch_chunks_as(
+        &self,
+        peer: PeerId,
+        refs: Vec<ChunkRef>,
+        want: Want,
+        bases: Option<Arc<DeltaBases>>,
+    ) -> impl Stream<Item = Result<Received, ClientError>> + Send + 'static {
         let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
         let state = Fetch {
             client: self.clone(),
             peer,
+            want,
+            bases,
             refs,
             next: 0,
             stream: None,
@@ -237,9 +264,20 @@ impl Client {
     }
 }
 
+/// The chunks a requester offers as delta bases (those of the older NARs it named), and the
+/// store to read them from.
+pub struct DeltaBases {
+    pub store: ChunkStore,
+    pub chunks: HashSet<ChunkId>,
+    /// What the request offers: the NAR wanted and the older NARs these chunks are from.
+    pub ask: crate::protocol::DeltaAsk,
+}
+
 struct Fetch {
     client: Client,
     peer: PeerId,
+    want: Want,
+    bases: Option<Arc<DeltaBases>>,
     refs: Vec<ChunkRef>,
     next: usize,
     stream: Option<libp2p::Stream>,
@@ -248,13 +286,16 @@ struct Fetch {
 }
 
 impl Fetch {
-    async fn step(&mut self) -> Result<VerifiedChunk, ClientError> {
+    async fn step(&mut self) -> Result<Received, ClientError> {
         let peer = self.peer;
         let mut attempt = 0;
         let f = loop {
             if self.stream.is_none() {
-                let ids = self.refs.iter().map(|r| r.id).collect();
-                self.stream = Some(self.client.open(peer, &Request::Chunks(ids)).await?);
+                let req = Request::Chunks(ChunksRequest {
+                    ids: self.refs.iter().map(|r| r.id).collect(),
+                    want: self.want.clone(),
+                });
+                self.stream = Some(self.client.open(peer, &req).await?);
             }
             let s = self.stream.as_mut().expect("just opened");
             match read_frame(s, peer).await {
@@ -267,7 +308,7 @@ impl Fetch {
         };
         let want = self.refs[self.next];
         self.next += 1;
-        let (id, data) =
+        let (id, body) =
             decode_chunk(f).map_err(|source| ClientError::Protocol { peer, source })?;
         if id != want.id {
             return Err(ClientError::Unexpected {
@@ -275,20 +316,57 @@ impl Fetch {
                 why: "a chunk out of order",
             });
         }
-        let Some(data) = data else {
-            return Err(ClientError::Missing { peer, id });
+        let prefix = match &body {
+            ChunkBody::Delta { bases, .. } => {
+                let offered = self.bases.clone().filter(|_| self.want.delta.is_some());
+                Some(prefix(peer, offered, bases.clone()).await?)
+            }
+            _ => None,
         };
         // The id first: only bytes that match it tell whether the length was the lie.
-        let chunk = VerifiedChunk::new(id, data).ok_or(ClientError::BadChunk { peer })?;
-        if chunk.data().len() != want.len as usize {
+        let got = compress::decode(id, body, prefix.as_deref())
+            .map_err(|e| match e {
+                DecodeError::BadChunk => ClientError::BadChunk { peer },
+                source => ClientError::BadEncoding { peer, source },
+            })?
+            .ok_or(ClientError::Missing { peer, id })?;
+        if got.chunk.data().len() != want.len as usize {
             return Err(ClientError::WrongLength {
                 id,
                 claimed: want.len,
-                actual: chunk.data().len(),
+                actual: got.chunk.data().len(),
             });
         }
-        Ok(chunk)
+        Ok(got)
     }
+}
+
+/// The bytes a delta was computed against: chunks we offered, read from our store.
+async fn prefix(
+    peer: PeerId,
+    offered: Option<Arc<DeltaBases>>,
+    ids: Vec<ChunkId>,
+) -> Result<Vec<u8>, ClientError> {
+    let bases = match offered {
+        Some(b) if ids.iter().all(|i| b.chunks.contains(i)) => b,
+        _ => {
+            return Err(ClientError::Unexpected {
+                peer,
+                why: "a delta against chunks we did not offer",
+            })
+        }
+    };
+    bases
+        .store
+        .blocking(move |cs| {
+            let mut out = vec![];
+            for id in &ids {
+                out.extend_from_slice(&cs.read_chunk(id)?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(ClientError::Base)
 }
 
 fn is_early_failure(e: &ClientError) -> bool {

@@ -3,6 +3,8 @@
 //! the multi-peer downloader.
 
 pub mod client;
+pub mod compress;
+mod delta;
 pub mod download;
 pub mod fetch;
 pub mod lookup;
@@ -11,7 +13,10 @@ pub mod protocol;
 pub mod server;
 
 pub use client::{Client, ClientConfig, ClientError};
-pub use download::{download, DownloadConfig, DownloadError, DownloadOutcome, DownloadReport};
+pub use download::{
+    download, Compression, DownloadConfig, DownloadError, DownloadOutcome, DownloadReport,
+    WireConfig,
+};
 pub use fetch::{fetch_nar, FetchError, FetchOutcome, FetchRequest};
 pub use libp2p::{Multiaddr, PeerId};
 pub use lookup::{Found, Lookup, PeerSource, TrustCheck};
@@ -19,4 +24,4 @@ pub use node::{Node, NodeConfig, NodeError, NodeEvent, Overview, PeerDetails};
 pub use server::{Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle};
 
 /// The peer protocol, versioned: a peer that speaks another version is simply not offered it.
-pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/peerix/chunks/1");
+pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/peerix/chunks/2");

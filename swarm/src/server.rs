@@ -15,9 +15,12 @@ use thiserror::Error;
 use tokio::sync::{broadcast, Notify, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::compress;
+use crate::delta::DeltaPlans;
 use crate::protocol::{
     self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, kind, write_chunk,
-    write_frame, write_refused, HaveReply, NarState, ProtocolError, Refusal, Request,
+    write_frame, write_refused, ChunkBody, ChunksRequest, HaveReply, NarState, ProtocolError,
+    Refusal, Request,
 };
 use crate::PROTOCOL;
 
@@ -170,6 +173,7 @@ pub struct Server {
     store: ChunkStore,
     catalog: Arc<dyn Catalog>,
     shared: Arc<Shared>,
+    deltas: DeltaPlans,
 }
 
 /// A view of a running server's state, for the node and metrics.
@@ -196,7 +200,7 @@ impl ServerHandle {
         scores.get(peer).map_or(0, |s| s.offences)
     }
 
-    /// Chunk bytes served, per peer.
+    /// Chunk bytes served, per peer, as they went on the wire (compressed or raw).
     pub fn bytes_served(&self) -> HashMap<PeerId, u64> {
         self.shared.served.lock().expect("served").clone()
     }
@@ -350,6 +354,7 @@ impl Server {
                 )),
                 chunk_index: tokio::sync::Mutex::new(None),
             }),
+            deltas: DeltaPlans::default(),
         }
     }
 
@@ -518,40 +523,57 @@ impl Server {
                 )
                 .await?;
             }
-            Request::Chunks(ids) => {
+            Request::Chunks(ChunksRequest { ids, want }) => {
                 let Some(_slot) = self.shared.acquire(peer).await else {
                     debug!(%peer, "no upload slot; answering busy");
                     timed(wt, write_refused(s, Refusal::Busy)).await?;
                     return Ok(());
                 };
                 let shareable = self.shareable_chunks().await?;
+                // Deltas cost the most CPU: only for a requester whose link is slow enough
+                // that it asks for compression.
+                let plan = match &want.delta {
+                    Some(ask) if want.compress => {
+                        self.deltas.plan(&self.store, &*self.catalog, ask).await
+                    }
+                    _ => None,
+                };
                 let mut budget = protocol::MAX_CHUNK_BYTES_PER_REQUEST;
                 for id in ids {
                     // A chunk of no shared NAR is answered as missing, like one not held.
-                    let data = if budget == 0 || !shareable.contains(&id) {
-                        None
+                    let body = if budget == 0 || !shareable.contains(&id) {
+                        ChunkBody::Missing
                     } else {
+                        let (want, plan) = (want.clone(), plan.clone());
                         self.store
-                            .blocking(move |cs| cs.read_chunk(&id))
+                            .blocking(move |cs| {
+                                compress::encode_stored(cs, &id, &want, plan.as_deref())
+                            })
                             .await
-                            .map_err(|e| debug!(chunk = %id, error = %e, "cannot serve chunk"))
-                            .ok()
+                            .unwrap_or_else(|e| {
+                                debug!(chunk = %id, error = %e, "cannot serve chunk");
+                                ChunkBody::Missing
+                            })
                     };
-                    let data = data.filter(|d| d.len() <= budget);
-                    if let Some(d) = &data {
-                        budget -= d.len();
-                    }
+                    let body = match body.raw_len() {
+                        Some(n) if n > budget => ChunkBody::Missing,
+                        Some(n) => {
+                            budget -= n;
+                            body
+                        }
+                        None => body,
+                    };
                     // One chunk at a time: the next is read only once this one is written,
                     // so a slow reader holds at most one chunk of ours in memory.
-                    timed(wt, write_chunk(s, &id, data.as_deref())).await?;
-                    if let Some(d) = &data {
+                    timed(wt, write_chunk(s, &id, &body)).await?;
+                    if body.raw_len().is_some() {
                         *self
                             .shared
                             .served
                             .lock()
                             .expect("served")
                             .entry(peer)
-                            .or_default() += d.len() as u64;
+                            .or_default() += body.encoded_len() as u64 - 1;
                     }
                 }
             }

@@ -217,7 +217,7 @@ fn serve_paced(node: &mut Node, bytes_per_sec: f64) -> Arc<InFlight> {
                         let body = protocol::encode_have_reply(&r);
                         let _ = protocol::write_frame(&mut s, kind::HAVE_REPLY, &body).await;
                     }
-                    Request::Chunks(ids) => {
+                    Request::Chunks(protocol::ChunksRequest { ids, .. }) => {
                         let _open = Open::new(&counts);
                         for id in ids {
                             let d = store.read_chunk(&id).ok();
@@ -229,10 +229,7 @@ fn serve_paced(node: &mut Node, bytes_per_sec: f64) -> Arc<InFlight> {
                                 *next
                             };
                             tokio::time::sleep_until(turn).await;
-                            if protocol::write_chunk(&mut s, &id, d.as_deref())
-                                .await
-                                .is_err()
-                            {
+                            if protocol::write_chunk(&mut s, &id, &d.into()).await.is_err() {
                                 return;
                             }
                         }

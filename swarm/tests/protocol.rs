@@ -242,9 +242,12 @@ async fn a_full_server_answers_busy() {
         .take(MAX_CHUNKS_PER_REQUEST)
         .map(|c| c.id)
         .collect();
-    peerix_swarm::protocol::write_request(&mut s, &peerix_swarm::protocol::Request::Chunks(ids))
-        .await
-        .unwrap();
+    peerix_swarm::protocol::write_request(
+        &mut s,
+        &peerix_swarm::protocol::ChunksRequest::raw(ids).into(),
+    )
+    .await
+    .unwrap();
     let first = peerix_swarm::protocol::read_frame(&mut s).await.unwrap();
     assert_eq!(first.kind, kind::CHUNK);
 

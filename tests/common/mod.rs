@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub mod netns;
 pub mod pair;
 
 /// Nix's settings for tests: no build users, no network substituters, the new CLI on. Chroot
@@ -80,13 +81,18 @@ impl Nix {
 
     /// Run and return stdout, panicking with stderr on failure.
     pub fn run(&self, program: &str, args: &[&str]) -> String {
+        String::from_utf8(self.run_bytes(program, args)).unwrap()
+    }
+
+    /// Run and return stdout as bytes, panicking with stderr on failure.
+    pub fn run_bytes(&self, program: &str, args: &[&str]) -> Vec<u8> {
         let out = self.output(program, args);
         assert!(
             out.status.success(),
             "{program} {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).unwrap()
+        out.stdout
     }
 
     pub fn output(&self, program: &str, args: &[&str]) -> Output {

@@ -119,7 +119,7 @@ impl ChunkStore {
     }
 
     /// NarHashes of pinned paths.
-    pub(super) fn pinned_nars(&self) -> Result<HashSet<Sha256Hash>> {
+    pub fn pinned_nars(&self) -> Result<HashSet<Sha256Hash>> {
         let mut set = HashSet::new();
         for k in self.inner.pins.iter().keys() {
             let k = k?;

@@ -24,7 +24,9 @@ mod ingest;
 mod local;
 mod pins;
 mod read;
+mod recompress;
 mod seeds;
+mod similar;
 mod stats;
 
 pub use evict::Evicted;
@@ -32,8 +34,10 @@ pub use fsck::FsckReport;
 pub use gc::{GcStats, SWEEP_BATCH};
 pub use local::Detached;
 pub use pins::Pinned;
-pub use read::NarReader;
+pub use read::{NarReader, StoredChunk};
+pub use recompress::{Recompressed, RECOMPRESS_LEVEL};
 pub use seeds::Seed;
+pub use similar::{package_name, DeltaPlan, DELTA_BASE_BYTES, DELTA_BASE_CHUNKS};
 pub use stats::Stats;
 
 /// How a [`ChunkStore`] is opened.
@@ -75,6 +79,8 @@ struct Inner {
     used: sled::Tree,
     /// When each partial download was begun or last suspended (unix seconds).
     partial_at: sled::Tree,
+    /// Chunks recompressed for the wire: id → a zstd frame (see `recompress.rs`).
+    wire: sled::Tree,
     /// Downloads running in this process, per NAR: never reclaimed.
     active: Mutex<HashMap<Sha256Hash, usize>>,
     /// Bumped whenever a download begins: GC's sweep batches recompute what it protects.
@@ -152,6 +158,7 @@ impl ChunkStore {
             seeds: db.open_tree("seeds")?,
             used: db.open_tree("used")?,
             partial_at: db.open_tree("partial_at")?,
+            wire: db.open_tree("wire")?,
             active: Mutex::new(HashMap::new()),
             roots_gen: AtomicU64::new(0),
             use_clock: AtomicU64::new(0),

@@ -14,10 +14,23 @@ use super::ChunkStore;
 use crate::index::ChunkRec;
 use crate::{ChunkId, Error, Manifest, Result};
 
+/// A chunk's bytes, verified, and the zstd frame they are stored as when they are.
+#[derive(Debug, Clone)]
+pub struct StoredChunk {
+    pub raw: Vec<u8>,
+    pub zstd: Option<Vec<u8>>,
+}
+
 impl ChunkStore {
     /// Read one chunk, verified against its id. A copy that fails verification is reported,
     /// never returned, and dropped from the index so the chunk counts as missing.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.read_chunk_stored(id).map(|c| c.raw)
+    }
+
+    /// As [`ChunkStore::read_chunk`], with the zstd frame the chunk is stored as, if it is
+    /// stored compressed: what a server can send without compressing it again.
+    pub fn read_chunk_stored(&self, id: &ChunkId) -> Result<StoredChunk> {
         let _gc = self.inner.gc.read().expect("gc lock");
         let rec = self.chunk_rec(id)?.ok_or(Error::MissingChunk(*id))?;
         let mut why = vec![];
@@ -25,10 +38,10 @@ impl ChunkStore {
             match self
                 .inner
                 .packs
-                .read(id, &loc, rec.len)
-                .and_then(|d| verify(id, d))
+                .read_record(id, &loc, rec.len)
+                .and_then(|(d, zstd)| Ok((verify(id, d)?, zstd)))
             {
-                Ok(d) => return Ok(d),
+                Ok((raw, zstd)) => return Ok(StoredChunk { raw, zstd }),
                 Err(e) => {
                     warn!(chunk = %id, error = %e, "corrupt chunk copy in pack dropped");
                     why.push(e.to_string());
@@ -46,7 +59,7 @@ impl ChunkStore {
                 .read_local(&nar, off, rec.len)
                 .and_then(|d| verify(id, d))
             {
-                Ok(d) => return Ok(d),
+                Ok(raw) => return Ok(StoredChunk { raw, zstd: None }),
                 Err(e) => {
                     warn!(chunk = %id, error = %e, "chunk no longer readable from the local store");
                     why.push(e.to_string());

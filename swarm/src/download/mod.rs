@@ -24,10 +24,13 @@ use crate::client::Client;
 
 mod emit;
 mod scheduler;
+mod wire;
 
 pub use emit::ARRIVALS_IN_MEMORY;
 use emit::{emit, Arrivals};
 use scheduler::Scheduler;
+use wire::delta_bases;
+pub use wire::{Compression, WireConfig};
 
 #[derive(Clone, Debug)]
 pub struct DownloadConfig {
@@ -53,8 +56,11 @@ pub struct DownloadConfig {
     /// a connection that closed can be dialled again, or a restarting peer come back, before
     /// the peer is given up.
     pub failure_backoff: Duration,
-    /// The store path the NAR belongs to, recorded when the download is finished.
+    /// The store path the NAR belongs to, recorded when the download is finished (and whose
+    /// older versions, held here, are offered as delta bases).
     pub path: Option<StorePath>,
+    /// How chunks are asked to travel.
+    pub wire: WireConfig,
 }
 
 impl Default for DownloadConfig {
@@ -71,6 +77,7 @@ impl Default for DownloadConfig {
             busy_backoff: Duration::from_millis(250),
             failure_backoff: Duration::from_millis(500),
             path: None,
+            wire: WireConfig::default(),
         }
     }
 }
@@ -83,6 +90,11 @@ pub struct DownloadReport {
     pub bytes_local: u64,
     /// Bytes received twice (the endgame's cost).
     pub duplicate_bytes: u64,
+    /// Chunk bytes as they came over the wire (compressed or not), endgame duplicates included.
+    pub wire_bytes: u64,
+    /// Chunk bytes compression and deltas saved on the wire.
+    pub saved_by_compression: u64,
+    pub saved_by_delta: u64,
     /// Peers that sent chunks not matching their ids: the node should ban them.
     pub bad_peers: Vec<PeerId>,
     pub elapsed: Duration,
@@ -213,6 +225,10 @@ async fn run(
             Err(e) => return (DownloadReport::default(), Err(e.into())),
         }
     };
+    let bases = match (&cfg.path, cfg.wire.deltas) {
+        (Some(path), true) if !missing.is_empty() => delta_bases(&store, &manifest, path).await,
+        _ => None,
+    };
     let need: HashSet<ChunkId> = missing.iter().map(|c| c.id).collect();
     let buf = Arc::new(Arrivals::default());
     let (progress_tx, progress_rx) = watch::channel(0u64);
@@ -227,6 +243,7 @@ async fn run(
         cfg.path.clone(),
     );
     let mut sched = Scheduler::new(client, store, &manifest, missing, peers, cfg, buf);
+    sched.bases = bases;
     let result = {
         let scheduling = sched.run(progress_rx);
         tokio::pin!(emitter, scheduling);

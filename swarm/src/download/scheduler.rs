@@ -15,7 +15,8 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, DeltaBases};
+use crate::compress::Sent;
 use crate::protocol::{MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BYTES_PER_REQUEST, MAX_HAVE_CHUNKS};
 
 use super::{Arrivals, DownloadConfig, DownloadError, DownloadReport};
@@ -37,8 +38,10 @@ struct Peer {
     id: PeerId,
     in_flight: usize,
     target: f64,
-    /// Bytes per second, smoothed.
+    /// Chunk bytes per second, smoothed.
     rate: Option<f64>,
+    /// Bytes on the wire per second, smoothed: what decides whether to ask for compression.
+    wire_rate: Option<f64>,
     failures: u32,
     /// When the last counted failure happened.
     failed_at: Option<Instant>,
@@ -53,6 +56,7 @@ struct Req {
     started: Instant,
     in_flight_at_start: usize,
     bytes: u64,
+    wire: u64,
     abort: AbortHandle,
 }
 
@@ -62,6 +66,8 @@ enum Event {
         peer: usize,
         id: ChunkId,
         data: Bytes,
+        wire: u32,
+        sent: Sent,
     },
     Done {
         req: ReqId,
@@ -105,6 +111,8 @@ pub(super) struct Scheduler {
     offsets: HashMap<ChunkId, u64>,
     /// When a request holding up the window becomes late enough to race.
     recheck: Option<Instant>,
+    /// The chunks offered as delta bases, if any.
+    pub(super) bases: Option<Arc<DeltaBases>>,
 }
 
 impl Scheduler {
@@ -132,6 +140,7 @@ impl Scheduler {
                 in_flight: 0,
                 target: cfg.initial_in_flight.clamp(1, cfg.max_in_flight) as f64,
                 rate: None,
+                wire_rate: None,
                 failures: 0,
                 failed_at: None,
                 gone: false,
@@ -140,6 +149,7 @@ impl Scheduler {
             .collect();
         let (events_tx, events) = mpsc::unbounded_channel();
         Self {
+            bases: None,
             client,
             store,
             cfg,
@@ -423,7 +433,13 @@ impl Scheduler {
         let peer = &mut self.peers[p];
         peer.in_flight += 1;
         let peer_id = peer.id;
-        let fetch = self.client.fetch_chunks(peer_id, refs);
+        let want = self
+            .cfg
+            .wire
+            .want(peer.wire_rate, self.bases.as_ref().map(|b| &b.ask));
+        let fetch = self
+            .client
+            .fetch_chunks_as(peer_id, refs, want, self.bases.clone());
         let store = self.store.clone();
         let tx = self.events_tx.clone();
         let abort = self.tasks.spawn(async move {
@@ -432,17 +448,19 @@ impl Scheduler {
                 let mut missing = false;
                 while let Some(item) = fetch.next().await {
                     match item {
-                        Ok(chunk) => {
-                            let c = chunk.clone();
+                        Ok(got) => {
+                            let c = got.chunk.clone();
                             // Stored before it is reported, so it can be served to others at
                             // once and read back for a later occurrence in the NAR.
                             store.blocking(move |cs| cs.put_verified(&c)).await?;
-                            let (cid, data) = chunk.into_parts();
+                            let (cid, data) = got.chunk.into_parts();
                             let _ = tx.send(Event::Chunk {
                                 req: id,
                                 peer: p,
                                 id: cid,
                                 data,
+                                wire: got.wire_len,
+                                sent: got.sent,
                             });
                         }
                         Err(ClientError::Missing { .. }) => missing = true,
@@ -469,6 +487,7 @@ impl Scheduler {
                 started: Instant::now(),
                 in_flight_at_start: self.peers[p].in_flight,
                 bytes: 0,
+                wire: 0,
                 abort,
             },
         );
@@ -481,10 +500,21 @@ impl Scheduler {
                 peer,
                 id,
                 data,
+                wire,
+                sent,
             } => {
                 let len = data.len() as u64;
+                let wire = u64::from(wire);
                 if let Some(r) = self.reqs.get_mut(&req) {
                     r.bytes += len;
+                    r.wire += wire;
+                }
+                self.report.wire_bytes += wire;
+                let saved = len.saturating_sub(wire);
+                match sent {
+                    Sent::Raw => {}
+                    Sent::Zstd => self.report.saved_by_compression += saved,
+                    Sent::Delta => self.report.saved_by_delta += saved,
                 }
                 // Chunks from a request already dropped as an endgame loser count too.
                 *self
@@ -545,13 +575,12 @@ impl Scheduler {
         let elapsed = r.started.elapsed().as_secs_f64().max(1e-3);
         // Requests in flight together share the peer's bandwidth: this one's rate times
         // their number estimates the peer's.
-        let sample = r.bytes as f64 * r.in_flight_at_start as f64 / elapsed;
+        let scale = r.in_flight_at_start as f64 / elapsed;
         let peer = &mut self.peers[r.peer];
-        let rate = match peer.rate {
-            Some(old) => 0.5 * old + 0.5 * sample,
-            None => sample,
-        };
+        let smooth = |old: Option<f64>, sample: f64| old.map_or(sample, |o| 0.5 * o + 0.5 * sample);
+        let rate = smooth(peer.rate, r.bytes as f64 * scale);
         peer.rate = Some(rate);
+        peer.wire_rate = Some(smooth(peer.wire_rate, r.wire as f64 * scale));
         let want = rate * self.cfg.target_queue.as_secs_f64() / self.cfg.run_bytes as f64;
         peer.target = want.clamp(1.0, self.cfg.max_in_flight as f64);
         peer.failures = 0;

@@ -242,16 +242,13 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                         // Holds the stream open, silent, until the test ends.
                         std::future::pending::<()>().await;
                     }
-                    Request::Chunks(ids) => {
+                    Request::Chunks(protocol::ChunksRequest { ids, .. }) => {
                         for id in ids {
                             let mut d = store.read_chunk(&id).ok();
                             if let (Rogue::Corrupt, Some(d)) = (&mode, d.as_mut()) {
                                 d[0] ^= 1;
                             }
-                            if protocol::write_chunk(&mut s, &id, d.as_deref())
-                                .await
-                                .is_err()
-                            {
+                            if protocol::write_chunk(&mut s, &id, &d.into()).await.is_err() {
                                 return;
                             }
                         }

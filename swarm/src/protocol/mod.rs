@@ -13,19 +13,18 @@
 //! | 0x01 | Lookup | `u16` n ≤ 1024, n × 20-byte store path hash |
 //! | 0x02 | Manifest | 32-byte NarHash |
 //! | 0x03 | Have | `u16` c ≤ 8192, `u16` n ≤ 1024, c × 32-byte chunk id, n × 32-byte NarHash |
-//! | 0x04 | Chunks | `u16` n ≤ 64, n × 32-byte chunk id |
+//! | 0x04 | Chunks | `u16` n ≤ 64, n × 32-byte chunk id, then optionally [`Want`] (see `chunk.rs`) |
 //! | 0x81 | LookupReply | `u16` n, n × (`u32` len, narinfo text) |
 //! | 0x82 | ManifestReply | `u8` 0 (none) or 1, then NarHash and [`Manifest::encode`] |
 //! | 0x83 | HaveReply | chunk bitmap (LSB first), one [`NarState`] byte per NAR |
-//! | 0x84 | Chunk | 32-byte id, `u8` 0 (here) or 1 (missing), the chunk's bytes |
+//! | 0x84 | Chunk | 32-byte id, then a [`ChunkBody`]: raw, missing, zstd or a zstd delta (see `chunk.rs`) |
 //! | 0xff | Refused | `u8` [`Refusal`] |
 //!
 //! A Chunks request is answered by one Chunk frame per requested id, in request order, each
 //! written as soon as it is read from the store.
 
-use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use peerix_chunkstore::{ChunkId, Manifest, MAX_CHUNK};
+use peerix_chunkstore::{ChunkId, Manifest};
 use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
 use thiserror::Error;
 
@@ -47,6 +46,12 @@ pub const MAX_MANIFEST_REPLY: usize = 16 * 1024 * 1024;
 
 const LEN_PREFIX: usize = 4;
 
+mod chunk;
+pub use chunk::{
+    decode_chunk, write_chunk, ChunkBody, ChunksRequest, DeltaAsk, Want, MAX_DELTA_BASES,
+    MAX_DELTA_NARS,
+};
+
 /// Frame types.
 pub mod kind {
     pub const LOOKUP: u8 = 0x01;
@@ -66,11 +71,11 @@ pub fn max_body(k: u8) -> Option<usize> {
         kind::LOOKUP => 2 + 20 * MAX_LOOKUP,
         kind::MANIFEST => 32,
         kind::HAVE => 4 + 32 * (MAX_HAVE_CHUNKS + MAX_HAVE_NARS),
-        kind::CHUNKS => 2 + 32 * MAX_CHUNKS_PER_REQUEST,
+        kind::CHUNKS => 2 + 32 * MAX_CHUNKS_PER_REQUEST + Want::MAX_ENCODED,
         kind::LOOKUP_REPLY => MAX_LOOKUP_REPLY,
         kind::MANIFEST_REPLY => MAX_MANIFEST_REPLY,
         kind::HAVE_REPLY => MAX_HAVE_CHUNKS.div_ceil(8) + MAX_HAVE_NARS,
-        kind::CHUNK => 33 + MAX_CHUNK,
+        kind::CHUNK => 32 + ChunkBody::MAX_ENCODED,
         kind::REFUSED => 1,
         _ => return None,
     })
@@ -162,7 +167,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     w.write_all(body).await
 }
 
-fn frame_header(k: u8, body_len: usize) -> [u8; 5] {
+pub(crate) fn frame_header(k: u8, body_len: usize) -> [u8; 5] {
     let mut h = [0u8; 5];
     h[..4].copy_from_slice(&(body_len as u32 + 1).to_be_bytes());
     h[4] = k;
@@ -178,7 +183,7 @@ pub enum Request {
         chunks: Vec<ChunkId>,
         nars: Vec<Sha256Hash>,
     },
-    Chunks(Vec<ChunkId>),
+    Chunks(ChunksRequest),
 }
 
 /// What a peer holds of a NAR.
@@ -206,17 +211,17 @@ pub enum Refusal {
     Banned = 2,
 }
 
-fn check_count(what: &'static str, n: usize, max: usize) -> Result<(), ProtocolError> {
+pub(crate) fn check_count(what: &'static str, n: usize, max: usize) -> Result<(), ProtocolError> {
     if n > max {
         return Err(ProtocolError::TooMany { what, n, max });
     }
     Ok(())
 }
 
-struct Cursor<'a>(&'a [u8]);
+pub(crate) struct Cursor<'a>(&'a [u8]);
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
+    pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
         if self.0.len() < n {
             return Err(ProtocolError::Malformed(what));
         }
@@ -224,19 +229,19 @@ impl<'a> Cursor<'a> {
         self.0 = b;
         Ok(a)
     }
-    fn u8(&mut self, what: &'static str) -> Result<u8, ProtocolError> {
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, ProtocolError> {
         Ok(self.take(1, what)?[0])
     }
-    fn u16(&mut self, what: &'static str) -> Result<usize, ProtocolError> {
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<usize, ProtocolError> {
         Ok(u16::from_be_bytes(self.take(2, what)?.try_into().expect("2")) as usize)
     }
-    fn u32(&mut self, what: &'static str) -> Result<usize, ProtocolError> {
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<usize, ProtocolError> {
         Ok(u32::from_be_bytes(self.take(4, what)?.try_into().expect("4")) as usize)
     }
-    fn arr32(&mut self, what: &'static str) -> Result<[u8; 32], ProtocolError> {
+    pub(crate) fn arr32(&mut self, what: &'static str) -> Result<[u8; 32], ProtocolError> {
         Ok(self.take(32, what)?.try_into().expect("32"))
     }
-    fn end(&self, what: &'static str) -> Result<(), ProtocolError> {
+    pub(crate) fn end(&self, what: &'static str) -> Result<(), ProtocolError> {
         if self.0.is_empty() {
             Ok(())
         } else {
@@ -272,11 +277,8 @@ impl Request {
                 }
                 kind::HAVE
             }
-            Request::Chunks(ids) => {
-                b.extend_from_slice(&(ids.len() as u16).to_be_bytes());
-                for c in ids {
-                    b.extend_from_slice(&c.0);
-                }
+            Request::Chunks(r) => {
+                r.encode(&mut b);
                 kind::CHUNKS
             }
         };
@@ -292,7 +294,7 @@ impl Request {
                 check_count("have chunks", chunks.len(), MAX_HAVE_CHUNKS)?;
                 check_count("have nars", nars.len(), MAX_HAVE_NARS)
             }
-            Request::Chunks(ids) => check_count("chunks", ids.len(), MAX_CHUNKS_PER_REQUEST),
+            Request::Chunks(r) => r.check(),
         }
     }
 
@@ -324,15 +326,7 @@ impl Request {
                 }
                 Request::Have { chunks, nars }
             }
-            kind::CHUNKS => {
-                let n = c.u16("chunks request")?;
-                check_count("chunks", n, MAX_CHUNKS_PER_REQUEST)?;
-                let mut ids = Vec::with_capacity(n);
-                for _ in 0..n {
-                    ids.push(ChunkId(c.arr32("chunks request")?));
-                }
-                Request::Chunks(ids)
-            }
+            kind::CHUNKS => Request::Chunks(ChunksRequest::decode(&mut c)?),
             k => {
                 return Err(ProtocolError::UnexpectedType {
                     expected: "a request",
@@ -479,43 +473,6 @@ pub fn decode_have_reply(
     Ok(HaveReply { chunks, nars })
 }
 
-/// Write one Chunk record: the bytes go straight from `data` to the stream, never copied
-/// into a frame buffer.
-pub async fn write_chunk<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    id: &ChunkId,
-    data: Option<&[u8]>,
-) -> std::io::Result<()> {
-    let len = data.map_or(0, <[u8]>::len);
-    let mut head = Vec::with_capacity(5 + 33);
-    head.extend_from_slice(&frame_header(kind::CHUNK, 33 + len));
-    head.extend_from_slice(&id.0);
-    head.push(if data.is_some() { 0 } else { 1 });
-    w.write_all(&head).await?;
-    if let Some(d) = data {
-        w.write_all(d).await?;
-    }
-    Ok(())
-}
-
-/// A decoded Chunk record: the id and its bytes, None if the server no longer has it. The
-/// bytes are not verified here.
-pub fn decode_chunk(f: Frame) -> Result<(ChunkId, Option<Bytes>), ProtocolError> {
-    expect(&f, kind::CHUNK, "a chunk")?;
-    if f.body.len() < 33 {
-        return Err(ProtocolError::Malformed("chunk record"));
-    }
-    let id = ChunkId(f.body[..32].try_into().expect("32"));
-    match f.body[32] {
-        0 => {
-            let mut body = Bytes::from(f.body);
-            Ok((id, Some(body.split_off(33))))
-        }
-        1 if f.body.len() == 33 => Ok((id, None)),
-        _ => Err(ProtocolError::Malformed("chunk record flag")),
-    }
-}
-
 pub async fn write_refused<W: AsyncWrite + Unpin>(w: &mut W, why: Refusal) -> std::io::Result<()> {
     write_frame(w, kind::REFUSED, &[why as u8]).await?;
     w.flush().await
@@ -532,7 +489,7 @@ pub fn refusal(f: &Frame) -> Option<Refusal> {
     })
 }
 
-fn expect(f: &Frame, k: u8, what: &'static str) -> Result<(), ProtocolError> {
+pub(crate) fn expect(f: &Frame, k: u8, what: &'static str) -> Result<(), ProtocolError> {
     if f.kind != k {
         return Err(ProtocolError::UnexpectedType {
             expected: what,
@@ -543,68 +500,4 @@ fn expect(f: &Frame, k: u8, what: &'static str) -> Result<(), ProtocolError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame_of(req: &Request) -> Vec<u8> {
-        let (k, b) = req.encode();
-        let mut v = frame_header(k, b.len()).to_vec();
-        v.extend_from_slice(&b);
-        v
-    }
-
-    async fn read(bytes: &[u8]) -> Result<Request, ProtocolError> {
-        read_request(&mut futures::io::Cursor::new(bytes.to_vec())).await
-    }
-
-    #[tokio::test]
-    async fn requests_round_trip() {
-        let reqs = [
-            Request::Lookup(vec![StorePathHash([7; 20]); 3]),
-            Request::Manifest(Sha256Hash([1; 32])),
-            Request::Have {
-                chunks: vec![ChunkId([2; 32]); 9],
-                nars: vec![Sha256Hash([3; 32])],
-            },
-            Request::Chunks(vec![ChunkId([4; 32]); 64]),
-        ];
-        for r in reqs {
-            assert_eq!(read(&frame_of(&r)).await.unwrap(), r);
-        }
-    }
-
-    #[tokio::test]
-    async fn bounds_are_checked_before_allocation() {
-        // Claims 4 GiB: refused from the header alone.
-        let e = read(&[0xff, 0xff, 0xff, 0xff, kind::CHUNKS])
-            .await
-            .unwrap_err();
-        assert!(matches!(e, ProtocolError::TooLarge { .. }), "{e}");
-        let e = read(&[0, 0, 0, 1, 0x42]).await.unwrap_err();
-        assert!(matches!(e, ProtocolError::UnknownType(0x42)), "{e}");
-        let e = read(&frame_of(&Request::Chunks(vec![ChunkId([0; 32]); 65])))
-            .await
-            .unwrap_err();
-        assert!(e.is_offence(), "{e}");
-        let e = read(&[]).await.unwrap_err();
-        assert!(!e.is_offence());
-        // Count says 2, body holds 1.
-        let mut f = frame_of(&Request::Chunks(vec![ChunkId([0; 32]); 1]));
-        f[6] = 2;
-        assert!(read(&f).await.unwrap_err().is_offence());
-    }
-
-    #[test]
-    fn replies_round_trip() {
-        let r = HaveReply {
-            chunks: vec![true, false, true, true, false, false, false, false, true],
-            nars: vec![NarState::Partial, NarState::None, NarState::Complete],
-        };
-        let f = Frame {
-            kind: kind::HAVE_REPLY,
-            body: encode_have_reply(&r),
-        };
-        assert_eq!(decode_have_reply(&f, 9, 3).unwrap(), r);
-        assert!(decode_have_reply(&f, 17, 3).is_err());
-    }
-}
+mod tests;

@@ -1,0 +1,77 @@
+//! Compress once, serve many: the frames a node recompresses for the wire are smaller than
+//! the packs' fast zstd, always decompress to their chunk (a bad one is dropped, never
+//! returned), stay within their budget and leave with their chunks.
+
+mod support;
+
+use peerix_chunkstore::{ChunkStore, Manifest, RECOMPRESS_LEVEL};
+use support::{nar_of, none, open, Rng};
+
+/// A NAR of text-like files (compressible, as most of a NAR is), ingested into packs.
+fn ingest_text(cs: &ChunkStore, seed: u64, files: usize) -> Manifest {
+    let t = tempfile::tempdir().unwrap();
+    let mut r = Rng(seed | 1);
+    let words = [
+        "let", "in", "inherit", "lib", "mkOption", "types", "=", ";", "{", "}",
+    ];
+    for i in 0..files {
+        let text: String = (0..40_000)
+            .map(|_| words[(r.next() % words.len() as u64) as usize])
+            .collect::<Vec<_>>()
+            .join(" ");
+        std::fs::write(t.path().join(format!("f{i}.nix")), text).unwrap();
+    }
+    cs.ingest_nar(nar_of(t.path()).as_slice(), None, None, &mut none)
+        .unwrap()
+}
+
+#[test]
+fn frames_are_smaller_verified_bounded_and_leave_with_their_chunks() {
+    let t = tempfile::tempdir().unwrap();
+    let cs = open(&t.path().join("s"), None);
+    let m = ingest_text(&cs, 7, 8);
+    let r = cs
+        .recompress_nar(&m.nar_hash, RECOMPRESS_LEVEL, u64::MAX, 1.0)
+        .unwrap();
+    assert!(r.chunks > 0 && !r.full, "{r:?}");
+    assert!(r.frame_bytes < r.raw_bytes / 3, "{r:?}");
+    assert_eq!(cs.recompressed_bytes().unwrap(), r.frame_bytes);
+    for c in &m.chunks {
+        let stored = cs.read_chunk_stored(&c.id).unwrap();
+        let Some(frame) = cs.recompressed(&c.id, &stored.raw).unwrap() else {
+            continue;
+        };
+        // Smaller than what the pack holds (level 1).
+        assert!(frame.len() < stored.zstd.as_ref().map_or(stored.raw.len(), Vec::len));
+        assert_eq!(
+            zstd::bulk::decompress(&frame, stored.raw.len()).unwrap(),
+            stored.raw
+        );
+    }
+    // A second pass does nothing more.
+    let again = cs
+        .recompress_nar(&m.nar_hash, RECOMPRESS_LEVEL, u64::MAX, 1.0)
+        .unwrap();
+    assert_eq!(again.chunks, 0);
+
+    // A frame that does not decompress to its chunk is dropped, not returned.
+    let c = m.chunks[0];
+    let stored = cs.read_chunk_stored(&c.id).unwrap();
+    let mut wrong = stored.raw.clone();
+    wrong[0] ^= 1;
+    assert_eq!(cs.recompressed(&c.id, &wrong).unwrap(), None);
+    assert!(cs.recompressed(&c.id, &stored.raw).unwrap().is_none());
+    assert!(cs.recompressed_bytes().unwrap() < r.frame_bytes);
+
+    // The budget stops a pass; frames of chunks the store let go are pruned.
+    let other = ingest_text(&cs, 8, 8);
+    let held = cs.recompressed_bytes().unwrap();
+    let r = cs
+        .recompress_nar(&other.nar_hash, RECOMPRESS_LEVEL, held + 1, 1.0)
+        .unwrap();
+    assert!(r.full && r.chunks <= 1, "{r:?}");
+    assert!(cs.remove_manifest(&m.nar_hash).unwrap());
+    cs.gc(&mut |_| {}).unwrap();
+    assert!(cs.prune_recompressed().unwrap() > 0);
+    assert!(cs.recompressed_bytes().unwrap() <= r.frame_bytes);
+}
