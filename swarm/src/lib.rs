@@ -2,6 +2,7 @@
 //! DHT), the peer protocol (lookup, manifest, have, chunks), serving from the chunk store, and
 //! the multi-peer downloader.
 
+mod admission;
 pub mod client;
 pub mod download;
 pub mod fetch;
@@ -10,13 +11,16 @@ pub mod node;
 pub mod protocol;
 pub mod server;
 
+pub use admission::StreamStats;
 pub use client::{Client, ClientConfig, ClientError};
 pub use download::{download, DownloadConfig, DownloadError, DownloadOutcome, DownloadReport};
 pub use fetch::{fetch_nar, FetchError, FetchOutcome, FetchRequest};
 pub use libp2p::{Multiaddr, PeerId};
 pub use lookup::{Found, Lookup, PeerSource, TrustCheck};
 pub use node::{Node, NodeConfig, NodeError, NodeEvent, Overview, PeerDetails};
-pub use server::{Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle};
+pub use server::{
+    Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle, TrackedPeers,
+};
 
 /// The peer protocol, versioned: a peer that speaks another version is simply not offered it.
 pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/peerix/chunks/1");

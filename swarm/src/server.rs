@@ -12,12 +12,13 @@ use lru::LruCache;
 use peerix_chunkstore::{ChunkId, ChunkStore};
 use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
 use thiserror::Error;
-use tokio::sync::{broadcast, Notify, Semaphore};
+use tokio::sync::{broadcast, watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Refused, StreamStats};
 use crate::protocol::{
     self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, kind, write_chunk,
-    write_frame, write_refused, HaveReply, NarState, ProtocolError, Refusal, Request,
+    write_frame, write_refused, HaveReply, NarState, Refusal, Request,
 };
 use crate::PROTOCOL;
 
@@ -85,9 +86,13 @@ fn build_chunk_index(
 pub struct ServeLimits {
     /// Chunks requests served at once, over all peers.
     pub max_chunk_requests: usize,
-    /// Streams being answered at once; more are reset unanswered.
+    /// Streams being answered at once. When all are taken, a peer holding fewer takes the
+    /// oldest stream of the peer holding the most; otherwise a new stream is reset unanswered.
     pub max_streams: usize,
-    /// How long a peer may take to send its request.
+    /// Streams one peer may hold at once; more are reset unanswered.
+    pub max_streams_per_peer: usize,
+    /// How long a peer may take to send its request. A stream left idle that long counts as
+    /// an offence: honest clients send their request with the stream.
     pub request_timeout: Duration,
     /// How long a chunks request may wait for an upload slot before it is answered Busy;
     /// shorter than the requester's shortest timeout (4 s), so it hears Busy rather than
@@ -99,6 +104,9 @@ pub struct ServeLimits {
     pub max_offences: u32,
     /// How long an offender is refused.
     pub ban_duration: Duration,
+    /// Peers whose offences, refusal or served bytes are remembered, each (least recently
+    /// seen forgotten first; bytes served to forgotten peers are added up as "others").
+    pub max_tracked_peers: usize,
     /// Chunk ids a peer may ask about in `have` requests per second, and in one burst; more
     /// is answered Busy.
     pub have_rate: u32,
@@ -110,11 +118,14 @@ impl Default for ServeLimits {
         Self {
             max_chunk_requests: 16,
             max_streams: 256,
-            request_timeout: Duration::from_secs(10),
+            // Above the 16 chunk requests a downloader keeps in flight, plus `have`s and lookups.
+            max_streams_per_peer: 64,
+            request_timeout: Duration::from_secs(3),
             queue_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
             max_offences: 3,
             ban_duration: Duration::from_secs(600),
+            max_tracked_peers: 4096,
             have_rate: 4 * protocol::MAX_HAVE_CHUNKS as u32,
             have_burst: 8 * protocol::MAX_HAVE_CHUNKS as u32,
         }
@@ -138,10 +149,10 @@ pub enum ServerEvent {
     ManifestServed { peer: PeerId, nar_hash: Sha256Hash },
 }
 
-#[derive(Default)]
-struct PeerScore {
-    offences: u32,
-    refused_until: Option<Instant>,
+/// Chunk bytes served, per peer, for the most recently served peers; the rest added up.
+struct Served {
+    peers: LruCache<PeerId, u64>,
+    others: u64,
 }
 
 #[derive(Default)]
@@ -152,8 +163,13 @@ struct Slots {
 }
 
 struct Shared {
-    scores: Mutex<HashMap<PeerId, PeerScore>>,
-    served: Mutex<HashMap<PeerId, u64>>,
+    /// Offences of peers not refused (yet).
+    scores: Mutex<LruCache<PeerId, u32>>,
+    /// Peers refused, and until when. Apart from the scores, so that peers minted to commit
+    /// one offence each cannot push a refused peer out.
+    refused: Mutex<LruCache<PeerId, Instant>>,
+    served: Mutex<Served>,
+    admission: Arc<Admission>,
     slots: Mutex<Slots>,
     slot_freed: Notify,
     events: broadcast::Sender<ServerEvent>,
@@ -182,28 +198,61 @@ impl ServerHandle {
     /// Peers currently refused for malformed requests.
     pub fn offenders(&self) -> Vec<PeerId> {
         let now = Instant::now();
-        let scores = self.shared.scores.lock().expect("scores");
-        scores
+        let refused = self.shared.refused.lock().expect("refused");
+        refused
             .iter()
-            .filter(|(_, s)| s.refused_until.is_some_and(|t| t > now))
+            .filter(|(_, t)| **t > now)
             .map(|(p, _)| *p)
             .collect()
     }
 
-    /// Malformed requests counted against a peer (reset when its refusal ends).
+    /// Malformed requests and idle streams counted against a peer (reset when its refusal
+    /// ends).
     pub fn offences(&self, peer: &PeerId) -> u32 {
         let scores = self.shared.scores.lock().expect("scores");
-        scores.get(peer).map_or(0, |s| s.offences)
+        scores.peek(peer).copied().unwrap_or(0)
     }
 
-    /// Chunk bytes served, per peer.
+    /// Chunk bytes served, per peer, for the peers still tracked (see
+    /// [`ServeLimits::max_tracked_peers`]).
     pub fn bytes_served(&self) -> HashMap<PeerId, u64> {
-        self.shared.served.lock().expect("served").clone()
+        let served = self.shared.served.lock().expect("served");
+        served.peers.iter().map(|(p, n)| (*p, *n)).collect()
+    }
+
+    /// Chunk bytes served to peers no longer tracked one by one.
+    pub fn bytes_served_to_others(&self) -> u64 {
+        self.shared.served.lock().expect("served").others
+    }
+
+    /// The stream slots: open, peak, refused, handed on.
+    pub fn streams(&self) -> watch::Receiver<StreamStats> {
+        self.shared.admission.stats()
+    }
+
+    /// How many peers each per-peer table holds: offence scores, refusals, served bytes,
+    /// `have` budgets.
+    pub fn tracked_peers(&self) -> TrackedPeers {
+        TrackedPeers {
+            scores: self.shared.scores.lock().expect("scores").len(),
+            refused: self.shared.refused.lock().expect("refused").len(),
+            served: self.shared.served.lock().expect("served").peers.len(),
+            have_budget: self.shared.have_budget.lock().expect("have budget").len(),
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
         self.shared.events.subscribe()
     }
+}
+
+/// The sizes of the server's per-peer tables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrackedPeers {
+    pub scores: usize,
+    pub refused: usize,
+    pub served: usize,
+    pub have_budget: usize,
 }
 
 /// Peers whose `have` budget is tracked at once.
@@ -229,34 +278,51 @@ impl Shared {
     }
 
     fn refused(&self, peer: &PeerId) -> bool {
-        let mut scores = self.scores.lock().expect("scores");
-        let Some(s) = scores.get_mut(peer) else {
-            return false;
-        };
-        match s.refused_until {
-            Some(t) if t > Instant::now() => true,
+        let mut refused = self.refused.lock().expect("refused");
+        match refused.peek(peer) {
+            Some(t) if *t > Instant::now() => true,
             Some(_) => {
                 // Served its time: a clean slate.
-                scores.remove(peer);
+                refused.pop(peer);
+                drop(refused);
+                self.scores.lock().expect("scores").pop(peer);
                 false
             }
             None => false,
         }
     }
 
-    fn offence(&self, peer: PeerId, e: &ProtocolError) {
-        warn!(%peer, error = %e, "malformed request from peer");
+    fn offence(&self, peer: PeerId, e: &dyn std::fmt::Display) {
+        // At debug: minted identities would otherwise write a line each; refusals are logged.
+        debug!(%peer, error = %e, "offence from peer");
         let _ = self.events.send(ServerEvent::Offence {
             peer,
             error: e.to_string(),
         });
         let mut scores = self.scores.lock().expect("scores");
-        let s = scores.entry(peer).or_default();
-        s.offences += 1;
-        if s.offences >= self.limits.max_offences && s.refused_until.is_none() {
-            s.refused_until = Some(Instant::now() + self.limits.ban_duration);
-            info!(%peer, offences = s.offences, "refusing peer");
-            let _ = self.events.send(ServerEvent::Offender { peer });
+        let n = scores.get_or_insert_mut(peer, || 0);
+        *n += 1;
+        let n = *n;
+        if n >= self.limits.max_offences {
+            drop(scores);
+            let mut refused = self.refused.lock().expect("refused");
+            if refused.peek(&peer).is_none() {
+                refused.push(peer, Instant::now() + self.limits.ban_duration);
+                drop(refused);
+                info!(%peer, offences = n, "refusing peer");
+                let _ = self.events.send(ServerEvent::Offender { peer });
+            }
+        }
+    }
+
+    fn add_served(&self, peer: PeerId, n: usize) {
+        let mut served = self.served.lock().expect("served");
+        if let Some(c) = served.peers.get_mut(&peer) {
+            *c += n as u64;
+            return;
+        }
+        if let Some((_, old)) = served.peers.push(peer, n as u64) {
+            served.others += old;
         }
     }
 
@@ -335,12 +401,18 @@ impl Drop for SlotGuard {
 impl Server {
     pub fn new(store: ChunkStore, catalog: Arc<dyn Catalog>, limits: ServeLimits) -> Self {
         let (events, _) = broadcast::channel(64);
+        let tracked = NonZeroUsize::new(limits.max_tracked_peers.max(1)).expect("non-zero");
         Self {
             store,
             catalog,
             shared: Arc::new(Shared {
-                scores: Mutex::default(),
-                served: Mutex::default(),
+                scores: Mutex::new(LruCache::new(tracked)),
+                refused: Mutex::new(LruCache::new(tracked)),
+                served: Mutex::new(Served {
+                    peers: LruCache::new(tracked),
+                    others: 0,
+                }),
+                admission: Admission::new(limits.max_streams, limits.max_streams_per_peer),
                 slots: Mutex::default(),
                 slot_freed: Notify::new(),
                 events,
@@ -373,7 +445,6 @@ impl Server {
     }
 
     async fn serve(self, mut incoming: libp2p_stream::IncomingStreams) {
-        let streams = Arc::new(Semaphore::new(self.shared.limits.max_streams));
         let me = Arc::new(self);
         // libp2p-stream drops inbound streams that arrive while the previous one has not been
         // taken, so this loop does nothing but hand each stream to its own task.
@@ -383,14 +454,25 @@ impl Server {
                 drop(stream);
                 continue;
             }
-            let Ok(permit) = streams.clone().try_acquire_owned() else {
-                debug!(%peer, "too many streams; dropping one");
-                continue;
+            let mut ticket = match me.shared.admission.admit(peer) {
+                Ok(t) => t,
+                Err(why) => {
+                    match why {
+                        Refused::PeerShare => {
+                            debug!(%peer, "peer holds its share of streams; resetting one")
+                        }
+                        Refused::Full => debug!(%peer, "every stream slot taken; resetting one"),
+                    }
+                    continue;
+                }
             };
             let me = me.clone();
             tokio::spawn(async move {
-                me.serve_stream(peer, stream).await;
-                drop(permit);
+                tokio::select! {
+                    () = me.serve_stream(peer, stream) => {}
+                    () = ticket.preempted() => debug!(%peer, "stream closed: its slot went to another peer"),
+                }
+                drop(ticket);
             });
         }
     }
@@ -402,7 +484,11 @@ impl Server {
                 .await
             {
                 Err(_) => {
-                    debug!(%peer, "peer sent no request in time");
+                    // Idle streams are how a peer would sit on every slot: counted.
+                    self.shared.offence(
+                        peer,
+                        &format_args!("no request within {:?}", limits.request_timeout),
+                    );
                     return;
                 }
                 Ok(Err(e)) if e.is_offence() => {
@@ -545,13 +631,7 @@ impl Server {
                     // so a slow reader holds at most one chunk of ours in memory.
                     timed(wt, write_chunk(s, &id, data.as_deref())).await?;
                     if let Some(d) = &data {
-                        *self
-                            .shared
-                            .served
-                            .lock()
-                            .expect("served")
-                            .entry(peer)
-                            .or_default() += d.len() as u64;
+                        self.shared.add_served(peer, d.len());
                     }
                 }
             }
