@@ -8,6 +8,7 @@ pub mod download;
 pub mod fetch;
 pub mod lookup;
 pub mod node;
+mod peer_tables;
 pub mod protocol;
 pub mod server;
 

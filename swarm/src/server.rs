@@ -2,13 +2,11 @@
 //! store.
 
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
-use lru::LruCache;
 use peerix_chunkstore::{ChunkId, ChunkStore};
 use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
 use thiserror::Error;
@@ -16,6 +14,8 @@ use tokio::sync::{broadcast, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, Refused, StreamStats};
+use crate::peer_tables::PeerTables;
+pub use crate::peer_tables::TrackedPeers;
 use crate::protocol::{
     self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, kind, write_chunk,
     write_frame, write_refused, HaveReply, NarState, Refusal, Request,
@@ -149,12 +149,6 @@ pub enum ServerEvent {
     ManifestServed { peer: PeerId, nar_hash: Sha256Hash },
 }
 
-/// Chunk bytes served, per peer, for the most recently served peers; the rest added up.
-struct Served {
-    peers: LruCache<PeerId, u64>,
-    others: u64,
-}
-
 #[derive(Default)]
 struct Slots {
     /// Per peer: chunks requests being served and waiting.
@@ -163,20 +157,13 @@ struct Slots {
 }
 
 struct Shared {
-    /// Offences of peers not refused (yet).
-    scores: Mutex<LruCache<PeerId, u32>>,
-    /// Peers refused, and until when. Apart from the scores, so that peers minted to commit
-    /// one offence each cannot push a refused peer out.
-    refused: Mutex<LruCache<PeerId, Instant>>,
-    served: Mutex<Served>,
+    /// Offences, refusals, bytes served, `have` budgets: bounded per-peer tables.
+    tables: PeerTables,
     admission: Arc<Admission>,
     slots: Mutex<Slots>,
     slot_freed: Notify,
     events: broadcast::Sender<ServerEvent>,
     limits: ServeLimits,
-    /// Per peer: `have` budget left (chunk ids) and when it was last topped up. Bounded: a
-    /// peer pushed out comes back with a full bucket, which costs it a fresh identity.
-    have_budget: Mutex<LruCache<PeerId, (f64, Instant)>>,
     /// Built on demand, one build at a time.
     chunk_index: tokio::sync::Mutex<Option<ChunkIndex>>,
 }
@@ -195,34 +182,26 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Peers currently refused for malformed requests.
+    /// Peers currently refused for malformed requests or idle streams.
     pub fn offenders(&self) -> Vec<PeerId> {
-        let now = Instant::now();
-        let refused = self.shared.refused.lock().expect("refused");
-        refused
-            .iter()
-            .filter(|(_, t)| **t > now)
-            .map(|(p, _)| *p)
-            .collect()
+        self.shared.tables.offenders()
     }
 
     /// Malformed requests and idle streams counted against a peer (reset when its refusal
     /// ends).
     pub fn offences(&self, peer: &PeerId) -> u32 {
-        let scores = self.shared.scores.lock().expect("scores");
-        scores.peek(peer).copied().unwrap_or(0)
+        self.shared.tables.offences(peer)
     }
 
     /// Chunk bytes served, per peer, for the peers still tracked (see
     /// [`ServeLimits::max_tracked_peers`]).
     pub fn bytes_served(&self) -> HashMap<PeerId, u64> {
-        let served = self.shared.served.lock().expect("served");
-        served.peers.iter().map(|(p, n)| (*p, *n)).collect()
+        self.shared.tables.bytes_served()
     }
 
     /// Chunk bytes served to peers no longer tracked one by one.
     pub fn bytes_served_to_others(&self) -> u64 {
-        self.shared.served.lock().expect("served").others
+        self.shared.tables.bytes_served_to_others()
     }
 
     /// The stream slots: open, peak, refused, handed on.
@@ -230,33 +209,15 @@ impl ServerHandle {
         self.shared.admission.stats()
     }
 
-    /// How many peers each per-peer table holds: offence scores, refusals, served bytes,
-    /// `have` budgets.
+    /// How many peers each per-peer table holds.
     pub fn tracked_peers(&self) -> TrackedPeers {
-        TrackedPeers {
-            scores: self.shared.scores.lock().expect("scores").len(),
-            refused: self.shared.refused.lock().expect("refused").len(),
-            served: self.shared.served.lock().expect("served").peers.len(),
-            have_budget: self.shared.have_budget.lock().expect("have budget").len(),
-        }
+        self.shared.tables.sizes()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
         self.shared.events.subscribe()
     }
 }
-
-/// The sizes of the server's per-peer tables.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TrackedPeers {
-    pub scores: usize,
-    pub refused: usize,
-    pub served: usize,
-    pub have_budget: usize,
-}
-
-/// Peers whose `have` budget is tracked at once.
-const HAVE_BUDGET_PEERS: usize = 4096;
 
 impl Shared {
     /// Takes `n` from the peer's `have` budget; false when it has not that much left.
@@ -265,31 +226,11 @@ impl Shared {
             f64::from(self.limits.have_rate),
             f64::from(self.limits.have_burst),
         );
-        let now = Instant::now();
-        let mut budgets = self.have_budget.lock().expect("have budget");
-        let (left, at) = budgets.get_or_insert_mut(peer, || (burst, now));
-        *left = (*left + now.duration_since(*at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *left < n as f64 {
-            return false;
-        }
-        *left -= n as f64;
-        true
+        self.tables.take_have_budget(peer, n, rate, burst)
     }
 
     fn refused(&self, peer: &PeerId) -> bool {
-        let mut refused = self.refused.lock().expect("refused");
-        match refused.peek(peer) {
-            Some(t) if *t > Instant::now() => true,
-            Some(_) => {
-                // Served its time: a clean slate.
-                refused.pop(peer);
-                drop(refused);
-                self.scores.lock().expect("scores").pop(peer);
-                false
-            }
-            None => false,
-        }
+        self.tables.refused(peer)
     }
 
     fn offence(&self, peer: PeerId, e: &dyn std::fmt::Display) {
@@ -299,31 +240,14 @@ impl Shared {
             peer,
             error: e.to_string(),
         });
-        let mut scores = self.scores.lock().expect("scores");
-        let n = scores.get_or_insert_mut(peer, || 0);
-        *n += 1;
-        let n = *n;
-        if n >= self.limits.max_offences {
-            drop(scores);
-            let mut refused = self.refused.lock().expect("refused");
-            if refused.peek(&peer).is_none() {
-                refused.push(peer, Instant::now() + self.limits.ban_duration);
-                drop(refused);
-                info!(%peer, offences = n, "refusing peer");
-                let _ = self.events.send(ServerEvent::Offender { peer });
-            }
+        if let Some(offences) = self.tables.offence(peer) {
+            info!(%peer, offences, "refusing peer");
+            let _ = self.events.send(ServerEvent::Offender { peer });
         }
     }
 
     fn add_served(&self, peer: PeerId, n: usize) {
-        let mut served = self.served.lock().expect("served");
-        if let Some(c) = served.peers.get_mut(&peer) {
-            *c += n as u64;
-            return;
-        }
-        if let Some((_, old)) = served.peers.push(peer, n as u64) {
-            served.others += old;
-        }
+        self.tables.add_served(peer, n);
     }
 
     /// Upload slots are shared fairly: a peer may hold at most `total / active peers` of them
@@ -401,25 +325,20 @@ impl Drop for SlotGuard {
 impl Server {
     pub fn new(store: ChunkStore, catalog: Arc<dyn Catalog>, limits: ServeLimits) -> Self {
         let (events, _) = broadcast::channel(64);
-        let tracked = NonZeroUsize::new(limits.max_tracked_peers.max(1)).expect("non-zero");
         Self {
             store,
             catalog,
             shared: Arc::new(Shared {
-                scores: Mutex::new(LruCache::new(tracked)),
-                refused: Mutex::new(LruCache::new(tracked)),
-                served: Mutex::new(Served {
-                    peers: LruCache::new(tracked),
-                    others: 0,
-                }),
+                tables: PeerTables::new(
+                    limits.max_tracked_peers,
+                    limits.max_offences,
+                    limits.ban_duration,
+                ),
                 admission: Admission::new(limits.max_streams, limits.max_streams_per_peer),
                 slots: Mutex::default(),
                 slot_freed: Notify::new(),
                 events,
                 limits,
-                have_budget: Mutex::new(LruCache::new(
-                    NonZeroUsize::new(HAVE_BUDGET_PEERS).expect("non-zero"),
-                )),
                 chunk_index: tokio::sync::Mutex::new(None),
             }),
         }
