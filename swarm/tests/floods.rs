@@ -377,10 +377,10 @@ fn hold_idle_streams(
 }
 
 /// Six rogues try to hold every stream slot of A's server with idle streams (64 each, reopened
-/// as soon as they are closed), and one also opens a dozen more connections: an honest peer's
-/// lookup and download still complete, before the rogues' streams could be timed out; the
-/// slots in use never pass the cap, idling rogues end up refused, and A holds at most 4
-/// connections from one peer.
+/// as soon as they are closed), one opens ten keep-alive streams (six are reset) and one a
+/// dozen more connections: an honest peer's lookup and download still complete, before the
+/// rogues' streams could be timed out; the slots in use never pass the cap, idling rogues end
+/// up refused, and A holds at most 4 connections from one peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_flood_leaves_honest_peers_their_share() {
     const ROGUES: usize = 6;
@@ -414,6 +414,27 @@ async fn a_stream_flood_leaves_honest_peers_their_share() {
         .await
         .expect("the rogues take every stream slot")
         .unwrap();
+    // Keep-alive streams (the other protocol a node accepts from anyone): a few held per
+    // peer, the rest reset.
+    let (reset_tx, mut reset_rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..10 {
+        let mut control = rogues[1].control.clone();
+        let to = a.node.peer_id();
+        let reset_tx = reset_tx.clone();
+        holders.push(tokio::spawn(async move {
+            let keepalive = libp2p::StreamProtocol::new("/peerix/keepalive/1");
+            if let Ok(mut s) = control.open_stream(to, keepalive).await {
+                let mut buf = [0u8; 64];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+            let _ = reset_tx.send(());
+        }));
+    }
+    for i in 0..6 {
+        tokio::time::timeout(WAIT, reset_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {i} of 10 keep-alive streams from one peer reset"));
+    }
 
     let started = tokio::time::Instant::now();
     let client = Client::new(b.stream_control());

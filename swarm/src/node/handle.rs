@@ -21,7 +21,7 @@ use super::announce::Pacer;
 use super::bans::BanList;
 use super::behaviour::build_swarm;
 use super::event_loop::EventLoop;
-use super::explicit::{hold_stream, Explicit, KEEPALIVE_PROTOCOL};
+use super::explicit::{hold_inbound_keepalives, Explicit, KEEPALIVE_PROTOCOL};
 use super::identity::load_or_create_identity;
 use super::transport::is_quic;
 use super::{NodeConfig, NodeError, NodeEvent, Overview, ProviderStats};
@@ -87,12 +87,7 @@ impl Node {
         let mut swarm = build_swarm(keypair, &cfg)?;
         let control = swarm.behaviour().stream.new_control();
         let keepalive_acceptor = match control.clone().accept(KEEPALIVE_PROTOCOL) {
-            Ok(mut incoming) => tokio::spawn(async move {
-                while let Some((peer, stream)) = incoming.next().await {
-                    tracing::trace!(%peer, "holding a connection open for the peer");
-                    tokio::spawn(hold_stream(stream));
-                }
-            }),
+            Ok(incoming) => tokio::spawn(hold_inbound_keepalives(incoming)),
             Err(e) => return Err(NodeError::Transport(e.to_string())),
         };
 
