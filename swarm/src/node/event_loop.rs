@@ -57,7 +57,7 @@ pub(super) struct EventLoop {
     ///
     /// [`Node`]: super::Node
     pub(super) banned: Arc<Mutex<BanList>>,
-    /// Inbound connections refused for the connection caps.
+    /// Inbound connections refused (connection caps, bans, the allow-list).
     pub(super) connections_denied: u64,
     pub(super) explicit: Vec<Explicit>,
     pub(super) resolved_tx: Option<mpsc::UnboundedSender<(usize, Vec<Multiaddr>)>>,
