@@ -1,10 +1,12 @@
 //! The daemon's Prometheus metrics, and `/metrics` (for this machine only).
 
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Extension, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use peerix_swarm::PeerId;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,6 +22,53 @@ pub(super) struct PeerLabel {
     pub(super) peer: String,
 }
 
+/// Peers with a label of their own in each per-peer metric; the rest are added up under
+/// `peer="others"`. Peer ids cost nothing to mint, and every label set is kept for good.
+pub(super) const LABELLED_PEERS: usize = 256;
+
+const OTHERS: &str = "others";
+
+/// A per-peer byte counter with at most [`LABELLED_PEERS`] label sets (plus `others`): the
+/// least recently counted peer's bytes move to `others` when a new one needs room.
+pub(super) struct PeerBytes {
+    family: Family<PeerLabel, Counter>,
+    labelled: Mutex<lru::LruCache<PeerId, ()>>,
+}
+
+impl Default for PeerBytes {
+    fn default() -> Self {
+        Self {
+            family: Family::default(),
+            labelled: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(LABELLED_PEERS).expect("non-zero"),
+            )),
+        }
+    }
+}
+
+fn label(peer: &str) -> PeerLabel {
+    PeerLabel {
+        peer: peer.to_owned(),
+    }
+}
+
+impl PeerBytes {
+    pub(super) fn inc_by(&self, peer: &PeerId, n: u64) {
+        let mut labelled = self.labelled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((old, ())) = labelled.push(*peer, ()) {
+            if old != *peer {
+                let l = label(&old.to_string());
+                let moved = self.family.get(&l).map_or(0, |c| c.get());
+                self.family.remove(&l);
+                self.family.get_or_create(&label(OTHERS)).inc_by(moved);
+            }
+        }
+        self.family
+            .get_or_create(&label(&peer.to_string()))
+            .inc_by(n);
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Metrics {
     pub(super) narinfo_requests: Counter,
@@ -28,7 +77,7 @@ pub(super) struct Metrics {
     pub(super) nar_bytes_served: Counter,
     pub(super) nar_downloads_failed: Counter,
     pub(super) peers_banned: Counter,
-    pub(super) bytes_from_peer: Family<PeerLabel, Counter>,
+    pub(super) bytes_from_peer: PeerBytes,
     pub(super) bytes_to_peer: Family<PeerLabel, Gauge>,
     pub(super) dedup_saved_bytes: Counter,
     pub(super) chunk_bytes_received: Counter,
@@ -76,7 +125,7 @@ impl Metrics {
         r.register(
             "peerix_peer_received_bytes",
             "verified chunk bytes received from each peer (uncompressed)",
-            self.bytes_from_peer.clone(),
+            self.bytes_from_peer.family.clone(),
         );
         r.register(
             "peerix_peer_served_bytes",
@@ -124,13 +173,29 @@ pub(super) async fn metrics(
     if !origin.local {
         return StatusCode::NOT_FOUND.into_response();
     }
-    for (peer, n) in app.server.bytes_served() {
+    // The server tracks many peers (`ServeLimits::max_tracked_peers`); the most served get a
+    // label each, the rest are added up.
+    let mut served: Vec<(PeerId, u64)> = app.server.bytes_served().into_iter().collect();
+    served.sort_unstable_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let others: u64 = served
+        .iter()
+        .skip(LABELLED_PEERS)
+        .map(|(_, n)| *n)
+        .sum::<u64>()
+        .saturating_add(app.server.bytes_served_to_others());
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    app.metrics.bytes_to_peer.clear();
+    for (peer, n) in served.into_iter().take(LABELLED_PEERS) {
         app.metrics
             .bytes_to_peer
-            .get_or_create(&PeerLabel {
-                peer: peer.to_string(),
-            })
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+            .get_or_create(&label(&peer.to_string()))
+            .set(gauge(n));
+    }
+    if others > 0 {
+        app.metrics
+            .bytes_to_peer
+            .get_or_create(&label(OTHERS))
+            .set(gauge(others));
     }
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &app.registry).is_err() {
@@ -160,5 +225,34 @@ impl App {
             wire_bytes_served: self.server.bytes_served().values().sum(),
             recompressed_bytes: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Peer ids cost nothing to mint: the label sets stay bounded and no byte is lost.
+    #[test]
+    fn per_peer_labels_are_bounded_and_the_rest_added_up() {
+        let b = PeerBytes::default();
+        let honest = PeerId::random();
+        for _ in 0..(LABELLED_PEERS + 100) {
+            b.inc_by(&PeerId::random(), 10);
+            b.inc_by(&honest, 1);
+        }
+        let mut r = Registry::default();
+        r.register("bytes", "bytes", b.family.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        let labels = text.lines().filter(|l| l.contains("peer=")).count();
+        assert_eq!(
+            labels,
+            LABELLED_PEERS + 1,
+            "one label per tracked peer, plus others"
+        );
+        let get = |l: &str| b.family.get(&label(l)).map_or(0, |c| c.get());
+        assert_eq!(get(OTHERS), 101 * 10);
+        assert_eq!(get(&honest.to_string()), LABELLED_PEERS as u64 + 100);
     }
 }

@@ -14,7 +14,6 @@ use peerix_swarm::{fetch_nar, DownloadConfig, FetchError, FetchOutcome, FetchReq
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::metrics::PeerLabel;
 use super::{App, Presented};
 use crate::http::Origin;
 
@@ -319,12 +318,7 @@ async fn settle(
         eprintln!("peerix: banned peer {bad}: {why} ({nar_hash})");
     }
     for (peer, n) in &report.bytes_per_peer {
-        app.metrics
-            .bytes_from_peer
-            .get_or_create(&PeerLabel {
-                peer: peer.to_string(),
-            })
-            .inc_by(*n);
+        app.metrics.bytes_from_peer.inc_by(peer, *n);
     }
     if outcome.result.is_ok() {
         app.metrics.dedup_saved_bytes.inc_by(report.bytes_local);

@@ -2,6 +2,7 @@
 //! DHT), the peer protocol (lookup, manifest, have, chunks), serving from the chunk store, and
 //! the multi-peer downloader.
 
+mod admission;
 pub mod client;
 pub mod compress;
 mod delta;
@@ -9,9 +10,11 @@ pub mod download;
 pub mod fetch;
 pub mod lookup;
 pub mod node;
+mod peer_tables;
 pub mod protocol;
 pub mod server;
 
+pub use admission::StreamStats;
 pub use client::{Client, ClientConfig, ClientError};
 pub use download::{
     download, Compression, DownloadConfig, DownloadError, DownloadOutcome, DownloadReport,
@@ -21,7 +24,9 @@ pub use fetch::{fetch_nar, FetchError, FetchOutcome, FetchRequest};
 pub use libp2p::{Multiaddr, PeerId};
 pub use lookup::{Found, Lookup, PeerSource, TrustCheck};
 pub use node::{Node, NodeConfig, NodeError, NodeEvent, Overview, PeerDetails};
-pub use server::{Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle};
+pub use server::{
+    Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle, TrackedPeers,
+};
 
 /// The peer protocol, versioned: a peer that speaks another version is simply not offered it.
 pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/peerix/chunks/2");

@@ -2,25 +2,25 @@
 //! store.
 
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
-use lru::LruCache;
 use peerix_chunkstore::{ChunkId, ChunkStore};
 use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
 use thiserror::Error;
-use tokio::sync::{broadcast, Notify, Semaphore};
+use tokio::sync::{broadcast, watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Refused, StreamStats};
 use crate::compress;
 use crate::delta::DeltaPlans;
+use crate::peer_tables::PeerTables;
+pub use crate::peer_tables::TrackedPeers;
 use crate::protocol::{
     self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, kind, write_chunk,
-    write_frame, write_refused, ChunkBody, ChunksRequest, HaveReply, NarState, ProtocolError,
-    Refusal, Request,
+    write_frame, write_refused, ChunkBody, ChunksRequest, HaveReply, NarState, Refusal, Request,
 };
 use crate::PROTOCOL;
 
@@ -88,9 +88,13 @@ fn build_chunk_index(
 pub struct ServeLimits {
     /// Chunks requests served at once, over all peers.
     pub max_chunk_requests: usize,
-    /// Streams being answered at once; more are reset unanswered.
+    /// Streams being answered at once. When all are taken, a peer holding fewer takes the
+    /// oldest stream of the peer holding the most; otherwise a new stream is reset unanswered.
     pub max_streams: usize,
-    /// How long a peer may take to send its request.
+    /// Streams one peer may hold at once; more are reset unanswered.
+    pub max_streams_per_peer: usize,
+    /// How long a peer may take to send its request. A stream left idle that long counts as
+    /// an offence: honest clients send their request with the stream.
     pub request_timeout: Duration,
     /// How long a chunks request may wait for an upload slot before it is answered Busy;
     /// shorter than the requester's shortest timeout (4 s), so it hears Busy rather than
@@ -102,6 +106,9 @@ pub struct ServeLimits {
     pub max_offences: u32,
     /// How long an offender is refused.
     pub ban_duration: Duration,
+    /// Peers whose offences, refusal or served bytes are remembered, each (least recently
+    /// seen forgotten first; bytes served to forgotten peers are added up as "others").
+    pub max_tracked_peers: usize,
     /// Chunk ids a peer may ask about in `have` requests per second, and in one burst; more
     /// is answered Busy.
     pub have_rate: u32,
@@ -113,11 +120,14 @@ impl Default for ServeLimits {
         Self {
             max_chunk_requests: 16,
             max_streams: 256,
-            request_timeout: Duration::from_secs(10),
+            // Above the 16 chunk requests a downloader keeps in flight, plus `have`s and lookups.
+            max_streams_per_peer: 64,
+            request_timeout: Duration::from_secs(3),
             queue_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
             max_offences: 3,
             ban_duration: Duration::from_secs(600),
+            max_tracked_peers: 4096,
             have_rate: 4 * protocol::MAX_HAVE_CHUNKS as u32,
             have_burst: 8 * protocol::MAX_HAVE_CHUNKS as u32,
         }
@@ -142,12 +152,6 @@ pub enum ServerEvent {
 }
 
 #[derive(Default)]
-struct PeerScore {
-    offences: u32,
-    refused_until: Option<Instant>,
-}
-
-#[derive(Default)]
 struct Slots {
     /// Per peer: chunks requests being served and waiting.
     peers: HashMap<PeerId, (usize, usize)>,
@@ -155,15 +159,13 @@ struct Slots {
 }
 
 struct Shared {
-    scores: Mutex<HashMap<PeerId, PeerScore>>,
-    served: Mutex<HashMap<PeerId, u64>>,
+    /// Offences, refusals, bytes served, `have` budgets: bounded per-peer tables.
+    tables: PeerTables,
+    admission: Arc<Admission>,
     slots: Mutex<Slots>,
     slot_freed: Notify,
     events: broadcast::Sender<ServerEvent>,
     limits: ServeLimits,
-    /// Per peer: `have` budget left (chunk ids) and when it was last topped up. Bounded: a
-    /// peer pushed out comes back with a full bucket, which costs it a fresh identity.
-    have_budget: Mutex<LruCache<PeerId, (f64, Instant)>>,
     /// Built on demand, one build at a time.
     chunk_index: tokio::sync::Mutex<Option<ChunkIndex>>,
 }
@@ -183,35 +185,42 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Peers currently refused for malformed requests.
+    /// Peers currently refused for malformed requests or idle streams.
     pub fn offenders(&self) -> Vec<PeerId> {
-        let now = Instant::now();
-        let scores = self.shared.scores.lock().expect("scores");
-        scores
-            .iter()
-            .filter(|(_, s)| s.refused_until.is_some_and(|t| t > now))
-            .map(|(p, _)| *p)
-            .collect()
+        self.shared.tables.offenders()
     }
 
-    /// Malformed requests counted against a peer (reset when its refusal ends).
+    /// Malformed requests and idle streams counted against a peer (reset when its refusal
+    /// ends).
     pub fn offences(&self, peer: &PeerId) -> u32 {
-        let scores = self.shared.scores.lock().expect("scores");
-        scores.get(peer).map_or(0, |s| s.offences)
+        self.shared.tables.offences(peer)
     }
 
-    /// Chunk bytes served, per peer, as they went on the wire (compressed or raw).
+    /// Chunk bytes served, per peer, as they went on the wire (compressed or raw), for the
+    /// peers still tracked (see [`ServeLimits::max_tracked_peers`]).
     pub fn bytes_served(&self) -> HashMap<PeerId, u64> {
-        self.shared.served.lock().expect("served").clone()
+        self.shared.tables.bytes_served()
+    }
+
+    /// Chunk bytes served to peers no longer tracked one by one.
+    pub fn bytes_served_to_others(&self) -> u64 {
+        self.shared.tables.bytes_served_to_others()
+    }
+
+    /// The stream slots: open, peak, refused, handed on.
+    pub fn streams(&self) -> watch::Receiver<StreamStats> {
+        self.shared.admission.stats()
+    }
+
+    /// How many peers each per-peer table holds.
+    pub fn tracked_peers(&self) -> TrackedPeers {
+        self.shared.tables.sizes()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
         self.shared.events.subscribe()
     }
 }
-
-/// Peers whose `have` budget is tracked at once.
-const HAVE_BUDGET_PEERS: usize = 4096;
 
 impl Shared {
     /// Takes `n` from the peer's `have` budget; false when it has not that much left.
@@ -220,48 +229,28 @@ impl Shared {
             f64::from(self.limits.have_rate),
             f64::from(self.limits.have_burst),
         );
-        let now = Instant::now();
-        let mut budgets = self.have_budget.lock().expect("have budget");
-        let (left, at) = budgets.get_or_insert_mut(peer, || (burst, now));
-        *left = (*left + now.duration_since(*at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *left < n as f64 {
-            return false;
-        }
-        *left -= n as f64;
-        true
+        self.tables.take_have_budget(peer, n, rate, burst)
     }
 
     fn refused(&self, peer: &PeerId) -> bool {
-        let mut scores = self.scores.lock().expect("scores");
-        let Some(s) = scores.get_mut(peer) else {
-            return false;
-        };
-        match s.refused_until {
-            Some(t) if t > Instant::now() => true,
-            Some(_) => {
-                // Served its time: a clean slate.
-                scores.remove(peer);
-                false
-            }
-            None => false,
-        }
+        self.tables.refused(peer)
     }
 
-    fn offence(&self, peer: PeerId, e: &ProtocolError) {
-        warn!(%peer, error = %e, "malformed request from peer");
+    fn offence(&self, peer: PeerId, e: &dyn std::fmt::Display) {
+        // At debug: minted identities would otherwise write a line each; refusals are logged.
+        debug!(%peer, error = %e, "offence from peer");
         let _ = self.events.send(ServerEvent::Offence {
             peer,
             error: e.to_string(),
         });
-        let mut scores = self.scores.lock().expect("scores");
-        let s = scores.entry(peer).or_default();
-        s.offences += 1;
-        if s.offences >= self.limits.max_offences && s.refused_until.is_none() {
-            s.refused_until = Some(Instant::now() + self.limits.ban_duration);
-            info!(%peer, offences = s.offences, "refusing peer");
+        if let Some(offences) = self.tables.offence(peer) {
+            info!(%peer, offences, "refusing peer");
             let _ = self.events.send(ServerEvent::Offender { peer });
         }
+    }
+
+    fn add_served(&self, peer: PeerId, n: usize) {
+        self.tables.add_served(peer, n);
     }
 
     /// Upload slots are shared fairly: a peer may hold at most `total / active peers` of them
@@ -343,15 +332,16 @@ impl Server {
             store,
             catalog,
             shared: Arc::new(Shared {
-                scores: Mutex::default(),
-                served: Mutex::default(),
+                tables: PeerTables::new(
+                    limits.max_tracked_peers,
+                    limits.max_offences,
+                    limits.ban_duration,
+                ),
+                admission: Admission::new(limits.max_streams, limits.max_streams_per_peer),
                 slots: Mutex::default(),
                 slot_freed: Notify::new(),
                 events,
                 limits,
-                have_budget: Mutex::new(LruCache::new(
-                    NonZeroUsize::new(HAVE_BUDGET_PEERS).expect("non-zero"),
-                )),
                 chunk_index: tokio::sync::Mutex::new(None),
             }),
             deltas: DeltaPlans::default(),
@@ -378,7 +368,6 @@ impl Server {
     }
 
     async fn serve(self, mut incoming: libp2p_stream::IncomingStreams) {
-        let streams = Arc::new(Semaphore::new(self.shared.limits.max_streams));
         let me = Arc::new(self);
         // libp2p-stream drops inbound streams that arrive while the previous one has not been
         // taken, so this loop does nothing but hand each stream to its own task.
@@ -388,14 +377,25 @@ impl Server {
                 drop(stream);
                 continue;
             }
-            let Ok(permit) = streams.clone().try_acquire_owned() else {
-                debug!(%peer, "too many streams; dropping one");
-                continue;
+            let mut ticket = match me.shared.admission.admit(peer) {
+                Ok(t) => t,
+                Err(why) => {
+                    match why {
+                        Refused::PeerShare => {
+                            debug!(%peer, "peer holds its share of streams; resetting one")
+                        }
+                        Refused::Full => debug!(%peer, "every stream slot taken; resetting one"),
+                    }
+                    continue;
+                }
             };
             let me = me.clone();
             tokio::spawn(async move {
-                me.serve_stream(peer, stream).await;
-                drop(permit);
+                tokio::select! {
+                    () = me.serve_stream(peer, stream) => {}
+                    () = ticket.preempted() => debug!(%peer, "stream closed: its slot went to another peer"),
+                }
+                drop(ticket);
             });
         }
     }
@@ -407,7 +407,11 @@ impl Server {
                 .await
             {
                 Err(_) => {
-                    debug!(%peer, "peer sent no request in time");
+                    // Idle streams are how a peer would sit on every slot: counted.
+                    self.shared.offence(
+                        peer,
+                        &format_args!("no request within {:?}", limits.request_timeout),
+                    );
                     return;
                 }
                 Ok(Err(e)) if e.is_offence() => {
@@ -567,13 +571,7 @@ impl Server {
                     // so a slow reader holds at most one chunk of ours in memory.
                     timed(wt, write_chunk(s, &id, &body)).await?;
                     if body.raw_len().is_some() {
-                        *self
-                            .shared
-                            .served
-                            .lock()
-                            .expect("served")
-                            .entry(peer)
-                            .or_default() += body.encoded_len() as u64 - 1;
+                        self.shared.add_served(peer, body.encoded_len() - 1);
                     }
                 }
             }

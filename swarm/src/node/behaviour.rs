@@ -7,33 +7,30 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::kad;
-use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{allow_block_list, identify, mdns, ping, Swarm, SwarmBuilder};
+use libp2p::{allow_block_list, connection_limits, identify, mdns, ping, Swarm, SwarmBuilder};
 
+use super::provider_store::ProviderStore;
 use super::transport::build_transport;
 use super::{NodeConfig, NodeError, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 
 /// How often a node asks the LAN for peers by mDNS once its first probes are done.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(20);
 
-/// Provider records we keep, for our own keys and for those other nodes announce to us. A LAN
-/// of a few dozen nodes with 100,000 paths each stays well below this; the bound exists so
-/// that a hostile peer cannot grow the store without limit.
+/// Keys this node may provide itself (its own budget in the provider store; foreign records
+/// have theirs, see [`super::ProviderLimits`]).
 pub const MAX_PROVIDED_KEYS: usize = 5_000_000;
-
-/// Plain Kademlia records are not used by peerix; keeping their limit low keeps peers from
-/// filling our memory with them.
-const MAX_RECORDS: usize = 1024;
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
     // Blocking comes first so a banned peer is refused before other behaviours see it.
     pub(super) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(super) allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    // Then the caps on connections, per peer and in all, before anything is spent on one.
+    pub(super) limits: connection_limits::Behaviour,
     pub(super) stream: libp2p_stream::Behaviour,
-    pub(super) kad: kad::Behaviour<MemoryStore>,
+    pub(super) kad: kad::Behaviour<ProviderStore>,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
@@ -49,6 +46,11 @@ pub(super) fn build_swarm(
     let kad_server = cfg.kad_server;
     let provide_interval = cfg.provide_interval;
     let idle_timeout = cfg.idle_timeout;
+    let dht_limits = cfg.dht_limits.clone();
+    let conn_limits = connection_limits::ConnectionLimits::default()
+        .with_max_established_per_peer(Some(cfg.max_connections_per_peer))
+        .with_max_established_incoming(Some(cfg.max_incoming_connections))
+        .with_max_pending_incoming(Some(cfg.max_pending_incoming));
 
     let mdns = if mdns_on {
         Some(
@@ -80,14 +82,10 @@ pub(super) fn build_swarm(
             kad_cfg.set_provider_publication_interval(None);
             kad_cfg.set_provider_record_ttl(Some(provide_interval.saturating_mul(2)));
             kad_cfg.set_query_timeout(Duration::from_secs(30));
-            let store = MemoryStore::with_config(
-                local,
-                MemoryStoreConfig {
-                    max_records: MAX_RECORDS,
-                    max_provided_keys: MAX_PROVIDED_KEYS,
-                    ..Default::default()
-                },
-            );
+            // Inbound records come to the event loop, which hands provider records to the
+            // bounded store and drops plain ones (peerix does not use them).
+            kad_cfg.set_record_filtering(kad::StoreInserts::FilterBoth);
+            let store = ProviderStore::new(local, dht_limits);
             let mut kad = kad::Behaviour::with_config(local, store, kad_cfg);
             if kad_server {
                 kad.set_mode(Some(kad::Mode::Server));
@@ -103,6 +101,7 @@ pub(super) fn build_swarm(
             Behaviour {
                 blocked: Default::default(),
                 allowed: allowed.into(),
+                limits: connection_limits::Behaviour::new(conn_limits),
                 stream: libp2p_stream::Behaviour::new(),
                 kad,
                 mdns: mdns.into(),

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use libp2p::kad;
+use libp2p::kad::store::RecordStore;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::PeerId;
 use peerix_nix::StorePathHash;
@@ -115,6 +116,12 @@ impl EventLoop {
                 }
                 _ => {}
             },
+            kad::Event::InboundRequest {
+                request: kad::InboundRequest::AddProvider { record: Some(r) },
+            } => {
+                // The store bounds, counts and logs what it refuses.
+                let _ = self.swarm.behaviour_mut().kad.store_mut().add_provider(r);
+            }
             kad::Event::RoutingUpdated {
                 peer, is_new_peer, ..
             } if is_new_peer && !self.swarm.is_connected(&peer) => {

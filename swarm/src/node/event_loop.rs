@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::announce::Pacer;
+use super::bans::BanList;
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::dht::ProviderQuery;
 use super::explicit::{Explicit, ExplicitState, REDIAL_INITIAL, REDIAL_RESET_AFTER};
@@ -49,8 +50,15 @@ pub(super) struct EventLoop {
     /// Callers waiting for a peer that another dial or connection is already bringing up.
     pub(super) peer_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NodeError>>>>,
     pub(super) provider_queries: HashMap<QueryId, ProviderQuery>,
-    /// Found by mDNS, not yet identified.
+    /// Found by mDNS, being dialled, not yet identified; at most `mdns_pending_max`.
     pub(super) mdns_pending: HashSet<PeerId>,
+    pub(super) mdns_pending_max: usize,
+    /// Shared with the [`Node`] handles; bans that end are lifted on the tick.
+    ///
+    /// [`Node`]: super::Node
+    pub(super) banned: Arc<Mutex<BanList>>,
+    /// Inbound connections refused (connection caps, bans, the allow-list).
+    pub(super) connections_denied: u64,
     pub(super) explicit: Vec<Explicit>,
     pub(super) resolved_tx: Option<mpsc::UnboundedSender<(usize, Vec<Multiaddr>)>>,
     pub(super) pacer: Pacer,
@@ -97,6 +105,18 @@ impl EventLoop {
         let now = Instant::now();
         self.redial_explicit(now);
         self.pump_announcements(now);
+        // Cheap when nothing expired: a look at the earliest expiry.
+        let wall = std::time::Instant::now();
+        self.swarm.behaviour_mut().kad.store_mut().expire(wall);
+        let lifted = self
+            .banned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expire(wall);
+        for p in lifted {
+            tracing::info!(peer = %p, "ban ended");
+            self.swarm.behaviour_mut().blocked.unblock_peer(p);
+        }
         self.provider_queries.retain(|id, q| {
             if q.found.is_closed() {
                 if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(id) {
@@ -142,6 +162,11 @@ impl EventLoop {
                     }
                 }
             }
+            Command::DhtStats(reply) => {
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                store.expire(std::time::Instant::now());
+                let _ = reply.send(store.stats());
+            }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.confirmed.iter().copied().collect());
             }
@@ -185,9 +210,18 @@ impl EventLoop {
                 );
                 self.pump_announcements(Instant::now());
             }
-            Command::Ban { peer, why, reply } => {
+            Command::Ban {
+                peer,
+                why,
+                lifted,
+                reply,
+            } => {
                 tracing::warn!(%peer, reason = %why, "banning peer");
                 let b = self.swarm.behaviour_mut();
+                if let Some(old) = lifted {
+                    tracing::debug!(peer = %old, "ban lifted to make room for another");
+                    b.blocked.unblock_peer(old);
+                }
                 b.blocked.block_peer(peer);
                 b.kad.remove_peer(&peer);
                 let _ = reply.send(());
@@ -220,6 +254,14 @@ impl EventLoop {
                             peer,
                             via: Discovery::Mdns,
                         });
+                        continue;
+                    }
+                    if !self.mdns_pending.contains(&peer)
+                        && self.mdns_pending.len() >= self.mdns_pending_max
+                    {
+                        // Anyone on the LAN can answer with made-up peers; the next query
+                        // brings this one again once dials in progress have ended.
+                        tracing::debug!(%peer, "too many mDNS peers being dialled; not this one now");
                         continue;
                     }
                     tracing::debug!(%peer, ?addrs, "mDNS found a peer");
@@ -292,6 +334,7 @@ impl EventLoop {
                     "the connection was closed before identification",
                 );
                 if num_established == 0 {
+                    self.mdns_pending.remove(&peer_id);
                     self.fail_waiters(&peer_id, "the connection was closed");
                     if self.confirmed.remove(&peer_id) {
                         self.emit(NodeEvent::PeerDisconnected(peer_id));
@@ -324,6 +367,8 @@ impl EventLoop {
                 if let Some(p) = peer_id {
                     if !self.swarm.is_connected(&p) {
                         self.fail_waiters(&p, &error.to_string());
+                        // A dial that failed is no longer pending.
+                        self.mdns_pending.remove(&p);
                     }
                 }
             }
@@ -332,6 +377,9 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
+                    self.connections_denied += 1;
+                }
                 tracing::debug!(from = %send_back_addr, %error, "incoming connection failed");
             }
             SwarmEvent::NewListenAddr { address, .. } => {

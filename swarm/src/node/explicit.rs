@@ -3,7 +3,8 @@
 //! they go away, and holding their connections open with an idle keep-alive stream. Nothing
 //! else finds these peers, so the node keeps them connected on its own.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
@@ -25,6 +26,40 @@ pub(super) const REDIAL_INITIAL: Duration = Duration::from_secs(1);
 const REDIAL_MAX: Duration = Duration::from_secs(60);
 /// A connection that lived this long was healthy: its loss starts the backoff afresh.
 pub(super) const REDIAL_RESET_AFTER: Duration = Duration::from_secs(120);
+
+/// Keep-alive streams held for one peer at once (one per connection is what peerix opens; a
+/// redial may open the next before the old one is gone). More are reset: each held stream is
+/// a task and buffers, and a peer could otherwise open them without end.
+const KEEPALIVES_PER_PEER: usize = 4;
+
+/// Holds the keep-alive streams peers open to us, a few per peer, until the node stops.
+pub(super) async fn hold_inbound_keepalives(mut incoming: libp2p_stream::IncomingStreams) {
+    use futures::StreamExt;
+    let held: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    while let Some((peer, stream)) = incoming.next().await {
+        {
+            let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+            let n = held.entry(peer).or_default();
+            if *n >= KEEPALIVES_PER_PEER {
+                tracing::debug!(%peer, "too many keep-alive streams from the peer; resetting one");
+                continue;
+            }
+            *n += 1;
+        }
+        tracing::trace!(%peer, "holding a connection open for the peer");
+        let held = held.clone();
+        tokio::spawn(async move {
+            hold_stream(stream).await;
+            let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = held.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&peer);
+                }
+            }
+        });
+    }
+}
 
 /// Keeps a keep-alive stream open until the other end or the connection goes away.
 pub(super) async fn hold_stream(mut stream: libp2p::Stream) {

@@ -18,12 +18,13 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::announce::Pacer;
+use super::bans::BanList;
 use super::behaviour::build_swarm;
 use super::event_loop::EventLoop;
-use super::explicit::{hold_stream, Explicit, KEEPALIVE_PROTOCOL};
+use super::explicit::{hold_inbound_keepalives, Explicit, KEEPALIVE_PROTOCOL};
 use super::identity::load_or_create_identity;
 use super::transport::is_quic;
-use super::{NodeConfig, NodeError, NodeEvent, Overview};
+use super::{NodeConfig, NodeError, NodeEvent, Overview, ProviderStats};
 
 pub(super) enum Command {
     Dial {
@@ -39,9 +40,12 @@ pub(super) enum Command {
         found: mpsc::UnboundedSender<PeerId>,
     },
     SetProvided(Vec<StorePathHash>),
+    DhtStats(oneshot::Sender<ProviderStats>),
     Ban {
         peer: PeerId,
         why: String,
+        /// A peer whose ban was lifted to make room.
+        lifted: Option<PeerId>,
         reply: oneshot::Sender<()>,
     },
     Shutdown(oneshot::Sender<()>),
@@ -52,8 +56,9 @@ pub struct Node {
     peer_id: PeerId,
     control: libp2p_stream::Control,
     listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
-    /// Peers banned so far, so callers can leave them out before asking anything.
-    banned: Mutex<HashSet<PeerId>>,
+    /// Peers banned now, so callers can leave them out before asking anything; shared with
+    /// the event loop, which lifts bans as they end.
+    banned: Arc<Mutex<BanList>>,
     commands: mpsc::UnboundedSender<Command>,
     events: broadcast::Sender<NodeEvent>,
     task: tokio::task::JoinHandle<()>,
@@ -82,12 +87,7 @@ impl Node {
         let mut swarm = build_swarm(keypair, &cfg)?;
         let control = swarm.behaviour().stream.new_control();
         let keepalive_acceptor = match control.clone().accept(KEEPALIVE_PROTOCOL) {
-            Ok(mut incoming) => tokio::spawn(async move {
-                while let Some((peer, stream)) = incoming.next().await {
-                    tracing::trace!(%peer, "holding a connection open for the peer");
-                    tokio::spawn(hold_stream(stream));
-                }
-            }),
+            Ok(incoming) => tokio::spawn(hold_inbound_keepalives(incoming)),
             Err(e) => return Err(NodeError::Transport(e.to_string())),
         };
 
@@ -145,7 +145,11 @@ impl Node {
             cfg.provide_in_flight,
             Instant::now(),
         );
+        let banned = Arc::new(Mutex::new(BanList::new(cfg.max_bans, cfg.ban_duration)));
         let event_loop = EventLoop {
+            banned: banned.clone(),
+            mdns_pending_max: cfg.max_mdns_pending,
+            connections_denied: 0,
             swarm,
             local: peer_id,
             commands: command_rx,
@@ -172,7 +176,7 @@ impl Node {
             peer_id,
             control,
             listen_addrs,
-            banned: Mutex::new(HashSet::new()),
+            banned,
             commands,
             events,
             task,
@@ -292,26 +296,42 @@ impl Node {
         let _ = self.commands.send(Command::SetProvided(keys));
     }
 
-    /// Whether [`Node::ban`] was called for this peer.
+    /// What the DHT's provider store holds (expired records dropped first) and has refused.
+    pub async fn dht_stats(&self) -> ProviderStats {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::DhtStats(tx)).is_err() {
+            return ProviderStats::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Whether this peer is banned now (see [`Node::ban`]).
     pub fn is_banned(&self, peer: &PeerId) -> bool {
         self.banned
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(peer)
+            .is_banned(peer, std::time::Instant::now())
     }
 
-    /// Disconnects a misbehaving peer and refuses it from now on.
+    /// Peers on the ban list now (bounded by [`NodeConfig::max_bans`]).
+    pub fn banned_count(&self) -> usize {
+        self.banned.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Disconnects a misbehaving peer and refuses it for [`NodeConfig::ban_duration`].
     pub async fn ban(&self, peer: PeerId, why: &str) {
-        self.banned
+        let lifted = self
+            .banned
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(peer);
+            .ban(peer, std::time::Instant::now());
         let (reply, rx) = oneshot::channel();
         if self
             .commands
             .send(Command::Ban {
                 peer,
                 why: why.to_owned(),
+                lifted,
                 reply,
             })
             .is_ok()

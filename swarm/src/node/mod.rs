@@ -15,6 +15,7 @@
 //! - `transport`: TCP (with pnet) and QUIC, noise and yamux;
 //! - `behaviour`: the libp2p behaviours and the swarm built around them;
 //! - `event_loop`: the task that owns the swarm and all mutable node state;
+//! - `provider_store`: Kademlia's record store, bounded per provider and in all;
 //! - `dht`, `explicit`, `announce`, `peers`: the parts of the event loop for Kademlia queries,
 //!   explicit peers, paced announcements and the operator's peer overview.
 
@@ -28,6 +29,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use peerix_nix::StorePathHash;
 
 mod announce;
+mod bans;
 mod behaviour;
 mod dht;
 mod event_loop;
@@ -35,12 +37,14 @@ mod explicit;
 mod handle;
 mod identity;
 mod peers;
+mod provider_store;
 mod transport;
 
 pub use behaviour::MAX_PROVIDED_KEYS;
 pub use handle::Node;
 pub use identity::{load_or_create_identity, read_swarm_key};
 pub use peers::{Overview, PeerDetails};
+pub use provider_store::{ProviderLimits, ProviderStats};
 
 /// peerix's own DHT: a private protocol name keeps peerix nodes out of the IPFS DHT and
 /// keeps IPFS nodes out of ours.
@@ -131,6 +135,19 @@ pub struct NodeConfig {
     pub provide_in_flight: usize,
     /// How long a connection without open streams stays up.
     pub idle_timeout: Duration,
+    /// What the DHT's provider store holds at most, ours and others'.
+    pub dht_limits: ProviderLimits,
+    /// Connections established with one peer at once (both directions, TCP and QUIC).
+    pub max_connections_per_peer: u32,
+    /// Inbound connections established at once, from all peers.
+    pub max_incoming_connections: u32,
+    /// Inbound connections still in their handshake at once.
+    pub max_pending_incoming: u32,
+    /// Peers on the ban list at once (the oldest ban is lifted first), and how long a ban lasts.
+    pub max_bans: usize,
+    pub ban_duration: Duration,
+    /// Peers found by mDNS being dialled at once.
+    pub max_mdns_pending: usize,
 }
 
 impl NodeConfig {
@@ -154,6 +171,14 @@ impl NodeConfig {
             provide_min_rate: 10,
             provide_in_flight: 8,
             idle_timeout: IDLE_CONNECTION_TIMEOUT,
+            dht_limits: ProviderLimits::default(),
+            // Two each way, so that simultaneous dials over TCP and QUIC all succeed.
+            max_connections_per_peer: 4,
+            max_incoming_connections: 256,
+            max_pending_incoming: 64,
+            max_bans: 4096,
+            ban_duration: Duration::from_secs(24 * 3600),
+            max_mdns_pending: 64,
         }
     }
 }

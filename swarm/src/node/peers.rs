@@ -31,6 +31,10 @@ pub struct Overview {
     pub peers: Vec<PeerDetails>,
     /// External addresses confirmed (reachable from outside); empty on a LAN or behind NAT.
     pub external_addrs: Vec<Multiaddr>,
+    /// Connections open, to any peer (identified as a peerix node or not), by remote peer.
+    pub connections: std::collections::HashMap<PeerId, usize>,
+    /// Inbound connections refused since the start (connection caps, bans, the allow-list).
+    pub connections_denied: u64,
 }
 
 fn is_relayed(a: &Multiaddr) -> bool {
@@ -61,9 +65,15 @@ impl EventLoop {
                 }
             })
             .collect();
+        let mut connections = std::collections::HashMap::new();
+        for (p, _, _) in self.conns.values() {
+            *connections.entry(*p).or_insert(0) += 1;
+        }
         Overview {
             peers,
             external_addrs: self.swarm.external_addresses().cloned().collect(),
+            connections,
+            connections_denied: self.connections_denied,
         }
     }
 }

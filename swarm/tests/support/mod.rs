@@ -56,6 +56,8 @@ pub fn narinfo(path: StorePath, m: &Manifest) -> NarInfo {
 
 enum Cmd {
     Dial(Multiaddr, PeerId, oneshot::Sender<()>),
+    /// Another connection, connected or not.
+    DialAgain(Multiaddr, PeerId),
 }
 
 pub struct Node {
@@ -119,6 +121,13 @@ impl Node {
                         }
                     }
                     c = rx.recv() => match c {
+                        Some(Cmd::DialAgain(addr, p)) => {
+                            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p)
+                                .addresses(vec![addr])
+                                .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                                .build();
+                            let _ = swarm.dial(opts);
+                        }
                         Some(Cmd::Dial(addr, p, done)) => {
                             if swarm.is_connected(&p) {
                                 let _ = done.send(());
@@ -151,6 +160,18 @@ impl Node {
             .await
             .unwrap();
         rx.await.unwrap();
+    }
+
+    /// Connects to any libp2p node by its address (without `/p2p/…`) and id.
+    pub async fn connect_to(&self, addr: Multiaddr, peer: PeerId) {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(Cmd::Dial(addr, peer, tx)).await.unwrap();
+        rx.await.unwrap();
+    }
+
+    /// Opens one more connection to `peer`, however many there are already.
+    pub async fn dial_again(&self, addr: Multiaddr, peer: PeerId) {
+        self.cmd.send(Cmd::DialAgain(addr, peer)).await.unwrap();
     }
 
     pub fn serve(&mut self, catalog: Arc<dyn Catalog>, limits: ServeLimits) {
