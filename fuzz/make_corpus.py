@@ -3,7 +3,7 @@
 frames, manifests, config files, keys and admin requests. Deterministic; needs Python 3 and the
 `cryptography` package (for ed25519 keys and signatures). The fuzzers grow their own corpora
 from these; only the seeds (and minimized finds) are committed."""
-import base64, hashlib, os, struct, sys
+import base64, hashlib, os, struct, subprocess, sys
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives import serialization
@@ -155,11 +155,24 @@ def frame(kind, body):
     return struct.pack(">IB", len(body) + 1, kind) + body
 
 
+nh_want = hashlib.sha256(b"wanted").digest()
 put("protocol_request", "lookup", frame(1, struct.pack(">H", 2) + bytes(20) + b"\x01" * 20))
 put("protocol_request", "manifest", frame(2, hashlib.sha256(tree).digest()))
 put("protocol_request", "have", frame(3, struct.pack(">HH", 2, 1) + bytes(96)))
 put("protocol_request", "chunks", frame(4, struct.pack(">H", 3) + bytes(96)))
+# A Chunks request wanting zstd, compression and deltas against two older NARs.
+want = b"\x07" + nh_want + b"\x02" + bytes(32) + b"\x01" * 32
+put("protocol_request", "chunks-want", frame(4, struct.pack(">H", 1) + bytes(32) + want))
+put("protocol_request", "chunks-zstd", frame(4, struct.pack(">H", 1) + bytes(32) + b"\x01"))
 put("protocol_request", "two-frames", frame(2, bytes(32)) + frame(4, struct.pack(">H", 1) + bytes(32)))
+
+chunk_text = b"chunk bytes, chunk bytes, chunk bytes " * 40
+
+
+def zstd(b):
+    # The zstd command line tool (Debian: zstd) makes the frames.
+    return subprocess.run(["zstd", "-q", "-c", "-3"], input=b, capture_output=True, check=True).stdout
+
 
 lookup = struct.pack(">H", 2)
 for t, _ in infos[:2]:
@@ -173,6 +186,11 @@ replies = {
     "have-reply": frame(0x83, b"\x05\x01" + b"\x00\x01\x02"),
     "chunk": frame(0x84, hashlib.sha256(b"c").digest() + b"\x00" + b"chunk bytes"),
     "chunk-missing": frame(0x84, bytes(32) + b"\x01"),
+    "chunk-zstd": frame(0x84, bytes(32) + b"\x02" + struct.pack(">I", len(chunk_text)) + zstd(chunk_text)),
+    "chunk-delta": frame(
+        0x84,
+        bytes(32) + b"\x03\x01" + bytes(32) + struct.pack(">I", len(chunk_text)) + zstd(chunk_text),
+    ),
     "refused": frame(0xFF, b"\x01"),
 }
 # Two leading bytes: the Have request's chunk count / 4 and NAR count (see the target).
@@ -194,6 +212,9 @@ priority = 30
 timeout = 2.5
 swarm-key = "/var/lib/peerix/swarm.key"
 scan-interval = 600
+wire-compression = "auto"
+deltas = true
+chunk-size = "256KiB"
 share-all = false
 deny = ["*-private", "secret-*"]
 """ % public_text)

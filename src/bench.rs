@@ -84,6 +84,9 @@ pub struct Row {
     pub elapsed_s: f64,
     /// Bytes each seeder sent, largest first.
     pub bytes_per_peer: Vec<u64>,
+    /// Chunk bytes as they crossed the wire (compressed or raw; the NAR is incompressible).
+    #[serde(default)]
+    pub wire_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -95,6 +98,9 @@ pub struct Dedup {
     /// Bytes of version 2 the leecher already had.
     pub local_bytes: u64,
     pub fetched_ratio: f64,
+    /// The fetched bytes as they crossed the wire.
+    #[serde(default)]
+    pub wire_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -293,6 +299,7 @@ struct Fetched {
     first_byte: Duration,
     bytes_per_peer: Vec<u64>,
     bytes_local: u64,
+    wire_bytes: u64,
 }
 
 /// Fetch one NAR the way the daemon does ([`fetch_nar`]): the manifest from a holder, the
@@ -340,6 +347,7 @@ async fn fetch(
         first_byte: first.unwrap_or(elapsed),
         bytes_per_peer,
         bytes_local: report.bytes_local,
+        wire_bytes: report.wire_bytes,
     })
 }
 
@@ -500,6 +508,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 first_byte_ms: f.first_byte.as_secs_f64() * 1000.0,
                 elapsed_s: f.elapsed.as_secs_f64(),
                 bytes_per_peer: f.bytes_per_peer,
+                wire_bytes: f.wire_bytes,
             });
         }
 
@@ -517,6 +526,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 fetched_bytes: fetched,
                 local_bytes: f.bytes_local,
                 fetched_ratio: fetched as f64 / size as f64,
+                wire_bytes: f.wire_bytes,
             });
         }
         drop(seeders);
@@ -602,26 +612,28 @@ pub fn table(r: &Report) -> String {
         r.ideal_per_peer_mib_per_s
     );
     s += &format!(
-        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10}\n",
-        "N", "MiB/s", "/ideal", "HTTP MiB/s", "/HTTP", "1st byte"
+        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>10}\n",
+        "N", "MiB/s", "/ideal", "HTTP MiB/s", "/HTTP", "1st byte", "wire MiB"
     );
     for row in &r.rows {
         s += &format!(
-            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms\n",
+            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>10.1}\n",
             row.seeders,
             row.mib_per_s,
             row.ratio_to_ideal,
             row.http_mib_per_s,
             row.ratio_to_http,
-            row.first_byte_ms
+            row.first_byte_ms,
+            row.wire_bytes as f64 / MIB
         );
     }
     let d = &r.dedup;
     s += &format!(
-        "dedup: version 2 ({:.1} MiB) fetched {:.2} MiB from peers ({:.2}%), {:.1} MiB local\n",
+        "dedup: version 2 ({:.1} MiB) fetched {:.2} MiB from peers ({:.2}%, {:.2} MiB on the wire), {:.1} MiB local\n",
         d.v2_size as f64 / MIB,
         d.fetched_bytes as f64 / MIB,
         d.fetched_ratio * 100.0,
+        d.wire_bytes as f64 / MIB,
         d.local_bytes as f64 / MIB
     );
     s

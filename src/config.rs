@@ -99,6 +99,10 @@ pub struct ServeArgs {
     /// sending peer CPU).
     #[arg(long)]
     pub no_deltas: bool,
+    /// Average chunk size of a chunk store this creates (`256KiB`; at most `1MiB`); a store
+    /// already made keeps the sizes it was made with [default: 256KiB].
+    #[arg(long, value_name = "SIZE")]
+    pub chunk_size: Option<String>,
 }
 
 /// `--wire-compression`.
@@ -146,6 +150,7 @@ pub struct FileConfig {
     pub deny: Option<Vec<String>>,
     pub wire_compression: Option<WireCompression>,
     pub deltas: Option<bool>,
+    pub chunk_size: Option<String>,
 }
 
 /// Everything resolved.
@@ -173,6 +178,7 @@ pub struct ServeConfig {
     pub deny: Vec<String>,
     pub wire_compression: peerix_swarm::Compression,
     pub deltas: bool,
+    pub chunker: peerix_chunkstore::ChunkerParams,
 }
 
 fn secs(what: &str, v: f64) -> Result<Duration> {
@@ -308,6 +314,15 @@ impl ServeConfig {
                 .unwrap_or(WireCompression::Auto)
                 .into(),
             deltas: !args.no_deltas && file.deltas.unwrap_or(true),
+            chunker: match args.chunk_size.or(file.chunk_size) {
+                None => peerix_chunkstore::ChunkerParams::DEFAULT,
+                Some(v) => {
+                    let avg = size("--chunk-size", &v)?.unwrap_or(0);
+                    let avg = u32::try_from(avg).unwrap_or(u32::MAX);
+                    peerix_chunkstore::ChunkerParams::new(avg / 4, avg, avg.saturating_mul(4))
+                        .map_err(|e| anyhow::anyhow!("--chunk-size {v}: {e}"))?
+                }
+            },
         })
     }
 }

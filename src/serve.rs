@@ -103,12 +103,21 @@ pub fn open_chunk_store(
     state_dir: &std::path::Path,
     store_root: &std::path::Path,
 ) -> Result<ChunkStore> {
+    open_chunk_store_cut(state_dir, store_root, Options::default().chunker)
+}
+
+/// As [`open_chunk_store`], cutting chunks with `chunker` if the store is new.
+fn open_chunk_store_cut(
+    state_dir: &std::path::Path,
+    store_root: &std::path::Path,
+    chunker: peerix_chunkstore::ChunkerParams,
+) -> Result<ChunkStore> {
     let dir = state_dir.join("chunks");
     ChunkStore::open(
         &dir,
         Options {
             store_root: Some(store_root.to_owned()),
-            ..Options::default()
+            chunker,
         },
     )
     .with_context(|| format!("opening the chunk store in {}", dir.display()))
@@ -120,7 +129,7 @@ pub fn open_parts(cfg: &ServeConfig) -> Result<Parts> {
         LocalStore::open(&cfg.store)
             .with_context(|| format!("opening the Nix store at {}", cfg.store.display()))?,
     );
-    let store = open_chunk_store(&cfg.state_dir, &cfg.store)?;
+    let store = open_chunk_store_cut(&cfg.state_dir, &cfg.store, cfg.chunker)?;
     let upstream = match &cfg.upstream_cache {
         Some(url) => Some(Arc::new(
             UpstreamCache::new(url, UpstreamConfig::default())

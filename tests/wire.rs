@@ -256,6 +256,8 @@ mod needs_root {
         assert!(peerix::is_root(), "needs root: network namespaces");
         let ns = Netns::create("w");
         let rate = std::env::var("PEERIX_WIRE_RATE").unwrap_or_else(|_| "100mbit".into());
+        // The chunk size both daemons cut with (their stores are new).
+        let chunk = std::env::var("PEERIX_WIRE_CHUNK").unwrap_or_else(|_| "256KiB".into());
         ns.cap_uplink(&rate);
         let [srv, cli] = &ns.names;
         let scratch = tempfile::tempdir().unwrap();
@@ -275,6 +277,8 @@ mod needs_root {
                     a_sec.to_str().unwrap(),
                     "--p2p-listen",
                     "/ip4/10.231.0.1/tcp/0",
+                    "--chunk-size",
+                    &chunk,
                 ],
             );
             assert!(a.wait_scan() >= 2);
@@ -309,6 +313,8 @@ mod needs_root {
                     &a.p2p,
                     "--p2p-listen",
                     "/ip4/10.231.0.2/tcp/0",
+                    "--chunk-size",
+                    &chunk,
                 ];
                 if case == Case::Update {
                     args.push("--no-deltas");
@@ -341,7 +347,9 @@ mod needs_root {
             rows.push((name, [nar, xz, z3, z19], wire));
         }
         let mib = |b: u64| b as f64 / 1048576.0;
-        println!("\nwire bytes on B's veth (A's uplink capped at {rate}); × = ratio to the xz NAR");
+        println!(
+            "\nwire bytes on B's veth (A's uplink capped at {rate}, {chunk} chunks); × = ratio to the xz NAR"
+        );
         println!(
             "{:<16} {:>9} {:>9} {:>9} {:>9} | {:>15} {:>15} {:>15} {:>15}",
             "pair",

@@ -525,16 +525,21 @@ mod measure {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// What a full store costs: 200,000 records here (`PEERIX_PROVIDER_RECORDS` for more,
+    /// `PEERIX_PROVIDERS` providers, default 10), each at most a kilobyte of RSS.
     #[test]
-    #[ignore]
     fn memory_per_record() {
-        let nprov: usize = std::env::var("PEERIX_PROVIDERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10);
+        let var = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let nprov = var("PEERIX_PROVIDERS", 10);
+        let nrec = var("PEERIX_PROVIDER_RECORDS", 200_000);
         let limits = ProviderLimits {
-            max_foreign_records: 1_000_000,
-            max_records_per_peer: 1_000_000,
+            max_foreign_records: nrec,
+            max_records_per_peer: nrec,
             max_providers: nprov,
             ..ProviderLimits::default()
         };
@@ -572,6 +577,11 @@ mod measure {
         eprintln!(
             "{records} foreign records from {nprov} providers: RSS +{} MiB ({} bytes a record)",
             grown / 1024,
+            grown * 1024 / records
+        );
+        assert!(
+            grown * 1024 / records < 1024,
+            "{} bytes a record",
             grown * 1024 / records
         );
     }

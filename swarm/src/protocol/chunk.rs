@@ -130,7 +130,8 @@ impl ChunksRequest {
             return Ok(Self { ids, want });
         }
         let flags = c.u8("chunks request flags")?;
-        if flags & !(WANT_ZSTD | WANT_COMPRESS | WANT_DELTA) != 0 {
+        // No flags are sent as no byte at all: one encoding per request.
+        if flags == 0 || flags & !(WANT_ZSTD | WANT_COMPRESS | WANT_DELTA) != 0 {
             return Err(ProtocolError::Malformed("chunks request flags"));
         }
         want.zstd = flags & WANT_ZSTD != 0;

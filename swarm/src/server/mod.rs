@@ -14,15 +14,16 @@ use tokio::sync::{broadcast, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, Refused, StreamStats};
-use crate::compress;
 use crate::delta::DeltaPlans;
 use crate::peer_tables::PeerTables;
 pub use crate::peer_tables::TrackedPeers;
 use crate::protocol::{
-    self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, kind, write_chunk,
-    write_frame, write_refused, ChunkBody, ChunksRequest, HaveReply, NarState, Refusal, Request,
+    self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, kind, write_frame,
+    write_refused, HaveReply, NarState, Refusal, Request,
 };
 use crate::PROTOCOL;
+
+mod chunks;
 
 /// Decides what this node may share: the narinfo of a store path it offers to peers.
 pub trait Catalog: Send + Sync {
@@ -527,52 +528,9 @@ impl Server {
                 )
                 .await?;
             }
-            Request::Chunks(ChunksRequest { ids, want }) => {
-                let Some(_slot) = self.shared.acquire(peer).await else {
-                    debug!(%peer, "no upload slot; answering busy");
-                    timed(wt, write_refused(s, Refusal::Busy)).await?;
+            Request::Chunks(r) => {
+                if !self.answer_chunks(peer, r, s).await? {
                     return Ok(());
-                };
-                let shareable = self.shareable_chunks().await?;
-                // Deltas cost the most CPU: only for a requester whose link is slow enough
-                // that it asks for compression.
-                let plan = match &want.delta {
-                    Some(ask) if want.compress => {
-                        self.deltas.plan(&self.store, &*self.catalog, ask).await
-                    }
-                    _ => None,
-                };
-                let mut budget = protocol::MAX_CHUNK_BYTES_PER_REQUEST;
-                for id in ids {
-                    // A chunk of no shared NAR is answered as missing, like one not held.
-                    let body = if budget == 0 || !shareable.contains(&id) {
-                        ChunkBody::Missing
-                    } else {
-                        let (want, plan) = (want.clone(), plan.clone());
-                        self.store
-                            .blocking(move |cs| {
-                                compress::encode_stored(cs, &id, &want, plan.as_deref())
-                            })
-                            .await
-                            .unwrap_or_else(|e| {
-                                debug!(chunk = %id, error = %e, "cannot serve chunk");
-                                ChunkBody::Missing
-                            })
-                    };
-                    let body = match body.raw_len() {
-                        Some(n) if n > budget => ChunkBody::Missing,
-                        Some(n) => {
-                            budget -= n;
-                            body
-                        }
-                        None => body,
-                    };
-                    // One chunk at a time: the next is read only once this one is written,
-                    // so a slow reader holds at most one chunk of ours in memory.
-                    timed(wt, write_chunk(s, &id, &body)).await?;
-                    if body.raw_len().is_some() {
-                        self.shared.add_served(peer, body.encoded_len() - 1);
-                    }
                 }
             }
         }
