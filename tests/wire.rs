@@ -296,7 +296,12 @@ mod needs_root {
                         "--upstream-cache",
                         "none",
                     ]);
-                    a.wait_for("recompression", |l| l.starts_with("peerix: recompressed "));
+                    // In the background at a quarter of a core: zstd-19 of the wheels' tens of
+                    // MB takes minutes.
+                    let wait = std::time::Duration::from_secs(1800);
+                    a.wait_for_within(wait, "recompression", |l| {
+                        l.starts_with("peerix: recompressed ")
+                    });
                 }
                 let b_nix = common::nix();
                 b_nix.init_store();

@@ -20,6 +20,8 @@ use crate::{ChunkId, Error, Result};
 const MAGIC: [u8; 4] = *b"PXC1";
 pub const HEADER: usize = 48;
 const FLAG_ZSTD: u8 = 1;
+/// Stored raw because zstd was tried and did not pay (a server need not try again).
+const FLAG_INCOMPRESSIBLE: u8 = 2;
 /// A new pack is started past this size, so compaction rewrites bounded files.
 const MAX_PACK: u64 = 1 << 30;
 
@@ -136,7 +138,11 @@ impl Packs {
         };
         let mut head = [0u8; HEADER];
         head[..4].copy_from_slice(&MAGIC);
-        head[4] = if zstd { FLAG_ZSTD } else { 0 };
+        head[4] = match (zstd, compress) {
+            (true, _) => FLAG_ZSTD,
+            (false, true) => FLAG_INCOMPRESSIBLE,
+            (false, false) => 0,
+        };
         head[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
         head[12..16].copy_from_slice(&(raw.len() as u32).to_le_bytes());
         head[16..48].copy_from_slice(&id.0);
@@ -224,17 +230,12 @@ impl Packs {
     /// Read and check a record; returns the raw (decompressed) bytes, unverified against the id
     /// beyond the header (the caller checks BLAKE3).
     pub fn read(&self, id: &ChunkId, loc: &PackLoc, raw_len: u32) -> Result<Vec<u8>> {
-        self.read_record(id, loc, raw_len).map(|(raw, _)| raw)
+        self.read_record(id, loc, raw_len).map(|r| r.raw)
     }
 
     /// As [`Packs::read`], and the zstd frame the record holds when it is stored compressed,
     /// so that it can be sent on as it is.
-    pub fn read_record(
-        &self,
-        id: &ChunkId,
-        loc: &PackLoc,
-        raw_len: u32,
-    ) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+    pub fn read_record(&self, id: &ChunkId, loc: &PackLoc, raw_len: u32) -> Result<Record> {
         let corrupt = |why: String| Error::CorruptChunk { id: *id, why };
         let f = self.reader(loc.pack)?;
         let read_at = |buf: &mut [u8], at: u64| {
@@ -257,9 +258,17 @@ impl Packs {
             if out.len() != raw_len as usize {
                 return Err(corrupt("decompressed length differs".into()));
             }
-            Ok((out, Some(data)))
+            Ok(Record {
+                raw: out,
+                zstd: Some(data),
+                incompressible: false,
+            })
         } else {
-            Ok((data, None))
+            Ok(Record {
+                raw: data,
+                zstd: None,
+                incompressible: h.incompressible,
+            })
         }
     }
 
@@ -292,8 +301,17 @@ fn write_all_vectored(mut f: &File, head: &[u8], data: &[u8]) -> std::io::Result
     Ok(())
 }
 
+/// A record read back: the raw bytes (not yet checked against the id), the zstd frame it is
+/// stored as, if compressed, and whether zstd was tried and did not pay.
+pub struct Record {
+    pub raw: Vec<u8>,
+    pub zstd: Option<Vec<u8>>,
+    pub incompressible: bool,
+}
+
 struct Header {
     zstd: bool,
+    incompressible: bool,
     stored_len: u32,
     raw_len: u32,
     id: ChunkId,
@@ -301,7 +319,7 @@ struct Header {
 
 impl Header {
     fn parse(b: &[u8]) -> Option<Self> {
-        if b.len() < HEADER || b[..4] != MAGIC || b[4] & !FLAG_ZSTD != 0 {
+        if b.len() < HEADER || b[..4] != MAGIC || b[4] & !(FLAG_ZSTD | FLAG_INCOMPRESSIBLE) != 0 {
             return None;
         }
         let stored_len = u32::from_le_bytes(b[8..12].try_into().ok()?);
@@ -311,6 +329,7 @@ impl Header {
         }
         Some(Self {
             zstd: b[4] & FLAG_ZSTD != 0,
+            incompressible: b[4] & FLAG_INCOMPRESSIBLE != 0,
             stored_len,
             raw_len,
             id: ChunkId(b[16..48].try_into().ok()?),

@@ -381,7 +381,17 @@ impl Daemon {
 
     /// The next line matching `pred` (earlier lines are skipped), or a panic after WAIT.
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let until = std::time::Instant::now() + WAIT;
+        self.wait_for_within(WAIT, what, pred)
+    }
+
+    /// `wait_for`, for something that takes longer than WAIT.
+    pub fn wait_for_within(
+        &mut self,
+        wait: std::time::Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let until = std::time::Instant::now() + wait;
         loop {
             let left = until.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {

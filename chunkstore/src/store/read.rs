@@ -19,6 +19,9 @@ use crate::{ChunkId, Error, Manifest, Result};
 pub struct StoredChunk {
     pub raw: Vec<u8>,
     pub zstd: Option<Vec<u8>>,
+    /// Stored in a pack uncompressed: zstd did not pay when it was stored, so compressing it
+    /// again is wasted work.
+    pub incompressible: bool,
 }
 
 impl ChunkStore {
@@ -39,9 +42,15 @@ impl ChunkStore {
                 .inner
                 .packs
                 .read_record(id, &loc, rec.len)
-                .and_then(|(d, zstd)| Ok((verify(id, d)?, zstd)))
+                .and_then(|r| Ok((verify(id, r.raw)?, r.zstd, r.incompressible)))
             {
-                Ok((raw, zstd)) => return Ok(StoredChunk { raw, zstd }),
+                Ok((raw, zstd, incompressible)) => {
+                    return Ok(StoredChunk {
+                        raw,
+                        zstd,
+                        incompressible,
+                    })
+                }
                 Err(e) => {
                     warn!(chunk = %id, error = %e, "corrupt chunk copy in pack dropped");
                     why.push(e.to_string());
@@ -59,7 +68,13 @@ impl ChunkStore {
                 .read_local(&nar, off, rec.len)
                 .and_then(|d| verify(id, d))
             {
-                Ok(raw) => return Ok(StoredChunk { raw, zstd: None }),
+                Ok(raw) => {
+                    return Ok(StoredChunk {
+                        raw,
+                        zstd: None,
+                        incompressible: false,
+                    })
+                }
                 Err(e) => {
                     warn!(chunk = %id, error = %e, "chunk no longer readable from the local store");
                     why.push(e.to_string());

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use libp2p::PeerId;
 use peerix_chunkstore::{ChunkId, ChunkRef, ChunkStore, Manifest};
 use thiserror::Error;
@@ -20,6 +19,8 @@ use crate::compress::Sent;
 use crate::protocol::{MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BYTES_PER_REQUEST, MAX_HAVE_CHUNKS};
 
 use super::{Arrivals, DownloadConfig, DownloadError, DownloadReport};
+
+mod request;
 
 type ReqId = u64;
 
@@ -410,87 +411,6 @@ impl Scheduler {
             Duration::from_secs_f64((2.0 * bytes as f64 / rate.max(1.0)).min(3600.0))
         });
         expected.max(self.cfg.target_queue)
-    }
-
-    fn start(&mut self, run: usize, p: usize) {
-        let id = self.next_req;
-        self.next_req += 1;
-        self.pending.remove(&run);
-        let r = &mut self.runs[run];
-        r.requests.push(id);
-        let refs: Vec<ChunkRef> = r
-            .chunks
-            .iter()
-            .copied()
-            .filter(|c| !self.received.contains(&c.id))
-            .collect();
-        let bytes: u64 = refs.iter().map(|c| u64::from(c.len)).sum();
-        let timeout = self.cfg.min_timeout.max(
-            self.cfg
-                .timeout_per_mib
-                .mul_f64(bytes as f64 / (1024.0 * 1024.0)),
-        );
-        let peer = &mut self.peers[p];
-        peer.in_flight += 1;
-        let peer_id = peer.id;
-        let want = self
-            .cfg
-            .wire
-            .want(peer.wire_rate, self.bases.as_ref().map(|b| &b.ask));
-        let fetch = self
-            .client
-            .fetch_chunks_as(peer_id, refs, want, self.bases.clone());
-        let store = self.store.clone();
-        let tx = self.events_tx.clone();
-        let abort = self.tasks.spawn(async move {
-            let work = async {
-                tokio::pin!(fetch);
-                let mut missing = false;
-                while let Some(item) = fetch.next().await {
-                    match item {
-                        Ok(got) => {
-                            let c = got.chunk.clone();
-                            // Stored before it is reported, so it can be served to others at
-                            // once and read back for a later occurrence in the NAR.
-                            store.blocking(move |cs| cs.put_verified(&c)).await?;
-                            let (cid, data) = got.chunk.into_parts();
-                            let _ = tx.send(Event::Chunk {
-                                req: id,
-                                peer: p,
-                                id: cid,
-                                data,
-                                wire: got.wire_len,
-                                sent: got.sent,
-                            });
-                        }
-                        Err(ClientError::Missing { .. }) => missing = true,
-                        Err(e) => return Err(TaskError::Client(e)),
-                    }
-                }
-                if missing {
-                    Err(TaskError::Missing)
-                } else {
-                    Ok(())
-                }
-            };
-            let result = match tokio::time::timeout(timeout, work).await {
-                Ok(r) => r,
-                Err(_) => Err(TaskError::Timeout),
-            };
-            let _ = tx.send(Event::Done { req: id, result });
-        });
-        self.reqs.insert(
-            id,
-            Req {
-                peer: p,
-                run,
-                started: Instant::now(),
-                in_flight_at_start: self.peers[p].in_flight,
-                bytes: 0,
-                wire: 0,
-                abort,
-            },
-        );
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), DownloadError> {

@@ -67,12 +67,14 @@ impl WireConfig {
 pub fn compression_speed() -> f64 {
     static SPEED: OnceLock<f64> = OnceLock::new();
     *SPEED.get_or_init(|| {
-        let sample = std::fs::read("/proc/self/exe")
-            .map(|mut b| {
-                b.truncate(4 << 20);
-                b
-            })
-            .unwrap_or_else(|_| vec![7; 1 << 20]);
+        // The first 4 MiB only: a binary with debug info is hundreds of MiB.
+        let mut sample = Vec::with_capacity(4 << 20);
+        let read = std::fs::File::open("/proc/self/exe").and_then(|f| {
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, 4 << 20), &mut sample)
+        });
+        if read.is_err() || sample.len() < 1 << 20 {
+            sample = vec![7; 1 << 20];
+        }
         let t = Instant::now();
         let _ = zstd::bulk::compress(&sample, compress::LEVEL);
         let speed = sample.len() as f64 / t.elapsed().as_secs_f64().max(1e-6);
