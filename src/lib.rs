@@ -3,7 +3,6 @@
 
 pub mod admin;
 pub mod bench;
-pub mod bench_netns;
 pub mod config;
 pub mod dashboard;
 pub mod http;

@@ -73,7 +73,7 @@ enum Command {
     #[command(hide = true)]
     BenchNode {
         #[command(flatten)]
-        args: peerix::bench_netns::NodeArgs,
+        args: peerix::bench::netns::NodeArgs,
     },
     /// Print the narinfo peerix would serve for a path in the local store.
     Narinfo {
@@ -153,7 +153,7 @@ fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Bench { args } => peerix::bench::run(args),
-        Command::BenchNode { args } => peerix::bench_netns::node(args),
+        Command::BenchNode { args } => peerix::bench::netns::node(args),
         Command::Keygen {
             name,
             secret_file,

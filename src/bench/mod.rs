@@ -6,7 +6,6 @@
 //! plain HTTP download of the same bytes in the same run, the time to the first byte, and how
 //! much of a slightly changed second version had to be fetched (deduplication).
 
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,12 +16,19 @@ use bytes::Bytes;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use peerix_chunkstore::{ChunkStore, Options};
-use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
+use peerix_nix::{Sha256Hash, StorePath};
 use peerix_swarm::{
     fetch_nar, Catalog, Client, DownloadConfig, FetchRequest, Node, NodeConfig, NodeEvent,
     ServeLimits, Server,
 };
 use serde::{Deserialize, Serialize};
+
+mod data;
+pub mod netns;
+mod report;
+
+pub use data::{ingest_both, store_path, write_nar_file, NarGen};
+pub use report::{svg, table};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
@@ -129,7 +135,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(measure(&args))?,
-        Mode::Netns if args.inner_seeders.is_empty() => crate::bench_netns::outer(&args)?,
+        Mode::Netns if args.inner_seeders.is_empty() => netns::outer(&args)?,
         Mode::Netns => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -145,68 +151,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         std::fs::write(f, svg(&report)).with_context(|| format!("writing {}", f.display()))?;
     }
     Ok(())
-}
-
-/// A benchmark NAR, generated as it is read so that memory does not grow with its size:
-/// deterministic, incompressible bytes (xorshift64); version 2 has 16 bytes changed at each of
-/// four places.
-pub struct NarGen {
-    x: u64,
-    pos: u64,
-    len: u64,
-    version: u8,
-    /// The current 8-byte word and how much of it was handed out.
-    word: [u8; 8],
-    used: usize,
-}
-
-impl NarGen {
-    pub fn new(version: u8, len: u64) -> Self {
-        Self {
-            x: 0x5eed | 1,
-            pos: 0,
-            len,
-            version,
-            word: [0; 8],
-            used: 8,
-        }
-    }
-}
-
-impl std::io::Read for NarGen {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min((self.len - self.pos) as usize);
-        let mut i = 0;
-        while i < n {
-            if self.used == 8 {
-                self.x ^= self.x << 13;
-                self.x ^= self.x >> 7;
-                self.x ^= self.x << 17;
-                self.word = self.x.to_le_bytes();
-                self.used = 0;
-            }
-            let k = (8 - self.used).min(n - i);
-            buf[i..i + k].copy_from_slice(&self.word[self.used..self.used + k]);
-            self.used += k;
-            i += k;
-        }
-        if self.version == 2 {
-            for j in 1..=4u64 {
-                let start = self.len * j / 5;
-                let (lo, hi) = (start.max(self.pos), (start + 16).min(self.pos + n as u64));
-                for at in lo..hi {
-                    buf[(at - self.pos) as usize] ^= 0x5a;
-                }
-            }
-        }
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-pub fn store_path(name: &str) -> Result<StorePath> {
-    let h = peerix_nix::base32::encode(&Sha256Hash::digest(name.as_bytes()).0[..20]);
-    Ok(StorePath::from_base_name(&format!("{h}-{name}"))?)
 }
 
 /// Progress on stderr: a bar on a terminal, plain lines otherwise.
@@ -550,37 +494,6 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     })
 }
 
-/// Chunk both versions of the NAR into `store`.
-/// Chunk both versions of the benchmark NAR into `store`, streamed from the generator; their
-/// narinfos, keyed for a catalog.
-pub async fn ingest_both(store: &ChunkStore, size: u64) -> Result<HashMap<StorePathHash, NarInfo>> {
-    let mut out = HashMap::new();
-    for (version, name) in [(1u8, "bench-nar-1"), (2, "bench-nar-2")] {
-        let p = store_path(name)?;
-        let path = p.clone();
-        let m = store
-            .blocking(move |cs| {
-                cs.ingest_nar(NarGen::new(version, size), Some(&path), None, &mut |_| {})
-            })
-            .await?;
-        out.insert(
-            p.hash(),
-            NarInfo::uncompressed(p.clone(), m.nar_hash, m.nar_size),
-        );
-    }
-    Ok(out)
-}
-
-/// Version 1 written to a file, for the plain HTTP server.
-pub fn write_nar_file(path: &std::path::Path, size: u64) -> Result<()> {
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
-    std::io::copy(&mut NarGen::new(1, size), &mut f)?;
-    std::io::Write::flush(&mut f)?;
-    Ok(())
-}
-
 /// A `tc` rate (`100mbit`, `50mbit`, `1gbit`, `800kbit`, `10mbps`) in MiB/s.
 pub fn rate_mib_per_s(rate: &str) -> Result<f64> {
     let r = rate.trim().to_ascii_lowercase();
@@ -604,159 +517,4 @@ pub fn rate_mib_per_s(rate: &str) -> Result<f64> {
         bail!("rate {rate} is not positive");
     }
     Ok(bits_per_s / 8.0 / MIB)
-}
-
-pub fn table(r: &Report) -> String {
-    let mut s = format!(
-        "NAR {:.0} MiB, {:?} mode, ideal per peer {:.1} MiB/s\n",
-        r.nar_size as f64 / MIB,
-        r.mode,
-        r.ideal_per_peer_mib_per_s
-    );
-    s += &format!(
-        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>10}\n",
-        "N", "MiB/s", "/ideal", "HTTP MiB/s", "/HTTP", "1st byte", "wire MiB"
-    );
-    for row in &r.rows {
-        s += &format!(
-            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>10.1}\n",
-            row.seeders,
-            row.mib_per_s,
-            row.ratio_to_ideal,
-            row.http_mib_per_s,
-            row.ratio_to_http,
-            row.first_byte_ms,
-            row.wire_bytes as f64 / MIB
-        );
-    }
-    let d = &r.dedup;
-    s += &format!(
-        "dedup: version 2 ({:.1} MiB) fetched {:.2} MiB from peers ({:.2}%, {:.2} MiB on the wire), {:.1} MiB local\n",
-        d.v2_size as f64 / MIB,
-        d.fetched_bytes as f64 / MIB,
-        d.fetched_ratio * 100.0,
-        d.wire_bytes as f64 / MIB,
-        d.local_bytes as f64 / MIB
-    );
-    s
-}
-
-/// Aggregate throughput against N, measured and ideal (N × the per-peer figure).
-pub fn svg(r: &Report) -> String {
-    let (w, h, m) = (640.0, 400.0, 60.0);
-    let max_n = r.rows.iter().map(|r| r.seeders).max().unwrap_or(1) as f64;
-    let max_y = r
-        .rows
-        .iter()
-        .flat_map(|row| {
-            [
-                row.mib_per_s,
-                row.seeders as f64 * r.ideal_per_peer_mib_per_s,
-            ]
-        })
-        .fold(1.0, f64::max)
-        * 1.1;
-    let x = |n: f64| m + (n / max_n) * (w - 2.0 * m);
-    let y = |v: f64| h - m - (v / max_y) * (h - 2.0 * m);
-    let line = |f: &dyn Fn(&Row) -> f64| {
-        r.rows
-            .iter()
-            .map(|row| format!("{:.1},{:.1}", x(row.seeders as f64), y(f(row))))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
-         font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">peerix bench: \
-         aggregate throughput, {:.0} MiB NAR, {:?}</text>\n\
-         <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">seeders (N)</text>\n\
-         <text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">MiB/s</text>\n",
-        w / 2.0,
-        r.nar_size as f64 / MIB,
-        r.mode,
-        h - m,
-        w - m,
-        h - m,
-        h - m,
-        w / 2.0,
-        h - 15.0,
-        h / 2.0,
-        h / 2.0,
-    );
-    for row in &r.rows {
-        let n = row.seeders as f64;
-        s += &format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
-            x(n),
-            h - m + 16.0,
-            row.seeders
-        );
-    }
-    for i in 0..=4 {
-        let v = max_y * i as f64 / 4.0;
-        s += &format!(
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text>\n",
-            m - 6.0,
-            y(v) + 4.0
-        );
-    }
-    s += &format!(
-        "<polyline points=\"{}\" fill=\"none\" stroke=\"gray\" stroke-dasharray=\"6 4\"/>\n",
-        line(&|row| row.seeders as f64 * r.ideal_per_peer_mib_per_s)
-    );
-    s += &format!(
-        "<polyline points=\"{}\" fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\"/>\n",
-        line(&|row| row.mib_per_s)
-    );
-    for row in &r.rows {
-        s += &format!(
-            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"steelblue\"/>\n",
-            x(row.seeders as f64),
-            y(row.mib_per_s)
-        );
-    }
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" fill=\"steelblue\">measured</text>\n\
-         <text x=\"{}\" y=\"{}\" fill=\"gray\">ideal: N × {:.1} MiB/s</text>\n</svg>\n",
-        m + 10.0,
-        m + 4.0,
-        m + 10.0,
-        m + 20.0,
-        r.ideal_per_peer_mib_per_s
-    );
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::NarGen;
-    use std::io::Read;
-
-    fn all(mut g: NarGen, step: usize) -> Vec<u8> {
-        let mut out = vec![];
-        let mut buf = vec![0; step];
-        loop {
-            let n = g.read(&mut buf).unwrap();
-            if n == 0 {
-                return out;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    #[test]
-    fn the_generator_is_the_same_whatever_the_read_sizes_and_v2_differs_in_64_bytes() {
-        let len = 100_003;
-        let v1 = all(NarGen::new(1, len), 4096);
-        assert_eq!(v1.len() as u64, len);
-        assert_eq!(all(NarGen::new(1, len), 3), v1);
-        let v2 = all(NarGen::new(2, len), 7);
-        assert_eq!(v2.len(), v1.len());
-        assert_eq!(v1.iter().zip(&v2).filter(|(a, b)| a != b).count(), 64);
-        assert_eq!(all(NarGen::new(2, len), 65536), v2);
-    }
 }
