@@ -19,9 +19,11 @@ use peerix_chunkstore::{ChunkStore, Options};
 use peerix_nix::{Sha256Hash, StorePath};
 use peerix_swarm::{
     fetch_nar, Catalog, Client, DownloadConfig, FetchRequest, Node, NodeConfig, NodeEvent,
-    ServeLimits, Server,
+    ServeLimits, Server, WireConfig,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::config::WireCompression;
 
 mod data;
 pub mod netns;
@@ -60,6 +62,9 @@ pub struct BenchArgs {
     /// Print the results as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// What the leecher asks the seeders for, as `peerix serve --wire-compression`.
+    #[arg(long, value_enum, default_value_t = WireCompression::Auto)]
+    pub wire_compression: WireCompression,
     /// Also write a chart of aggregate throughput against N to this SVG file.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
@@ -251,6 +256,7 @@ struct Fetched {
 /// Fetch one NAR the way the daemon does ([`fetch_nar`]): the manifest from a holder, the
 /// chunks from every connected seeder.
 async fn fetch(
+    wire: WireCompression,
     leecher: &Leecher,
     nar_hash: Sha256Hash,
     size: u64,
@@ -276,7 +282,13 @@ async fn fetch(
         nar_size: size,
         holders,
         others: vec![],
-        config: DownloadConfig::default(),
+        config: DownloadConfig {
+            wire: WireConfig {
+                compression: wire.into(),
+                ..WireConfig::default()
+            },
+            ..DownloadConfig::default()
+        },
     };
     let outcome = fetch_nar(client, leecher.store.clone(), req, tx).await;
     outcome.result.context("the peer download")?;
@@ -435,7 +447,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         };
         let (h1, h2) = (nar_hash(&p1)?, nar_hash(&p2)?);
         progress.start(&format!("{n} seeder(s)"), size);
-        let f = fetch(&leecher, h1, size, &progress).await?;
+        let f = fetch(args.wire_compression, &leecher, h1, size, &progress).await?;
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
         progress.done(&format!("{n} seeder(s)"), mib_s);
         progress.start(&format!("HTTP baseline (N={n})"), size);
@@ -461,7 +473,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         if run == last {
             // The leecher now holds version 1; fetch version 2 and see what crossed the wire.
             progress.start("version 2 (dedup)", size);
-            let f = fetch(&leecher, h2, size, &progress).await?;
+            let f = fetch(args.wire_compression, &leecher, h2, size, &progress).await?;
             let fetched: u64 = f.bytes_per_peer.iter().sum();
             progress.done(
                 "version 2 (dedup)",

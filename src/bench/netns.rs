@@ -2,6 +2,7 @@
 //! joined by veths to a bridge in a hub namespace, each seeder's uplink capped with `tc tbf`.
 //! Root only. Nothing is configured outside the namespaces created here; a guard deletes them.
 
+use clap::ValueEnum;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -176,6 +177,13 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
                 .join(","),
         )
         .args(["--size-mib", &args.size_mib.to_string()])
+        .args([
+            "--wire-compression",
+            args.wire_compression
+                .to_possible_value()
+                .expect("a value")
+                .get_name(),
+        ])
         .arg("--state-dir")
         .arg(dir.join("leecher"))
         .arg("--inner-seeders")
