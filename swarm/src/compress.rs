@@ -108,13 +108,15 @@ pub fn encode_stored(
         }
     }
     let bases = plan.and_then(|p| p.bases(id)).map(<[ChunkId]>::to_vec);
+    // A base that can no longer be read (its release collected since the plan was made)
+    // means no delta, not a missing chunk: the chunk still goes, compressed or raw.
     let delta = match bases {
         Some(bases) if want.delta.is_some() => {
             let mut prefix = vec![];
-            for b in &bases {
-                prefix.extend_from_slice(&cs.read_chunk(b)?);
-            }
-            Some((bases, prefix))
+            let read = bases
+                .iter()
+                .try_for_each(|b| cs.read_chunk(b).map(|d| prefix.extend_from_slice(&d)));
+            read.ok().map(|()| (bases, prefix))
         }
         _ => None,
     };
@@ -272,6 +274,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, DecodeError::BadCompression { .. }), "{e}");
+    }
+
+    /// The older release the plan named was collected (Nix GC on the sender) before a chunk
+    /// went out: the chunk still goes, as zstd, never as missing.
+    #[test]
+    fn a_base_gone_since_the_plan_means_no_delta_not_no_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ChunkStore::open(dir.path(), peerix_chunkstore::Options::default()).unwrap();
+        let old_bytes = text(300_000, 5);
+        let mut new_bytes = old_bytes.clone();
+        new_bytes[100] ^= 1;
+        let old = cs
+            .ingest_nar(&old_bytes[..], None, None, &mut |_| {})
+            .unwrap();
+        let new = cs
+            .ingest_nar(&new_bytes[..], None, None, &mut |_| {})
+            .unwrap();
+        let plan = cs
+            .delta_plan(&new.nar_hash, &old.nar_hash)
+            .unwrap()
+            .unwrap();
+        let id = new.chunks[0].id;
+        assert!(plan.bases(&id).is_some());
+        let body = encode_stored(&cs, &id, &delta_want(), Some(&plan)).unwrap();
+        assert!(matches!(body, ChunkBody::Delta { .. }), "{body:?}");
+        assert!(cs.remove_manifest(&old.nar_hash).unwrap());
+        cs.gc(&mut |_| {}).unwrap();
+        let body = encode_stored(&cs, &id, &delta_want(), Some(&plan)).unwrap();
+        assert!(matches!(body, ChunkBody::Zstd { .. }), "{body:?}");
+        let got = decode(id, body, None).unwrap().unwrap();
+        assert_eq!(got.chunk.id(), &id);
     }
 
     #[test]

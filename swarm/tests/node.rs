@@ -1,5 +1,7 @@
 //! In-process nodes on 127.0.0.1, each with its own state directory.
 
+mod support;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
@@ -8,21 +10,10 @@ use libp2p::multiaddr::Protocol;
 use libp2p::pnet::PreSharedKey;
 use peerix_nix::StorePathHash;
 use peerix_swarm::node::{read_swarm_key, Discovery, Node, NodeConfig, NodeEvent};
-use peerix_swarm::{Multiaddr, PeerId};
 use tempfile::TempDir;
-use tokio::sync::broadcast::error::RecvError;
 
-/// A bound on every wait, so a broken test fails instead of hanging.
-const WAIT: Duration = Duration::from_secs(60);
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
+use support::init_tracing;
+use support::nodes::{find_provider, keys, tcp_addr, wait_connected, wait_event, WAIT};
 
 fn config(dir: &Path) -> NodeConfig {
     let mut c = NodeConfig::new(dir);
@@ -40,13 +31,6 @@ async fn start(dir: &TempDir, tweak: impl FnOnce(&mut NodeConfig)) -> Node {
     Node::start(c).await.expect("node starts")
 }
 
-fn tcp_addr(node: &Node) -> Multiaddr {
-    node.listen_addrs()
-        .into_iter()
-        .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
-        .expect("a TCP listen address")
-}
-
 fn tcp_port(node: &Node) -> u16 {
     tcp_addr(node)
         .iter()
@@ -55,68 +39,6 @@ fn tcp_port(node: &Node) -> u16 {
             _ => None,
         })
         .unwrap()
-}
-
-/// Waits until `node` reports `peer` connected; race-free because it subscribes before
-/// looking at the current state.
-async fn wait_connected(node: &Node, peer: PeerId) {
-    let mut events = node.events();
-    if node.connected_peers().await.contains(&peer) {
-        return;
-    }
-    wait_event(&mut events, |e| *e == NodeEvent::PeerConnected(peer))
-        .await
-        .unwrap_or_else(|| panic!("{} never connected to {peer}", node.peer_id()));
-}
-
-async fn wait_event(
-    events: &mut tokio::sync::broadcast::Receiver<NodeEvent>,
-    mut want: impl FnMut(&NodeEvent) -> bool,
-) -> Option<NodeEvent> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Ok(e)) if want(&e) => return Some(e),
-            Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => continue,
-            Ok(Err(RecvError::Closed)) | Err(_) => return None,
-        }
-    }
-}
-
-/// Keys that look random enough for the DHT (splitmix64).
-fn keys(n: usize, seed: u64) -> Vec<StorePathHash> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    (0..n)
-        .map(|_| {
-            let mut b = [0u8; 20];
-            b[..8].copy_from_slice(&next().to_le_bytes());
-            b[8..16].copy_from_slice(&next().to_le_bytes());
-            b[16..].copy_from_slice(&next().to_le_bytes()[..4]);
-            StorePathHash(b)
-        })
-        .collect()
-}
-
-/// Repeats a provider lookup until `want` shows up (announcements travel asynchronously).
-async fn find_provider(node: &Node, key: &StorePathHash, want: PeerId) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if node
-            .providers(key, Duration::from_secs(5))
-            .await
-            .contains(&want)
-        {
-            return true;
-        }
-    }
-    false
 }
 
 #[tokio::test]

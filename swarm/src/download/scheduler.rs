@@ -510,6 +510,13 @@ impl Scheduler {
         let p = r.peer;
         let peer_id = self.peers[p].id;
         match &e {
+            // Our copy of an older release went away (Nix collected it) while the peer sent
+            // deltas against it: no fault of the peer's. Offer no more bases; the run is asked
+            // for again as plain chunks.
+            TaskError::Client(ClientError::Base(_)) => {
+                warn!(error = %e, "delta bases no longer readable here; asking for plain chunks");
+                self.bases = None;
+            }
             TaskError::Client(ClientError::Busy { .. }) => {
                 let peer = &mut self.peers[p];
                 peer.busy_until = Some(Instant::now() + self.cfg.busy_backoff);

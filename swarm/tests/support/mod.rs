@@ -2,6 +2,8 @@
 //! behaviour, each with its own chunk store in a tempdir.
 #![allow(dead_code)]
 
+pub mod nodes;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
