@@ -11,7 +11,9 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt};
 use peerix_chunkstore::ChunkStore;
 use peerix_nix::upstream::UpstreamCache;
-use peerix_nix::{LocalStore, NarInfo, PathInfo, PublicKey, SecretKey, Sha256Hash, StorePathHash};
+use peerix_nix::{
+    LocalStore, NarInfo, PathInfo, PublicKey, SecretKey, Sha256Hash, StorePath, StorePathHash,
+};
 use peerix_swarm::Catalog;
 use tracing::{debug, info, warn};
 
@@ -426,17 +428,23 @@ impl Sharing {
         let valid: HashMap<StorePathHash, Sha256Hash> =
             infos.iter().map(|i| (i.path.hash(), i.nar_hash)).collect();
         let sources = self.store.blocking(|cs| cs.local_sources()).await?;
-        for (nar, path) in sources {
-            if valid.get(&path.hash()) == Some(&nar) {
-                continue;
-            }
-            match self.store.blocking(move |cs| cs.detach_local(&nar)).await {
-                Ok(d) => {
-                    rep.left_store += 1;
-                    debug!(%path, chunks = d.chunks, dropped = d.manifest_dropped, "path left the local store");
+        // All at once: chunks these shared with paths still in the store are handed over in
+        // one pass over the local NARs.
+        let gone: Vec<(Sha256Hash, StorePath)> = sources
+            .into_iter()
+            .filter(|(nar, path)| valid.get(&path.hash()) != Some(nar))
+            .collect();
+        if !gone.is_empty() {
+            let nars: Vec<Sha256Hash> = gone.iter().map(|(n, _)| *n).collect();
+            match self.store.blocking(move |cs| cs.detach_locals(&nars)).await {
+                Ok(ds) => {
+                    for ((_, path), d) in gone.iter().zip(ds) {
+                        rep.left_store += 1;
+                        debug!(%path, chunks = d.chunks, dropped = d.manifest_dropped, "path left the local store");
+                    }
                 }
                 Err(e) => {
-                    warn!(%path, error = %e, "cannot forget a path that left the local store")
+                    warn!(paths = gone.len(), error = %e, "cannot forget paths that left the local store")
                 }
             }
         }

@@ -509,3 +509,43 @@ fn packs_compress_only_what_shrinks_by_an_eighth() {
         }
     }
 }
+
+/// Two paths of the local store share chunks (a package and its next version); each shared
+/// chunk is read in place from one of them. When Nix collects that one, the other still
+/// produces its whole NAR at once (its copy of those chunks takes over), with nothing
+/// missing in between: a crash right after the collection leaves a clean store.
+#[test]
+fn a_collected_path_hands_its_shared_chunks_to_another_local_path() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let a = fake_store_path(&root, "pkg-1.0", 21, 2 << 20);
+    let b = fake_store_path(&root, "pkg-1.1", 22, 1);
+    let store = root.join("nix/store");
+    let real_b = store.join(b.base_name());
+    std::fs::remove_dir_all(&real_b).unwrap();
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(store.join(a.base_name()))
+        .arg(&real_b)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(real_b.join("zz-version"), b"1.1").unwrap();
+    let cs = open(&t.path().join("cs"), Some(&root));
+    let ma = cs.ingest_local(&a, None, &mut none).unwrap();
+    let mb = cs.ingest_local(&b, None, &mut none).unwrap();
+    let ids = |m: &Manifest| m.chunks.iter().map(|c| c.id).collect::<HashSet<_>>();
+    assert!(
+        ids(&ma).intersection(&ids(&mb)).count() > 2,
+        "the two versions share chunks"
+    );
+    let nar_b = read_all(&cs, &mb.nar_hash).unwrap();
+
+    std::fs::remove_dir_all(store.join(a.base_name())).unwrap();
+    cs.detach_local(&ma.nar_hash).unwrap();
+    assert!(cs.manifest(&ma.nar_hash).unwrap().is_none());
+    assert!(cs.missing(&mb).unwrap().is_empty(), "b lost chunks with a");
+    let r = cs.fsck(true).unwrap();
+    assert!(r.is_clean(), "{:?}", r.problems);
+    assert_eq!(read_all(&cs, &mb.nar_hash).unwrap(), nar_b);
+}

@@ -2,6 +2,7 @@
 //! Nix) are read in place from then on, so GC can release their pack copies; NARs whose path
 //! left it stop being claimed.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use peerix_nix::{Sha256Hash, StorePath};
@@ -9,8 +10,8 @@ use sled::transaction::{ConflictableTransactionError as TxError, Transactional};
 use tracing::debug;
 
 use super::{tx_err, ChunkStore};
-use crate::index::ChunkRec;
-use crate::{Error, Manifest, Result};
+use crate::index::{hash_key, ChunkRec};
+use crate::{ChunkId, Error, Manifest, Result};
 
 /// What [`ChunkStore::detach_local`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,54 +73,123 @@ impl ChunkStore {
         Ok(attached)
     }
 
-    /// The local path of `nar_hash` left the Nix store: its chunks lose their in-place
-    /// locations, and unless every chunk has a pack copy (which is the case for pinned NARs
-    /// only, since GC releases the others), its manifest goes too,
-    /// so it is neither served nor claimed; a request for it then goes to peers.
+    /// The local path of `nar_hash` left the Nix store (see
+    /// [`detach_locals`](Self::detach_locals)).
     pub fn detach_local(&self, nar_hash: &Sha256Hash) -> Result<Detached> {
-        let mut d = Detached::default();
+        Ok(self
+            .detach_locals(std::slice::from_ref(nar_hash))?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// The local paths of `nars` left the Nix store. Their chunks stop being read from them:
+    /// a chunk that another NAR read in place also holds (the next version of the same
+    /// package, say) is read from that one from now on, in the same transaction, so that NAR
+    /// never lacks a chunk, not even between here and the next scan or across a crash; other
+    /// chunks lose their in-place location. Unless every chunk of a NAR has a pack copy (which
+    /// is the case for pinned NARs only, since GC releases the others), its manifest goes too,
+    /// so it is neither served nor claimed; a request for it then goes to peers.
+    pub fn detach_locals(&self, nars: &[Sha256Hash]) -> Result<Vec<Detached>> {
+        let mut out = vec![Detached::default(); nars.len()];
+        let leaving: HashSet<Sha256Hash> = nars.iter().copied().collect();
         {
             let _gc = self.inner.gc.read().expect("gc lock");
             let i = &self.inner;
-            let m = self.manifest(nar_hash)?;
-            d.chunks = (&i.chunks, &i.local)
-                .transaction(|(chunks, local)| {
-                    let mut n = 0u64;
-                    if let Some(m) = &m {
-                        for c in &m.chunks {
+            let manifests = nars
+                .iter()
+                .map(|n| self.manifest(n))
+                .collect::<Result<Vec<_>>>()?;
+            let mut orphans = HashSet::new();
+            for m in manifests.iter().flatten() {
+                for c in &m.chunks {
+                    if self
+                        .chunk_rec(&c.id)?
+                        .is_some_and(|r| r.local.is_some_and(|(h, _)| leaving.contains(&h)))
+                    {
+                        orphans.insert(c.id);
+                    }
+                }
+            }
+            let homes = self.local_homes(&orphans, &leaving)?;
+            // One transaction per NAR keeps each small; a crash between two leaves chunks
+            // pointing into a collected path, which reads and fsck recognise as such.
+            for ((nar, m), d) in nars.iter().zip(&manifests).zip(&mut out) {
+                d.chunks = (&i.chunks, &i.local)
+                    .transaction(|(chunks, local)| {
+                        let mut n = 0u64;
+                        for c in m.iter().flat_map(|m| &m.chunks) {
                             let Some(v) = chunks.get(c.id.0)? else {
                                 continue;
                             };
                             let mut r = ChunkRec::decode(&v).map_err(TxError::Abort)?;
-                            if r.local.is_some_and(|(h, _)| h == *nar_hash) {
-                                r.local = None;
+                            if r.local.is_some_and(|(h, _)| h == *nar) {
+                                r.local = homes.get(&c.id).copied();
                                 chunks.insert(&c.id.0, r.encode())?;
                                 n += 1;
                             }
                         }
-                    }
-                    local.remove(&nar_hash.0)?;
-                    Ok(n)
-                })
-                .map_err(tx_err)?;
-            i.layouts.lock().expect("layout cache").pop(nar_hash);
+                        local.remove(&nar.0)?;
+                        Ok(n)
+                    })
+                    .map_err(tx_err)?;
+                i.layouts.lock().expect("layout cache").pop(nar);
+            }
         }
         // Kept only when every chunk has a pack copy (pinned NARs): a chunk still read in
         // place from another path would go when Nix collects that one too.
-        if let Some(m) = self.manifest(nar_hash)? {
-            let mut packed = true;
-            for c in &m.chunks {
-                if self.chunk_rec(&c.id)?.is_none_or(|r| r.pack.is_none()) {
-                    packed = false;
-                    break;
+        for (nar, d) in nars.iter().zip(&mut out) {
+            if let Some(m) = self.manifest(nar)? {
+                let mut packed = true;
+                for c in &m.chunks {
+                    if self.chunk_rec(&c.id)?.is_none_or(|r| r.pack.is_none()) {
+                        packed = false;
+                        break;
+                    }
                 }
-            }
-            if !packed {
-                d.manifest_dropped = self.remove_manifest(nar_hash)?;
+                if !packed {
+                    d.manifest_dropped = self.remove_manifest(nar)?;
+                }
             }
         }
         self.inner.db.flush()?;
-        Ok(d)
+        Ok(out)
+    }
+
+    /// For each of `ids`, a NAR read in place (none of `leaving`, its path still there) that
+    /// holds it, and the chunk's offset in that NAR. One pass over the local NARs' manifests.
+    fn local_homes(
+        &self,
+        ids: &HashSet<ChunkId>,
+        leaving: &HashSet<Sha256Hash>,
+    ) -> Result<HashMap<ChunkId, (Sha256Hash, u64)>> {
+        let mut homes = HashMap::new();
+        if ids.is_empty() {
+            return Ok(homes);
+        }
+        for k in self.inner.local.iter().keys() {
+            let nar = hash_key(&k?)?;
+            if leaving.contains(&nar) {
+                continue;
+            }
+            let Some(m) = self.manifest(&nar)? else {
+                continue;
+            };
+            let found: Vec<(ChunkId, u64)> = m
+                .offsets()
+                .filter(|(_, c)| ids.contains(&c.id) && !homes.contains_key(&c.id))
+                .map(|(off, c)| (c.id, off))
+                .collect();
+            if found.is_empty() || self.local_path_gone(&nar)? {
+                continue;
+            }
+            for (id, off) in found {
+                homes.entry(id).or_insert((nar, off));
+            }
+            if homes.len() == ids.len() {
+                break;
+            }
+        }
+        Ok(homes)
     }
 
     /// The manifest of a NAR the store can produce now. A NAR read in place whose store path
