@@ -512,8 +512,9 @@ fn packs_compress_only_what_shrinks_by_an_eighth() {
 
 /// Two paths of the local store share chunks (a package and its next version); each shared
 /// chunk is read in place from one of them. When Nix collects that one, the other still
-/// produces its whole NAR at once (its copy of those chunks takes over), with nothing
-/// missing in between: a crash right after the collection leaves a clean store.
+/// produces its whole NAR from its own files (they take over those chunks, on the first read
+/// that misses them, or when the scan detaches the collected path), with nothing missing in
+/// between: a crash at any point of this leaves a clean store.
 #[test]
 fn a_collected_path_hands_its_shared_chunks_to_another_local_path() {
     let t = tempfile::tempdir().unwrap();
@@ -542,6 +543,10 @@ fn a_collected_path_hands_its_shared_chunks_to_another_local_path() {
     let nar_b = read_all(&cs, &mb.nar_hash).unwrap();
 
     std::fs::remove_dir_all(store.join(a.base_name())).unwrap();
+    // Before the scan notices: b is still read in place whole, from its own files.
+    assert_eq!(read_all(&cs, &mb.nar_hash).unwrap(), nar_b);
+    let r = cs.fsck(true).unwrap();
+    assert!(r.is_clean(), "{:?}", r.problems);
     cs.detach_local(&ma.nar_hash).unwrap();
     assert!(cs.manifest(&ma.nar_hash).unwrap().is_none());
     assert!(cs.missing(&mb).unwrap().is_empty(), "b lost chunks with a");

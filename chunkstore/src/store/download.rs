@@ -152,6 +152,9 @@ impl ChunkStore {
         let m = match self.partial_manifest(nar_hash)? {
             Some(m) => m,
             None if self.manifest(nar_hash)?.is_some() => {
+                // Chunks fetched to finish a stored NAR whose read failed half-way are
+                // durable and indexed now, as a download's are.
+                self.drain_pending()?;
                 self.end_active(nar_hash);
                 return Ok(());
             }

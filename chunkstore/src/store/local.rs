@@ -157,7 +157,7 @@ impl ChunkStore {
 
     /// For each of `ids`, a NAR read in place (none of `leaving`, its path still there) that
     /// holds it, and the chunk's offset in that NAR. One pass over the local NARs' manifests.
-    fn local_homes(
+    pub(super) fn local_homes(
         &self,
         ids: &HashSet<ChunkId>,
         leaving: &HashSet<Sha256Hash>,

@@ -1,6 +1,7 @@
 //! Reads: one chunk (verified, from a pack or in place from the local Nix store), or a whole
 //! NAR (every chunk and the NarHash verified).
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,11 +80,38 @@ impl ChunkStore {
                     warn!(chunk = %id, error = %e, "chunk no longer readable from the local store");
                     why.push(e.to_string());
                     self.inner.layouts.lock().expect("layout cache").pop(&nar);
-                    self.drop_location(id, |r| {
-                        if r.local == Some((nar, off)) {
-                            r.local = None
+                    // Another local path that holds the chunk (the next version of the
+                    // same package, say) takes over at once, so a NAR that shares it goes on
+                    // being read in place.
+                    let home = self
+                        .local_homes(&HashSet::from([*id]), &HashSet::from([nar]))?
+                        .get(id)
+                        .copied();
+                    if let Some((h, o)) = home {
+                        self.drop_location(id, |r| {
+                            if r.local == Some((nar, off)) {
+                                r.local = Some((h, o))
+                            }
+                        })?;
+                        if let Ok(raw) = self.read_local(&h, o, rec.len).and_then(|d| verify(id, d))
+                        {
+                            return Ok(StoredChunk {
+                                raw,
+                                zstd: None,
+                                incompressible: false,
+                            });
                         }
-                    })?;
+                    } else if !self.local_path_gone(&nar)? {
+                        // The files changed in place: they keep no claim on the chunk, which
+                        // has no location until a download puts a copy. A path Nix collected
+                        // is the scan's to detach (which drops what needed the chunk); until
+                        // then reads and downloads see it as gone.
+                        self.drop_location(id, |r| {
+                            if r.local == Some((nar, off)) {
+                                r.local = None
+                            }
+                        })?;
+                    }
                 }
             }
         }
