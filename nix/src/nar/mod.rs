@@ -12,11 +12,13 @@
 mod error;
 mod layout;
 mod read;
+mod unpack;
 mod write;
 
 pub use error::NarError;
 pub use layout::{LocatedSegment, NarLayout, Segment};
-pub use read::{parse, unpack, validate, NarLimits, NarSink, NarStats};
+pub use read::{parse, validate, NarLimits, NarSink, NarStats};
+pub use unpack::unpack;
 pub use write::dump_path;
 
 /// The magic string every NAR starts with.

@@ -1,5 +1,6 @@
 use super::*;
-use crate::nar::dump_path;
+use crate::nar::{dump_path, unpack};
+use std::fs;
 use proptest::prelude::*;
 use std::os::unix::fs::{symlink, PermissionsExt};
 
