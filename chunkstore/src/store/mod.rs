@@ -339,6 +339,12 @@ impl ChunkStore {
     }
 }
 
+/// sled's page cache. Its default (1 GiB) lets a long-lived daemon's memory grow with every
+/// index page it ever touched; the index of a large store (chunk records of ~50 bytes,
+/// manifests of ~36 bytes per chunk) has its hot part in a few MiB, and the OS page cache
+/// holds the rest.
+const INDEX_CACHE: u64 = 16 << 20;
+
 /// sled holds an exclusive lock on its files. A handle dropped a moment ago may still hold it
 /// from sled's flusher thread, so a few short retries; a store that stays locked is in use by
 /// another process.
@@ -349,6 +355,7 @@ fn open_index(path: &Path) -> Result<sled::Db> {
         match sled::Config::new()
             .path(path)
             .mode(sled::Mode::LowSpace)
+            .cache_capacity(INDEX_CACHE)
             .open()
         {
             Err(sled::Error::Io(e))

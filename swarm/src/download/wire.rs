@@ -67,17 +67,33 @@ impl WireConfig {
 pub fn compression_speed() -> f64 {
     static SPEED: OnceLock<f64> = OnceLock::new();
     *SPEED.get_or_init(|| {
-        // The first 4 MiB only: a binary with debug info is hundreds of MiB.
-        let mut sample = Vec::with_capacity(4 << 20);
-        let read = std::fs::File::open("/proc/self/exe").and_then(|f| {
-            std::io::Read::read_to_end(&mut std::io::Read::take(f, 4 << 20), &mut sample)
-        });
-        if read.is_err() || sample.len() < 1 << 20 {
-            sample = vec![7; 1 << 20];
+        // The first 4 MiB only (a binary with debug info is hundreds of MiB), a chunk's worth
+        // at a time as chunks are compressed: no more than two pieces of memory for it.
+        const PIECE: usize = 256 << 10;
+        let mut input = vec![0u8; PIECE];
+        let mut output = vec![0u8; zstd::zstd_safe::compress_bound(PIECE)];
+        let mut file = std::fs::File::open("/proc/self/exe").ok();
+        let (mut bytes, mut took) = (0usize, std::time::Duration::ZERO);
+        let mut z = zstd::bulk::Compressor::new(compress::LEVEL).ok();
+        while bytes < 4 << 20 {
+            let n = match file.as_mut().map(|f| std::io::Read::read(f, &mut input)) {
+                Some(Ok(n)) if n > 0 => n,
+                _ if bytes >= 1 << 20 => break,
+                // Too little to measure: a fixed pattern in its place.
+                _ => {
+                    file = None;
+                    input.fill(7);
+                    PIECE
+                }
+            };
+            let t = Instant::now();
+            if let Some(z) = z.as_mut() {
+                let _ = z.compress_to_buffer(&input[..n], &mut output);
+            }
+            took += t.elapsed();
+            bytes += n;
         }
-        let t = Instant::now();
-        let _ = zstd::bulk::compress(&sample, compress::LEVEL);
-        let speed = sample.len() as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        let speed = bytes as f64 / took.as_secs_f64().max(1e-6);
         debug!(mib_per_s = speed / 1048576.0, "zstd speed measured");
         speed
     })

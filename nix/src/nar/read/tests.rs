@@ -1,7 +1,7 @@
 use super::*;
 use crate::nar::{dump_path, unpack};
-use std::fs;
 use proptest::prelude::*;
+use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 
 /// NAR bytes written token by token, so tests can build exactly the malformed input they need.
