@@ -16,7 +16,7 @@ use common::{http, noise, Daemon, Nix};
 use futures::{AsyncWriteExt, StreamExt};
 use peerix_chunkstore::{ChunkId, ChunkRef, ChunkStore, Manifest, Options};
 use peerix_nix::Sha256Hash;
-use peerix_swarm::protocol::{self, kind, Request};
+use peerix_swarm::protocol::{self, Kind, Request};
 use peerix_swarm::{Node, NodeConfig, PROTOCOL};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +113,7 @@ async fn answer<S: futures::AsyncWrite + Unpin>(
     match req {
         Request::Lookup(_) => {
             let (body, _) = protocol::encode_lookup_reply(std::slice::from_ref(&script.narinfo));
-            protocol::write_frame(s, kind::LOOKUP_REPLY, &body).await
+            protocol::write_frame(s, Kind::LookupReply, &body).await
         }
         Request::Manifest(h) => {
             let body = if h == script.nar_hash {
@@ -121,7 +121,7 @@ async fn answer<S: futures::AsyncWrite + Unpin>(
             } else {
                 vec![0]
             };
-            protocol::write_frame(s, kind::MANIFEST_REPLY, &body).await
+            protocol::write_frame(s, Kind::ManifestReply, &body).await
         }
         Request::Have { chunks, nars } => {
             // It claims everything.
@@ -129,7 +129,7 @@ async fn answer<S: futures::AsyncWrite + Unpin>(
                 chunks: vec![true; chunks.len()],
                 nars: vec![protocol::NarState::Complete; nars.len()],
             };
-            protocol::write_frame(s, kind::HAVE_REPLY, &protocol::encode_have_reply(&r)).await
+            protocol::write_frame(s, Kind::HaveReply, &protocol::encode_have_reply(&r)).await
         }
         Request::Chunks(protocol::ChunksRequest { ids, .. }) => {
             for id in ids {

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use peerix_chunkstore::MAX_CHUNK;
 use peerix_nix::{NarInfo, Sha256Hash};
 use peerix_swarm::compress;
-use peerix_swarm::protocol::{self, kind, max_body, read_frame, Frame, MAX_LOOKUP};
+use peerix_swarm::protocol::{self, read_frame, Frame, Kind, MAX_LOOKUP};
 
 fuzz_target!(|data: &[u8]| {
     // The first two bytes are what the requester asked: how many chunks and NARs in a Have.
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         let Ok(f) = futures::executor::block_on(read_frame(&mut r)) else {
             return;
         };
-        assert!(f.body.len() <= max_body(f.kind).expect("a known type"));
+        assert!(f.body.len() <= f.kind.max_body());
         check_reply(&f, n_chunks, n_nars);
     }
 });
@@ -32,7 +32,7 @@ fn check_reply(f: &Frame, n_chunks: usize, n_nars: usize) {
         let (body, n) = protocol::encode_lookup_reply(&rendered);
         assert_eq!(n, infos.len());
         let again = protocol::decode_lookup_reply(&Frame {
-            kind: kind::LOOKUP_REPLY,
+            kind: Kind::LookupReply,
             body,
         })
         .expect("an encoded lookup reply decodes");
@@ -57,7 +57,7 @@ fn check_reply(f: &Frame, n_chunks: usize, n_nars: usize) {
         assert_eq!((h.chunks.len(), h.nars.len()), (n_chunks, n_nars));
         let again = protocol::decode_have_reply(
             &Frame {
-                kind: kind::HAVE_REPLY,
+                kind: Kind::HaveReply,
                 body: protocol::encode_have_reply(&h),
             },
             n_chunks,

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use peerix_chunkstore::Manifest;
 use peerix_swarm::download::{download, DownloadConfig, DownloadReport};
-use peerix_swarm::protocol::{self, kind, Request};
+use peerix_swarm::protocol::{self, Kind, Request};
 use peerix_swarm::server::ServeLimits;
 use peerix_swarm::{ClientError, PROTOCOL};
 use support::*;
@@ -215,7 +215,7 @@ fn serve_paced(node: &mut Node, bytes_per_sec: f64) -> Arc<InFlight> {
                             nars: nars.iter().map(|_| protocol::NarState::None).collect(),
                         };
                         let body = protocol::encode_have_reply(&r);
-                        let _ = protocol::write_frame(&mut s, kind::HAVE_REPLY, &body).await;
+                        let _ = protocol::write_frame(&mut s, Kind::HaveReply, &body).await;
                     }
                     Request::Chunks(protocol::ChunksRequest { ids, .. }) => {
                         let _open = Open::new(&counts);

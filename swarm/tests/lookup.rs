@@ -398,7 +398,7 @@ impl TrustCheck for CountingTrust {
 /// A peer that answers every lookup with `copies` copies of one narinfo.
 async fn rogue_repeating(info: NarInfo, copies: usize) -> (Arc<Node>, TempDir) {
     use futures::{AsyncWriteExt, StreamExt};
-    use peerix_swarm::protocol::{self, kind, Request};
+    use peerix_swarm::protocol::{self, Kind, Request};
     let dir = tempfile::tempdir().unwrap();
     let mut c = NodeConfig::new(dir.path().join("node"));
     c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
@@ -416,7 +416,7 @@ async fn rogue_repeating(info: NarInfo, copies: usize) -> (Arc<Node>, TempDir) {
                 if let Ok(Request::Lookup(_)) = protocol::read_request(&mut s).await {
                     let (body, n) = protocol::encode_lookup_reply(&vec![text; copies]);
                     assert_eq!(n, copies);
-                    let _ = protocol::write_frame(&mut s, kind::LOOKUP_REPLY, &body).await;
+                    let _ = protocol::write_frame(&mut s, Kind::LookupReply, &body).await;
                 }
                 let _ = s.close().await;
             });

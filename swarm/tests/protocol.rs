@@ -5,7 +5,7 @@ mod support;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use peerix_chunkstore::{ChunkId, ChunkRef};
 use peerix_swarm::client::ClientError;
-use peerix_swarm::protocol::{kind, NarState, MAX_CHUNKS_PER_REQUEST};
+use peerix_swarm::protocol::{Kind, NarState, MAX_CHUNKS_PER_REQUEST};
 use peerix_swarm::server::{ServeLimits, ServerEvent};
 use peerix_swarm::PROTOCOL;
 use support::*;
@@ -163,7 +163,7 @@ async fn malformed_requests_are_counted_and_offenders_refused() {
 
     // A length prefix far beyond what a Chunks request can be.
     assert_eq!(
-        raw(&evil, &a, &[0x7f, 0xff, 0xff, 0xff, kind::CHUNKS]).await,
+        raw(&evil, &a, &[0x7f, 0xff, 0xff, 0xff, Kind::Chunks as u8]).await,
         0
     );
     next_offence(&mut events).await;
@@ -175,7 +175,7 @@ async fn malformed_requests_are_counted_and_offenders_refused() {
     body.extend_from_slice(&2000u16.to_be_bytes());
     body.extend(std::iter::repeat_n(0u8, 20 * 2000));
     let mut frame = ((body.len() + 1) as u32).to_be_bytes().to_vec();
-    frame.push(kind::LOOKUP);
+    frame.push(Kind::Lookup as u8);
     frame.extend_from_slice(&body);
     raw(&evil, &a, &frame).await;
     next_offence(&mut events).await;
@@ -249,7 +249,7 @@ async fn a_full_server_answers_busy() {
     .await
     .unwrap();
     let first = peerix_swarm::protocol::read_frame(&mut s).await.unwrap();
-    assert_eq!(first.kind, kind::CHUNK);
+    assert_eq!(first.kind, Kind::Chunk);
 
     let c = other.client();
     let items: Vec<_> = c.fetch_chunks(a.peer, vec![m.chunks[0]]).collect().await;

@@ -23,7 +23,7 @@ use futures::{AsyncWrite, AsyncWriteExt};
 use peerix_chunkstore::{ChunkId, MAX_CHUNK};
 use peerix_nix::Sha256Hash;
 
-use super::{check_count, expect, frame_header, kind, Cursor, Frame, ProtocolError};
+use super::{check_count, expect, frame_header, Cursor, Frame, Kind, ProtocolError};
 use super::{Request, MAX_CHUNKS_PER_REQUEST};
 
 /// Most older NARs a requester may offer as delta bases.
@@ -218,7 +218,7 @@ pub async fn write_chunk<W: AsyncWrite + Unpin>(
     body: &ChunkBody,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(5 + 33 + 1 + 32 * MAX_DELTA_BASES + 4);
-    head.extend_from_slice(&frame_header(kind::CHUNK, 32 + body.encoded_len()));
+    head.extend_from_slice(&frame_header(Kind::Chunk, 32 + body.encoded_len()));
     head.extend_from_slice(&id.0);
     let data = match body {
         ChunkBody::Raw(d) => {
@@ -258,7 +258,7 @@ pub async fn write_chunk<W: AsyncWrite + Unpin>(
 /// A decoded Chunk frame: the id and its body, neither verified nor decompressed. Stated raw
 /// lengths are bounded by the largest chunk.
 pub fn decode_chunk(f: Frame) -> Result<(ChunkId, ChunkBody), ProtocolError> {
-    expect(&f, kind::CHUNK, "a chunk")?;
+    expect(&f, Kind::Chunk, "a chunk")?;
     let mut c = Cursor(&f.body);
     let id = ChunkId(c.arr32("chunk record")?);
     let tag = c.u8("chunk record")?;
@@ -266,7 +266,7 @@ pub fn decode_chunk(f: Frame) -> Result<(ChunkId, ChunkBody), ProtocolError> {
         let n = c.u32("chunk record")?;
         if n > MAX_CHUNK {
             return Err(ProtocolError::TooLarge {
-                kind: kind::CHUNK,
+                kind: Kind::Chunk,
                 len: n,
                 max: MAX_CHUNK,
             });

@@ -52,33 +52,52 @@ pub use chunk::{
     MAX_DELTA_NARS,
 };
 
-/// Frame types.
-pub mod kind {
-    pub const LOOKUP: u8 = 0x01;
-    pub const MANIFEST: u8 = 0x02;
-    pub const HAVE: u8 = 0x03;
-    pub const CHUNKS: u8 = 0x04;
-    pub const LOOKUP_REPLY: u8 = 0x81;
-    pub const MANIFEST_REPLY: u8 = 0x82;
-    pub const HAVE_REPLY: u8 = 0x83;
-    pub const CHUNK: u8 = 0x84;
-    pub const REFUSED: u8 = 0xff;
+/// Frame types: requests below 0x80, replies above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Lookup = 0x01,
+    Manifest = 0x02,
+    Have = 0x03,
+    Chunks = 0x04,
+    LookupReply = 0x81,
+    ManifestReply = 0x82,
+    HaveReply = 0x83,
+    Chunk = 0x84,
+    Refused = 0xff,
 }
 
-/// The largest body a frame of this type may have; None for an unknown type.
-pub fn max_body(k: u8) -> Option<usize> {
-    Some(match k {
-        kind::LOOKUP => 2 + 20 * MAX_LOOKUP,
-        kind::MANIFEST => 32,
-        kind::HAVE => 4 + 32 * (MAX_HAVE_CHUNKS + MAX_HAVE_NARS),
-        kind::CHUNKS => 2 + 32 * MAX_CHUNKS_PER_REQUEST + Want::MAX_ENCODED,
-        kind::LOOKUP_REPLY => MAX_LOOKUP_REPLY,
-        kind::MANIFEST_REPLY => MAX_MANIFEST_REPLY,
-        kind::HAVE_REPLY => MAX_HAVE_CHUNKS.div_ceil(8) + MAX_HAVE_NARS,
-        kind::CHUNK => 32 + ChunkBody::MAX_ENCODED,
-        kind::REFUSED => 1,
-        _ => return None,
-    })
+impl Kind {
+    /// The frame type a byte names; None for an unknown one.
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        Some(match b {
+            0x01 => Kind::Lookup,
+            0x02 => Kind::Manifest,
+            0x03 => Kind::Have,
+            0x04 => Kind::Chunks,
+            0x81 => Kind::LookupReply,
+            0x82 => Kind::ManifestReply,
+            0x83 => Kind::HaveReply,
+            0x84 => Kind::Chunk,
+            0xff => Kind::Refused,
+            _ => return None,
+        })
+    }
+
+    /// The largest body a frame of this type may have.
+    pub fn max_body(self) -> usize {
+        match self {
+            Kind::Lookup => 2 + 20 * MAX_LOOKUP,
+            Kind::Manifest => 32,
+            Kind::Have => 4 + 32 * (MAX_HAVE_CHUNKS + MAX_HAVE_NARS),
+            Kind::Chunks => 2 + 32 * MAX_CHUNKS_PER_REQUEST + Want::MAX_ENCODED,
+            Kind::LookupReply => MAX_LOOKUP_REPLY,
+            Kind::ManifestReply => MAX_MANIFEST_REPLY,
+            Kind::HaveReply => MAX_HAVE_CHUNKS.div_ceil(8) + MAX_HAVE_NARS,
+            Kind::Chunk => 32 + ChunkBody::MAX_ENCODED,
+            Kind::Refused => 1,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -89,10 +108,10 @@ pub enum ProtocolError {
     Eof,
     #[error("unknown frame type {0:#04x}")]
     UnknownType(u8),
-    #[error("frame type {got:#04x} where {expected} was expected")]
-    UnexpectedType { expected: &'static str, got: u8 },
-    #[error("frame of type {kind:#04x} claims {len} bytes, more than the {max} allowed")]
-    TooLarge { kind: u8, len: usize, max: usize },
+    #[error("a {got:?} frame where {expected} was expected")]
+    UnexpectedType { expected: &'static str, got: Kind },
+    #[error("a {kind:?} frame claims {len} bytes, more than the {max} allowed")]
+    TooLarge { kind: Kind, len: usize, max: usize },
     #[error("{what}: {n} is more than the {max} allowed")]
     TooMany {
         what: &'static str,
@@ -118,7 +137,7 @@ impl ProtocolError {
 /// A raw frame: its type and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
-    pub kind: u8,
+    pub kind: Kind,
     pub body: Vec<u8>,
 }
 
@@ -139,8 +158,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
         got += n;
     }
     let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-    let k = head[4];
-    let max = max_body(k).ok_or(ProtocolError::UnknownType(k))?;
+    let k = Kind::from_byte(head[4]).ok_or(ProtocolError::UnknownType(head[4]))?;
+    let max = k.max_body();
     if len == 0 {
         return Err(ProtocolError::Malformed("frame without a type"));
     }
@@ -160,17 +179,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
 /// Write one frame (the caller flushes).
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
-    k: u8,
+    k: Kind,
     body: &[u8],
 ) -> std::io::Result<()> {
     w.write_all(&frame_header(k, body.len())).await?;
     w.write_all(body).await
 }
 
-pub(crate) fn frame_header(k: u8, body_len: usize) -> [u8; 5] {
+pub(crate) fn frame_header(k: Kind, body_len: usize) -> [u8; 5] {
     let mut h = [0u8; 5];
     h[..4].copy_from_slice(&(body_len as u32 + 1).to_be_bytes());
-    h[4] = k;
+    h[4] = k as u8;
     h
 }
 
@@ -252,7 +271,7 @@ impl<'a> Cursor<'a> {
 
 impl Request {
     /// The frame type and body.
-    pub fn encode(&self) -> (u8, Vec<u8>) {
+    pub fn encode(&self) -> (Kind, Vec<u8>) {
         let mut b = vec![];
         let k = match self {
             Request::Lookup(hs) => {
@@ -260,11 +279,11 @@ impl Request {
                 for h in hs {
                     b.extend_from_slice(&h.0);
                 }
-                kind::LOOKUP
+                Kind::Lookup
             }
             Request::Manifest(h) => {
                 b.extend_from_slice(&h.0);
-                kind::MANIFEST
+                Kind::Manifest
             }
             Request::Have { chunks, nars } => {
                 b.extend_from_slice(&(chunks.len() as u16).to_be_bytes());
@@ -275,11 +294,11 @@ impl Request {
                 for n in nars {
                     b.extend_from_slice(&n.0);
                 }
-                kind::HAVE
+                Kind::Have
             }
             Request::Chunks(r) => {
                 r.encode(&mut b);
-                kind::CHUNKS
+                Kind::Chunks
             }
         };
         (k, b)
@@ -301,7 +320,7 @@ impl Request {
     pub fn decode(f: &Frame) -> Result<Self, ProtocolError> {
         let mut c = Cursor(&f.body);
         let req = match f.kind {
-            kind::LOOKUP => {
+            Kind::Lookup => {
                 let n = c.u16("lookup")?;
                 check_count("lookup hashes", n, MAX_LOOKUP)?;
                 let mut hs = Vec::with_capacity(n);
@@ -310,8 +329,8 @@ impl Request {
                 }
                 Request::Lookup(hs)
             }
-            kind::MANIFEST => Request::Manifest(Sha256Hash(c.arr32("manifest request")?)),
-            kind::HAVE => {
+            Kind::Manifest => Request::Manifest(Sha256Hash(c.arr32("manifest request")?)),
+            Kind::Have => {
                 let nc = c.u16("have")?;
                 let nn = c.u16("have")?;
                 check_count("have chunks", nc, MAX_HAVE_CHUNKS)?;
@@ -326,7 +345,7 @@ impl Request {
                 }
                 Request::Have { chunks, nars }
             }
-            kind::CHUNKS => Request::Chunks(ChunksRequest::decode(&mut c)?),
+            Kind::Chunks => Request::Chunks(ChunksRequest::decode(&mut c)?),
             k => {
                 return Err(ProtocolError::UnexpectedType {
                     expected: "a request",
@@ -374,7 +393,7 @@ pub fn encode_lookup_reply(found: &[String]) -> (Vec<u8>, usize) {
 }
 
 pub fn decode_lookup_reply(f: &Frame) -> Result<Vec<NarInfo>, ProtocolError> {
-    expect(f, kind::LOOKUP_REPLY, "a lookup reply")?;
+    expect(f, Kind::LookupReply, "a lookup reply")?;
     let mut c = Cursor(&f.body);
     let n = c.u16("lookup reply")?;
     check_count("narinfos", n, MAX_LOOKUP)?;
@@ -416,7 +435,7 @@ pub fn decode_manifest_reply(
     f: &Frame,
     nar_hash: &Sha256Hash,
 ) -> Result<Option<Manifest>, ProtocolError> {
-    expect(f, kind::MANIFEST_REPLY, "a manifest reply")?;
+    expect(f, Kind::ManifestReply, "a manifest reply")?;
     let mut c = Cursor(&f.body);
     match c.u8("manifest reply")? {
         0 => {
@@ -453,7 +472,7 @@ pub fn decode_have_reply(
     n_chunks: usize,
     n_nars: usize,
 ) -> Result<HaveReply, ProtocolError> {
-    expect(f, kind::HAVE_REPLY, "a have reply")?;
+    expect(f, Kind::HaveReply, "a have reply")?;
     let bitmap = n_chunks.div_ceil(8);
     if f.body.len() != bitmap + n_nars {
         return Err(ProtocolError::Malformed("have reply length"));
@@ -474,13 +493,13 @@ pub fn decode_have_reply(
 }
 
 pub async fn write_refused<W: AsyncWrite + Unpin>(w: &mut W, why: Refusal) -> std::io::Result<()> {
-    write_frame(w, kind::REFUSED, &[why as u8]).await?;
+    write_frame(w, Kind::Refused, &[why as u8]).await?;
     w.flush().await
 }
 
 /// The refusal a frame carries, if it is one.
 pub fn refusal(f: &Frame) -> Option<Refusal> {
-    if f.kind != kind::REFUSED {
+    if f.kind != Kind::Refused {
         return None;
     }
     Some(match f.body.first() {
@@ -489,7 +508,7 @@ pub fn refusal(f: &Frame) -> Option<Refusal> {
     })
 }
 
-pub(crate) fn expect(f: &Frame, k: u8, what: &'static str) -> Result<(), ProtocolError> {
+pub(crate) fn expect(f: &Frame, k: Kind, what: &'static str) -> Result<(), ProtocolError> {
     if f.kind != k {
         return Err(ProtocolError::UnexpectedType {
             expected: what,

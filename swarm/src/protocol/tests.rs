@@ -46,7 +46,7 @@ async fn requests_round_trip() {
 #[tokio::test]
 async fn bounds_are_checked_before_allocation() {
     // Claims 4 GiB: refused from the header alone.
-    let e = read(&[0xff, 0xff, 0xff, 0xff, kind::CHUNKS])
+    let e = read(&[0xff, 0xff, 0xff, 0xff, Kind::Chunks as u8])
         .await
         .unwrap_err();
     assert!(matches!(e, ProtocolError::TooLarge { .. }), "{e}");
@@ -73,7 +73,7 @@ fn replies_round_trip() {
         nars: vec![NarState::Partial, NarState::None, NarState::Complete],
     };
     let f = Frame {
-        kind: kind::HAVE_REPLY,
+        kind: Kind::HaveReply,
         body: encode_have_reply(&r),
     };
     assert_eq!(decode_have_reply(&f, 9, 3).unwrap(), r);

@@ -18,8 +18,8 @@ use crate::delta::DeltaPlans;
 use crate::peer_tables::PeerTables;
 pub use crate::peer_tables::TrackedPeers;
 use crate::protocol::{
-    self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, kind, write_frame,
-    write_refused, HaveReply, NarState, Refusal, Request,
+    self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, write_frame,
+    write_refused, HaveReply, Kind, NarState, Refusal, Request,
 };
 use crate::PROTOCOL;
 
@@ -474,7 +474,7 @@ impl Server {
                 .await
                 .map_err(|e| AnswerError::Store(e.to_string()))?;
                 let (body, _) = encode_lookup_reply(&found);
-                timed(wt, write_frame(s, kind::LOOKUP_REPLY, &body)).await?;
+                timed(wt, write_frame(s, Kind::LookupReply, &body)).await?;
             }
             Request::Manifest(h) => {
                 let catalog = self.catalog.clone();
@@ -493,7 +493,7 @@ impl Server {
                     warn!(nar = %h, "manifest too large to serve");
                     vec![0]
                 });
-                timed(wt, write_frame(s, kind::MANIFEST_REPLY, &body)).await?;
+                timed(wt, write_frame(s, Kind::ManifestReply, &body)).await?;
                 if m.is_some() {
                     let _ = self
                         .shared
@@ -524,7 +524,7 @@ impl Server {
                     .map_err(|e| AnswerError::Store(e.to_string()))?;
                 timed(
                     wt,
-                    write_frame(s, kind::HAVE_REPLY, &encode_have_reply(&reply)),
+                    write_frame(s, Kind::HaveReply, &encode_have_reply(&reply)),
                 )
                 .await?;
             }

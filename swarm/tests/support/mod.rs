@@ -15,7 +15,7 @@ use libp2p::{noise, tcp, yamux, Multiaddr, PeerId};
 use peerix_chunkstore::{ChunkStore, ChunkerParams, Manifest, Options};
 use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
 use peerix_swarm::client::Client;
-use peerix_swarm::protocol::{self, kind, Request};
+use peerix_swarm::protocol::{self, Kind, Request};
 use peerix_swarm::server::{Catalog, ServeLimits, Server, ServerHandle};
 use peerix_swarm::PROTOCOL;
 use tokio::sync::{mpsc, oneshot};
@@ -249,7 +249,7 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                             Rogue::Corrupt | Rogue::Stall => store.manifest(&h).unwrap(),
                         };
                         let body = protocol::encode_manifest_reply(m.as_ref()).unwrap();
-                        protocol::write_frame(&mut s, kind::MANIFEST_REPLY, &body)
+                        protocol::write_frame(&mut s, Kind::ManifestReply, &body)
                             .await
                             .unwrap();
                     }
@@ -259,7 +259,7 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                             nars: vec![],
                         };
                         let body = protocol::encode_have_reply(&r);
-                        let _ = protocol::write_frame(&mut s, kind::HAVE_REPLY, &body).await;
+                        let _ = protocol::write_frame(&mut s, Kind::HaveReply, &body).await;
                     }
                     Request::Chunks(_) if matches!(mode, Rogue::Stall) => {
                         // Holds the stream open, silent, until the test ends.
@@ -278,7 +278,7 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                     }
                     Request::Lookup(_) => {
                         let (body, _) = protocol::encode_lookup_reply(&[]);
-                        let _ = protocol::write_frame(&mut s, kind::LOOKUP_REPLY, &body).await;
+                        let _ = protocol::write_frame(&mut s, Kind::LookupReply, &body).await;
                     }
                 }
                 let _ = s.close().await;
