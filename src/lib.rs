@@ -3,11 +3,11 @@
 
 pub mod admin;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod dashboard;
 pub mod http;
 pub mod seed;
-pub mod seed_cmd;
 pub mod serve;
 pub mod share;
 pub mod trust;

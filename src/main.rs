@@ -1,13 +1,8 @@
 //! The `peerix` binary.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use peerix_nix::{LocalStore, NarInfo, SecretKey, StorePath};
-
-mod store;
+use peerix::cli;
 
 #[derive(Parser)]
 #[command(
@@ -23,25 +18,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate a binary-cache signing key pair, as `nix-store --generate-binary-cache-key`.
-    Keygen {
-        /// Key name, conventionally `HOSTNAME-1`; it prefixes every signature.
-        name: String,
-        /// Where to write the secret key (created with mode 0600; must not exist).
-        secret_file: PathBuf,
-        /// Where to write the public key, for Nix's `trusted-public-keys`.
-        public_file: PathBuf,
-    },
+    Keygen(cli::keygen::KeygenArgs),
     /// NAR (Nix ARchive) tools.
     Nar {
         #[command(subcommand)]
-        command: NarCommand,
+        command: cli::nar::NarCommand,
     },
     /// The chunk store: operators' tools.
     Store {
         #[command(flatten)]
-        args: StoreArgs,
+        args: cli::store::StoreArgs,
         #[command(subcommand)]
-        command: StoreCommand,
+        command: cli::store::StoreCommand,
     },
     /// Run the daemon: a Nix substituter on HTTP, backed by the local store and the peers.
     Serve {
@@ -50,20 +38,11 @@ enum Command {
     },
     /// Pin closures so this machine keeps serving them to its peers, even after they leave
     /// the local Nix store; the running daemon announces them at once.
-    Seed {
-        #[command(flatten)]
-        args: peerix::seed_cmd::SeedArgs,
-    },
+    Seed(cli::seed::SeedArgs),
     /// Remove seeds: their paths are unpinned and the space they took is given back.
-    Unseed {
-        #[command(flatten)]
-        args: peerix::seed_cmd::UnseedArgs,
-    },
+    Unseed(cli::unseed::UnseedArgs),
     /// The daemon's peers, the seeds with their sizes, what is shared, and the chunk store.
-    Status {
-        #[command(flatten)]
-        args: peerix::seed_cmd::StatusArgs,
-    },
+    Status(cli::status::StatusArgs),
     /// Measure multi-peer download throughput against N seeders (self-contained).
     Bench {
         #[command(flatten)]
@@ -76,60 +55,7 @@ enum Command {
         args: peerix::bench::netns::NodeArgs,
     },
     /// Print the narinfo peerix would serve for a path in the local store.
-    Narinfo {
-        /// A store path (`/nix/store/<hash>-<name>`, or a path inside one).
-        store_path: String,
-        /// Root of the local Nix store: `/`, or a chroot store's root as in `nix --store ROOT`.
-        #[arg(long, default_value = "/")]
-        store: PathBuf,
-        /// Sign the narinfo with this Nix secret key file.
-        #[arg(long, value_name = "SECRET_FILE")]
-        sign: Option<PathBuf>,
-    },
-}
-
-use peerix::config::DEFAULT_STATE_DIR;
-
-#[derive(Subcommand)]
-enum StoreCommand {
-    /// Chunk a NAR file, or index a valid local store path in place.
-    Ingest {
-        /// A NAR file, or a store path (`/nix/store/…`) valid in the local store.
-        source: String,
-    },
-    /// Write a stored NAR to stdout, every chunk and the NarHash verified.
-    Cat {
-        /// NarHash (`sha256:…` in any of Nix's encodings).
-        nar_hash: String,
-    },
-    /// Sizes, chunk counts and deduplication of the chunk store.
-    Stats,
-    /// Check the index against the data; exits 1 on any problem.
-    Fsck {
-        /// Also read and hash every chunk.
-        #[arg(long)]
-        verify: bool,
-    },
-    /// Delete unused chunks and reclaim pack space.
-    Gc,
-    /// Forget a stored NAR (GC then reclaims its chunks unless others use them).
-    Rm { nar_hash: String },
-}
-
-#[derive(clap::Args)]
-struct StoreArgs {
-    /// peerix's state directory (the chunk store is in its `chunks/`).
-    #[arg(long, default_value = DEFAULT_STATE_DIR, global = true)]
-    state_dir: PathBuf,
-    /// Root of the local Nix store: `/`, or a chroot store's root.
-    #[arg(long, default_value = "/", global = true)]
-    store: PathBuf,
-}
-
-#[derive(Subcommand)]
-enum NarCommand {
-    /// Write the NAR of PATH to stdout, byte-for-byte as `nix-store --dump PATH`.
-    Dump { path: PathBuf },
+    Narinfo(cli::narinfo::NarinfoArgs),
 }
 
 fn main() -> Result<()> {
@@ -154,24 +80,14 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Bench { args } => peerix::bench::run(args),
         Command::BenchNode { args } => peerix::bench::netns::node(args),
-        Command::Keygen {
-            name,
-            secret_file,
-            public_file,
-        } => keygen(&name, &secret_file, &public_file),
-        Command::Nar {
-            command: NarCommand::Dump { path },
-        } => nar_dump(&path),
-        Command::Narinfo {
-            store_path,
-            store,
-            sign,
-        } => narinfo(&store_path, &store, sign.as_deref()),
-        Command::Store { args, command } => store::run(&args.state_dir, &args.store, command),
+        Command::Keygen(args) => cli::keygen::run(&args),
+        Command::Nar { command } => cli::nar::run(&command),
+        Command::Narinfo(args) => cli::narinfo::run(&args),
+        Command::Store { args, command } => cli::store::run(&args, command),
         Command::Serve { args } => serve(*args),
-        Command::Seed { args } => block_on(peerix::seed_cmd::seed(args)),
-        Command::Unseed { args } => block_on(peerix::seed_cmd::unseed(args)),
-        Command::Status { args } => block_on(peerix::seed_cmd::status(args)),
+        Command::Seed(args) => block_on(cli::seed::run(args)),
+        Command::Unseed(args) => block_on(cli::unseed::run(args)),
+        Command::Status(args) => block_on(cli::status::run(args)),
     }
 }
 
@@ -219,57 +135,4 @@ fn tune_malloc() {
         set("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2);
         set("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 128 << 10);
     }
-}
-
-fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let key = SecretKey::generate(name).context("generating the key")?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(secret_file)
-        .with_context(|| format!("creating {}", secret_file.display()))?;
-    f.write_all(key.to_string().as_bytes())
-        .with_context(|| format!("writing {}", secret_file.display()))?;
-    std::fs::write(public_file, key.public_key().to_string())
-        .with_context(|| format!("writing {}", public_file.display()))?;
-    Ok(())
-}
-
-fn nar_dump(path: &Path) -> Result<()> {
-    let stdout = std::io::stdout();
-    // A large buffer: the NAR is written in big slices of file contents.
-    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
-    peerix_nix::nar::dump_path(path, &mut out)
-        .with_context(|| format!("dumping {}", path.display()))?;
-    out.flush().context("writing to stdout")?;
-    Ok(())
-}
-
-fn narinfo(store_path: &str, root: &Path, sign: Option<&Path>) -> Result<()> {
-    let path = StorePath::from_path_prefix(store_path)
-        .with_context(|| format!("{store_path} is not a store path"))?;
-    let key = sign
-        .map(|f| -> Result<SecretKey> {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("reading secret key {}", f.display()))?;
-            text.parse()
-                .with_context(|| format!("secret key {}", f.display()))
-        })
-        .transpose()?;
-    let store = LocalStore::open(root)
-        .with_context(|| format!("opening the Nix store at {}", root.display()))?;
-    let Some(info) = store
-        .query_path_info(&path)
-        .with_context(|| format!("querying {path}"))?
-    else {
-        bail!("{path} is not valid in the store at {}", root.display());
-    };
-    let mut ni = NarInfo::for_uncompressed(&info);
-    if let Some(key) = &key {
-        ni.sign(key);
-    }
-    print!("{}", ni.render());
-    Ok(())
 }

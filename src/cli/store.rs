@@ -1,13 +1,49 @@
 //! `peerix store …`: the chunk store seen and handled by an operator.
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use peerix_chunkstore::Progress;
 use peerix_nix::{LocalStore, Sha256Hash, StorePath};
 
-use crate::StoreCommand;
+use crate::config::DEFAULT_STATE_DIR;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Chunk a NAR file, or index a valid local store path in place.
+    Ingest {
+        /// A NAR file, or a store path (`/nix/store/…`) valid in the local store.
+        source: String,
+    },
+    /// Write a stored NAR to stdout, every chunk and the NarHash verified.
+    Cat {
+        /// NarHash (`sha256:…` in any of Nix's encodings).
+        nar_hash: String,
+    },
+    /// Sizes, chunk counts and deduplication of the chunk store.
+    Stats,
+    /// Check the index against the data; exits 1 on any problem.
+    Fsck {
+        /// Also read and hash every chunk.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Delete unused chunks and reclaim pack space.
+    Gc,
+    /// Forget a stored NAR (GC then reclaims its chunks unless others use them).
+    Rm { nar_hash: String },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// peerix's state directory (the chunk store is in its `chunks/`).
+    #[arg(long, default_value = DEFAULT_STATE_DIR, global = true)]
+    pub state_dir: PathBuf,
+    /// Root of the local Nix store: `/`, or a chroot store's root.
+    #[arg(long, default_value = "/", global = true)]
+    pub store: PathBuf,
+}
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
@@ -31,8 +67,9 @@ fn progress_lines(what: &str) -> impl FnMut(&Progress) + '_ {
     }
 }
 
-pub fn run(state_dir: &Path, store_root: &Path, cmd: StoreCommand) -> Result<()> {
-    let cs = peerix::serve::open_chunk_store(state_dir, store_root)?;
+pub fn run(args: &StoreArgs, cmd: StoreCommand) -> Result<()> {
+    let (state_dir, store_root) = (args.state_dir.as_path(), args.store.as_path());
+    let cs = crate::serve::open_chunk_store(state_dir, store_root)?;
     match cmd {
         StoreCommand::Ingest { source } => {
             let m = if source.starts_with(peerix_nix::STORE_DIR) {
