@@ -51,9 +51,9 @@ pub enum Error {
     #[error("no local Nix store is configured")]
     NoLocalStore,
     #[error("chunking: {0}")]
-    Chunking(String),
+    Chunking(#[source] fastcdc::v2020::Error),
     #[error("the blocking task failed: {0}")]
-    Join(String),
+    Join(#[source] tokio::task::JoinError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -133,7 +133,7 @@ impl ChunkStore {
         let ChunkerParams { min, avg, max } = self.inner.params;
         let cdc = fastcdc::v2020::StreamCDC::new(&mut hr, min as usize, avg as usize, max as usize);
         for c in cdc {
-            let c = c.map_err(|e| Error::Chunking(e.to_string()))?;
+            let c = c.map_err(Error::Chunking)?;
             let id = ChunkId::of(&c.data);
             chunks.push(ChunkRef {
                 id,

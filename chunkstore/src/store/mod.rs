@@ -202,7 +202,7 @@ impl ChunkStore {
         let me = self.clone();
         tokio::task::spawn_blocking(move || f(&me))
             .await
-            .map_err(|e| Error::Join(e.to_string()))?
+            .map_err(Error::Join)?
     }
 
     /// Make everything committed or put so far durable.

@@ -121,9 +121,9 @@ pub enum ProtocolError {
     #[error("malformed {0}")]
     Malformed(&'static str),
     #[error("bad narinfo: {0}")]
-    BadNarInfo(String),
+    BadNarInfo(#[source] Box<peerix_nix::narinfo::NarInfoError>),
     #[error("bad manifest: {0}")]
-    BadManifest(String),
+    BadManifest(#[source] Box<peerix_chunkstore::Error>),
 }
 
 impl ProtocolError {
@@ -408,7 +408,7 @@ pub fn decode_lookup_reply(f: &Frame) -> Result<Vec<NarInfo>, ProtocolError> {
             });
         }
         let text = c.take(len, "lookup reply")?;
-        out.push(NarInfo::parse_bytes(text).map_err(|e| ProtocolError::BadNarInfo(e.to_string()))?);
+        out.push(NarInfo::parse_bytes(text).map_err(|e| ProtocolError::BadNarInfo(Box::new(e)))?);
     }
     c.end("lookup reply (trailing bytes)")?;
     Ok(out)
@@ -448,7 +448,7 @@ pub fn decode_manifest_reply(
                 return Err(ProtocolError::Malformed("manifest reply for another NAR"));
             }
             let m =
-                Manifest::decode(h, c.0).map_err(|e| ProtocolError::BadManifest(e.to_string()))?;
+                Manifest::decode(h, c.0).map_err(|e| ProtocolError::BadManifest(Box::new(e)))?;
             Ok(Some(m))
         }
         _ => Err(ProtocolError::Malformed("manifest reply flag")),
