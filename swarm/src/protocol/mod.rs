@@ -68,20 +68,21 @@ pub enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 9] = [
+        Kind::Lookup,
+        Kind::Manifest,
+        Kind::Have,
+        Kind::Chunks,
+        Kind::LookupReply,
+        Kind::ManifestReply,
+        Kind::HaveReply,
+        Kind::Chunk,
+        Kind::Refused,
+    ];
+
     /// The frame type a byte names; None for an unknown one.
     pub fn from_byte(b: u8) -> Option<Kind> {
-        Some(match b {
-            0x01 => Kind::Lookup,
-            0x02 => Kind::Manifest,
-            0x03 => Kind::Have,
-            0x04 => Kind::Chunks,
-            0x81 => Kind::LookupReply,
-            0x82 => Kind::ManifestReply,
-            0x83 => Kind::HaveReply,
-            0x84 => Kind::Chunk,
-            0xff => Kind::Refused,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|k| *k as u8 == b)
     }
 
     /// The largest body a frame of this type may have.
