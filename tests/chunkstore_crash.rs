@@ -305,3 +305,106 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     assert!(v == bytes);
     assert!(cs.fsck(true).unwrap().is_clean());
 }
+
+/// The child half of the finish test: index a store path in place, find one of its files
+/// changed on disk, put the right bytes of what no longer reads (as the peers' fetch does when
+/// a stored NAR fails half-way), finish, and wait to be killed.
+fn finish_child(state: &Path, root: &Path, base: &str, nar: &Path) {
+    let opts = Options {
+        store_root: Some(root.to_owned()),
+        ..Options::default()
+    };
+    let cs = ChunkStore::open(&state.join("chunks"), opts).unwrap();
+    let sp = peerix_nix::StorePath::from_base_name(base).unwrap();
+    let m = cs.ingest_local(&sp, None, &mut |_| {}).unwrap();
+    let blob = root.join("nix/store").join(base).join("blob");
+    let mut changed = std::fs::read(&blob).unwrap();
+    changed[1 << 20] ^= 0xff;
+    std::fs::write(&blob, changed).unwrap();
+    assert!(cs
+        .nar_reader(&m.nar_hash)
+        .and_then(|mut r| {
+            std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| peerix_chunkstore::Error::Io {
+                path: "reading".into(),
+                source: e,
+            })
+        })
+        .is_err());
+    let bytes = std::fs::read(nar).unwrap();
+    for (off, c) in m.offsets() {
+        if !cs.has_chunk(&c.id).unwrap() {
+            let off = off as usize;
+            cs.put_chunk(&c.id, &bytes[off..off + c.len as usize])
+                .unwrap();
+        }
+    }
+    cs.finish_download(&m.nar_hash, None).unwrap();
+    println!("finished");
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A NAR read in place whose file changed on disk is finished from peers: the chunks fetched
+/// for it survive a SIGKILL right after, and the store reads the NAR back whole.
+#[test]
+fn sigkill_after_a_stored_nar_is_finished_from_peers_keeps_the_fetched_chunks() {
+    let vars = ["STATE", "ROOT", "BASE", "NAR"]
+        .map(|v| std::env::var_os(format!("PEERIX_CRASH_FINISH_{v}")));
+    if let [Some(state), Some(root), Some(base), Some(nar)] = &vars {
+        finish_child(
+            Path::new(state),
+            Path::new(root),
+            base.to_str().unwrap(),
+            Path::new(nar),
+        );
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (state, root) = (t.path().join("state"), t.path().join("root"));
+    let base = "0a0b0c0d0f0g0h0i0j0k0l0m0n0p0q0r-pkg-1.0";
+    let tree = root.join("nix/store").join(base);
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("blob"), data(7, 3 << 20)).unwrap();
+    let mut nar = vec![];
+    peerix_nix::nar::dump_path(&tree, &mut nar).unwrap();
+    let nar_file = t.path().join("pkg.nar");
+    std::fs::write(&nar_file, &nar).unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sigkill_after_a_stored_nar_is_finished_from_peers_keeps_the_fetched_chunks",
+            "--nocapture",
+        ])
+        .env("PEERIX_CRASH_FINISH_STATE", &state)
+        .env("PEERIX_CRASH_FINISH_ROOT", &root)
+        .env("PEERIX_CRASH_FINISH_BASE", base)
+        .env("PEERIX_CRASH_FINISH_NAR", &nar_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        kill_after(child, "finished", 1),
+        "the child ended by itself"
+    );
+    let opts = Options {
+        store_root: Some(root.clone()),
+        ..Options::default()
+    };
+    let cs = ChunkStore::open(&state.join("chunks"), opts).unwrap();
+    let hash = Sha256Hash::digest(&nar);
+    let m = cs.manifest(&hash).unwrap().expect("the NAR is still held");
+    assert!(
+        cs.missing(&m).unwrap().is_empty(),
+        "fetched chunks were lost"
+    );
+    let mut back = vec![];
+    cs.nar_reader(&hash)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(back == nar, "the NAR does not read back whole");
+    let r = cs.fsck(true).unwrap();
+    assert!(r.is_clean(), "{:?}", r.problems);
+}
