@@ -31,6 +31,10 @@ pub(crate) enum Event {
     /// Everything up to `upto` is durable and the index is about to point into it. A hook's
     /// error here stops the operation between the two steps, as a crash would.
     Durable { upto: Mark },
+    /// A batch of a change too big for one transaction (see `store/journal.rs`) is in the
+    /// index, `done` distinct chunks so far. A hook's error here stops the change, undone, as
+    /// a crash would.
+    Batch { done: usize },
 }
 
 /// Test-only fault injection: a hook sees every [`Event`] and may fail it. Outside tests this

@@ -34,6 +34,8 @@ impl ChunkStore {
     /// and hashed.
     pub fn fsck(&self, verify_data: bool) -> Result<FsckReport> {
         let _gc = self.inner.gc.read().expect("gc lock");
+        // A batched commit or removal counts its references over several transactions.
+        let _journal = self.inner.journal.lock().expect("journal lock");
         self.drain_pending()?;
         let i = &self.inner;
         let mut rep = FsckReport::default();

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use peerix_nix::Sha256Hash;
-use sled::transaction::Transactional;
 use tracing::{debug, warn};
 
 use super::read::verify;
@@ -59,7 +58,6 @@ impl ChunkStore {
         let Some(m) = self.manifest(nar_hash)? else {
             return Ok(false);
         };
-        let unique: HashSet<ChunkId> = m.chunks.iter().map(|c| c.id).collect();
         let mut stale_paths = vec![];
         for kv in self.inner.paths.iter() {
             let (k, v) = kv?;
@@ -67,33 +65,9 @@ impl ChunkStore {
                 stale_paths.push(k);
             }
         }
-        let i = &self.inner;
-        (&i.chunks, &i.manifests, &i.local, &i.paths, &i.pins)
-            .transaction(|(chunks, manifests, local, paths, pins)| {
-                for k in &stale_paths {
-                    if pins.get(k)?.is_some() {
-                        return Err(TxError::Abort(Error::BadManifest(
-                            "a pinned path uses this NAR; unpin it first".into(),
-                        )));
-                    }
-                }
-                if manifests.remove(&nar_hash.0)?.is_none() {
-                    return Ok(());
-                }
-                for id in &unique {
-                    if let Some(v) = chunks.get(id.0)? {
-                        let mut r = ChunkRec::decode(&v).map_err(TxError::Abort)?;
-                        r.refs = r.refs.saturating_sub(1);
-                        chunks.insert(&id.0, r.encode())?;
-                    }
-                }
-                local.remove(&nar_hash.0)?;
-                for k in &stale_paths {
-                    paths.remove(k)?;
-                }
-                Ok(())
-            })
-            .map_err(tx_err)?;
+        if !self.remove_batched(&m, &stale_paths)? {
+            return Ok(false);
+        }
         self.inner
             .layouts
             .lock()

@@ -1,7 +1,7 @@
 //! Ingest: cutting a NAR (from a stream, or a local store path read in place) into chunks
 //! and committing its manifest.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use peerix_nix::nar::NarLayout;
 use peerix_nix::{Sha256Hash, StorePath};
-use sled::transaction::Transactional;
 use tracing::debug;
 
-use super::{tx_err, ChunkStore, Progress, TxError};
+use super::journal::distinct;
+use super::{ChunkStore, Progress};
 use crate::index::ChunkRec;
 use crate::{ChunkId, ChunkRef, ChunkerParams, Error, Manifest, Result};
 use sha2::{Digest, Sha256};
@@ -248,9 +248,11 @@ impl ChunkStore {
     }
 
     /// Make `m` visible: chunk records (with any new locations) and refcounts, the manifest,
-    /// and the path mappings, in one transaction. Every chunk must have a location in the index
-    /// by then (puts not indexed yet are indexed first), so no manifest ever points at a chunk
-    /// that is not there. The caller holds the GC lock.
+    /// and the path mappings. Every chunk must have a location in the index by then (puts not
+    /// indexed yet are indexed first), so no manifest ever points at a chunk that is not there.
+    /// The records change in bounded batches, the manifest last, under an intent that a crash
+    /// in between leaves for [`open`](Self::open) to roll back (see `journal.rs`). The caller
+    /// holds the GC lock.
     pub(super) fn commit(
         &self,
         m: &Manifest,
@@ -259,58 +261,11 @@ impl ChunkStore {
         path: Option<&StorePath>,
     ) -> Result<()> {
         self.drain_pending()?;
-        let i = &self.inner;
         if local.is_none() {
             // GC's sweep batches recompute which chunks NARs held in packs need.
-            i.roots_gen.fetch_add(1, Ordering::SeqCst);
+            self.inner.roots_gen.fetch_add(1, Ordering::SeqCst);
         }
-        let mut unique: Vec<ChunkRef> = Vec::with_capacity(m.chunks.len());
-        let mut seen = HashSet::new();
-        for c in &m.chunks {
-            if seen.insert(c.id) {
-                unique.push(*c);
-            }
-        }
-        let encoded = m.encode();
-        (&i.chunks, &i.manifests, &i.partial, &i.local, &i.paths)
-            .transaction(|(chunks, manifests, partial, local_t, paths)| {
-                let exists = manifests.get(m.nar_hash.0)?.is_some();
-                for c in &unique {
-                    let cur = match chunks.get(c.id.0)? {
-                        Some(v) => Some(ChunkRec::decode(&v).map_err(TxError::Abort)?),
-                        None => None,
-                    };
-                    let mut rec = cur.unwrap_or(ChunkRec {
-                        len: c.len,
-                        refs: 0,
-                        pack: None,
-                        local: None,
-                    });
-                    if let Some(n) = new_locs.get(&c.id) {
-                        rec.pack = rec.pack.or(n.pack);
-                        rec.local = rec.local.or(n.local);
-                    }
-                    if !exists {
-                        rec.refs = rec.refs.saturating_add(1);
-                    }
-                    if !rec.has_location() || rec.len != c.len {
-                        return Err(TxError::Abort(Error::MissingChunk(c.id)));
-                    }
-                    chunks.insert(&c.id.0, rec.encode())?;
-                }
-                manifests.insert(&m.nar_hash.0, encoded.as_slice())?;
-                partial.remove(&m.nar_hash.0)?;
-                if let Some(l) = local {
-                    local_t.insert(&m.nar_hash.0, l.base_name().as_bytes())?;
-                }
-                if let Some(p) = path {
-                    let mut v = m.nar_hash.0.to_vec();
-                    v.extend_from_slice(p.base_name().as_bytes());
-                    paths.insert(&p.hash().0, v)?;
-                }
-                Ok(())
-            })
-            .map_err(tx_err)
+        self.commit_batched(m, &distinct(m), new_locs, local, path)
     }
 }
 

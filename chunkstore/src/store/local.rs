@@ -6,11 +6,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use peerix_nix::{Sha256Hash, StorePath};
-use sled::transaction::{ConflictableTransactionError as TxError, Transactional};
+
 use tracing::debug;
 
-use super::{tx_err, ChunkStore};
-use crate::index::{hash_key, ChunkRec};
+use super::ChunkStore;
+use crate::index::hash_key;
 use crate::{ChunkId, Error, Manifest, Result};
 
 /// What [`ChunkStore::detach_local`] did.
@@ -46,24 +46,7 @@ impl ChunkStore {
         }
         let _gc = self.inner.gc.read().expect("gc lock");
         let i = &self.inner;
-        let attached = (&i.chunks, &i.local)
-            .transaction(|(chunks, local)| {
-                let mut n = 0u64;
-                for (off, c) in m.offsets() {
-                    let Some(v) = chunks.get(c.id.0)? else {
-                        continue;
-                    };
-                    let mut r = ChunkRec::decode(&v).map_err(TxError::Abort)?;
-                    if r.local.is_none() && r.len == c.len {
-                        r.local = Some((*nar_hash, off));
-                        chunks.insert(&c.id.0, r.encode())?;
-                        n += 1;
-                    }
-                }
-                local.insert(&nar_hash.0, path.base_name().as_bytes())?;
-                Ok(n)
-            })
-            .map_err(tx_err)?;
+        let attached = self.attach_batched(&m, path)?;
         i.layouts
             .lock()
             .expect("layout cache")
@@ -111,27 +94,10 @@ impl ChunkStore {
                 }
             }
             let homes = self.local_homes(&orphans, &leaving)?;
-            // One transaction per NAR keeps each small; a crash between two leaves chunks
-            // pointing into a collected path, which reads and fsck recognise as such.
+            // In batches: a crash between two leaves chunks pointing into a collected path,
+            // which reads and fsck recognise as such.
             for ((nar, m), d) in nars.iter().zip(&manifests).zip(&mut out) {
-                d.chunks = (&i.chunks, &i.local)
-                    .transaction(|(chunks, local)| {
-                        let mut n = 0u64;
-                        for c in m.iter().flat_map(|m| &m.chunks) {
-                            let Some(v) = chunks.get(c.id.0)? else {
-                                continue;
-                            };
-                            let mut r = ChunkRec::decode(&v).map_err(TxError::Abort)?;
-                            if r.local.is_some_and(|(h, _)| h == *nar) {
-                                r.local = homes.get(&c.id).copied();
-                                chunks.insert(&c.id.0, r.encode())?;
-                                n += 1;
-                            }
-                        }
-                        local.remove(&nar.0)?;
-                        Ok(n)
-                    })
-                    .map_err(tx_err)?;
+                d.chunks = self.detach_batched(nar, m.as_ref(), &homes)?;
                 i.layouts.lock().expect("layout cache").pop(nar);
             }
         }

@@ -21,6 +21,7 @@ mod evict;
 mod fsck;
 mod gc;
 mod ingest;
+mod journal;
 mod local;
 mod pins;
 mod read;
@@ -81,6 +82,12 @@ struct Inner {
     partial_at: sled::Tree,
     /// Chunks recompressed for the wire: id → a zstd frame (see `recompress.rs`).
     wire: sled::Tree,
+    /// Changes made in batches, in progress (see `journal.rs`): key → the NAR's manifest.
+    intents: sled::Tree,
+    /// How many distinct chunks of each intent's NAR are done.
+    intent_done: sled::Tree,
+    /// One batched change at a time, and none while fsck counts references.
+    journal: Mutex<()>,
     /// Downloads running in this process, per NAR: never reclaimed.
     active: Mutex<HashMap<Sha256Hash, usize>>,
     /// Bumped whenever a download begins: GC's sweep batches recompute what it protects.
@@ -159,6 +166,9 @@ impl ChunkStore {
             used: db.open_tree("used")?,
             partial_at: db.open_tree("partial_at")?,
             wire: db.open_tree("wire")?,
+            intents: db.open_tree("intents")?,
+            intent_done: db.open_tree("intent_done")?,
+            journal: Mutex::new(()),
             active: Mutex::new(HashMap::new()),
             roots_gen: AtomicU64::new(0),
             use_clock: AtomicU64::new(0),
@@ -171,9 +181,11 @@ impl ChunkStore {
             gc: RwLock::new(()),
             layouts: Mutex::new(LruCache::new(NonZeroUsize::new(256).expect("non-zero"))),
         };
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(inner),
-        })
+        };
+        store.recover_intents()?;
+        Ok(store)
     }
 
     pub fn chunker(&self) -> ChunkerParams {
