@@ -15,6 +15,8 @@ use peerix_nix::{
     LocalStore, NarInfo, PathInfo, PublicKey, SecretKey, Sha256Hash, StorePath, StorePathHash,
 };
 use peerix_swarm::Catalog;
+
+use crate::seed::Seed;
 use tracing::{debug, info, warn};
 
 /// Store-path names never shared, whatever else says so (an own signature, a seed, a pin,
@@ -295,10 +297,9 @@ impl Sharing {
         // (`--share-private-paths`) or a trusted key signed it. Any other pinned path is shared
         // only if it is public or own-signed anyway, so pins recorded before seeds told the two
         // apart share nothing private.
-        let opted: HashSet<StorePathHash> = self
-            .store
-            .blocking(|cs| cs.seeds())
-            .await?
+        let store = self.store.clone();
+        let opted: HashSet<StorePathHash> = tokio::task::spawn_blocking(move || Seed::all(&store))
+            .await??
             .into_iter()
             .flat_map(|s| s.private)
             .collect();

@@ -4,7 +4,7 @@
 //! manifest of a download in progress, which keeps its chunks from GC), `local` (NarHash → the
 //! base name of a local store path whose NAR it is), `paths` (store-path hash → NarHash and
 //! base name), `pins` (store-path hash → base name), `pin_info` (store-path hash → the narinfo of
-//! a path pinned with its description), `seeds` (label → root and the paths pinned for it).
+//! a path pinned with its description), `seeds` (the application's named roots, see `store/roots.rs`).
 
 use peerix_nix::Sha256Hash;
 

@@ -22,7 +22,7 @@ pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Manifest};
 pub use store::{
     package_name, ChunkStore, DeltaPlan, Detached, Evicted, FsckReport, GcStats, NarReader,
-    Options, Pinned, Progress, Recompressed, Seed, Stats, StoredChunk, DELTA_BASE_BYTES,
+    Options, Pinned, Progress, Recompressed, Stats, StoredChunk, DELTA_BASE_BYTES,
     DELTA_BASE_CHUNKS, RECOMPRESS_LEVEL, SWEEP_BATCH,
 };
 

@@ -422,8 +422,7 @@ async fn concurrent_ingest_and_read() {
 }
 
 #[test]
-fn pinned_narinfos_and_seeds_survive_a_reopen() {
-    use peerix_chunkstore::Seed;
+fn pinned_narinfos_and_named_roots_survive_a_reopen() {
     use peerix_nix::NarInfo;
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("root");
@@ -446,22 +445,26 @@ fn pinned_narinfos_and_seeds_survive_a_reopen() {
             assert_eq!(pinned.copied_bytes, m.nar_size, "first pin copies it all");
             assert_eq!(cs.pin_path(&info).unwrap().copied_bytes, 0, "then nothing");
         }
-        cs.put_seed(&Seed {
-            label: "/run/current-system".into(),
-            root: b.base_name().into(),
-            members: vec![a.hash(), b.hash()],
-            private: vec![b.hash()],
-        })
-        .unwrap();
+        cs.put_root("/run/current-system", b"the application's bytes")
+            .unwrap();
+        cs.put_root("other", b"replaced").unwrap();
+        cs.put_root("other", b"").unwrap();
     }
     let cs = open(&dir, Some(&root));
-    let seeds = cs.seeds().unwrap();
-    assert_eq!(seeds.len(), 1);
-    assert_eq!(seeds[0].members, vec![a.hash(), b.hash()]);
-    assert_eq!(seeds[0].private, vec![b.hash()]);
+    let roots = cs.roots().unwrap();
     assert_eq!(
-        cs.seed("/run/current-system").unwrap(),
-        Some(seeds[0].clone())
+        roots,
+        vec![
+            (
+                "/run/current-system".into(),
+                b"the application's bytes".to_vec()
+            ),
+            ("other".into(), vec![])
+        ]
+    );
+    assert_eq!(
+        cs.root("/run/current-system").unwrap(),
+        Some(roots[0].1.clone())
     );
     let info = cs.pinned_info(&b.hash()).unwrap().unwrap();
     assert_eq!(info.store_path, b);
@@ -469,8 +472,9 @@ fn pinned_narinfos_and_seeds_survive_a_reopen() {
     assert_eq!(cs.pinned_infos().unwrap().len(), 2);
     assert!(cs.unpin(&b.hash()).unwrap());
     assert!(cs.pinned_info(&b.hash()).unwrap().is_none());
-    assert!(cs.remove_seed("/run/current-system").unwrap());
-    assert!(cs.seeds().unwrap().is_empty());
+    assert!(cs.remove_root("/run/current-system").unwrap());
+    assert!(!cs.remove_root("/run/current-system").unwrap());
+    assert_eq!(cs.roots().unwrap().len(), 1);
 }
 
 /// Packs keep a chunk zstd-compressed only where that saves at least an eighth: text shrinks,

@@ -26,7 +26,7 @@ mod local;
 mod pins;
 mod read;
 mod recompress;
-mod seeds;
+mod roots;
 mod similar;
 mod stats;
 
@@ -37,7 +37,6 @@ pub use local::Detached;
 pub use pins::Pinned;
 pub use read::{NarReader, StoredChunk};
 pub use recompress::{Recompressed, RECOMPRESS_LEVEL};
-pub use seeds::Seed;
 pub use similar::{package_name, DeltaPlan, DELTA_BASE_BYTES, DELTA_BASE_CHUNKS};
 pub use stats::Stats;
 
@@ -75,7 +74,8 @@ struct Inner {
     paths: sled::Tree,
     pins: sled::Tree,
     pin_info: sled::Tree,
-    seeds: sled::Tree,
+    /// The application's named roots (see `roots.rs`); `seeds` on disk, where they began.
+    roots: sled::Tree,
     /// When each downloaded NAR was last used, for eviction (unix seconds).
     used: sled::Tree,
     /// When each partial download was begun or last suspended (unix seconds).
@@ -162,7 +162,7 @@ impl ChunkStore {
             paths: db.open_tree("paths")?,
             pins: db.open_tree("pins")?,
             pin_info: db.open_tree("pin_info")?,
-            seeds: db.open_tree("seeds")?,
+            roots: db.open_tree("seeds")?,
             used: db.open_tree("used")?,
             partial_at: db.open_tree("partial_at")?,
             wire: db.open_tree("wire")?,

@@ -12,11 +12,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
-use peerix_chunkstore::{ChunkStore, Seed};
+use peerix_chunkstore::ChunkStore;
 use peerix_nix::{LocalStore, NarInfo, PathInfo, StorePath, StorePathHash, STORE_DIR};
 use serde::{Deserialize, Serialize};
 
 use crate::share::Sharing;
+
+mod record;
+pub use record::Seed;
 
 /// Upstream checks in flight at once.
 const UPSTREAM_CONCURRENCY: usize = 8;
@@ -227,8 +230,8 @@ impl Seeder {
             };
             let (cs, local) = (self.store.clone(), self.local.clone());
             let released = tokio::task::spawn_blocking(move || -> Result<usize> {
-                let old = cs.seed(&seed.label)?;
-                cs.put_seed(&seed)?;
+                let old = Seed::load(&cs, &seed.label)?;
+                seed.save(&cs)?;
                 match old {
                     Some(old) => release(&cs, &local, &old.members).map(|(n, _)| n),
                     None => Ok(0),
@@ -253,7 +256,7 @@ impl Seeder {
         let (cs, local) = (self.store.clone(), self.local.clone());
         tokio::task::spawn_blocking(move || -> Result<UnseedSummary> {
             let mut out = UnseedSummary::default();
-            let seeds = cs.seeds()?;
+            let seeds = Seed::all(&cs)?;
             let mut dropped = vec![];
             for w in &which {
                 let hit: Vec<&Seed> = seeds
@@ -272,7 +275,7 @@ impl Seeder {
             }
             let mut candidates = HashSet::new();
             for s in &dropped {
-                if cs.remove_seed(&s.label)? {
+                if Seed::remove(&cs, &s.label)? {
                     out.removed.push(s.label.clone());
                 }
                 candidates.extend(s.members.iter().copied());
@@ -294,7 +297,7 @@ impl Seeder {
 /// Every seed with its size.
 pub fn seed_statuses(cs: &ChunkStore) -> Result<Vec<SeedStatus>> {
     let mut out = vec![];
-    for s in cs.seeds()? {
+    for s in Seed::all(cs)? {
         let mut bytes = 0;
         for m in &s.members {
             if let Some(i) = cs.pinned_info(m)? {
@@ -314,8 +317,7 @@ pub fn seed_statuses(cs: &ChunkStore) -> Result<Vec<SeedStatus>> {
 /// Unpin those of `paths` that no seed holds any more; NARs of theirs that are not in the local
 /// store are dropped, and a GC gives the space back. Returns (paths unpinned, bytes freed).
 fn release(cs: &ChunkStore, local: &LocalStore, paths: &[StorePathHash]) -> Result<(usize, u64)> {
-    let held: HashSet<StorePathHash> = cs
-        .seeds()?
+    let held: HashSet<StorePathHash> = Seed::all(cs)?
         .into_iter()
         .flat_map(|s| s.members.into_iter())
         .collect();

@@ -1,47 +1,8 @@
-//! Seeds: closures pinned under a label, as the operator named them.
+//! A seed's record, kept in the chunk store as a named root under its label.
 
+use anyhow::{anyhow, Result};
+use peerix_chunkstore::ChunkStore;
 use peerix_nix::StorePathHash;
-
-use super::ChunkStore;
-use crate::{Error, Result};
-
-impl ChunkStore {
-    /// Record a seed (replacing one with the same label).
-    pub fn put_seed(&self, seed: &Seed) -> Result<()> {
-        self.inner
-            .seeds
-            .insert(seed.label.as_bytes(), seed.encode())?;
-        self.inner.db.flush()?;
-        Ok(())
-    }
-
-    pub fn seed(&self, label: &str) -> Result<Option<Seed>> {
-        self.inner
-            .seeds
-            .get(label.as_bytes())?
-            .map(|v| Seed::decode(label, &v))
-            .transpose()
-    }
-
-    pub fn seeds(&self) -> Result<Vec<Seed>> {
-        self.inner
-            .seeds
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                let label =
-                    std::str::from_utf8(&k).map_err(|_| Error::BadRecord { what: "seed" })?;
-                Seed::decode(label, &v)
-            })
-            .collect()
-    }
-
-    pub fn remove_seed(&self, label: &str) -> Result<bool> {
-        let had = self.inner.seeds.remove(label.as_bytes())?.is_some();
-        self.inner.db.flush()?;
-        Ok(had)
-    }
-}
 
 /// A closure pinned under a label (what the operator named: a store path, or a link to one
 /// such as `/run/current-system`): its root and every path pinned for it.
@@ -62,6 +23,28 @@ pub struct Seed {
 const SEED_WITH_PRIVATE: u16 = 0x8000;
 
 impl Seed {
+    pub fn load(cs: &ChunkStore, label: &str) -> Result<Option<Self>> {
+        cs.root(label)?.map(|v| Self::decode(label, &v)).transpose()
+    }
+
+    /// Every seed.
+    pub fn all(cs: &ChunkStore) -> Result<Vec<Self>> {
+        cs.roots()?
+            .into_iter()
+            .map(|(label, v)| Self::decode(&label, &v))
+            .collect()
+    }
+
+    /// Record this seed, replacing one with the same label.
+    pub fn save(&self, cs: &ChunkStore) -> Result<()> {
+        Ok(cs.put_root(&self.label, &self.encode())?)
+    }
+
+    /// False when there was no such seed.
+    pub fn remove(cs: &ChunkStore, label: &str) -> Result<bool> {
+        Ok(cs.remove_root(label)?)
+    }
+
     /// `[u16 root length | SEED_WITH_PRIVATE][root][u32 members][members][private]`, hashes of
     /// 20 bytes. Older records have no flag, no count and no private members.
     fn encode(&self) -> Vec<u8> {
@@ -82,7 +65,7 @@ impl Seed {
     }
 
     fn decode(label: &str, v: &[u8]) -> Result<Self> {
-        let bad = || Error::BadRecord { what: "seed" };
+        let bad = || anyhow!("the record of seed {label} is damaged");
         let head = u16::from_le_bytes(v.get(..2).ok_or_else(bad)?.try_into().expect("2"));
         let n = usize::from(head & !SEED_WITH_PRIVATE);
         let root = std::str::from_utf8(v.get(2..2 + n).ok_or_else(bad)?).map_err(|_| bad())?;
@@ -115,11 +98,11 @@ impl Seed {
 }
 
 #[cfg(test)]
-mod seed_record_tests {
+mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn seed_records_round_trip_and_old_ones_have_no_private_members() {
+    fn seed_records_round_trip_and_old_ones_have_no_private_members() {
         let h = |b| StorePathHash([b; 20]);
         let s = Seed {
             label: "l".into(),
