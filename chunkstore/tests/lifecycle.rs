@@ -201,3 +201,36 @@ fn interrupted_downloads_resume_and_are_reclaimed_when_idle() {
     assert_eq!(read_all(&dst, &m.nar_hash).unwrap(), nar);
     assert!(dst.fsck(true).unwrap().is_clean());
 }
+
+/// A NAR of more distinct chunks than one index transaction takes (1,024) is committed in
+/// batches, read back, ingested again, and removed in batches,
+/// and fsck finds every refcount right after each step.
+#[test]
+fn a_nar_of_thousands_of_chunks_is_committed_and_removed_in_batches() {
+    let t = tempfile::tempdir().unwrap();
+    let opts = Options {
+        chunker: ChunkerParams::new(256, 1024, 4096).unwrap(),
+        store_root: None,
+    };
+    let cs = ChunkStore::open(&t.path().join("s"), opts).unwrap();
+    let (m, nar) = ingest(&cs, 4242, 4 << 20);
+    let distinct: HashSet<_> = m.chunks.iter().map(|c| c.id).collect();
+    assert!(distinct.len() > 3 * 1024, "{} chunks", distinct.len());
+    let clean = |cs: &ChunkStore, what: &str| {
+        let r = cs.fsck(true).unwrap();
+        assert!(r.is_clean(), "{what}: {:?}", &r.problems[..r.problems.len().min(3)]);
+    };
+    clean(&cs, "after the ingest");
+    assert_eq!(read_all(&cs, &m.nar_hash).unwrap(), nar);
+    // The same NAR again: it is there already, nothing is counted twice.
+    let again = cs
+        .ingest_nar(nar.as_slice(), None, None, &mut none)
+        .unwrap();
+    assert_eq!(again, m);
+    clean(&cs, "after a second commit");
+    assert!(cs.remove_manifest(&m.nar_hash).unwrap());
+    clean(&cs, "after the removal");
+    let st = cs.gc(&mut |_| {}).unwrap();
+    assert_eq!(st.chunks_deleted as usize, distinct.len());
+    clean(&cs, "after GC");
+}
