@@ -98,14 +98,7 @@ fn main() {
     let a = common::nix();
     let store = a.store_arg();
     let tree = a.scratch("big");
-    let mut x = 0x9e3779b97f4a7c15u64;
-    let mut data = Vec::with_capacity(96 << 20);
-    while data.len() < 96 << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
+    let data = peerix_test_support::rng::data(0x9e37_79b9_7f4a_7c15, 96 << 20);
     std::fs::write(tree.join("blob"), &data).unwrap();
     let big = a.add(&tree);
     let mut paths = a.build_closure("bench");
