@@ -94,6 +94,17 @@ impl Nix {
         self.cmd(program).args(args).output().expect("spawn nix")
     }
 
+    /// `nix-store --dump` of any path: Nix's own NAR of it.
+    pub fn dump(&self, path: &Path) -> Vec<u8> {
+        let out = self.output("nix-store", &["--dump", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "nix-store --dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     /// `nix-store --add` a tree: a content-addressed store path (it carries `CA:`).
     pub fn add(&self, tree: &Path) -> String {
         let s = self.store_arg();
