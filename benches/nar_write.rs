@@ -15,8 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use peerix_nix::nar::dump_path;
+use peerix_test_support::io::HashingWriter;
 use peerix_test_support::rng::SplitMix;
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
 const ITERATIONS: usize = 5;
 
@@ -64,26 +65,14 @@ fn generate(root: &Path, total: u64) -> io::Result<(u64, u64)> {
     Ok((written, files))
 }
 
-struct HashWriter(Sha256);
-
-impl Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 fn ours_sink(root: &Path) -> u64 {
     dump_path(root, &mut io::sink()).expect("dump_path")
 }
 
 fn ours_hash(root: &Path) -> u64 {
-    let mut w = HashWriter(Sha256::new());
+    let mut w = HashingWriter::new();
     let n = dump_path(root, &mut w).expect("dump_path");
-    black_box(w.0.finalize());
+    black_box(w.sha.finalize());
     n
 }
 

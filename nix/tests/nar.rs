@@ -3,14 +3,16 @@
 
 mod needs_nix {
     use std::fs;
-    use std::io::{self, Read, Write};
+    use std::io::{Read, Write};
     use std::path::Path;
     use std::process::Stdio;
 
     use peerix_nix::nar::{dump_path, unpack, validate, NarLayout, NarLimits};
     use peerix_test_support::fixtures::{assert_same_nar, awkward_tree};
+    use peerix_test_support::io::HashingWriter;
     use peerix_test_support::nix::nix;
-    use sha2::{Digest, Sha256};
+    use peerix_test_support::rng::Star;
+    use sha2::Digest;
 
     fn our_dump(path: &Path) -> Vec<u8> {
         let mut v = Vec::new();
@@ -94,14 +96,9 @@ mod needs_nix {
         let nar = nix.dump(&tree);
         let layout = NarLayout::of_path(&tree).unwrap();
         assert_eq!(layout.nar_size(), nar.len() as u64);
-        // xorshift64*: deterministic, so a failure reproduces.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        };
+        // Deterministic, so a failure reproduces.
+        let mut r = Star(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || r.next();
         let n = nar.len() as u64;
         for i in 0..2000 {
             let start = next() % (n + 1);
@@ -118,19 +115,6 @@ mod needs_nix {
                 got == nar[start as usize..(start + len) as usize],
                 "range {start}+{len} differs"
             );
-        }
-    }
-
-    struct HashWriter(Sha256, u64);
-
-    impl Write for HashWriter {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.update(buf);
-            self.1 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
         }
     }
 
@@ -157,11 +141,11 @@ mod needs_nix {
         drop(f);
 
         let before = vm_hwm_kib();
-        let mut ours = HashWriter(Sha256::new(), 0);
+        let mut ours = HashingWriter::new();
         let n = dump_path(&root, &mut ours).unwrap();
         let after = vm_hwm_kib();
         assert!(n > size);
-        assert_eq!(ours.1, n);
+        assert_eq!(ours.len, n);
         assert!(
             after.saturating_sub(before) < 64 * 1024,
             "peak RSS grew by {} KiB while dumping",
@@ -176,7 +160,7 @@ mod needs_nix {
             .spawn()
             .unwrap();
         let mut stdout = child.stdout.take().unwrap();
-        let mut theirs = HashWriter(Sha256::new(), 0);
+        let mut theirs = HashingWriter::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             let k = stdout.read(&mut buf).unwrap();
@@ -186,7 +170,11 @@ mod needs_nix {
             theirs.write_all(&buf[..k]).unwrap();
         }
         assert!(child.wait().unwrap().success());
-        assert_eq!(theirs.1, n, "NAR sizes differ");
-        assert_eq!(ours.0.finalize(), theirs.0.finalize(), "NAR hashes differ");
+        assert_eq!(theirs.len, n, "NAR sizes differ");
+        assert_eq!(
+            ours.sha.finalize(),
+            theirs.sha.finalize(),
+            "NAR hashes differ"
+        );
     }
 }

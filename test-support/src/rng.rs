@@ -76,3 +76,16 @@ impl SplitMix {
         }
     }
 }
+
+/// xorshift64*: the state must not be zero.
+pub struct Star(pub u64);
+
+#[allow(clippy::should_implement_trait)]
+impl Star {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}

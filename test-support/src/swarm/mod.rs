@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::fixtures::store_path;
+use crate::rng::Star;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -31,15 +32,12 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*).
+/// Deterministic pseudo-random bytes (xorshift64*); neighbouring seeds give unrelated bytes.
 pub fn nar_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut r = Star(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        v.extend_from_slice(&r.next().to_le_bytes());
     }
     v.truncate(len);
     v
