@@ -10,27 +10,14 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{Daemon, Nix};
 
+/// A GET's status.
 fn get(addr: &str, path: &str) -> u16 {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = vec![];
-    s.read_to_end(&mut buf).unwrap();
-    String::from_utf8_lossy(&buf[..buf.len().min(32)])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    common::http(addr, "GET", path).0
 }
 
 fn keygen(nix: &Nix, name: &str) -> (PathBuf, String) {
