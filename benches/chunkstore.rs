@@ -15,18 +15,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use peerix_chunkstore::{ChunkStore, ChunkerParams, Options};
-use peerix_nix::{Sha256Hash, StorePath};
+use peerix_test_support::fixtures::{named_store_path, nar_of};
+use peerix_test_support::rng::Rng;
 use sha2::Digest;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Copy regular files from `src` (recursively, sorted) into `dst` until `budget` bytes.
 fn copy_tree(src: &Path, dst: &Path, budget: &mut u64) {
@@ -103,17 +94,6 @@ fn update(v2: &Path) {
     }
 }
 
-fn nar(dir: &Path) -> Vec<u8> {
-    let mut v = vec![];
-    peerix_nix::nar::dump_path(dir, &mut v).unwrap();
-    v
-}
-
-fn store_path(name: &str) -> StorePath {
-    let h = peerix_nix::base32::encode(&Sha256Hash::digest(name.as_bytes()).0[..20]);
-    StorePath::from_base_name(&format!("{h}-{name}")).unwrap()
-}
-
 fn mean_ns(group: &str, bench: &str) -> Option<f64> {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let p = Path::new(&target)
@@ -135,7 +115,7 @@ fn main() {
         .unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu".into());
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    let (p1, p2) = (store_path("pkg-1"), store_path("pkg-2"));
+    let (p1, p2) = (named_store_path("pkg-1"), named_store_path("pkg-2"));
     let v1 = root.join("nix/store").join(p1.base_name());
     let v2 = root.join("nix/store").join(p2.base_name());
     let mut budget = mib << 20;
@@ -143,7 +123,7 @@ fn main() {
     let mut budget = mib << 20;
     copy_tree(&src, &v2, &mut budget);
     update(&v2);
-    let (n1, n2) = (nar(&v1), nar(&v2));
+    let (n1, n2) = (nar_of(&v1), nar_of(&v2));
     let size = n1.len() as u64;
     println!(
         "data: {:.1} MiB NAR of {} (v2 {:.1} MiB)",

@@ -15,34 +15,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use peerix_nix::nar::dump_path;
-use sha2::{Digest, Sha256};
+use peerix_test_support::io::HashingWriter;
+use peerix_test_support::rng::SplitMix;
+use sha2::Digest;
 
 const ITERATIONS: usize = 5;
-
-/// splitmix64: deterministic content, so every run measures the same tree.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
 
 /// A package-like tree: many small files of varied sizes in nested directories (most under
 /// 16 KiB, some up to 1 MiB), a few symlinks, and a few large files making up about half.
 fn generate(root: &Path, total: u64) -> io::Result<(u64, u64)> {
-    let mut rng = Rng(42);
+    let mut rng = SplitMix(42);
     let mut written = 0u64;
     let mut files = 0u64;
     let mut buf = vec![0u8; 1 << 20];
@@ -83,26 +65,14 @@ fn generate(root: &Path, total: u64) -> io::Result<(u64, u64)> {
     Ok((written, files))
 }
 
-struct HashWriter(Sha256);
-
-impl Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 fn ours_sink(root: &Path) -> u64 {
     dump_path(root, &mut io::sink()).expect("dump_path")
 }
 
 fn ours_hash(root: &Path) -> u64 {
-    let mut w = HashWriter(Sha256::new());
+    let mut w = HashingWriter::new();
     let n = dump_path(root, &mut w).expect("dump_path");
-    black_box(w.0.finalize());
+    black_box(w.sha.finalize());
     n
 }
 

@@ -10,27 +10,14 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{Daemon, Nix};
 
+/// A GET's status.
 fn get(addr: &str, path: &str) -> u16 {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = vec![];
-    s.read_to_end(&mut buf).unwrap();
-    String::from_utf8_lossy(&buf[..buf.len().min(32)])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    common::http(addr, "GET", path).0
 }
 
 fn keygen(nix: &Nix, name: &str) -> (PathBuf, String) {
@@ -98,14 +85,7 @@ fn main() {
     let a = common::nix();
     let store = a.store_arg();
     let tree = a.scratch("big");
-    let mut x = 0x9e3779b97f4a7c15u64;
-    let mut data = Vec::with_capacity(96 << 20);
-    while data.len() < 96 << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
+    let data = peerix_test_support::rng::data(0x9e37_79b9_7f4a_7c15, 96 << 20);
     std::fs::write(tree.join("blob"), &data).unwrap();
     let big = a.add(&tree);
     let mut paths = a.build_closure("bench");

@@ -46,13 +46,13 @@ enum Command {
     /// Measure multi-peer download throughput against N seeders (self-contained).
     Bench {
         #[command(flatten)]
-        args: peerix::bench::BenchArgs,
+        args: peerix_bench::BenchArgs,
     },
     /// One seeder of `peerix bench --mode netns` (internal).
     #[command(hide = true)]
     BenchNode {
         #[command(flatten)]
-        args: peerix::bench::netns::NodeArgs,
+        args: peerix_bench::netns::NodeArgs,
     },
     /// Print the narinfo peerix would serve for a path in the local store.
     Narinfo(cli::narinfo::NarinfoArgs),
@@ -78,8 +78,8 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Bench { args } => peerix::bench::run(args),
-        Command::BenchNode { args } => peerix::bench::netns::node(args),
+        Command::Bench { args } => peerix_bench::run(args),
+        Command::BenchNode { args } => peerix_bench::netns::node(args),
         Command::Keygen(args) => cli::keygen::run(&args),
         Command::Nar { command } => cli::nar::run(&command),
         Command::Narinfo(args) => cli::narinfo::run(&args),

@@ -102,7 +102,7 @@ mod needs_root {
     #[test]
     fn netns_bench_reports_against_the_cap_and_cleans_up() {
         assert!(
-            peerix::is_root(),
+            peerix_bench::is_root(),
             "this test needs root (it creates network namespaces); scripts/test.sh leaves the \
              needs_root tests out for a normal user and names them"
         );

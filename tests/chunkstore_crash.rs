@@ -9,20 +9,7 @@ use std::process::{Child, Command, Stdio};
 
 use peerix_chunkstore::{ChunkStore, Manifest, Options, PUT_SYNC_BYTES};
 use peerix_nix::Sha256Hash;
-
-/// Incompressible-ish bytes, deterministic.
-fn data(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
+use peerix_test_support::rng::data;
 
 fn peerix_out(state: &Path, args: &[&str]) -> (bool, String) {
     let out = common::peerix()

@@ -135,14 +135,7 @@ mod needs_nix {
         let b_key = b_nix.keys("peer-b-1");
         // A holds a closure and a path with a recognisable name and some weight, signed.
         let tree = a_nix.scratch("hello-2.12.1");
-        let mut data = vec![0u8; 3 << 20];
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for b in data.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+        let data = common::noise(3 << 20, 0x9e37_79b9_7f4a_7c15);
         std::fs::write(tree.join("hello"), &data).unwrap();
         let hello = a_nix.add(&tree);
         assert!(hello.ends_with("-hello-2.12.1"), "{hello}");

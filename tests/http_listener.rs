@@ -50,7 +50,7 @@ mod needs_root {
 
     #[test]
     fn beyond_loopback_only_what_is_shared() {
-        assert!(peerix::is_root(), "needs root: network namespaces");
+        assert!(peerix_bench::is_root(), "needs root: network namespaces");
         let nix = common::nix();
         let ns = Netns::create("h");
         let [srv, cli] = &ns.names;

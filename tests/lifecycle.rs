@@ -233,13 +233,8 @@ mod needs_nix {
             return;
         };
         let state = state_of(&p);
-        let mut x = seed;
-        let mut rand = move |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut rng = peerix_test_support::rng::Rng(seed);
+        let mut rand = move |n: usize| rng.below(n);
         // B signs what it serves with its own key.
         let trusted = p.b_key.1.clone();
         let mut held: Vec<String> = vec![];

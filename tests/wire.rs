@@ -253,7 +253,7 @@ mod needs_root {
     /// NAR the upstream cache would send.
     #[test]
     fn wire_bytes_of_real_updates() {
-        assert!(peerix::is_root(), "needs root: network namespaces");
+        assert!(peerix_bench::is_root(), "needs root: network namespaces");
         let ns = Netns::create("w");
         let rate = std::env::var("PEERIX_WIRE_RATE").unwrap_or_else(|_| "100mbit".into());
         // The chunk size both daemons cut with (their stores are new).

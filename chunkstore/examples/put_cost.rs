@@ -10,21 +10,9 @@
 use std::time::{Duration, Instant};
 
 use peerix_chunkstore::{ChunkId, ChunkStore, Options, VerifiedChunk};
+use peerix_test_support::rng::data;
 
 const CHUNK: usize = 256 * 1024;
-
-fn data(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
 
 /// User + system time of this process so far.
 fn cpu() -> Duration {

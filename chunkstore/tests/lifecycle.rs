@@ -2,15 +2,15 @@
 //! NARs, GC that runs beside reads and downloads, downloads that are interrupted and resumed
 //! or reclaimed.
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use peerix_chunkstore::{ChunkStore, ChunkerParams, Manifest, Options};
-use support::{make_tree, nar_of, none, open, read_all, Rng};
+use peerix_test_support::fixtures::{make_tree, nar_of};
+use peerix_test_support::rng::Rng;
+use peerix_test_support::store::{none, open, read_all};
 
 /// A NAR of `size` bytes that shares nothing with the others, ingested into packs.
 fn ingest(cs: &ChunkStore, seed: u64, size: usize) -> (Manifest, Vec<u8>) {

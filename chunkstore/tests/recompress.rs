@@ -2,10 +2,10 @@
 //! the packs' fast zstd, always decompress to their chunk (a bad one is dropped, never
 //! returned), stay within their budget and leave with their chunks.
 
-mod support;
-
 use peerix_chunkstore::{ChunkStore, Manifest, RECOMPRESS_LEVEL};
-use support::{nar_of, none, open, Rng};
+use peerix_test_support::fixtures::nar_of;
+use peerix_test_support::rng::Rng;
+use peerix_test_support::store::{none, open};
 
 /// A NAR of text-like files (compressible, as most of a NAR is), ingested into packs.
 fn ingest_text(cs: &ChunkStore, seed: u64, files: usize) -> Manifest {

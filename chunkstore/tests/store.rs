@@ -1,15 +1,14 @@
 //! The chunk store on real disk: sled, pack files, trees read in place.
 
-mod support;
-
-use support::{make_tree, nar_of, none, open, read_all, sha, Rng};
+use peerix_test_support::fixtures::{fake_store_path, make_tree, nar_of};
+use peerix_test_support::rng::{data, Rng};
+use peerix_test_support::store::{none, open, read_all, sha};
 
 use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use peerix_chunkstore::{Error, Manifest, Progress};
-use peerix_nix::StorePath;
 
 #[test]
 fn round_trips_many_nars() {
@@ -140,17 +139,6 @@ fn a_corrupt_chunk_on_disk_is_detected_reported_and_never_returned() {
     cs.gc(&mut |_| {}).unwrap();
     let r = cs.fsck(true).unwrap();
     assert!(r.is_clean(), "{:?}", r.problems);
-}
-
-/// A directory laid out like a Nix store root, holding one "store path".
-fn fake_store_path(root: &Path, name: &str, seed: u64, size: usize) -> StorePath {
-    let mut r = Rng(seed | 1);
-    let hash: String = (0..32)
-        .map(|_| peerix_nix::base32::ALPHABET[r.next() as usize % 32] as char)
-        .collect();
-    let sp = StorePath::from_base_name(&format!("{hash}-{name}")).unwrap();
-    make_tree(&root.join("nix/store").join(sp.base_name()), seed, size);
-    sp
 }
 
 #[test]
@@ -488,14 +476,7 @@ fn packs_compress_only_what_shrinks_by_an_eighth() {
         .cycle()
         .take(2 << 20)
         .collect();
-    let mut noise = Vec::with_capacity(2 << 20);
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    while noise.len() < 2 << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        noise.extend_from_slice(&x.to_le_bytes());
-    }
+    let noise = data(0x9e37_79b9_7f4a_7c15, 2 << 20);
     for (name, data, compressed) in [("text", &text, true), ("noise", &noise, false)] {
         let cs = open(&t.path().join(name), None);
         cs.ingest_nar(&data[..], None, None, &mut |_| {}).unwrap();

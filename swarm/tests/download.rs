@@ -1,11 +1,9 @@
 //! The multi-peer downloader between real libp2p nodes over loopback.
 
-mod support;
-
 use bytes::Bytes;
 use peerix_chunkstore::Manifest;
 use peerix_swarm::download::{download, DownloadConfig, DownloadError, DownloadReport};
-use support::*;
+use peerix_test_support::swarm::*;
 use tokio::sync::mpsc;
 
 /// Seeders (serving) and a leecher connected to each of them.

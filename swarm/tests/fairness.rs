@@ -2,8 +2,6 @@
 //! fairly between requesting peers, and the downloader keeps requests in flight to each peer
 //! in proportion to the rate it measures. Every assertion is a ratio or a count, never a time.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +15,8 @@ use peerix_swarm::download::{download, DownloadConfig, DownloadReport};
 use peerix_swarm::protocol::{self, Kind, Request};
 use peerix_swarm::server::ServeLimits;
 use peerix_swarm::{ClientError, PROTOCOL};
-use support::*;
+use peerix_test_support::fixtures::store_path;
+use peerix_test_support::swarm::*;
 use tokio::sync::mpsc;
 
 /// Download `m` from `peers` into `leecher`, the output drained as it comes.

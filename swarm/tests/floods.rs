@@ -4,8 +4,6 @@
 //! would see (the honest lookup and download complete, our announcements go out) and that
 //! what the attack grows stays bounded, and prints the peak.
 
-mod support;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,8 +23,11 @@ use tempfile::TempDir;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 
-use support::nodes::{find_provider, keys, tcp_addr, wait_connected, wait_event, WAIT};
-use support::{catalog, init_tracing, nar_bytes, narinfo, store_path};
+use peerix_test_support::fixtures::store_path;
+use peerix_test_support::swarm::nodes::{
+    find_provider, keys, tcp_addr, wait_connected, wait_event, WAIT,
+};
+use peerix_test_support::swarm::{self as support, catalog, init_tracing, nar_bytes, narinfo};
 
 fn config(dir: &Path) -> NodeConfig {
     let mut c = NodeConfig::new(dir);

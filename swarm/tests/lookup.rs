@@ -13,6 +13,7 @@ use peerix_swarm::{
     Catalog, Client, Lookup, Node, NodeConfig, NodeEvent, PeerSource, ServeLimits, Server,
     TrustCheck,
 };
+use peerix_test_support::rng::data;
 use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -262,25 +263,11 @@ impl PeerSource for DhtOnly {
     }
 }
 
-/// Deterministic incompressible bytes.
-fn nar_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_found_path_downloads_from_every_holder() {
     let key = SecretKey::generate("trusted-1").unwrap();
     let p = path(4);
-    let nar = nar_bytes(4, 12 << 20);
+    let nar = data(4, 12 << 20);
     let nar_hash = Sha256Hash::digest(&nar);
     let mut info = narinfo(&p, &key);
     info.nar_hash = nar_hash;
@@ -368,7 +355,7 @@ async fn a_nar_the_catalog_does_not_share_stays_private() {
     let holder = peer(TestCatalog::default(), vec![], vec![]).await;
     let asker = peer(TestCatalog::default(), vec![addr(&holder)], vec![]).await;
     wait_connected(&asker.node, 1).await;
-    let nar = nar_bytes(9, 1 << 20);
+    let nar = data(9, 1 << 20);
     let n = nar.clone();
     let m = holder
         .store

@@ -1,7 +1,5 @@
 //! In-process nodes on 127.0.0.1, each with its own state directory.
 
-mod support;
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
@@ -12,8 +10,10 @@ use peerix_nix::StorePathHash;
 use peerix_swarm::node::{read_swarm_key, Discovery, Node, NodeConfig, NodeEvent};
 use tempfile::TempDir;
 
-use support::init_tracing;
-use support::nodes::{find_provider, keys, tcp_addr, wait_connected, wait_event, WAIT};
+use peerix_test_support::swarm::init_tracing;
+use peerix_test_support::swarm::nodes::{
+    find_provider, keys, tcp_addr, wait_connected, wait_event, WAIT,
+};
 
 fn config(dir: &Path) -> NodeConfig {
     let mut c = NodeConfig::new(dir);

@@ -1,14 +1,13 @@
 //! The peer protocol between real libp2p nodes over loopback.
 
-mod support;
-
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use peerix_chunkstore::{ChunkId, ChunkRef};
 use peerix_swarm::client::ClientError;
 use peerix_swarm::protocol::{Kind, NarState, MAX_CHUNKS_PER_REQUEST};
 use peerix_swarm::server::{ServeLimits, ServerEvent};
 use peerix_swarm::PROTOCOL;
-use support::*;
+use peerix_test_support::fixtures::store_path;
+use peerix_test_support::swarm::*;
 
 /// A bound on every wait, so a broken test fails instead of hanging.
 const WAIT: std::time::Duration = std::time::Duration::from_secs(60);

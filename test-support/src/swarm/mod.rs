@@ -1,6 +1,5 @@
 //! Test nodes: a real libp2p swarm (TCP on loopback, noise, yamux) carrying only the stream
 //! behaviour, each with its own chunk store in a tempdir.
-#![allow(dead_code)]
 
 pub mod nodes;
 
@@ -12,7 +11,7 @@ use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux, Multiaddr, PeerId};
-use peerix_chunkstore::{ChunkStore, ChunkerParams, Manifest, Options};
+use peerix_chunkstore::{ChunkStore, Manifest, Options};
 use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
 use peerix_swarm::client::Client;
 use peerix_swarm::protocol::{self, Kind, Request};
@@ -20,6 +19,9 @@ use peerix_swarm::server::{Catalog, ServeLimits, Server, ServerHandle};
 use peerix_swarm::PROTOCOL;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+use crate::fixtures::store_path;
+use crate::rng::Star;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -30,26 +32,15 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*).
+/// Deterministic pseudo-random bytes (xorshift64*); neighbouring seeds give unrelated bytes.
 pub fn nar_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut r = Star(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        v.extend_from_slice(&r.next().to_le_bytes());
     }
     v.truncate(len);
     v
-}
-
-pub fn store_path(n: u8) -> StorePath {
-    let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
-    let hash: String = (0..32)
-        .map(|i| alphabet[(usize::from(n) * 7 + i * 3) % 32] as char)
-        .collect();
-    StorePath::from_base_name(&format!("{hash}-test-{n}")).unwrap()
 }
 
 pub fn narinfo(path: StorePath, m: &Manifest) -> NarInfo {
@@ -79,7 +70,7 @@ impl Node {
         let store = ChunkStore::open(
             &dir.path().join("store"),
             Options {
-                chunker: ChunkerParams::new(16 * 1024, 64 * 1024, 256 * 1024).unwrap(),
+                chunker: crate::store::small(),
                 store_root: None,
             },
         )

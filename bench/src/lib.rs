@@ -23,8 +23,6 @@ use peerix_swarm::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::WireCompression;
-
 mod data;
 pub mod netns;
 mod report;
@@ -34,6 +32,37 @@ pub use report::{svg, table};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether this process runs as root (effective uid 0): network namespaces, `tc` and Nix's
+/// chroot-store sandbox need it.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `--wire-compression`: the values of `peerix serve --wire-compression`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WireCompression {
+    Auto,
+    Always,
+    Never,
+}
+
+impl From<WireCompression> for peerix_swarm::Compression {
+    fn from(w: WireCompression) -> Self {
+        match w {
+            WireCompression::Auto => Self::Auto,
+            WireCompression::Always => Self::Always,
+            WireCompression::Never => Self::Never,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use peerix_chunkstore::{ChunkStore, Options};
 use peerix_swarm::{Catalog, ServeLimits, Server};
 
-use crate::bench::{self, BenchArgs, Report};
+use crate::{BenchArgs, Report};
 
 /// `peerix bench-node`'s flags: one seeder, in the namespace it was started in.
 #[derive(clap::Args, Debug)]
@@ -90,7 +90,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
     if max_n > 200 {
         bail!("at most 200 seeders in netns mode");
     }
-    bench::rate_mib_per_s(&args.rate)?;
+    crate::rate_mib_per_s(&args.rate)?;
     let exe = std::env::current_exe().context("finding the peerix binary")?;
     let tmp;
     let dir = match &args.state_dir {
@@ -211,10 +211,10 @@ pub fn node(args: NodeArgs) -> Result<()> {
         .block_on(async move {
             let size = args.size_mib * 1024 * 1024;
             let store = ChunkStore::open(&args.state_dir.join("chunks"), Options::default())?;
-            let catalog: Arc<dyn Catalog> = Arc::new(bench::ingest_both(&store, size).await?);
+            let catalog: Arc<dyn Catalog> = Arc::new(crate::ingest_both(&store, size).await?);
             let file = args.state_dir.join("nar-1");
-            bench::write_nar_file(&file, size)?;
-            let node = bench::start_node(
+            crate::write_nar_file(&file, size)?;
+            let node = crate::start_node(
                 args.state_dir.join("node"),
                 &format!("/ip4/{}/tcp/0", args.ip),
                 vec![],
@@ -222,7 +222,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
             .await?;
             let server = Server::new(store, catalog, ServeLimits::default());
             let serving = tokio::spawn(server.run(node.stream_control())?);
-            let (url, http) = bench::http_server(file, &format!("{}:0", args.ip)).await?;
+            let (url, http) = crate::http_server(file, &format!("{}:0", args.ip)).await?;
             println!("peer {}", node.listen_addrs()[0]);
             println!("http {url}");
             // Serve until the benchmark lets go of our stdin.

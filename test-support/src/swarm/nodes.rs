@@ -8,6 +8,8 @@ use peerix_swarm::node::{Node, NodeEvent};
 use peerix_swarm::{Multiaddr, PeerId};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::rng::SplitMix;
+
 /// A bound on every wait, so a broken test fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -46,14 +48,8 @@ pub async fn wait_event(
 
 /// Keys that look random enough for the DHT (splitmix64).
 pub fn keys(n: usize, seed: u64) -> Vec<StorePathHash> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut r = SplitMix(seed);
+    let mut next = move || r.next();
     (0..n)
         .map(|_| {
             let mut b = [0u8; 20];
