@@ -112,8 +112,8 @@ async fn answer<S: futures::AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     match req {
         Request::Lookup(_) => {
-            let (body, _) = protocol::encode_lookup_reply(std::slice::from_ref(&script.narinfo));
-            protocol::write_frame(s, Kind::LookupReply, &body).await
+            let info = script.narinfo.parse().expect("a genuine narinfo");
+            protocol::write_reply(s, &protocol::Reply::Lookup(vec![info])).await
         }
         Request::Manifest(h) => {
             let body = if h == script.nar_hash {
@@ -129,7 +129,7 @@ async fn answer<S: futures::AsyncWrite + Unpin>(
                 chunks: vec![true; chunks.len()],
                 nars: vec![protocol::NarState::Complete; nars.len()],
             };
-            protocol::write_frame(s, Kind::HaveReply, &protocol::encode_have_reply(&r)).await
+            protocol::write_reply(s, &protocol::Reply::Have(r)).await
         }
         Request::Chunks(protocol::ChunksRequest { ids, .. }) => {
             for id in ids {
@@ -165,7 +165,7 @@ fn encode(lie: Lie, data: Option<Bytes>) -> protocol::ChunkBody {
     }
 }
 
-/// The manifest reply body for `m` as given, valid or not (as `encode_manifest_reply` lays it
+/// The manifest reply body for `m` as given, valid or not (as `Reply::encode` lays it
 /// out: flag, NarHash, then the manifest's own encoding).
 fn manifest_reply(m: &Manifest) -> Vec<u8> {
     let mut b = vec![1];

@@ -73,10 +73,15 @@ impl Manifest {
         })
     }
 
+    /// Length of [`encode`](Self::encode)'s output.
+    pub fn encoded_len(&self) -> usize {
+        13 + ENTRY * self.chunks.len()
+    }
+
     /// Binary form: version, NAR size, chunk count, then (id, len) per chunk; the NarHash is
     /// the key it is stored under.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(13 + ENTRY * self.chunks.len());
+        let mut v = Vec::with_capacity(self.encoded_len());
         v.push(VERSION);
         v.extend_from_slice(&self.nar_size.to_le_bytes());
         v.extend_from_slice(&(self.chunks.len() as u32).to_le_bytes());

@@ -4,10 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use peerix_chunkstore::MAX_CHUNK;
+use peerix_chunkstore::{ChunkId, MAX_CHUNK};
 use peerix_nix::{NarInfo, Sha256Hash};
 use peerix_swarm::compress;
-use peerix_swarm::protocol::{self, read_frame, Frame, Kind, MAX_LOOKUP};
+use peerix_swarm::protocol::{self, read_frame, Frame, Kind, Reply, Request, MAX_LOOKUP};
 
 fuzz_target!(|data: &[u8]| {
     // The first two bytes are what the requester asked: how many chunks and NARs in a Have.
@@ -26,45 +26,47 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check_reply(f: &Frame, n_chunks: usize, n_nars: usize) {
-    if let Ok(infos) = protocol::decode_lookup_reply(f) {
-        assert!(infos.len() <= MAX_LOOKUP);
-        let rendered: Vec<String> = infos.iter().map(NarInfo::render).collect();
-        let (body, n) = protocol::encode_lookup_reply(&rendered);
-        assert_eq!(n, infos.len());
-        let again = protocol::decode_lookup_reply(&Frame {
-            kind: Kind::LookupReply,
-            body,
-        })
-        .expect("an encoded lookup reply decodes");
-        assert_eq!(again, infos);
+    // What the requester asked: the paths the reply names (so that the check that it names
+    // only those passes and the narinfos themselves are decoded), the NAR the manifest reply
+    // names, and a Have of the counts the input's first bytes give.
+    let mut paths = vec![];
+    if f.kind == Kind::LookupReply {
+        let mut rest = f.body.get(2..).unwrap_or_default();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = (u32::from_be_bytes(*len) as usize).min(tail.len());
+            if let Ok(info) = NarInfo::parse_bytes(&tail[..len]) {
+                paths.push(info.store_path.hash());
+            }
+            rest = &tail[len..];
+        }
     }
-    // The requester checks the manifest is for the NAR it asked about: take the hash the
-    // reply names, so that check passes and the manifest itself is decoded.
     let asked = Sha256Hash(
         f.body
             .get(1..33)
             .and_then(|h| h.try_into().ok())
             .unwrap_or([0; 32]),
     );
-    if let Ok(m) = protocol::decode_manifest_reply(f, &asked) {
-        let body = protocol::encode_manifest_reply(m.as_ref()).expect("it fitted before");
-        assert_eq!(body, f.body);
-        if let Some(m) = m {
-            m.validate().expect("a decoded manifest is valid");
+    let requests = [
+        Request::Lookup(paths),
+        Request::Manifest(asked),
+        Request::Have {
+            chunks: vec![ChunkId([0; 32]); n_chunks],
+            nars: vec![asked; n_nars],
+        },
+    ];
+    for req in &requests {
+        let Ok(reply) = Reply::decode(f, req) else {
+            continue;
+        };
+        match &reply {
+            Reply::Lookup(infos) => assert!(infos.len() <= MAX_LOOKUP),
+            Reply::Manifest(Some(m)) => m.validate().expect("a decoded manifest is valid"),
+            Reply::Have(h) => assert_eq!((h.chunks.len(), h.nars.len()), (n_chunks, n_nars)),
+            Reply::Manifest(None) | Reply::Refused(_) => {}
         }
-    }
-    if let Ok(h) = protocol::decode_have_reply(f, n_chunks, n_nars) {
-        assert_eq!((h.chunks.len(), h.nars.len()), (n_chunks, n_nars));
-        let again = protocol::decode_have_reply(
-            &Frame {
-                kind: Kind::HaveReply,
-                body: protocol::encode_have_reply(&h),
-            },
-            n_chunks,
-            n_nars,
-        )
-        .expect("an encoded have reply decodes");
-        assert_eq!(again, h);
+        let (kind, body) = reply.encode();
+        let again = Reply::decode(&Frame { kind, body }, req).expect("an encoded reply decodes");
+        assert_eq!(again, reply);
     }
     if let Ok((id, body)) = protocol::decode_chunk(f.clone()) {
         assert_eq!(body.encoded_len() + 32, f.body.len());
@@ -77,5 +79,4 @@ fn check_reply(f: &Frame, n_chunks: usize, n_nars: usize) {
             assert_eq!(Some(r.chunk.data().len()), raw_len);
         }
     }
-    let _ = protocol::refusal(f);
 }

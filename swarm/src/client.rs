@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use crate::compress::{self, DecodeError, Received};
 use crate::protocol::{
-    self, decode_chunk, decode_have_reply, decode_lookup_reply, decode_manifest_reply, refusal,
-    ChunkBody, ChunksRequest, Frame, HaveReply, ProtocolError, Refusal, Request, Want,
+    self, decode_chunk, ChunkBody, ChunksRequest, Frame, HaveReply, ProtocolError, Refusal, Reply,
+    Request, Want,
 };
 use crate::PROTOCOL;
 
@@ -128,18 +128,13 @@ impl Client {
         peer: PeerId,
         hashes: &[StorePathHash],
     ) -> Result<Vec<NarInfo>, ClientError> {
-        let req = Request::Lookup(hashes.to_vec());
-        let f = self.request(peer, &req, 64 * 1024).await?;
-        let found =
-            decode_lookup_reply(&f).map_err(|source| ClientError::Protocol { peer, source })?;
-        let asked: HashSet<&StorePathHash> = hashes.iter().collect();
-        if found.iter().any(|n| !asked.contains(&n.store_path.hash())) {
-            return Err(ClientError::Unexpected {
-                peer,
-                why: "a narinfo for a path we did not look up",
-            });
+        match self
+            .request(peer, &Request::Lookup(hashes.to_vec()), 64 * 1024)
+            .await?
+        {
+            Reply::Lookup(found) => Ok(found),
+            _ => Err(another_kind(peer)),
         }
-        Ok(found)
     }
 
     pub async fn manifest(
@@ -147,11 +142,13 @@ impl Client {
         peer: PeerId,
         nar_hash: Sha256Hash,
     ) -> Result<Option<Manifest>, ClientError> {
-        let f = self
+        match self
             .request(peer, &Request::Manifest(nar_hash), 1024 * 1024)
-            .await?;
-        decode_manifest_reply(&f, &nar_hash)
-            .map_err(|source| ClientError::Protocol { peer, source })
+            .await?
+        {
+            Reply::Manifest(m) => Ok(m),
+            _ => Err(another_kind(peer)),
+        }
     }
 
     /// Which of `chunks` the peer holds (downloads in progress included) and what it holds of
@@ -166,9 +163,10 @@ impl Client {
             chunks: chunks.to_vec(),
             nars: nars.to_vec(),
         };
-        let f = self.request(peer, &req, 64 * 1024).await?;
-        decode_have_reply(&f, chunks.len(), nars.len())
-            .map_err(|source| ClientError::Protocol { peer, source })
+        match self.request(peer, &req, 64 * 1024).await? {
+            Reply::Have(h) => Ok(h),
+            _ => Err(another_kind(peer)),
+        }
     }
 
     async fn open(&self, peer: PeerId, req: &Request) -> Result<libp2p::Stream, ClientError> {
@@ -187,20 +185,21 @@ impl Client {
         Ok(s)
     }
 
-    /// One request, one response frame, retried if the stream fails before any answer.
+    /// One request, its reply (a refusal is an error), retried if the stream fails before any
+    /// answer.
     async fn request(
         &self,
         peer: PeerId,
         req: &Request,
         expect: u64,
-    ) -> Result<Frame, ClientError> {
+    ) -> Result<Reply, ClientError> {
         let mut attempt = 0;
         loop {
             let r = async {
                 let mut s = self.open(peer, req).await?;
                 let f = read_frame(&mut s, peer).await?;
                 let _ = s.close().await;
-                Ok::<_, ClientError>(f)
+                Reply::decode(&f, req).map_err(|source| ClientError::Protocol { peer, source })
             };
             match tokio::time::timeout(self.cfg.timeout_for(expect), r).await {
                 Err(_) => return Err(ClientError::Timeout { peer }),
@@ -379,11 +378,20 @@ fn is_early_failure(e: &ClientError) -> bool {
     )
 }
 
+/// [`Reply::decode`] gives the reply of the request's kind, or a refusal, which
+/// [`read_frame`] has turned into an error already.
+fn another_kind(peer: PeerId) -> ClientError {
+    ClientError::Unexpected {
+        peer,
+        why: "a reply of another kind",
+    }
+}
+
 async fn read_frame(s: &mut libp2p::Stream, peer: PeerId) -> Result<Frame, ClientError> {
     let f = protocol::read_frame(s)
         .await
         .map_err(|source| ClientError::Protocol { peer, source })?;
-    match refusal(&f) {
+    match Refusal::of(&f) {
         Some(Refusal::Busy) => Err(ClientError::Busy { peer }),
         Some(Refusal::Banned) => Err(ClientError::Refused { peer }),
         None => Ok(f),

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use peerix_chunkstore::Manifest;
 use peerix_swarm::download::{download, DownloadConfig, DownloadReport};
-use peerix_swarm::protocol::{self, Kind, Request};
+use peerix_swarm::protocol::{self, Request};
 use peerix_swarm::server::ServeLimits;
 use peerix_swarm::{ClientError, PROTOCOL};
 use peerix_test_support::fixtures::store_path;
@@ -213,8 +213,7 @@ fn serve_paced(node: &mut Node, bytes_per_sec: f64) -> Arc<InFlight> {
                             chunks: chunks.iter().map(|c| store.has_chunk(c).unwrap()).collect(),
                             nars: nars.iter().map(|_| protocol::NarState::None).collect(),
                         };
-                        let body = protocol::encode_have_reply(&r);
-                        let _ = protocol::write_frame(&mut s, Kind::HaveReply, &body).await;
+                        let _ = protocol::write_reply(&mut s, &protocol::Reply::Have(r)).await;
                     }
                     Request::Chunks(protocol::ChunksRequest { ids, .. }) => {
                         let _open = Open::new(&counts);

@@ -385,7 +385,7 @@ impl TrustCheck for CountingTrust {
 /// A peer that answers every lookup with `copies` copies of one narinfo.
 async fn rogue_repeating(info: NarInfo, copies: usize) -> (Arc<Node>, TempDir) {
     use futures::{AsyncWriteExt, StreamExt};
-    use peerix_swarm::protocol::{self, Kind, Request};
+    use peerix_swarm::protocol::{self, Request};
     let dir = tempfile::tempdir().unwrap();
     let mut c = NodeConfig::new(dir.path().join("node"));
     c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
@@ -395,15 +395,22 @@ async fn rogue_repeating(info: NarInfo, copies: usize) -> (Arc<Node>, TempDir) {
         .stream_control()
         .accept(peerix_swarm::PROTOCOL)
         .unwrap();
-    let text = info.render();
     tokio::spawn(async move {
         while let Some((_, mut s)) = incoming.next().await {
-            let text = text.clone();
+            let info = info.clone();
             tokio::spawn(async move {
-                if let Ok(Request::Lookup(_)) = protocol::read_request(&mut s).await {
-                    let (body, n) = protocol::encode_lookup_reply(&vec![text; copies]);
-                    assert_eq!(n, copies);
-                    let _ = protocol::write_frame(&mut s, Kind::LookupReply, &body).await;
+                if let Ok(req @ Request::Lookup(_)) = protocol::read_request(&mut s).await {
+                    let reply = protocol::Reply::Lookup(vec![info; copies]);
+                    let (kind, body) = reply.encode();
+                    let sent = protocol::Reply::decode(
+                        &protocol::Frame {
+                            kind,
+                            body: body.clone(),
+                        },
+                        &req,
+                    );
+                    assert_eq!(sent.unwrap(), reply, "every copy fits in the reply");
+                    let _ = protocol::write_frame(&mut s, kind, &body).await;
                 }
                 let _ = s.close().await;
             });

@@ -376,24 +376,88 @@ pub async fn write_request<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Encode a LookupReply from rendered narinfos, leaving out whatever would exceed the frame
-/// bound. Returns the body and how many narinfos it holds.
-pub fn encode_lookup_reply(found: &[String]) -> (Vec<u8>, usize) {
-    let mut b = vec![0, 0];
-    let mut n = 0usize;
-    for s in found.iter().take(MAX_LOOKUP) {
-        if s.len() > NarInfo::MAX_SIZE || b.len() + 4 + s.len() > MAX_LOOKUP_REPLY {
-            continue;
-        }
-        b.extend_from_slice(&(s.len() as u32).to_be_bytes());
-        b.extend_from_slice(s.as_bytes());
-        n += 1;
-    }
-    b[..2].copy_from_slice(&(n as u16).to_be_bytes());
-    (b, n)
+/// A reply: the one frame a server writes to a Lookup, Manifest or Have request, or a refusal
+/// of any request. (A Chunks request is answered by Chunk frames instead, see `chunk.rs`.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The narinfos of those paths asked about that the server shares.
+    Lookup(Vec<NarInfo>),
+    /// The manifest of the NAR asked about, if the server shares it.
+    Manifest(Option<Manifest>),
+    Have(HaveReply),
+    Refused(Refusal),
 }
 
-pub fn decode_lookup_reply(f: &Frame) -> Result<Vec<NarInfo>, ProtocolError> {
+impl Reply {
+    /// The frame type and body. Narinfos past the LookupReply's bound are left out (the
+    /// requester asks again for what it misses); a manifest too large for a ManifestReply
+    /// (see [`manifest_fits`]) is sent as not held.
+    pub fn encode(&self) -> (Kind, Vec<u8>) {
+        match self {
+            Reply::Lookup(infos) => {
+                let mut b = vec![0, 0];
+                let mut n = 0u16;
+                for s in infos.iter().take(MAX_LOOKUP).map(NarInfo::render) {
+                    if s.len() > NarInfo::MAX_SIZE || b.len() + 4 + s.len() > MAX_LOOKUP_REPLY {
+                        continue;
+                    }
+                    b.extend_from_slice(&(s.len() as u32).to_be_bytes());
+                    b.extend_from_slice(s.as_bytes());
+                    n += 1;
+                }
+                b[..2].copy_from_slice(&n.to_be_bytes());
+                (Kind::LookupReply, b)
+            }
+            Reply::Manifest(Some(m)) if manifest_fits(m) => {
+                let enc = m.encode();
+                let mut b = Vec::with_capacity(33 + enc.len());
+                b.push(1);
+                b.extend_from_slice(&m.nar_hash.0);
+                b.extend_from_slice(&enc);
+                (Kind::ManifestReply, b)
+            }
+            Reply::Manifest(_) => (Kind::ManifestReply, vec![0]),
+            Reply::Have(r) => {
+                let mut b = vec![0u8; r.chunks.len().div_ceil(8)];
+                for (i, &h) in r.chunks.iter().enumerate() {
+                    if h {
+                        b[i / 8] |= 1 << (i % 8);
+                    }
+                }
+                b.extend(r.nars.iter().map(|&s| s as u8));
+                (Kind::HaveReply, b)
+            }
+            Reply::Refused(why) => (Kind::Refused, vec![*why as u8]),
+        }
+    }
+
+    /// Decode the reply to `req`: a refusal, or the reply of that request's kind that answers
+    /// it (narinfos only for paths asked about, the manifest of the NAR asked about, one answer
+    /// per chunk and NAR asked about); anything else is malformed.
+    pub fn decode(f: &Frame, req: &Request) -> Result<Self, ProtocolError> {
+        if let Some(why) = Refusal::of(f) {
+            return Ok(Reply::Refused(why));
+        }
+        match req {
+            Request::Lookup(asked) => decode_lookup(f, asked).map(Reply::Lookup),
+            Request::Manifest(h) => decode_manifest(f, h).map(Reply::Manifest),
+            Request::Have { chunks, nars } => {
+                decode_have(f, chunks.len(), nars.len()).map(Reply::Have)
+            }
+            Request::Chunks(_) => Err(ProtocolError::UnexpectedType {
+                expected: "chunk frames",
+                got: f.kind,
+            }),
+        }
+    }
+}
+
+/// True when a ManifestReply can carry `m`.
+pub fn manifest_fits(m: &Manifest) -> bool {
+    33 + m.encoded_len() <= MAX_MANIFEST_REPLY
+}
+
+fn decode_lookup(f: &Frame, asked: &[StorePathHash]) -> Result<Vec<NarInfo>, ProtocolError> {
     expect(f, Kind::LookupReply, "a lookup reply")?;
     let mut c = Cursor(&f.body);
     let n = c.u16("lookup reply")?;
@@ -409,33 +473,20 @@ pub fn decode_lookup_reply(f: &Frame) -> Result<Vec<NarInfo>, ProtocolError> {
             });
         }
         let text = c.take(len, "lookup reply")?;
-        out.push(NarInfo::parse_bytes(text).map_err(|e| ProtocolError::BadNarInfo(Box::new(e)))?);
+        let info =
+            NarInfo::parse_bytes(text).map_err(|e| ProtocolError::BadNarInfo(Box::new(e)))?;
+        if !asked.contains(&info.store_path.hash()) {
+            return Err(ProtocolError::Malformed(
+                "lookup reply with a path not looked up",
+            ));
+        }
+        out.push(info);
     }
     c.end("lookup reply (trailing bytes)")?;
     Ok(out)
 }
 
-/// Encode a ManifestReply; None when the manifest does not fit in one (it cannot be served).
-pub fn encode_manifest_reply(m: Option<&Manifest>) -> Option<Vec<u8>> {
-    let Some(m) = m else {
-        return Some(vec![0]);
-    };
-    let enc = m.encode();
-    if 33 + enc.len() > MAX_MANIFEST_REPLY {
-        return None;
-    }
-    let mut b = Vec::with_capacity(33 + enc.len());
-    b.push(1);
-    b.extend_from_slice(&m.nar_hash.0);
-    b.extend_from_slice(&enc);
-    Some(b)
-}
-
-/// Decode a ManifestReply to a request for `nar_hash`: a manifest for another NAR is malformed.
-pub fn decode_manifest_reply(
-    f: &Frame,
-    nar_hash: &Sha256Hash,
-) -> Result<Option<Manifest>, ProtocolError> {
+fn decode_manifest(f: &Frame, nar_hash: &Sha256Hash) -> Result<Option<Manifest>, ProtocolError> {
     expect(f, Kind::ManifestReply, "a manifest reply")?;
     let mut c = Cursor(&f.body);
     match c.u8("manifest reply")? {
@@ -456,23 +507,7 @@ pub fn decode_manifest_reply(
     }
 }
 
-pub fn encode_have_reply(r: &HaveReply) -> Vec<u8> {
-    let mut b = vec![0u8; r.chunks.len().div_ceil(8)];
-    for (i, &h) in r.chunks.iter().enumerate() {
-        if h {
-            b[i / 8] |= 1 << (i % 8);
-        }
-    }
-    b.extend(r.nars.iter().map(|&s| s as u8));
-    b
-}
-
-/// Decode a HaveReply to a request for `n_chunks` chunks and `n_nars` NARs.
-pub fn decode_have_reply(
-    f: &Frame,
-    n_chunks: usize,
-    n_nars: usize,
-) -> Result<HaveReply, ProtocolError> {
+fn decode_have(f: &Frame, n_chunks: usize, n_nars: usize) -> Result<HaveReply, ProtocolError> {
     expect(f, Kind::HaveReply, "a have reply")?;
     let bitmap = n_chunks.div_ceil(8);
     if f.body.len() != bitmap + n_nars {
@@ -493,20 +528,24 @@ pub fn decode_have_reply(
     Ok(HaveReply { chunks, nars })
 }
 
-pub async fn write_refused<W: AsyncWrite + Unpin>(w: &mut W, why: Refusal) -> std::io::Result<()> {
-    write_frame(w, Kind::Refused, &[why as u8]).await?;
+/// Write a reply and flush it.
+pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std::io::Result<()> {
+    let (k, b) = reply.encode();
+    write_frame(w, k, &b).await?;
     w.flush().await
 }
 
-/// The refusal a frame carries, if it is one.
-pub fn refusal(f: &Frame) -> Option<Refusal> {
-    if f.kind != Kind::Refused {
-        return None;
+impl Refusal {
+    /// The refusal a frame carries, if it is one.
+    pub fn of(f: &Frame) -> Option<Refusal> {
+        if f.kind != Kind::Refused {
+            return None;
+        }
+        Some(match f.body.first() {
+            Some(2) => Refusal::Banned,
+            _ => Refusal::Busy,
+        })
     }
-    Some(match f.body.first() {
-        Some(2) => Refusal::Banned,
-        _ => Refusal::Busy,
-    })
 }
 
 pub(crate) fn expect(f: &Frame, k: Kind, what: &'static str) -> Result<(), ProtocolError> {

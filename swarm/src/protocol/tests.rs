@@ -1,4 +1,5 @@
 use super::*;
+use peerix_chunkstore::ChunkRef;
 
 fn frame_of(req: &Request) -> Vec<u8> {
     let (k, b) = req.encode();
@@ -66,16 +67,60 @@ async fn bounds_are_checked_before_allocation() {
     assert!(read(&f).await.unwrap_err().is_offence());
 }
 
+/// Every reply decodes to what was encoded, as the answer to the request it answers, and is
+/// malformed as the answer to another.
 #[test]
-fn replies_round_trip() {
-    let r = HaveReply {
+fn replies_round_trip_and_answer_only_their_request() {
+    let have = |n_chunks: usize, n_nars: usize| Request::Have {
+        chunks: vec![ChunkId([1; 32]); n_chunks],
+        nars: vec![Sha256Hash([2; 32]); n_nars],
+    };
+    let frame = |r: &Reply| {
+        let (kind, body) = r.encode();
+        Frame { kind, body }
+    };
+    let r = Reply::Have(HaveReply {
         chunks: vec![true, false, true, true, false, false, false, false, true],
         nars: vec![NarState::Partial, NarState::None, NarState::Complete],
+    });
+    assert_eq!(Reply::decode(&frame(&r), &have(9, 3)).unwrap(), r);
+    assert!(Reply::decode(&frame(&r), &have(17, 3)).is_err());
+
+    let info: NarInfo =
+        "StorePath: /nix/store/00000000000000000000000000000000-a\nURL: nar/x.nar\n\
+Compression: none\nNarHash: sha256:0000000000000000000000000000000000000000000000000000\n\
+NarSize: 8\nReferences: \n"
+            .parse()
+            .unwrap();
+    let r = Reply::Lookup(vec![info.clone()]);
+    let asked = Request::Lookup(vec![info.store_path.hash()]);
+    assert_eq!(Reply::decode(&frame(&r), &asked).unwrap(), r);
+    let other = Request::Lookup(vec![StorePathHash([9; 20])]);
+    assert!(
+        Reply::decode(&frame(&r), &other).is_err(),
+        "a path not looked up"
+    );
+    assert!(
+        Reply::decode(&frame(&r), &have(0, 0)).is_err(),
+        "another kind"
+    );
+
+    let m = Manifest {
+        nar_size: 5,
+        nar_hash: Sha256Hash([3; 32]),
+        chunks: vec![ChunkRef {
+            id: ChunkId([4; 32]),
+            len: 5,
+        }],
     };
-    let f = Frame {
-        kind: Kind::HaveReply,
-        body: encode_have_reply(&r),
-    };
-    assert_eq!(decode_have_reply(&f, 9, 3).unwrap(), r);
-    assert!(decode_have_reply(&f, 17, 3).is_err());
+    let r = Reply::Manifest(Some(m.clone()));
+    let asked = Request::Manifest(m.nar_hash);
+    assert_eq!(Reply::decode(&frame(&r), &asked).unwrap(), r);
+    let other = Request::Manifest(Sha256Hash([5; 32]));
+    assert!(Reply::decode(&frame(&r), &other).is_err(), "another NAR");
+    let none = Reply::Manifest(None);
+    assert_eq!(Reply::decode(&frame(&none), &other).unwrap(), none);
+
+    let busy = Reply::Refused(Refusal::Banned);
+    assert_eq!(Reply::decode(&frame(&busy), &asked).unwrap(), busy);
 }

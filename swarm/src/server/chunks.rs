@@ -7,7 +7,7 @@ use tracing::debug;
 
 use super::{timed, AnswerError, Server};
 use crate::compress;
-use crate::protocol::{self, write_chunk, write_refused, ChunkBody, ChunksRequest, Refusal};
+use crate::protocol::{self, write_chunk, write_reply, ChunkBody, ChunksRequest, Refusal, Reply};
 
 impl Server {
     /// Answer one Chunks request on `s`; false when it was answered Busy instead (no slot).
@@ -21,7 +21,7 @@ impl Server {
         let ChunksRequest { ids, want } = req;
         let Some(_slot) = self.shared.acquire(peer).await else {
             debug!(%peer, "no upload slot; answering busy");
-            timed(wt, write_refused(s, Refusal::Busy)).await?;
+            timed(wt, write_reply(s, &Reply::Refused(Refusal::Busy))).await?;
             return Ok(false);
         };
         let shareable = self.shareable_chunks().await?;

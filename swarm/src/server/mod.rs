@@ -18,8 +18,7 @@ use crate::delta::DeltaPlans;
 use crate::peer_tables::PeerTables;
 pub use crate::peer_tables::TrackedPeers;
 use crate::protocol::{
-    self, encode_have_reply, encode_lookup_reply, encode_manifest_reply, write_frame,
-    write_refused, HaveReply, Kind, NarState, Refusal, Request,
+    self, manifest_fits, write_reply, HaveReply, NarState, Refusal, Reply, Request,
 };
 use crate::PROTOCOL;
 
@@ -468,13 +467,11 @@ impl Server {
                     hashes
                         .iter()
                         .filter_map(|h| catalog.lookup(h))
-                        .map(|n| n.render())
                         .collect::<Vec<_>>()
                 })
                 .await
                 .map_err(|e| AnswerError::Store(e.to_string()))?;
-                let (body, _) = encode_lookup_reply(&found);
-                timed(wt, write_frame(s, Kind::LookupReply, &body)).await?;
+                timed(wt, write_reply(s, &Reply::Lookup(found))).await?;
             }
             Request::Manifest(h) => {
                 let catalog = self.catalog.clone();
@@ -489,12 +486,16 @@ impl Server {
                     })
                     .await
                     .map_err(|e| AnswerError::Store(e.to_string()))?;
-                let body = encode_manifest_reply(m.as_ref()).unwrap_or_else(|| {
-                    warn!(nar = %h, "manifest too large to serve");
-                    vec![0]
+                let m = m.filter(|m| {
+                    let fits = manifest_fits(m);
+                    if !fits {
+                        warn!(nar = %h, "manifest too large to serve");
+                    }
+                    fits
                 });
-                timed(wt, write_frame(s, Kind::ManifestReply, &body)).await?;
-                if m.is_some() {
+                let served = m.is_some();
+                timed(wt, write_reply(s, &Reply::Manifest(m))).await?;
+                if served {
                     let _ = self
                         .shared
                         .events
@@ -503,7 +504,7 @@ impl Server {
             }
             Request::Have { .. } | Request::Chunks(_) if !self.catalog.ready() => {
                 debug!(%peer, "not ready (the first scan is under way); answering busy");
-                timed(wt, write_refused(s, Refusal::Busy)).await?;
+                timed(wt, write_reply(s, &Reply::Refused(Refusal::Busy))).await?;
                 return Ok(());
             }
             Request::Have { chunks, nars } => {
@@ -512,7 +513,7 @@ impl Server {
                     .take_have_budget(peer, chunks.len() + nars.len())
                 {
                     debug!(%peer, "have requests too fast; answering busy");
-                    timed(wt, write_refused(s, Refusal::Busy)).await?;
+                    timed(wt, write_reply(s, &Reply::Refused(Refusal::Busy))).await?;
                     return Ok(());
                 }
                 let catalog = self.catalog.clone();
@@ -522,11 +523,7 @@ impl Server {
                     .blocking(move |cs| have(cs, &*catalog, &shareable, &chunks, &nars))
                     .await
                     .map_err(|e| AnswerError::Store(e.to_string()))?;
-                timed(
-                    wt,
-                    write_frame(s, Kind::HaveReply, &encode_have_reply(&reply)),
-                )
-                .await?;
+                timed(wt, write_reply(s, &Reply::Have(reply))).await?;
             }
             Request::Chunks(r) => {
                 if !self.answer_chunks(peer, r, s).await? {

@@ -14,7 +14,7 @@ use libp2p::{noise, tcp, yamux, Multiaddr, PeerId};
 use peerix_chunkstore::{ChunkStore, Manifest, Options};
 use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
 use peerix_swarm::client::Client;
-use peerix_swarm::protocol::{self, Kind, Request};
+use peerix_swarm::protocol::{self, Request};
 use peerix_swarm::server::{Catalog, ServeLimits, Server, ServerHandle};
 use peerix_swarm::PROTOCOL;
 use tokio::sync::{mpsc, oneshot};
@@ -239,8 +239,7 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                             }
                             Rogue::Corrupt | Rogue::Stall => store.manifest(&h).unwrap(),
                         };
-                        let body = protocol::encode_manifest_reply(m.as_ref()).unwrap();
-                        protocol::write_frame(&mut s, Kind::ManifestReply, &body)
+                        protocol::write_reply(&mut s, &protocol::Reply::Manifest(m))
                             .await
                             .unwrap();
                     }
@@ -249,8 +248,7 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                             chunks: chunks.iter().map(|c| store.has_chunk(c).unwrap()).collect(),
                             nars: vec![],
                         };
-                        let body = protocol::encode_have_reply(&r);
-                        let _ = protocol::write_frame(&mut s, Kind::HaveReply, &body).await;
+                        let _ = protocol::write_reply(&mut s, &protocol::Reply::Have(r)).await;
                     }
                     Request::Chunks(_) if matches!(mode, Rogue::Stall) => {
                         // Holds the stream open, silent, until the test ends.
@@ -268,8 +266,8 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                         }
                     }
                     Request::Lookup(_) => {
-                        let (body, _) = protocol::encode_lookup_reply(&[]);
-                        let _ = protocol::write_frame(&mut s, Kind::LookupReply, &body).await;
+                        let reply = protocol::Reply::Lookup(vec![]);
+                        let _ = protocol::write_reply(&mut s, &reply).await;
                     }
                 }
                 let _ = s.close().await;
