@@ -218,7 +218,11 @@ fn a_nar_of_thousands_of_chunks_is_committed_and_removed_in_batches() {
     assert!(distinct.len() > 3 * 1024, "{} chunks", distinct.len());
     let clean = |cs: &ChunkStore, what: &str| {
         let r = cs.fsck(true).unwrap();
-        assert!(r.is_clean(), "{what}: {:?}", &r.problems[..r.problems.len().min(3)]);
+        assert!(
+            r.is_clean(),
+            "{what}: {:?}",
+            &r.problems[..r.problems.len().min(3)]
+        );
     };
     clean(&cs, "after the ingest");
     assert_eq!(read_all(&cs, &m.nar_hash).unwrap(), nar);
