@@ -47,6 +47,8 @@ fn loopback_bench_reports_every_seeder_count_and_dedup() {
             "http_mib_per_s",
             "ratio_to_http",
             "first_byte_ms",
+            "cpu_s_per_gib",
+            "http_cpu_s_per_gib",
         ] {
             let v = row[k].as_f64().unwrap();
             assert!(v > 0.0 && v.is_finite(), "{k} = {v} in {row}");
@@ -61,6 +63,11 @@ fn loopback_bench_reports_every_seeder_count_and_dedup() {
         assert!(sent >= size, "the seeders sent the whole NAR: {row}");
     }
     assert!(r["ideal_per_peer_mib_per_s"].as_f64().unwrap() > 0.0);
+    // What the run cost: the NarHash's SHA-256 of the same bytes, and this process's peak.
+    for k in ["sha256_cpu_s_per_gib", "peak_rss_mib"] {
+        let v = r[k].as_f64().unwrap();
+        assert!(v > 0.0 && v.is_finite(), "{k} = {v}");
+    }
     let d = &r["dedup"];
     assert_eq!(d["v2_size"].as_u64().unwrap(), size);
     let fetched = d["fetched_bytes"].as_u64().unwrap();
@@ -133,6 +140,8 @@ mod needs_root {
                 "ratio_to_ideal",
                 "http_mib_per_s",
                 "ratio_to_http",
+                "cpu_s_per_gib",
+                "http_cpu_s_per_gib",
             ] {
                 let v = row[k].as_f64().unwrap();
                 assert!(v > 0.0 && v.is_finite(), "{k} = {v} in {row}");

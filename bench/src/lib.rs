@@ -23,6 +23,7 @@ use peerix_swarm::{
 };
 use serde::{Deserialize, Serialize};
 
+mod cpu;
 mod data;
 pub mod netns;
 mod report;
@@ -127,6 +128,14 @@ pub struct Row {
     /// Chunk bytes as they crossed the wire (compressed or raw; the NAR is incompressible).
     #[serde(default)]
     pub wire_bytes: u64,
+    /// CPU seconds per GiB of the peer download, user and system, from this process: the
+    /// leecher and (loopback) every seeder; in netns mode the leecher alone.
+    #[serde(default)]
+    pub cpu_s_per_gib: f64,
+    /// The same for the plain HTTP download: client and (loopback) server; in netns mode the
+    /// client alone.
+    #[serde(default)]
+    pub http_cpu_s_per_gib: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -152,6 +161,14 @@ pub struct Report {
     pub ideal_per_peer_mib_per_s: f64,
     pub rows: Vec<Row>,
     pub dedup: Dedup,
+    /// CPU seconds SHA-256 takes per GiB of the same bytes, in this process: the NarHash check
+    /// every download pays.
+    #[serde(default)]
+    pub sha256_cpu_s_per_gib: f64,
+    /// This process's peak resident set over the run (MiB): the leecher, and in loopback
+    /// mode the seeders and the HTTP server too.
+    #[serde(default)]
+    pub peak_rss_mib: f64,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -476,11 +493,15 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         };
         let (h1, h2) = (nar_hash(&p1)?, nar_hash(&p2)?);
         progress.start(&format!("{n} seeder(s)"), size);
+        let cpu = cpu::process_cpu();
         let f = fetch(args.wire_compression, &leecher, h1, size, &progress).await?;
+        let peer_cpu = cpu::process_cpu().saturating_sub(cpu);
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
         progress.done(&format!("{n} seeder(s)"), mib_s);
         progress.start(&format!("HTTP baseline (N={n})"), size);
+        let cpu = cpu::process_cpu();
         let http_mib_s = http_fetch(&url, size, &progress).await?;
+        let http_cpu = cpu::process_cpu().saturating_sub(cpu);
         progress.done("HTTP baseline", http_mib_s);
         if n == 1 && single == 0.0 {
             single = mib_s;
@@ -496,6 +517,8 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 elapsed_s: f.elapsed.as_secs_f64(),
                 bytes_per_peer: f.bytes_per_peer,
                 wire_bytes: f.wire_bytes,
+                cpu_s_per_gib: cpu::per_gib(peer_cpu, size),
+                http_cpu_s_per_gib: cpu::per_gib(http_cpu, size),
             });
         }
 
@@ -526,7 +549,10 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     }
     progress.finish();
     rows.sort_by_key(|r| r.seeders);
+    let sha = tokio::task::spawn_blocking(move || cpu::sha256_cpu(size)).await??;
     Ok(Report {
+        sha256_cpu_s_per_gib: cpu::per_gib(sha, size),
+        peak_rss_mib: cpu::peak_rss() as f64 / MIB,
         mode: args.mode,
         nar_size: size,
         ideal_per_peer_mib_per_s: single,

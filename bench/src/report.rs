@@ -10,21 +10,41 @@ pub fn table(r: &Report) -> String {
         r.ideal_per_peer_mib_per_s
     );
     s += &format!(
-        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>10}\n",
-        "N", "MiB/s", "/ideal", "HTTP MiB/s", "/HTTP", "1st byte", "wire MiB"
+        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>10} {:>9} {:>9} {:>7}\n",
+        "N",
+        "MiB/s",
+        "/ideal",
+        "HTTP MiB/s",
+        "/HTTP",
+        "1st byte",
+        "wire MiB",
+        "CPU s/GiB",
+        "HTTP CPU",
+        "/HTTP"
     );
     for row in &r.rows {
         s += &format!(
-            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>10.1}\n",
+            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>10.1} {:>9.2} {:>9.2} {:>7.2}\n",
             row.seeders,
             row.mib_per_s,
             row.ratio_to_ideal,
             row.http_mib_per_s,
             row.ratio_to_http,
             row.first_byte_ms,
-            row.wire_bytes as f64 / MIB
+            row.wire_bytes as f64 / MIB,
+            row.cpu_s_per_gib,
+            row.http_cpu_s_per_gib,
+            row.cpu_s_per_gib / row.http_cpu_s_per_gib.max(f64::MIN_POSITIVE)
         );
     }
+    let both = match r.mode {
+        super::Mode::Loopback => "both ends, every node in this process",
+        super::Mode::Netns => "the leecher and the HTTP client alone",
+    };
+    s += &format!(
+        "CPU per GiB moved ({both}); SHA-256 of the same bytes {:.2} s/GiB; peak RSS {:.0} MiB\n",
+        r.sha256_cpu_s_per_gib, r.peak_rss_mib
+    );
     let d = &r.dedup;
     s += &format!(
         "dedup: version 2 ({:.1} MiB) fetched {:.2} MiB from peers ({:.2}%, {:.2} MiB on the wire), {:.1} MiB local\n",

@@ -1,0 +1,70 @@
+//! What a run costs, from the process itself: CPU time (user + system, every thread) and the
+//! peak resident set. On a shared machine these hold where MiB/s do not.
+
+use std::io::Read;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::data::NarGen;
+
+/// CPU time this process has used so far, every thread, user and system.
+pub fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// CPU time the calling thread has used so far.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the struct it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The peak resident set of this process so far (VmHWM), in bytes.
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// CPU seconds per GiB for `cpu` spent on `bytes`.
+pub fn per_gib(cpu: Duration, bytes: u64) -> f64 {
+    cpu.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// The CPU time SHA-256 takes over the benchmark's NAR of `size` bytes: the NarHash check any
+/// substituter pays, the floor of what a download costs. Generating the bytes is not counted.
+pub fn sha256_cpu(size: u64) -> std::io::Result<Duration> {
+    let mut gen = NarGen::new(1, size);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h = Sha256::new();
+    let mut spent = Duration::ZERO;
+    loop {
+        let n = gen.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let t = thread_cpu();
+        h.update(&buf[..n]);
+        spent += thread_cpu().saturating_sub(t);
+    }
+    std::hint::black_box(h.finalize());
+    Ok(spent)
+}
