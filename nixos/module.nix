@@ -31,6 +31,7 @@ let
     ++ optionals (cfg.privateKeyFile != null) [ "--private-key" "%d/peerix.sec" ]
     ++ optionals (cfg.swarmKeyFile != null) [ "--swarm-key" "%d/swarm.key" ]
     ++ concatMap (h: [ "--peer" (withPort h) ]) cfg.extraHosts
+    ++ concatMap (a: [ "--bootstrap" a ]) cfg.bootstrap
     ++ concatMap (k: [ "--trusted-key" k ]) cfg.trustedKeys
     ++ concatMap (p: [ "--deny" p ]) cfg.deny
     ++ optionals (cfg.settings != { }) [ "--config" "${settingsFile}" ];
@@ -170,6 +171,13 @@ in
       default = [ ];
       example = [ "builder.lan" "10.0.0.7:12305" "/ip4/10.0.0.8/tcp/12305" ];
       description = "Peers to connect to directly (host, host:port or multiaddr), for networks without broadcast such as VPNs.";
+    };
+
+    bootstrap = mkOption {
+      type = types.listOf (types.strMatching ".*/p2p/[^/]+");
+      default = [ ];
+      example = [ "/dns4/dht.example.org/tcp/12305/p2p/12D3KooWExampleExampleExampleExampleExampleExample" ];
+      description = "Entry points into the DHT, multiaddrs ending in /p2p/<peer id>: dialled at start and kept in the DHT's routing table, not held connected as extraHosts are.";
     };
 
     disableBroadcast = mkOption {

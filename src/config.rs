@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Explicit peers to connect to: multiaddr or host:port (repeatable).
     #[arg(long = "peer", value_name = "ADDR", num_args = 1..)]
     pub peers: Vec<String>,
+    /// Entry points into the DHT: multiaddrs ending in /p2p/<peer id> (repeatable). Dialled at
+    /// start and kept in the DHT's routing table, not held connected as a --peer is.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR", num_args = 1..)]
+    pub bootstrap: Vec<String>,
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
     pub no_mdns: bool,
@@ -133,6 +137,7 @@ pub struct FileConfig {
     pub p2p_listen: Option<Vec<String>>,
     #[serde(alias = "peer")]
     pub peers: Option<Vec<String>>,
+    pub bootstrap: Option<Vec<String>>,
     pub mdns: Option<bool>,
     pub store: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
@@ -159,6 +164,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub p2p_listen: Vec<Multiaddr>,
     pub peers: Vec<String>,
+    pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
     pub store: PathBuf,
     pub state_dir: PathBuf,
@@ -244,6 +250,20 @@ impl ServeConfig {
                     .with_context(|| format!("--p2p-listen {s} is not a multiaddr"))
             })
             .collect::<Result<Vec<_>>>()?;
+        let bootstrap = nonempty(args.bootstrap)
+            .or(file.bootstrap)
+            .unwrap_or_default()
+            .iter()
+            .map(|s| {
+                let a = s
+                    .parse::<Multiaddr>()
+                    .with_context(|| format!("--bootstrap {s} is not a multiaddr"))?;
+                match peerix_swarm::node::peer_of(&a) {
+                    Some(_) => Ok(a),
+                    None => bail!("--bootstrap {s} does not end in /p2p/<peer id>"),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         let trusted_keys = nonempty(args.trusted_keys)
             .or(file.trusted_keys)
             .unwrap_or_default()
@@ -265,6 +285,7 @@ impl ServeConfig {
             listen,
             p2p_listen,
             peers: nonempty(args.peers).or(file.peers).unwrap_or_default(),
+            bootstrap,
             mdns: if args.no_mdns {
                 false
             } else {
@@ -366,6 +387,24 @@ mod tests {
         assert!(c.deny.iter().any(|d| d == "nixos-system-*"));
         assert_eq!(c.upstream_cache, None);
         assert_eq!(c.p2p_listen.len(), 2);
+    }
+
+    #[test]
+    fn bootstrap_nodes_name_their_peer() {
+        let id = "12D3KooWHZjUZLmsKDtRDUqYbRGgGoHWhLbFDmG5peDLhfb2CPo7";
+        let file: FileConfig = toml::from_str(&format!(
+            "bootstrap = [\"/ip4/10.0.0.1/tcp/12305/p2p/{id}\"]\n"
+        ))
+        .unwrap();
+        let c = ServeConfig::merge(ServeArgs::default(), file).unwrap();
+        assert_eq!(c.bootstrap.len(), 1);
+        assert!(c.peers.is_empty(), "an entry point is not an explicit peer");
+        let args = ServeArgs {
+            bootstrap: vec!["/ip4/10.0.0.1/tcp/12305".into()],
+            ..ServeArgs::default()
+        };
+        let e = ServeConfig::merge(args, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("/p2p/"), "{e}");
     }
 
     #[test]

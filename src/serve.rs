@@ -178,6 +178,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     let mut nc = NodeConfig::new(cfg.state_dir.join("p2p"));
     nc.listen = cfg.p2p_listen.clone();
     nc.peers = cfg.peers.clone();
+    nc.bootstrap = cfg.bootstrap.clone();
     nc.mdns = cfg.mdns;
     if let Some(k) = &cfg.swarm_key {
         nc.swarm_key = Some(peerix_swarm::node::read_swarm_key(k)?);

@@ -362,6 +362,7 @@ mod needs_nix {
                     group = "peerix";
                     disableBroadcast = true;
                     extraHosts = [ "asus" "msi" "10.0.0.9:4000" ];
+                    bootstrap = [ "/ip4/203.0.113.5/tcp/12305/p2p/12D3KooWHZjUZLmsKDtRDUqYbRGgGoHWhLbFDmG5peDLhfb2CPo7" ];
                     globalCacheTTL = 10;
                   }};
                   users.users.peerix = {{ isSystemUser = true; group = "peerix"; }};
@@ -375,6 +376,7 @@ mod needs_nix {
             let serve = serve_line(&v);
             for want in [
                 " --peer asus:12305 --peer msi:12305 --peer 10.0.0.9:4000",
+                " --bootstrap /ip4/203.0.113.5/tcp/12305/p2p/12D3KooWHZjUZLmsKDtRDUqYbRGgGoHWhLbFDmG5peDLhfb2CPo7",
                 " --no-mdns",
             ] {
                 assert!(serve.contains(want), "{want} missing: {serve}");

@@ -212,6 +212,39 @@ async fn dht_finds_a_provider_never_introduced() {
     }
 }
 
+/// Two nodes that know only a bootstrap node (not an explicit peer: not held connected), and
+/// not each other, find each other's paths in the DHT and connect.
+#[tokio::test]
+async fn the_dht_works_with_only_a_bootstrap_node_in_common() {
+    init_tracing();
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let x = start(&dirs[0], |_| {}).await;
+    let entry = tcp_addr(&x);
+    let a = start(&dirs[1], |c| c.bootstrap = vec![entry.clone()]).await;
+    let b = start(&dirs[2], |c| c.bootstrap = vec![entry.clone()]).await;
+    let k = keys(1, 11);
+    a.set_provided(k.clone());
+    assert!(
+        find_provider(&b, &k[0], a.peer_id()).await,
+        "B finds A through the bootstrap node"
+    );
+    b.connect(a.peer_id()).await.expect("B reaches A");
+
+    // An entry point must name its peer.
+    let mut bare = entry.clone();
+    bare.pop();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.bootstrap = vec![bare];
+    assert!(matches!(
+        Node::start(c).await,
+        Err(peerix_swarm::NodeError::BootstrapWithoutPeerId(_))
+    ));
+    for n in [x, a, b] {
+        n.shutdown().await;
+    }
+}
+
 /// A hundred thousand provided keys really announced, at the pace the set's size sets: the
 /// whole set once per `provide_interval`. The interval is shortened to 1,000 s, so the pace is
 /// 100,000 / 1,000 s = 100 keys a second (a set cut short, say at kad's default limit of 1,024

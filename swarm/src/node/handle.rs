@@ -84,6 +84,14 @@ impl Node {
             return Err(NodeError::NoListenAddrs);
         }
 
+        let bootstrap = cfg
+            .bootstrap
+            .iter()
+            .map(|a| match super::peer_of(a) {
+                Some(peer) => Ok((peer, a.clone())),
+                None => Err(NodeError::BootstrapWithoutPeerId(a.clone())),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut swarm = build_swarm(keypair, &cfg)?;
         let control = swarm.behaviour().stream.new_control();
         let keepalive_acceptor = match control.clone().accept(KEEPALIVE_PROTOCOL) {
@@ -133,6 +141,16 @@ impl Node {
             tracing::warn!(error = %e, "a listen address failed");
         }
         tracing::info!(peer = %peer_id, addrs = ?addrs, "node listening");
+        for (peer, addr) in bootstrap {
+            // In the routing table, the DHT's queries reach it; the dial brings it in now, and
+            // the first connection starts a bootstrap of the routing table through it.
+            let mut bare = addr.clone();
+            bare.pop();
+            swarm.behaviour_mut().kad.add_address(&peer, bare);
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "dialling a bootstrap node failed");
+            }
+        }
 
         let listen_addrs = Arc::new(Mutex::new(addrs));
         let (commands, command_rx) = mpsc::unbounded_channel();

@@ -42,6 +42,14 @@ mod transport;
 
 pub use behaviour::MAX_PROVIDED_KEYS;
 pub use handle::Node;
+
+/// The peer a multiaddr names with its last component, `/p2p/<id>`, if it does.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
 pub use identity::{load_or_create_identity, read_swarm_key};
 pub use peers::{Overview, PeerDetails};
 pub use provider_store::{ProviderLimits, ProviderStats};
@@ -81,6 +89,8 @@ pub enum NodeError {
     NoListenAddrs,
     #[error("dialing {target}: {reason}")]
     Dial { target: String, reason: String },
+    #[error("bootstrap address {0} does not end in /p2p/<peer id>")]
+    BootstrapWithoutPeerId(Multiaddr),
     #[error("the node has shut down")]
     Shutdown,
 }
@@ -119,6 +129,10 @@ pub struct NodeConfig {
     pub listen: Vec<Multiaddr>,
     /// A multiaddr (with or without `/p2p/<id>`) or `host:port`.
     pub peers: Vec<String>,
+    /// Entry points into the DHT, each a multiaddr ending in `/p2p/<id>`: put in the DHT's
+    /// routing table and dialled at start. Unlike `peers`, they are not held connected: the
+    /// DHT dials them again when a query needs them, and knows other nodes through them.
+    pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
     /// A private swarm: TCP through pnet, and no QUIC (pnet cannot protect it).
     pub swarm_key: Option<PreSharedKey>,
@@ -163,6 +177,7 @@ impl NodeConfig {
                     .expect("static multiaddr"),
             ],
             peers: Vec::new(),
+            bootstrap: Vec::new(),
             mdns: true,
             swarm_key: None,
             allowed_peers: None,
