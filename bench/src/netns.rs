@@ -124,6 +124,12 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
     let leecher_ns = format!("pxb{pid}-l");
     lab.add_ns(leecher_ns.clone())?;
     lab.attach(&hub, &leecher_ns, 0, 1)?;
+    // A bucket of 10 ms at the cap (at least 64 KiB, a TSO segment): what a real link's
+    // shaper lets through at once. A 4 KiB bucket made the kernel release the link a few
+    // packets per timer tick, and a plain HTTP transfer reached only ~0.7 of the cap.
+    let burst = ((crate::rate_mib_per_s(&args.rate)? * crate::MIB / 100.0) as u64)
+        .max(64 << 10)
+        .to_string();
     eprintln!("bench: starting {max_n} seeder(s), each chunking the NAR…");
     let mut pending = vec![];
     for i in 0..max_n {
@@ -132,7 +138,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         lab.attach(&hub, &ns, i + 1, i + 2)?;
         sh(&[
             "ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
-            &args.rate, "burst", "32kbit", "latency", "400ms",
+            &args.rate, "burst", &burst, "latency", "400ms",
         ])?;
         let ip = format!("10.233.0.{}", i + 2);
         let mut child = Command::new("ip")
