@@ -22,6 +22,7 @@ let
     ++ [ "--timeout" (toString cfg.timeout) ]
     ++ [ "--scan-interval" (toString cfg.scanInterval) ]
     ++ [ "--max-store-size" cfg.maxStoreSize ]
+    ++ optionals (cfg.maxUploadRate != null) [ "--max-upload-rate" cfg.maxUploadRate ]
     ++ [ "--upstream-concurrency" (toString cfg.upstreamConcurrency) ]
     ++ [ "--wire-compression" cfg.wireCompression ]
     ++ optional (!cfg.deltas) "--no-deltas"
@@ -280,6 +281,13 @@ in
       default = "10GiB";
       example = "50GB";
       description = "Disk budget for NARs kept in the state directory's packs (downloads the Nix store does not hold, pinned seeds); least recently used unpinned ones are evicted past it. \"0\" means no budget.";
+    };
+
+    maxUploadRate = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "2MiB";
+      description = "Chunk bytes per second sent to all peers together, shared fairly between them (a home uplink's polite share); null: no cap.";
     };
 
     wireCompression = mkOption {

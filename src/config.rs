@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// evicted past it [default: 10GiB].
     #[arg(long, value_name = "SIZE")]
     pub max_store_size: Option<String>,
+    /// Chunk bytes per second sent to all peers together, shared fairly between them: `2MiB`,
+    /// `500KB`; `0` for no cap [default: none].
+    #[arg(long, value_name = "SIZE")]
+    pub max_upload_rate: Option<String>,
     /// Share every path not denied, not only public, own-signed and pinned ones.
     #[arg(long)]
     pub share_all: bool,
@@ -150,6 +154,7 @@ pub struct FileConfig {
     pub swarm_key: Option<PathBuf>,
     pub scan_interval: Option<f64>,
     pub max_store_size: Option<String>,
+    pub max_upload_rate: Option<String>,
     pub share_all: Option<bool>,
     pub upstream_concurrency: Option<usize>,
     pub deny: Option<Vec<String>>,
@@ -178,6 +183,8 @@ pub struct ServeConfig {
     pub scan_interval: Option<Duration>,
     /// Bytes the packs may hold; `None`: no budget.
     pub max_store_size: Option<u64>,
+    /// Bytes per second.
+    pub max_upload_rate: Option<std::num::NonZeroU32>,
     pub share_all: bool,
     pub upstream_concurrency: usize,
     /// DEFAULT_DENY plus the configured extras.
@@ -322,6 +329,19 @@ impl ServeConfig {
                     .as_deref()
                     .unwrap_or(DEFAULT_MAX_STORE_SIZE),
             )?,
+            max_upload_rate: match args.max_upload_rate.or(file.max_upload_rate) {
+                None => None,
+                Some(v) => size("--max-upload-rate", &v)?
+                    .map(|b| {
+                        u32::try_from(b)
+                            .ok()
+                            .and_then(std::num::NonZeroU32::new)
+                            .with_context(|| {
+                                format!("--max-upload-rate {v}: at most 4GiB a second")
+                            })
+                    })
+                    .transpose()?,
+            },
             share_all: args.share_all || file.share_all.unwrap_or(false),
             upstream_concurrency: args
                 .upstream_concurrency
@@ -387,6 +407,23 @@ mod tests {
         assert!(c.deny.iter().any(|d| d == "nixos-system-*"));
         assert_eq!(c.upstream_cache, None);
         assert_eq!(c.p2p_listen.len(), 2);
+    }
+
+    #[test]
+    fn an_upload_cap_is_a_size_per_second() {
+        let rate = |v: &str| {
+            let args = ServeArgs {
+                max_upload_rate: Some(v.into()),
+                ..ServeArgs::default()
+            };
+            ServeConfig::merge(args, FileConfig::default()).map(|c| c.max_upload_rate)
+        };
+        assert_eq!(rate("2MiB").unwrap().map(|r| r.get()), Some(2 << 20));
+        assert_eq!(rate("0").unwrap(), None);
+        assert!(rate("fast").is_err());
+        assert!(rate("8GiB").is_err());
+        let c = ServeConfig::merge(ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.max_upload_rate, None, "no cap unless asked");
     }
 
     #[test]

@@ -186,7 +186,11 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     let node = Arc::new(Node::start(nc).await.context("starting the p2p node")?);
     let mut events = node.events();
 
-    let server = Server::new(store.clone(), sharing.clone(), ServeLimits::default());
+    let limits = ServeLimits {
+        max_upload_rate: cfg.max_upload_rate,
+        ..ServeLimits::default()
+    };
+    let server = Server::new(store.clone(), sharing.clone(), limits);
     let server_handle = server.handle();
     let control = node.stream_control();
     tokio::spawn(server.run(control).context("serving the peer protocol")?);

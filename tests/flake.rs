@@ -363,6 +363,7 @@ mod needs_nix {
                     disableBroadcast = true;
                     extraHosts = [ "asus" "msi" "10.0.0.9:4000" ];
                     bootstrap = [ "/ip4/203.0.113.5/tcp/12305/p2p/12D3KooWHZjUZLmsKDtRDUqYbRGgGoHWhLbFDmG5peDLhfb2CPo7" ];
+                    maxUploadRate = "2MiB";
                     globalCacheTTL = 10;
                   }};
                   users.users.peerix = {{ isSystemUser = true; group = "peerix"; }};
@@ -378,6 +379,7 @@ mod needs_nix {
                 " --peer asus:12305 --peer msi:12305 --peer 10.0.0.9:4000",
                 " --bootstrap /ip4/203.0.113.5/tcp/12305/p2p/12D3KooWHZjUZLmsKDtRDUqYbRGgGoHWhLbFDmG5peDLhfb2CPo7",
                 " --no-mdns",
+                " --max-upload-rate 2MiB",
             ] {
                 assert!(serve.contains(want), "{want} missing: {serve}");
             }

@@ -3,6 +3,8 @@
 use bytes::Bytes;
 use peerix_chunkstore::Manifest;
 use peerix_swarm::download::{download, DownloadConfig, DownloadError, DownloadReport};
+use peerix_swarm::ServeLimits;
+use peerix_test_support::fixtures::store_path;
 use peerix_test_support::swarm::*;
 use tokio::sync::mpsc;
 
@@ -344,4 +346,53 @@ async fn the_endgame_races_a_peer_that_never_answers() {
     assert!(got == data);
     assert_eq!(report.bytes_per_peer.get(&seeders[1].peer), None);
     assert!(report.bad_peers.is_empty(), "silence is no lie: {report:?}");
+}
+
+/// A seeder capped at 2 MiB/s serves two leechers at once: together they get no more than the
+/// cap (beyond the bucket's first 200 KiB), and neither waits for the other to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cap_holds_and_is_shared_between_peers() {
+    init_tracing();
+    const RATE: u32 = 2 << 20;
+    let mut seeder = Node::new().await;
+    let data = nar_bytes(12, 6 << 20);
+    let m = seeder.ingest(&data);
+    let limits = ServeLimits {
+        max_upload_rate: std::num::NonZeroU32::new(RATE),
+        ..ServeLimits::default()
+    };
+    seeder.serve(catalog(&[narinfo(store_path(0), &m)]), limits);
+    let (a, b) = (Node::new().await, Node::new().await);
+    a.connect(&seeder).await;
+    b.connect(&seeder).await;
+    let started = tokio::time::Instant::now();
+    let leech = |n| leech_timed(n, &m, &seeder, &data, started);
+    let (ta, tb) = tokio::join!(leech(&a), leech(&b));
+    let (first, last) = (ta.min(tb), ta.max(tb));
+    // 12 MiB at 2 MiB/s, the first 200 KiB free: never faster than this, however idle the
+    // machine (a busy one only makes it slower).
+    let least = (12.0 * 1048576.0 - 204800.0) / f64::from(RATE);
+    assert!(
+        last.as_secs_f64() >= least,
+        "12 MiB went out in {last:?}, faster than the cap allows ({least:.1} s)"
+    );
+    // Shared: the one that finished first did not have the link to itself.
+    assert!(
+        first.as_secs_f64() >= 0.6 * last.as_secs_f64(),
+        "one finished at {first:?}, the other at {last:?}"
+    );
+}
+
+/// Download `m` from `seeder` whole; the time since `started` when it ended.
+async fn leech_timed(
+    n: &Node,
+    m: &Manifest,
+    seeder: &Node,
+    data: &[u8],
+    started: tokio::time::Instant,
+) -> std::time::Duration {
+    let (r, got) = fetch(n, m, &[seeder], small_runs(), 4, |_| {}).await;
+    r.expect("the download completes under the cap");
+    assert!(got == data, "output differs from the NAR");
+    started.elapsed()
 }

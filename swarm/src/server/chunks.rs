@@ -54,6 +54,9 @@ impl Server {
                 }
                 None => body,
             };
+            if let Some(cap) = &self.shared.upload {
+                cap.pace(body.encoded_len()).await;
+            }
             // One chunk at a time: the next is read only once this one is written,
             // so a slow reader holds at most one chunk of ours in memory.
             timed(wt, write_chunk(s, &id, &body)).await?;

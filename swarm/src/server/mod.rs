@@ -23,6 +23,7 @@ use crate::protocol::{
 use crate::PROTOCOL;
 
 mod chunks;
+mod upload;
 
 /// Decides what this node may share: the narinfo of a store path it offers to peers.
 pub trait Catalog: Send + Sync {
@@ -113,6 +114,8 @@ pub struct ServeLimits {
     /// is answered Busy.
     pub have_rate: u32,
     pub have_burst: u32,
+    /// Chunk bytes per second sent to all peers together; none: no cap (see `upload.rs`).
+    pub max_upload_rate: Option<std::num::NonZeroU32>,
 }
 
 impl Default for ServeLimits {
@@ -130,6 +133,7 @@ impl Default for ServeLimits {
             max_tracked_peers: 4096,
             have_rate: 4 * protocol::MAX_HAVE_CHUNKS as u32,
             have_burst: 8 * protocol::MAX_HAVE_CHUNKS as u32,
+            max_upload_rate: None,
         }
     }
 }
@@ -166,6 +170,7 @@ struct Shared {
     slot_freed: Notify,
     events: broadcast::Sender<ServerEvent>,
     limits: ServeLimits,
+    upload: Option<upload::UploadCap>,
     /// Built on demand, one build at a time.
     chunk_index: tokio::sync::Mutex<Option<ChunkIndex>>,
 }
@@ -260,7 +265,8 @@ impl Shared {
     /// a slot frees. None when no slot came within the queue timeout.
     async fn acquire(self: &Arc<Self>, peer: PeerId) -> Option<SlotGuard> {
         let deadline = tokio::time::Instant::now() + self.limits.queue_timeout;
-        let total = self.limits.max_chunk_requests.max(1);
+        let total =
+            upload::slots(self.limits.max_upload_rate, self.limits.max_chunk_requests).max(1);
         let mut waiting = false;
         loop {
             let notified = self.slot_freed.notified();
@@ -341,6 +347,7 @@ impl Server {
                 slots: Mutex::default(),
                 slot_freed: Notify::new(),
                 events,
+                upload: limits.max_upload_rate.map(upload::UploadCap::new),
                 limits,
                 chunk_index: tokio::sync::Mutex::new(None),
             }),
