@@ -123,12 +123,13 @@ impl Durability {
     }
 
     /// Return once everything up to `end` is durable, syncing the active pack if no running
-    /// sync covers it. `active` gives the active pack's file and how far it is written.
+    /// sync covers it. `active` gives the active pack's file, how far it is written, and its
+    /// path (for errors).
     pub(crate) fn sync_to(
         &self,
         end: Mark,
         dir: &Path,
-        active: impl FnOnce() -> Option<(std::sync::Arc<File>, Mark)>,
+        active: impl FnOnce() -> Option<(std::sync::Arc<File>, Mark, std::path::PathBuf)>,
     ) -> Result<()> {
         let mut st = self.state.lock().expect("durability lock");
         loop {
@@ -146,9 +147,7 @@ impl Durability {
         st.syncing = true;
         drop(st);
         let r = match active() {
-            Some((file, mark)) => {
-                self.sync_file(&file, mark, &dir.join(crate::pack::pack_name(mark.0)))
-            }
+            Some((file, mark, path)) => self.sync_file(&file, mark, &path),
             // Retired since: retiring synced it.
             None => Ok(()),
         };

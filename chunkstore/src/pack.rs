@@ -192,7 +192,9 @@ impl Packs {
     fn sync_to(&self, end: Mark) -> Result<()> {
         self.durability.sync_to(end, &self.dir, || {
             let guard = self.active.lock().expect("active pack lock");
-            guard.as_ref().map(|a| (a.file.clone(), (a.id, a.len)))
+            guard
+                .as_ref()
+                .map(|a| (a.file.clone(), (a.id, a.len), self.path(a.id)))
         })
     }
 
