@@ -11,8 +11,8 @@ use peerix_nix::Sha256Hash;
 use tokio::sync::OnceCell;
 use tracing::debug;
 
+use crate::catalog::Catalog;
 use crate::protocol::DeltaAsk;
-use crate::server::Catalog;
 
 /// Pairs of NARs whose plans are kept.
 const PLANS: usize = 16;

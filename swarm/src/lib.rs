@@ -3,6 +3,7 @@
 //! the multi-peer downloader.
 
 mod admission;
+pub mod catalog;
 pub mod client;
 pub mod compress;
 mod delta;
@@ -15,6 +16,7 @@ pub mod protocol;
 pub mod server;
 
 pub use admission::StreamStats;
+pub use catalog::Catalog;
 pub use client::{Client, ClientConfig, ClientError};
 pub use download::{
     download, Compression, DownloadConfig, DownloadError, DownloadOutcome, DownloadReport,
@@ -24,9 +26,7 @@ pub use fetch::{fetch_nar, FetchError, FetchOutcome, FetchRequest};
 pub use libp2p::{Multiaddr, PeerId};
 pub use lookup::{Found, Lookup, PeerSource, TrustCheck};
 pub use node::{Node, NodeConfig, NodeError, NodeEvent, Overview, PeerDetails};
-pub use server::{
-    Catalog, ServeLimits, Server, ServerError, ServerEvent, ServerHandle, TrackedPeers,
-};
+pub use server::{ServeLimits, Server, ServerError, ServerEvent, ServerHandle, TrackedPeers};
 
 /// The peer protocol, versioned: a peer that speaks another version is simply not offered it.
 pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/peerix/chunks/2");
