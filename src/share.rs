@@ -16,7 +16,7 @@ use peerix_nix::{
 };
 use peerix_swarm::Catalog;
 
-use crate::seed::Seed;
+use crate::seed::record::Seed;
 use tracing::{debug, info, warn};
 
 /// Store-path names never shared, whatever else says so (an own signature, a seed, a pin,

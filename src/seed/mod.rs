@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::share::Sharing;
 
-mod record;
+pub(crate) mod record;
 pub use record::Seed;
 
 /// Upstream checks in flight at once.
