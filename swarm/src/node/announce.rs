@@ -1,16 +1,13 @@
 //! Announcing the store paths this node serves in the DHT: the [`Pacer`] that decides which
-//! key goes out next and how fast, and the event-loop step that starts the Kademlia
-//! announcements it allows. Kademlia's own republication is turned off (see the behaviour), so
+//! key goes out next and how fast (the event loop's step that starts the Kademlia
+//! announcements it allows is in `dht.rs`). Kademlia's own republication is turned off (see the behaviour), so
 //! this is the only place announcements come from.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use libp2p::kad;
 use peerix_nix::StorePathHash;
 use tokio::time::Instant;
-
-use super::event_loop::EventLoop;
 
 /// Announces provided keys at a bounded pace.
 ///
@@ -76,7 +73,7 @@ impl Pacer {
     }
 
     /// The next key to announce now, if the pace and the in-flight bound allow one.
-    fn next(&mut self, now: Instant) -> Option<StorePathHash> {
+    pub(super) fn next(&mut self, now: Instant) -> Option<StorePathHash> {
         let rate = self.rate();
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
@@ -108,27 +105,6 @@ impl Pacer {
 
     pub(super) fn done(&mut self) {
         self.in_flight = self.in_flight.saturating_sub(1);
-    }
-}
-
-impl EventLoop {
-    pub(super) fn pump_announcements(&mut self, now: Instant) {
-        // Announcing to nobody would only burn keys off the queue; they wait for a peer.
-        if self.pacer.set.is_empty() || self.routing_table_empty() {
-            return;
-        }
-        while let Some(key) = self.pacer.next(now) {
-            let rkey = kad::RecordKey::new(key.as_bytes());
-            match self.swarm.behaviour_mut().kad.start_providing(rkey) {
-                Ok(id) => {
-                    self.announcing.insert(id, key);
-                }
-                Err(e) => {
-                    self.pacer.done();
-                    tracing::warn!(key = %key, error = ?e, "cannot announce a store path");
-                }
-            }
-        }
     }
 }
 

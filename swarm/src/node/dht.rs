@@ -3,15 +3,12 @@
 //! knows their addresses), and the outcome of announcements. Apart from the main loop because
 //! Kademlia's query results are a protocol of their own.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use libp2p::kad;
 use libp2p::kad::store::RecordStore;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::PeerId;
 use peerix_nix::StorePathHash;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::event_loop::EventLoop;
@@ -19,11 +16,6 @@ use super::{Discovery, NodeEvent};
 
 /// Bootstrap again at most this often when new peers keep arriving.
 const BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(30);
-
-pub(super) struct ProviderQuery {
-    pub(super) found: mpsc::UnboundedSender<PeerId>,
-    pub(super) seen: HashSet<PeerId>,
-}
 
 impl EventLoop {
     pub(super) fn routing_table_empty(&mut self) -> bool {
@@ -131,6 +123,27 @@ impl EventLoop {
                 });
             }
             _ => {}
+        }
+    }
+}
+
+impl EventLoop {
+    pub(super) fn pump_announcements(&mut self, now: Instant) {
+        // Announcing to nobody would only burn keys off the queue; they wait for a peer.
+        if self.pacer.set.is_empty() || self.routing_table_empty() {
+            return;
+        }
+        while let Some(key) = self.pacer.next(now) {
+            let rkey = kad::RecordKey::new(key.as_bytes());
+            match self.swarm.behaviour_mut().kad.start_providing(rkey) {
+                Ok(id) => {
+                    self.announcing.insert(id, key);
+                }
+                Err(e) => {
+                    self.pacer.done();
+                    tracing::warn!(key = %key, error = ?e, "cannot announce a store path");
+                }
+            }
         }
     }
 }

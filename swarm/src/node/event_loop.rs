@@ -24,13 +24,18 @@ use tokio::time::Instant;
 use super::announce::Pacer;
 use super::bans::BanList;
 use super::behaviour::{Behaviour, BehaviourEvent};
-use super::dht::ProviderQuery;
-use super::explicit::{Explicit, ExplicitState, REDIAL_INITIAL, REDIAL_RESET_AFTER};
-use super::handle::Command;
+use super::command::Command;
+use super::explicit_peer::{Explicit, ExplicitState, REDIAL_INITIAL, REDIAL_RESET_AFTER};
 use super::{Discovery, NodeError, NodeEvent, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 
 /// How often the event loop wakes up on its own to pace announcements and redial.
 const TICK: Duration = Duration::from_millis(100);
+
+/// A provider lookup in flight: where its finds go, and who was found already.
+pub(super) struct ProviderQuery {
+    pub(super) found: mpsc::UnboundedSender<PeerId>,
+    pub(super) seen: HashSet<PeerId>,
+}
 
 pub(super) struct EventLoop {
     pub(super) swarm: Swarm<Behaviour>,

@@ -20,36 +20,13 @@ use tokio::time::Instant;
 use super::announce::Pacer;
 use super::bans::BanList;
 use super::behaviour::build_swarm;
+use super::command::Command;
 use super::event_loop::EventLoop;
-use super::explicit::{hold_inbound_keepalives, Explicit, KEEPALIVE_PROTOCOL};
+use super::explicit_peer::Explicit;
 use super::identity::load_or_create_identity;
+use super::keepalive::{hold_inbound_keepalives, KEEPALIVE_PROTOCOL};
 use super::transport::is_quic;
 use super::{NodeConfig, NodeError, NodeEvent, Overview, ProviderStats};
-
-pub(super) enum Command {
-    Dial {
-        opts: DialOpts,
-        peer: Option<PeerId>,
-        target: String,
-        reply: oneshot::Sender<Result<(), NodeError>>,
-    },
-    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
-    Overview(oneshot::Sender<Overview>),
-    Providers {
-        key: kad::RecordKey,
-        found: mpsc::UnboundedSender<PeerId>,
-    },
-    SetProvided(Vec<StorePathHash>),
-    DhtStats(oneshot::Sender<ProviderStats>),
-    Ban {
-        peer: PeerId,
-        why: String,
-        /// A peer whose ban was lifted to make room.
-        lifted: Option<PeerId>,
-        reply: oneshot::Sender<()>,
-    },
-    Shutdown(oneshot::Sender<()>),
-}
 
 /// A running peerix node. Dropping it stops the node too; [`Node::shutdown`] also waits for it.
 pub struct Node {
