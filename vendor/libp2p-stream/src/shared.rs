@@ -22,7 +22,8 @@ pub(crate) struct Shared {
     /// [`mpsc::Receiver`] in [`IncomingStreams`].
     supported_inbound_protocols: HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>,
 
-    connections: HashMap<ConnectionId, PeerId>,
+    /// peerix: with whether the connection goes through a relay (see `sender`).
+    connections: HashMap<ConnectionId, (PeerId, bool)>,
     senders: HashMap<ConnectionId, mpsc::Sender<NewStream>>,
 
     /// Tracks channel pairs for a peer whilst we are dialing them.
@@ -107,8 +108,13 @@ impl Shared {
         }
     }
 
-    pub(crate) fn on_connection_established(&mut self, conn: ConnectionId, peer: PeerId) {
-        self.connections.insert(conn, peer);
+    pub(crate) fn on_connection_established(
+        &mut self,
+        conn: ConnectionId,
+        peer: PeerId,
+        relayed: bool,
+    ) {
+        self.connections.insert(conn, (peer, relayed));
     }
 
     pub(crate) fn on_connection_closed(&mut self, conn: ConnectionId) {
@@ -131,10 +137,17 @@ impl Shared {
     }
 
     pub(crate) fn sender(&mut self, peer: PeerId) -> mpsc::Sender<NewStream> {
+        // peerix: a direct connection when there is one. A relayed connection costs the relay
+        // bandwidth and is cut at its limits; once hole punching has made a direct connection,
+        // new streams go there and the relayed one is left to close.
+        let direct = self
+            .connections
+            .iter()
+            .any(|(_, (p, relayed))| p == &peer && !relayed);
         let maybe_sender = self
             .connections
             .iter()
-            .filter_map(|(c, p)| (p == &peer).then_some(c))
+            .filter_map(|(c, (p, relayed))| (p == &peer && (!direct || !relayed)).then_some(c))
             .choose(&mut rand::rng())
             .and_then(|c| self.senders.get(c));
 
