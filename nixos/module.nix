@@ -23,6 +23,12 @@ let
     ++ [ "--scan-interval" (toString cfg.scanInterval) ]
     ++ [ "--max-store-size" cfg.maxStoreSize ]
     ++ optionals (cfg.maxUploadRate != null) [ "--max-upload-rate" cfg.maxUploadRate ]
+    ++ optional cfg.capLanUploads "--cap-lan-uploads"
+    ++ (if cfg.relay.enable then
+          [ "--relay-circuits" (toString cfg.relay.maxCircuits)
+            "--relay-circuit-bytes" cfg.relay.maxCircuitBytes
+            "--relay-circuit-duration" (toString cfg.relay.maxCircuitDuration) ]
+        else [ "--no-relay-service" ])
     ++ [ "--upstream-concurrency" (toString cfg.upstreamConcurrency) ]
     ++ [ "--wire-compression" cfg.wireCompression ]
     ++ optional (!cfg.deltas) "--no-deltas"
@@ -287,7 +293,36 @@ in
       type = types.nullOr types.str;
       default = null;
       example = "2MiB";
-      description = "Chunk bytes per second sent to all peers together, shared fairly between them (a home uplink's polite share); null: no cap.";
+      description = "Chunk bytes per second sent to peers beyond the LAN, shared fairly between them (a home uplink's polite share); null: no cap. Peers on the LAN are spared unless capLanUploads is set.";
+    };
+
+    capLanUploads = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Hold peers on the LAN (a direct connection from a private address) to maxUploadRate too; by default only peers beyond it are paced.";
+    };
+
+    relay = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Relay for peers behind NAT until they punch a hole to each other. Only a node that peers have confirmed to be reachable relays, and within the limits below.";
+      };
+      maxCircuits = mkOption {
+        type = types.ints.positive;
+        default = 16;
+        description = "Circuits relayed at once, for all peers.";
+      };
+      maxCircuitBytes = mkOption {
+        type = types.str;
+        default = "8MiB";
+        description = "Bytes one relayed circuit may carry before the relay ends it.";
+      };
+      maxCircuitDuration = mkOption {
+        type = types.ints.positive;
+        default = 120;
+        description = "Seconds one relayed circuit may last.";
+      };
     };
 
     wireCompression = mkOption {

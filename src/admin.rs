@@ -70,10 +70,48 @@ pub struct DaemonStatus {
     pub peer_id: String,
     pub http: String,
     pub p2p: Vec<String>,
-    pub peers: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+    /// Whether peers can dial this node, as AutoNAT last judged.
+    pub reachability: String,
+    /// Relays this node is reachable through (it holds a reservation on them).
+    pub relays: Vec<String>,
+    pub nat: NatCounts,
     pub shared: SharedCounts,
     #[serde(default)]
     pub traffic: TrafficStatus,
+}
+
+/// What the relay service did for others, and hole punching, since the start.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NatCounts {
+    pub relay_reservations: u64,
+    pub relay_circuits_active: u64,
+    pub relay_circuits_total: u64,
+    pub relay_circuits_denied: u64,
+    pub hole_punches_succeeded: u64,
+    pub hole_punches_failed: u64,
+}
+
+impl NatCounts {
+    pub fn of(o: &peerix_swarm::Overview) -> NatCounts {
+        let (r, h) = (&o.relay_service, &o.hole_punches);
+        NatCounts {
+            relay_reservations: r.reservations,
+            relay_circuits_active: r.circuits_active,
+            relay_circuits_total: r.circuits_total,
+            relay_circuits_denied: r.circuits_denied,
+            hole_punches_succeeded: h.succeeded,
+            hole_punches_failed: h.failed,
+        }
+    }
+}
+
+/// A connected peer, and how: directly, or through a relay.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: String,
+    pub addr: Option<String>,
+    pub relayed: bool,
 }
 
 /// Chunk traffic since the daemon started: NAR bytes against the bytes that crossed the wire,
@@ -156,15 +194,17 @@ impl Daemon {
     async fn status(&self) -> Result<StatusReport> {
         let counts = self.seeder.sharing.counts();
         let n = |r| counts.get(&r).copied().unwrap_or(0);
-        let mut peers: Vec<String> = self
-            .node
-            .connected_peers()
-            .await
+        let overview = self.node.overview().await;
+        let mut peers: Vec<PeerStatus> = overview
+            .peers
             .iter()
-            .map(|p| p.to_string())
+            .map(|p| PeerStatus {
+                id: p.peer.to_string(),
+                addr: p.addr.as_ref().map(|a| a.to_string()),
+                relayed: p.relayed,
+            })
             .collect();
-        peers.sort();
-        peers.dedup();
+        peers.sort_by(|a, b| a.id.cmp(&b.id));
         let (store, recompressed) = self
             .seeder
             .store
@@ -186,6 +226,9 @@ impl Daemon {
                     .map(|a| a.to_string())
                     .collect(),
                 peers,
+                reachability: overview.reachability.to_string(),
+                relays: overview.relays.iter().map(|p| p.to_string()).collect(),
+                nat: NatCounts::of(&overview),
                 shared: SharedCounts {
                     total: counts.values().sum(),
                     upstream: n(Reason::Upstream),

@@ -86,10 +86,27 @@ pub struct ServeArgs {
     /// evicted past it [default: 10GiB].
     #[arg(long, value_name = "SIZE")]
     pub max_store_size: Option<String>,
-    /// Chunk bytes per second sent to all peers together, shared fairly between them: `2MiB`,
-    /// `500KB`; `0` for no cap [default: none].
+    /// Chunk bytes per second sent to peers beyond the LAN, all together, shared fairly
+    /// between them: `2MiB`, `500KB`; `0` for no cap [default: none].
     #[arg(long, value_name = "SIZE")]
     pub max_upload_rate: Option<String>,
+    /// Hold peers on the LAN (a direct connection from a private address) to
+    /// --max-upload-rate too; by default they are not paced.
+    #[arg(long)]
+    pub cap_lan_uploads: bool,
+    /// Do not relay for peers behind NAT. (A node relays only once peers have confirmed it is
+    /// reachable, and within the limits below.)
+    #[arg(long)]
+    pub no_relay_service: bool,
+    /// Circuits this node relays at once, for all peers [default: 16].
+    #[arg(long, value_name = "N")]
+    pub relay_circuits: Option<usize>,
+    /// Bytes one relayed circuit may carry before the relay ends it: `8MiB` [default: 8MiB].
+    #[arg(long, value_name = "SIZE")]
+    pub relay_circuit_bytes: Option<String>,
+    /// Seconds one relayed circuit may last [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub relay_circuit_duration: Option<f64>,
     /// Share every path not denied, not only public, own-signed and pinned ones.
     #[arg(long)]
     pub share_all: bool,
@@ -155,6 +172,11 @@ pub struct FileConfig {
     pub scan_interval: Option<f64>,
     pub max_store_size: Option<String>,
     pub max_upload_rate: Option<String>,
+    pub cap_lan_uploads: Option<bool>,
+    pub relay_service: Option<bool>,
+    pub relay_circuits: Option<usize>,
+    pub relay_circuit_bytes: Option<String>,
+    pub relay_circuit_duration: Option<f64>,
     pub share_all: Option<bool>,
     pub upstream_concurrency: Option<usize>,
     pub deny: Option<Vec<String>>,
@@ -185,6 +207,10 @@ pub struct ServeConfig {
     pub max_store_size: Option<u64>,
     /// Bytes per second.
     pub max_upload_rate: Option<std::num::NonZeroU32>,
+    /// The cap holds for LAN peers too.
+    pub cap_lan_uploads: bool,
+    /// `None`: no relay service.
+    pub relay_service: Option<peerix_swarm::RelayLimits>,
     pub share_all: bool,
     pub upstream_concurrency: usize,
     /// DEFAULT_DENY plus the configured extras.
@@ -192,6 +218,33 @@ pub struct ServeConfig {
     pub wire_compression: peerix_swarm::Compression,
     pub deltas: bool,
     pub chunker: peerix_chunkstore::ChunkerParams,
+}
+
+/// The relay service's limits, the defaults where not given; `None` when it is off.
+fn relay_service(
+    on: bool,
+    circuits: Option<usize>,
+    bytes: Option<String>,
+    duration: Option<f64>,
+) -> Result<Option<peerix_swarm::RelayLimits>> {
+    if !on {
+        return Ok(None);
+    }
+    let mut l = peerix_swarm::RelayLimits::default();
+    if let Some(n) = circuits {
+        if n == 0 {
+            bail!("--relay-circuits must be at least 1 (--no-relay-service turns relaying off)");
+        }
+        l.max_circuits = n.min(4096);
+    }
+    if let Some(b) = bytes {
+        l.max_circuit_bytes = size("--relay-circuit-bytes", &b)?
+            .with_context(|| format!("--relay-circuit-bytes {b}: must be more than 0"))?;
+    }
+    if let Some(d) = duration {
+        l.max_circuit_duration = secs("--relay-circuit-duration", d)?;
+    }
+    Ok(Some(l))
 }
 
 fn secs(what: &str, v: f64) -> Result<Duration> {
@@ -342,6 +395,13 @@ impl ServeConfig {
                     })
                     .transpose()?,
             },
+            cap_lan_uploads: args.cap_lan_uploads || file.cap_lan_uploads.unwrap_or(false),
+            relay_service: relay_service(
+                !args.no_relay_service && file.relay_service.unwrap_or(true),
+                args.relay_circuits.or(file.relay_circuits),
+                args.relay_circuit_bytes.or(file.relay_circuit_bytes),
+                args.relay_circuit_duration.or(file.relay_circuit_duration),
+            )?,
             share_all: args.share_all || file.share_all.unwrap_or(false),
             upstream_concurrency: args
                 .upstream_concurrency

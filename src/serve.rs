@@ -180,6 +180,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
     nc.peers = cfg.peers.clone();
     nc.bootstrap = cfg.bootstrap.clone();
     nc.mdns = cfg.mdns;
+    nc.relay_service = cfg.relay_service.clone();
     if let Some(k) = &cfg.swarm_key {
         nc.swarm_key = Some(peerix_swarm::node::read_swarm_key(k)?);
     }
@@ -188,9 +189,13 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
 
     let limits = ServeLimits {
         max_upload_rate: cfg.max_upload_rate,
+        cap_lan: cfg.cap_lan_uploads,
         ..ServeLimits::default()
     };
-    let server = Server::new(store.clone(), sharing.clone(), limits);
+    let server = Server::new(store.clone(), sharing.clone(), limits).with_lan_peers({
+        let node = node.clone();
+        move |p| node.is_lan_peer(p)
+    });
     let server_handle = server.handle();
     let control = node.stream_control();
     tokio::spawn(server.run(control).context("serving the peer protocol")?);

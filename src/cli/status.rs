@@ -40,10 +40,25 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             println!("peerix serve: running, peer id {}", d.peer_id);
             println!("  Nix:   http://{}", d.http);
             println!("  p2p:   {}", d.p2p.join(" "));
+            println!("reachability: {}", d.reachability);
+            if !d.relays.is_empty() {
+                println!("  reachable through relay {}", d.relays.join(", relay "));
+            }
             println!("peers: {} connected", d.peers.len());
             for p in &d.peers {
-                println!("  {p}");
+                let how = if p.relayed { "relayed" } else { "direct" };
+                println!("  {} {how} {}", p.id, p.addr.as_deref().unwrap_or(""));
             }
+            let n = &d.nat;
+            println!(
+                "relay service: {} reservations, {} circuits now, {} in all, {} refused; hole punching: {} succeeded, {} failed",
+                n.relay_reservations,
+                n.relay_circuits_active,
+                n.relay_circuits_total,
+                n.relay_circuits_denied,
+                n.hole_punches_succeeded,
+                n.hole_punches_failed
+            );
             let s = &d.shared;
             println!(
                 "shared: {} paths (upstream {}, own signature {}, seeded {}, share-all {})",

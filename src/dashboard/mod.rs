@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use peerix_chunkstore::ChunkStore;
-use peerix_swarm::{Node, ServerEvent, ServerHandle};
+use peerix_swarm::{Node, Reachability, ServerEvent, ServerHandle};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Value};
 use tracing::{debug, warn};
@@ -244,14 +244,24 @@ impl Dashboard {
         }
 
         let inbound = overview.peers.iter().any(|p| p.inbound);
-        let reachability = if !overview.external_addrs.is_empty() {
-            "reachable: external address confirmed"
-        } else if inbound {
-            "reachable: peers have dialled in"
-        } else if !overview.peers.is_empty() {
-            "outbound only so far: no peer has dialled in"
-        } else {
-            "no peers connected"
+        let relays = overview
+            .relays
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>();
+        let reachability = match &overview.reachability {
+            Reachability::Public(a) => format!("reachable at {a}"),
+            Reachability::Private if relays.is_empty() => {
+                "behind NAT, no relay reservation yet".to_owned()
+            }
+            Reachability::Private => {
+                format!("behind NAT, reachable through relay {}", relays.join(", "))
+            }
+            Reachability::Unknown if inbound => "not probed yet; peers have dialled in".to_owned(),
+            Reachability::Unknown if !overview.peers.is_empty() => {
+                "not probed yet; no peer has dialled in".to_owned()
+            }
+            Reachability::Unknown => "no peers connected".to_owned(),
         };
         let s = &self.settings;
         json!({

@@ -69,8 +69,87 @@ impl PeerBytes {
     }
 }
 
+/// `path="direct"` or `path="relayed"`; `result="succeeded"` or `result="failed"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct KindLabel {
+    pub(super) kind: &'static str,
+}
+
+/// Reachability, relays and hole punching, read from the node when `/metrics` is asked.
+#[derive(Default)]
+pub(super) struct NatMetrics {
+    reachable: Gauge,
+    relays: Gauge,
+    peers: Family<KindLabel, Gauge>,
+    relay_circuits_active: Gauge,
+    relay_circuits: Gauge,
+    hole_punches: Family<KindLabel, Gauge>,
+}
+
+impl NatMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "peerix_reachable",
+            "1: a peer dialled this node back (AutoNAT); 0: behind NAT; -1: not probed yet",
+            self.reachable.clone(),
+        );
+        r.register(
+            "peerix_relay_reservations_held",
+            "relays this node is reachable through",
+            self.relays.clone(),
+        );
+        r.register(
+            "peerix_peers_connected",
+            "connected peers by their best connection (kind=direct or relayed)",
+            self.peers.clone(),
+        );
+        r.register(
+            "peerix_relay_circuits_active",
+            "circuits this node relays for others now",
+            self.relay_circuits_active.clone(),
+        );
+        r.register(
+            "peerix_relay_circuits_opened",
+            "circuits this node has relayed for others since the start",
+            self.relay_circuits.clone(),
+        );
+        r.register(
+            "peerix_hole_punches",
+            "hole punching attempts since the start (kind=succeeded or failed)",
+            self.hole_punches.clone(),
+        );
+    }
+
+    pub(super) fn set(&self, o: &peerix_swarm::Overview) {
+        let g = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.reachable.set(match o.reachability {
+            peerix_swarm::Reachability::Public(_) => 1,
+            peerix_swarm::Reachability::Private => 0,
+            peerix_swarm::Reachability::Unknown => -1,
+        });
+        self.relays.set(g(o.relays.len() as u64));
+        let relayed = o.peers.iter().filter(|p| p.relayed).count() as u64;
+        let direct = o.peers.len() as u64 - relayed;
+        for (kind, n) in [("direct", direct), ("relayed", relayed)] {
+            self.peers.get_or_create(&KindLabel { kind }).set(g(n));
+        }
+        self.relay_circuits_active
+            .set(g(o.relay_service.circuits_active));
+        self.relay_circuits.set(g(o.relay_service.circuits_total));
+        for (kind, n) in [
+            ("succeeded", o.hole_punches.succeeded),
+            ("failed", o.hole_punches.failed),
+        ] {
+            self.hole_punches
+                .get_or_create(&KindLabel { kind })
+                .set(g(n));
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Metrics {
+    pub(super) nat: NatMetrics,
     pub(super) narinfo_requests: Counter,
     pub(super) narinfo_hits: Counter,
     pub(super) narinfo_misses: Counter,
@@ -90,6 +169,7 @@ pub(super) struct Metrics {
 impl Metrics {
     pub(super) fn registry(&mut self) -> Registry {
         let mut r = Registry::default();
+        self.nat.register(&mut r);
         let h = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         self.narinfo_latency = Some(h.clone());
         r.register(
@@ -197,6 +277,7 @@ pub(super) async fn metrics(
             .get_or_create(&label(OTHERS))
             .set(gauge(others));
     }
+    app.metrics.nat.set(&app.node.overview().await);
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &app.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();

@@ -25,7 +25,10 @@ pub use download::{
 pub use fetch::{fetch_nar, FetchError, FetchOutcome, FetchRequest};
 pub use libp2p::{Multiaddr, PeerId};
 pub use lookup::{Found, Lookup, PeerSource, TrustCheck};
-pub use node::{Node, NodeConfig, NodeError, NodeEvent, Overview, PeerDetails};
+pub use node::{
+    HolePunchStats, Node, NodeConfig, NodeError, NodeEvent, Overview, PeerDetails, Reachability,
+    RelayLimits, RelayServiceStats,
+};
 pub use server::{ServeLimits, Server, ServerError, ServerEvent, ServerHandle, TrackedPeers};
 
 /// The peer protocol, versioned: a peer that speaks another version is simply not offered it.

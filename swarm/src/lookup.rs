@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
 use libp2p::PeerId;
 use lru::LruCache;
 use peerix_nix::{NarInfo, Sha256Hash, StorePathHash};
@@ -28,15 +28,18 @@ pub trait TrustCheck: Send + Sync {
 /// Where candidates come from. The node implements it; tests may narrow it.
 pub trait PeerSource: Send + Sync {
     fn connected(&self) -> BoxFuture<'_, Vec<PeerId>>;
-    fn providers(&self, key: StorePathHash, timeout: Duration) -> BoxFuture<'_, Vec<PeerId>>;
+    /// Providers of `key` as the DHT finds them, until its lookup ends or `timeout` passes.
+    /// A stream, not a list: a lookup that waits on an unreachable peer (a QUIC handshake to
+    /// a NATed address takes seconds to fail) must not hold back the providers found already.
+    fn providers(&self, key: StorePathHash, timeout: Duration) -> BoxStream<'_, PeerId>;
 }
 
 impl PeerSource for Node {
     fn connected(&self) -> BoxFuture<'_, Vec<PeerId>> {
         Box::pin(self.connected_peers())
     }
-    fn providers(&self, key: StorePathHash, timeout: Duration) -> BoxFuture<'_, Vec<PeerId>> {
-        Box::pin(async move { Node::providers(self, &key, timeout).await })
+    fn providers(&self, key: StorePathHash, timeout: Duration) -> BoxStream<'_, PeerId> {
+        Box::pin(self.find_providers(&key, timeout))
     }
 }
 
@@ -62,7 +65,6 @@ pub struct Lookup {
 
 enum Event {
     Answer(PeerId, Result<Vec<NarInfo>, ClientError>),
-    Providers(Vec<PeerId>),
     Checked(PeerId, Box<NarInfo>, bool),
 }
 
@@ -132,14 +134,23 @@ impl Lookup {
                 tasks.push(ask(p));
             }
         }
-        // The DHT walk gets most of the deadline; what it finds still has time to answer.
+        // The DHT walk gets most of the deadline; what it finds still has time to answer, and
+        // each provider is asked as soon as it is found.
         let dht_time = deadline.mul_f64(0.6);
-        tasks.push(Box::pin(async move {
-            Event::Providers(self.peers.providers(hash, dht_time).await)
-        }));
+        let mut providers = self.peers.providers(hash, dht_time).fuse();
         let mut answers: Vec<(PeerId, Sha256Hash)> = vec![];
         let mut untrusted = vec![];
-        while let Some(ev) = tasks.next().await {
+        loop {
+            let ev = tokio::select! {
+                Some(p) = providers.next() => {
+                    if asked.insert(p) {
+                        tasks.push(ask(p));
+                    }
+                    continue;
+                }
+                Some(ev) = tasks.next() => ev,
+                else => break,
+            };
             match ev {
                 Event::Answer(peer, Ok(infos)) => {
                     // One path was asked, so one answer is checked: a reply may hold up to
@@ -160,13 +171,6 @@ impl Lookup {
                     }));
                 }
                 Event::Answer(peer, Err(e)) => debug!(%peer, error = %e, "lookup: peer failed"),
-                Event::Providers(ps) => {
-                    for p in ps {
-                        if asked.insert(p) {
-                            tasks.push(ask(p));
-                        }
-                    }
-                }
                 Event::Checked(peer, info, true) => {
                     let holders = answers
                         .iter()

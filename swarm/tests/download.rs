@@ -383,6 +383,50 @@ async fn an_upload_cap_holds_and_is_shared_between_peers() {
     );
 }
 
+/// The upload cap spares peers on the LAN: a LAN peer's download goes out unpaced, a peer
+/// beyond it is paced, byte for byte; and with `cap_lan` the LAN peer is paced too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upload_cap_spares_lan_peers_unless_told() {
+    init_tracing();
+    for cap_lan in [false, true] {
+        let mut seeder = Node::new().await;
+        let data = nar_bytes(13, 2 << 20);
+        let m = seeder.ingest(&data);
+        let (lan, wan) = (Node::new().await, Node::new().await);
+        let lan_peer = lan.peer;
+        let limits = ServeLimits {
+            max_upload_rate: std::num::NonZeroU32::new(16 << 20),
+            cap_lan,
+            ..ServeLimits::default()
+        };
+        seeder.serve_with_lan(catalog(&[narinfo(store_path(0), &m)]), limits, move |p| {
+            *p == lan_peer
+        });
+        lan.connect(&seeder).await;
+        wan.connect(&seeder).await;
+        let handle = seeder.handle.clone().unwrap();
+        let started = tokio::time::Instant::now();
+        leech_timed(&lan, &m, &seeder, &data, started).await;
+        let after_lan = handle.capped_bytes();
+        leech_timed(&wan, &m, &seeder, &data, started).await;
+        let after_wan = handle.capped_bytes();
+        let n = data.len() as u64;
+        if cap_lan {
+            assert!(
+                after_lan >= n,
+                "cap_lan: {after_lan} bytes paced for {n} sent"
+            );
+        } else {
+            assert_eq!(after_lan, 0, "the LAN peer's chunks were paced");
+        }
+        assert!(
+            after_wan - after_lan >= n,
+            "only {} bytes paced for the {n} sent beyond the LAN",
+            after_wan - after_lan
+        );
+    }
+}
+
 /// Download `m` from `seeder` whole; the time since `started` when it ended.
 async fn leech_timed(
     n: &Node,

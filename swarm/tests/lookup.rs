@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use libp2p::PeerId;
 use peerix_chunkstore::{ChunkStore, Options};
 use peerix_nix::{NarInfo, PublicKey, SecretKey, Sha256Hash, StorePath, StorePathHash};
@@ -258,8 +259,8 @@ impl PeerSource for DhtOnly {
     fn connected(&self) -> BoxFuture<'_, Vec<PeerId>> {
         Box::pin(async { vec![] })
     }
-    fn providers(&self, key: StorePathHash, timeout: Duration) -> BoxFuture<'_, Vec<PeerId>> {
-        Box::pin(async move { self.0.providers(&key, timeout).await })
+    fn providers(&self, key: StorePathHash, timeout: Duration) -> BoxStream<'_, PeerId> {
+        Box::pin(self.0.find_providers(&key, timeout))
     }
 }
 

@@ -27,6 +27,8 @@ pub(super) struct Pacer {
     in_flight: usize,
     tokens: f64,
     refilled: Instant,
+    /// Keys queued by [`Pacer::announce_all_again`], until that round has gone out.
+    again: Option<usize>,
 }
 
 impl Pacer {
@@ -47,6 +49,7 @@ impl Pacer {
             in_flight: 0,
             tokens: 0.0,
             refilled: now,
+            again: None,
         }
     }
 
@@ -101,6 +104,25 @@ impl Pacer {
         self.tokens -= 1.0;
         self.in_flight += 1;
         Some(key)
+    }
+
+    /// Every key goes out again soon (at the usual pace), e.g. once the node has an address
+    /// peers can reach that its earlier records lacked.
+    pub(super) fn announce_all_again(&mut self, now: Instant) {
+        self.fresh = self.set.iter().copied().collect();
+        self.cycle.clear();
+        self.cycle_started = now;
+        self.again = (!self.set.is_empty()).then_some(self.set.len());
+    }
+
+    /// Once, when the round `announce_all_again` started has gone out (every key sent and
+    /// answered): how many keys it announced.
+    pub(super) fn again_finished(&mut self) -> Option<usize> {
+        if self.fresh.is_empty() && self.in_flight == 0 {
+            self.again.take()
+        } else {
+            None
+        }
     }
 
     pub(super) fn done(&mut self) {
@@ -184,5 +206,33 @@ mod tests {
         let t = start + Duration::from_secs(1);
         assert_eq!(p.next(t), Some(key(2)));
         assert!(p.next(t).is_none());
+    }
+
+    #[test]
+    fn announcing_all_again_sends_every_key_at_once_and_says_when_done() {
+        let start = Instant::now();
+        let mut p = Pacer::new(Duration::from_secs(900), 1000, 2, start);
+        p.replace(vec![key(1), key(2), key(3)]);
+        let t = start + Duration::from_secs(1);
+        while p.next(t).is_some() {
+            p.done();
+        }
+        assert_eq!(p.again_finished(), None, "no round asked for");
+        // Long before the interval is over, the whole set goes out again.
+        p.announce_all_again(t);
+        let t = t + Duration::from_secs(1);
+        let (a, b) = (p.next(t).unwrap(), p.next(t).unwrap());
+        assert_eq!(p.next(t), None, "in flight is bounded");
+        p.done();
+        assert_eq!(p.again_finished(), None, "one key still to go");
+        let c = p.next(t).unwrap();
+        let mut got = vec![a, b, c];
+        got.sort_by_key(|k| k.0);
+        assert_eq!(got, vec![key(1), key(2), key(3)]);
+        p.done();
+        assert_eq!(p.again_finished(), None, "one still in flight");
+        p.done();
+        assert_eq!(p.again_finished(), Some(3));
+        assert_eq!(p.again_finished(), None, "said once");
     }
 }

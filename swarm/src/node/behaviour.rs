@@ -1,5 +1,5 @@
 //! The node's libp2p behaviours (block and allow lists, streams, Kademlia, mDNS, identify,
-//! ping) and the construction of the swarm around them from a [`NodeConfig`]. Everything
+//! ping, and for NATs AutoNAT, the relay client and service, and DCUtR) and the construction of the swarm around them from a [`NodeConfig`]. Everything
 //! about how the behaviours are configured lives here; how their events are handled lives in
 //! the event loop.
 
@@ -9,14 +9,24 @@ use libp2p::identity::Keypair;
 use libp2p::kad;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{allow_block_list, connection_limits, identify, mdns, ping, Swarm, SwarmBuilder};
+use libp2p::{
+    allow_block_list, autonat, connection_limits, dcutr, identify, mdns, noise, ping, relay, yamux,
+    Swarm, SwarmBuilder,
+};
 
 use super::provider_store::ProviderStore;
+use super::relay_service::RelayService;
 use super::transport::build_transport;
 use super::{NodeConfig, NodeError, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 
 /// How often a node asks the LAN for peers by mDNS once its first probes are done.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(20);
+
+/// AutoNAT's first probe waits this long after the start, for connections to peers to come up.
+const AUTONAT_BOOT_DELAY: Duration = Duration::from_secs(5);
+
+/// A probe that found no peer to ask is tried again this soon (libp2p's default is 90 s).
+const AUTONAT_RETRY: Duration = Duration::from_secs(20);
 
 /// Keys this node may provide itself (its own budget in the provider store; foreign records
 /// have theirs, see [`super::ProviderLimits`]).
@@ -34,6 +44,10 @@ pub(super) struct Behaviour {
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
+    pub(super) autonat: autonat::Behaviour,
+    pub(super) relay_client: relay::client::Behaviour,
+    pub(super) relay: Toggle<RelayService>,
+    pub(super) dcutr: dcutr::Behaviour,
 }
 
 pub(super) fn build_swarm(
@@ -47,6 +61,7 @@ pub(super) fn build_swarm(
     let provide_interval = cfg.provide_interval;
     let idle_timeout = cfg.idle_timeout;
     let dht_limits = cfg.dht_limits.clone();
+    let relay_service = cfg.relay_service.clone();
     let conn_limits = connection_limits::ConnectionLimits::default()
         .with_max_established_per_peer(Some(cfg.max_connections_per_peer))
         .with_max_established_incoming(Some(cfg.max_incoming_connections))
@@ -74,7 +89,10 @@ pub(super) fn build_swarm(
         .with_tokio()
         .with_other_transport(|key| build_transport(key, psk))
         .map_err(|e| NodeError::Transport(e.to_string()))?
-        .with_behaviour(|key| {
+        // Connections through a relay, secured and multiplexed end to end like direct ones.
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NodeError::Transport(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
             let local = key.public().to_peer_id();
             let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
             // We pace announcements ourselves (see `Pacer`): kad's own republication would
@@ -110,6 +128,24 @@ pub(super) fn build_swarm(
                         .with_agent_version(format!("peerix/{}", env!("CARGO_PKG_VERSION"))),
                 ),
                 ping: ping::Behaviour::default(),
+                autonat: autonat::Behaviour::new(
+                    local,
+                    autonat::Config {
+                        boot_delay: AUTONAT_BOOT_DELAY,
+                        retry_interval: AUTONAT_RETRY,
+                        // peerix runs on LANs and VPNs as much as on the internet: a peer that
+                        // can dial back a private address is a verdict worth having.
+                        only_global_ips: false,
+                        ..autonat::Config::default()
+                    },
+                ),
+                relay_client,
+                // Serving only once a direct external address is confirmed (see RelayService),
+                // so only a reachable node relays.
+                relay: relay_service
+                    .map(|limits| RelayService(relay::Behaviour::new(local, limits.config())))
+                    .into(),
+                dcutr: dcutr::Behaviour::new(local),
             }
         })
         .map_err(|e| NodeError::Transport(e.to_string()))?

@@ -67,9 +67,14 @@ impl EventLoop {
                                 peer: p,
                                 via: Discovery::Kad,
                             });
-                            // Now, while the query still holds the addresses it learned.
+                            // Now, while the query still holds the addresses it learned,
+                            // and even while another dial is under way: that one may know
+                            // only addresses that lead nowhere (a node behind NAT is known
+                            // by its LAN addresses too), the record has the one that works
+                            // (its relayed address, say).
                             let opts = DialOpts::peer_id(p)
-                                .condition(PeerCondition::DisconnectedAndNotDialing)
+                                .condition(PeerCondition::Disconnected)
+                                .allocate_new_port()
                                 .build();
                             if let Err(e) = self.swarm.dial(opts) {
                                 tracing::debug!(peer = %p, error = %e, "cannot dial a provider");
@@ -101,6 +106,9 @@ impl EventLoop {
                         Err(e) => tracing::debug!(error = %e, "announcement incomplete"),
                     }
                     self.pacer.done();
+                    if let Some(n) = self.pacer.again_finished() {
+                        tracing::info!(paths = n, "announced again, with the relayed address");
+                    }
                     self.pump_announcements(Instant::now());
                 }
                 kad::QueryResult::Bootstrap(Err(e)) => {

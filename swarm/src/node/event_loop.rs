@@ -26,6 +26,7 @@ use super::bans::BanList;
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::command::Command;
 use super::explicit_peer::{Explicit, ExplicitState, REDIAL_INITIAL, REDIAL_RESET_AFTER};
+use super::reachability::Nat;
 use super::{Discovery, NodeError, NodeEvent, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 
 /// How often the event loop wakes up on its own to pace announcements and redial.
@@ -62,6 +63,8 @@ pub(super) struct EventLoop {
     ///
     /// [`Node`]: super::Node
     pub(super) banned: Arc<Mutex<BanList>>,
+    /// Shared with the handles: peers with a direct connection from a private address.
+    pub(super) lan_peers: Arc<Mutex<HashSet<PeerId>>>,
     /// Inbound connections refused (connection caps, bans, the allow-list).
     pub(super) connections_denied: u64,
     pub(super) explicit: Vec<Explicit>,
@@ -71,6 +74,8 @@ pub(super) struct EventLoop {
     pub(super) announcing: HashMap<QueryId, StorePathHash>,
     pub(super) last_bootstrap: Option<Instant>,
     pub(super) control: libp2p_stream::Control,
+    /// Reachability, relays and hole punching (see `reachability`).
+    pub(super) nat: Nat,
     pub(super) keepalive_acceptor: tokio::task::JoinHandle<()>,
 }
 
@@ -109,6 +114,7 @@ impl EventLoop {
     fn on_tick(&mut self) {
         let now = Instant::now();
         self.redial_explicit(now);
+        self.retry_reservations(now);
         self.pump_announcements(now);
         // Cheap when nothing expired: a look at the earliest expiry.
         let wall = std::time::Instant::now();
@@ -246,6 +252,33 @@ impl EventLoop {
                 info,
             })) => self.on_identified(connection_id, peer_id, info),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(event)) => self.on_autonat(event),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
+                self.on_relay_client(event)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay_server(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => self.on_dcutr(event),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                // Records in the DHT carry the addresses we had when they went out, and a node
+                // behind NAT is reachable at its relayed address only: announce again. (A
+                // direct address needs no such thing: the DHT's routing tables hold it.)
+                if super::reachability::is_relayed(&address) {
+                    self.pacer.announce_all_again(Instant::now());
+                    self.pump_announcements(Instant::now());
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                let reason = match &reason {
+                    Ok(()) => "closed".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                self.on_listener_closed(listener_id, &reason);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (peer, addr) in list {
@@ -276,6 +309,7 @@ impl EventLoop {
                     let opts = DialOpts::peer_id(peer)
                         .addresses(addrs)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .allocate_new_port()
                         .build();
                     if let Err(e) = self.swarm.dial(opts) {
                         tracing::debug!(%peer, error = %e, "not dialling an mDNS peer");
@@ -297,6 +331,7 @@ impl EventLoop {
                         endpoint.is_listener(),
                     ),
                 );
+                self.update_lan_peer(peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
@@ -323,6 +358,7 @@ impl EventLoop {
                     }
                 }
                 self.conns.remove(&connection_id);
+                self.update_lan_peer(peer_id);
                 if num_established == 0 {
                     self.rtts.remove(&peer_id);
                 }
@@ -425,6 +461,7 @@ impl EventLoop {
             let _ = self.swarm.disconnect_peer_id(peer);
             return;
         }
+        self.note_relay(connection_id, peer, &info);
         if info.protocols.contains(&KAD_PROTOCOL) {
             let kad = &mut self.swarm.behaviour_mut().kad;
             for addr in info.listen_addrs {

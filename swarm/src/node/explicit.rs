@@ -119,8 +119,12 @@ impl EventLoop {
                 Some(p) => DialOpts::peer_id(p)
                     .addresses(vec![addr.clone()])
                     .condition(PeerCondition::Always)
+                    .allocate_new_port()
                     .build(),
-                None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                None => DialOpts::unknown_peer_id()
+                    .address(addr.clone())
+                    .allocate_new_port()
+                    .build(),
             };
             let conn = opts.connection_id();
             match self.swarm.dial(opts) {

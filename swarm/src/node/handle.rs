@@ -36,6 +36,9 @@ pub struct Node {
     /// Peers banned now, so callers can leave them out before asking anything; shared with
     /// the event loop, which lifts bans as they end.
     banned: Arc<Mutex<BanList>>,
+    /// Peers with a direct connection from a private address (see [`Node::is_lan_peer`]);
+    /// kept by the event loop.
+    lan_peers: Arc<Mutex<HashSet<PeerId>>>,
     commands: mpsc::UnboundedSender<Command>,
     events: broadcast::Sender<NodeEvent>,
     task: tokio::task::JoinHandle<()>,
@@ -124,6 +127,8 @@ impl Node {
             let mut bare = addr.clone();
             bare.pop();
             swarm.behaviour_mut().kad.add_address(&peer, bare);
+            // From the listen port (the default): behind a NAT, the address a bootstrap node
+            // observes is then one that maps back to our listener (see the transport).
             if let Err(e) = swarm.dial(addr.clone()) {
                 tracing::warn!(%addr, error = %e, "dialling a bootstrap node failed");
             }
@@ -141,8 +146,10 @@ impl Node {
             Instant::now(),
         );
         let banned = Arc::new(Mutex::new(BanList::new(cfg.max_bans, cfg.ban_duration)));
+        let lan_peers = Arc::new(Mutex::new(HashSet::new()));
         let event_loop = EventLoop {
             banned: banned.clone(),
+            lan_peers: lan_peers.clone(),
             mdns_pending_max: cfg.max_mdns_pending,
             connections_denied: 0,
             swarm,
@@ -164,6 +171,7 @@ impl Node {
             announcing: HashMap::new(),
             last_bootstrap: None,
             control: control.clone(),
+            nat: Default::default(),
             keepalive_acceptor,
         };
         let task = tokio::spawn(event_loop.run());
@@ -172,6 +180,7 @@ impl Node {
             control,
             listen_addrs,
             banned,
+            lan_peers,
             commands,
             events,
             task,
@@ -232,8 +241,12 @@ impl Node {
             Some(id) => DialOpts::peer_id(id)
                 .addresses(vec![addr.clone()])
                 .condition(PeerCondition::DisconnectedAndNotDialing)
+                .allocate_new_port()
                 .build(),
-            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+            None => DialOpts::unknown_peer_id()
+                .address(addr.clone())
+                .allocate_new_port()
+                .build(),
         };
         self.dial_opts(opts, peer, addr.to_string()).await
     }
@@ -242,6 +255,7 @@ impl Node {
     pub async fn connect(&self, peer: PeerId) -> Result<(), NodeError> {
         let opts = DialOpts::peer_id(peer)
             .condition(PeerCondition::DisconnectedAndNotDialing)
+            .allocate_new_port()
             .build();
         self.dial_opts(opts, Some(peer), peer.to_string()).await
     }
@@ -268,21 +282,26 @@ impl Node {
     /// passes. Providers we are not connected to are dialled while the lookup still holds
     /// their addresses, so opening a stream to them afterwards finds a connection or a dial.
     pub async fn providers(&self, key: &StorePathHash, timeout: Duration) -> Vec<PeerId> {
+        self.find_providers(key, timeout).collect().await
+    }
+
+    /// `providers`, each as soon as the DHT finds it.
+    pub fn find_providers(
+        &self,
+        key: &StorePathHash,
+        timeout: Duration,
+    ) -> impl futures::Stream<Item = PeerId> + Send + 'static {
         let deadline = Instant::now() + timeout;
-        let (found, mut rx) = mpsc::unbounded_channel();
+        let (found, rx) = mpsc::unbounded_channel();
         let key = kad::RecordKey::new(key.as_bytes());
-        if self
-            .commands
-            .send(Command::Providers { key, found })
-            .is_err()
-        {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        while let Ok(Some(peer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            out.push(peer);
-        }
-        out
+        // A node that has shut down finds nobody: the channel closes at once.
+        let _ = self.commands.send(Command::Providers { key, found });
+        futures::stream::unfold(rx, move |mut rx| async move {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(peer)) => Some((peer, rx)),
+                _ => None,
+            }
+        })
     }
 
     /// Replaces the set of store paths this node announces. New keys are announced first;
@@ -301,6 +320,16 @@ impl Node {
     }
 
     /// Whether this peer is banned now (see [`Node::ban`]).
+    /// Whether `peer` is on this machine's network: it holds a direct connection from a
+    /// private, link-local or loopback address (not through a relay). The upload cap spares
+    /// such peers unless told otherwise.
+    pub fn is_lan_peer(&self, peer: &PeerId) -> bool {
+        self.lan_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(peer)
+    }
+
     pub fn is_banned(&self, peer: &PeerId) -> bool {
         self.banned
             .lock()

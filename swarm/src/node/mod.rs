@@ -16,6 +16,8 @@
 //! - `behaviour`: the libp2p behaviours and the swarm built around them;
 //! - `event_loop`: the task that owns the swarm and all mutable node state;
 //! - `provider_store`: Kademlia's record store, bounded per provider and in all;
+//! - `reachability`: AutoNAT, relay reservations, the relay service and hole punching;
+//!   `relay_service`: libp2p's relay server, kept from serving through a relayed address;
 //! - `dht`, `explicit`, `announce`, `peers`: the parts of the event loop for Kademlia queries,
 //!   explicit peers, paced announcements and the operator's peer overview.
 
@@ -41,6 +43,8 @@ mod identity;
 mod keepalive;
 mod peers;
 mod provider_store;
+mod reachability;
+mod relay_service;
 mod transport;
 
 pub use behaviour::MAX_PROVIDED_KEYS;
@@ -56,6 +60,7 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 pub use identity::{load_or_create_identity, read_swarm_key};
 pub use peers::{Overview, PeerDetails};
 pub use provider_store::{ProviderLimits, ProviderStats};
+pub use reachability::{HolePunchStats, Reachability, RelayLimits, RelayServiceStats, MAX_RELAYS};
 
 /// peerix's own DHT: a private protocol name keeps peerix nodes out of the IPFS DHT and
 /// keeps IPFS nodes out of ours.
@@ -165,6 +170,9 @@ pub struct NodeConfig {
     pub ban_duration: Duration,
     /// Peers found by mDNS being dialled at once.
     pub max_mdns_pending: usize,
+    /// Relay service for peers behind NAT, with its limits; `None` turns it off. It only
+    /// serves once AutoNAT has confirmed that this node is reachable.
+    pub relay_service: Option<RelayLimits>,
 }
 
 impl NodeConfig {
@@ -197,6 +205,7 @@ impl NodeConfig {
             max_bans: 4096,
             ban_duration: Duration::from_secs(24 * 3600),
             max_mdns_pending: 64,
+            relay_service: Some(RelayLimits::default()),
         }
     }
 }

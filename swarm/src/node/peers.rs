@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use tokio::time::Instant;
 
 use super::event_loop::EventLoop;
+use super::reachability::{is_relayed, HolePunchStats, Reachability, RelayServiceStats};
 
 /// One connected peer as the node sees it, for an operator's view.
 #[derive(Debug, Clone)]
@@ -35,10 +35,13 @@ pub struct Overview {
     pub connections: std::collections::HashMap<PeerId, usize>,
     /// Inbound connections refused since the start (connection caps, bans, the allow-list).
     pub connections_denied: u64,
-}
-
-fn is_relayed(a: &Multiaddr) -> bool {
-    a.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+    /// Whether peers can dial this node, as AutoNAT last judged.
+    pub reachability: Reachability,
+    /// Relays holding a reservation for this node (it is reachable through them).
+    pub relays: Vec<PeerId>,
+    /// What this node's relay service did for others.
+    pub relay_service: RelayServiceStats,
+    pub hole_punches: HolePunchStats,
 }
 
 impl EventLoop {
@@ -74,6 +77,10 @@ impl EventLoop {
             external_addrs: self.swarm.external_addresses().cloned().collect(),
             connections,
             connections_denied: self.connections_denied,
+            reachability: self.nat.status.clone(),
+            relays: self.nat.relays(),
+            relay_service: self.nat.service,
+            hole_punches: self.nat.hole_punches,
         }
     }
 }

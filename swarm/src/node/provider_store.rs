@@ -61,7 +61,9 @@ impl Default for ProviderLimits {
             max_providers: 10_000,
             max_providers_per_key: 20,
             max_addresses: 4,
-            max_address_len: 64,
+            // A relayed address (`/ip4/…/udp/…/quic-v1/p2p/RELAY/p2p-circuit/p2p/PEER`), how a
+            // node behind NAT is reached, holds two peer ids: about 95 bytes.
+            max_address_len: 128,
             max_ttl: Duration::from_secs(48 * 3600),
         }
     }
@@ -459,8 +461,15 @@ mod tests {
         let mut r = rec(1, p, HOUR);
         let long: Multiaddr = format!("/dns4/{}/tcp/1", "a".repeat(200)).parse().unwrap();
         let short: Multiaddr = "/ip4/10.0.0.1/tcp/1".parse().unwrap();
+        let relayed: Multiaddr = format!(
+            "/ip4/203.0.113.7/udp/12305/quic-v1/p2p/{}/p2p-circuit/p2p/{p}",
+            PeerId::random()
+        )
+        .parse()
+        .unwrap();
         r.addresses = vec![
             long,
+            relayed.clone(),
             short.clone(),
             short.clone(),
             short.clone(),
@@ -469,7 +478,8 @@ mod tests {
         s.add_provider(r).unwrap();
         let got = s.providers(&RecordKey::new(&[1; KEY_LEN]));
         assert_eq!(got[0].addresses.len(), 4);
-        assert!(got[0].addresses.iter().all(|a| *a == short));
+        assert_eq!(got[0].addresses[0], relayed, "a relayed address is kept");
+        assert!(got[0].addresses[1..].iter().all(|a| *a == short));
         assert_eq!(s.stats().refused, 2);
     }
 

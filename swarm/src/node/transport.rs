@@ -1,6 +1,5 @@
 //! The libp2p transport: TCP (through pnet when a swarm key is set) with noise and yamux,
-//! plus QUIC when the swarm is not private, and the TCP wrapper that dials from a fresh port.
-//! Kept apart from the behaviours because it only decides how bytes get between two nodes,
+//! plus QUIC when the swarm is not private. Kept apart from the behaviours because it only decides how bytes get between two nodes,
 //! not what the nodes say to each other.
 
 use std::time::Duration;
@@ -22,53 +21,19 @@ pub(super) fn is_quic(addr: &Multiaddr) -> bool {
         .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
 }
 
-/// TCP dialling from a fresh port rather than the listen port.
+/// Which local port a TCP dial leaves from is the caller's choice ([`DialOpts`]): the dials
+/// peerix starts itself for peers it found (mDNS, explicit peers, providers, the handle's
+/// dials) take a fresh port, the rest (bootstrap nodes, relays, Kademlia, hole punching)
+/// leave from the listen port.
 ///
-/// With the listen port reused, two nodes that find each other at the same moment (mDNS
-/// answers reach both at once) dial each other from and to the same port pair: TCP turns that
-/// into one simultaneous-open connection on which both sides are the initiator, and the
-/// handshake fails on both. Reuse only helps NAT hole punching, which peerix does not do.
-struct FreshPortTcp(libp2p::tcp::tokio::Transport);
-
-impl Transport for FreshPortTcp {
-    type Output = <libp2p::tcp::tokio::Transport as Transport>::Output;
-    type Error = <libp2p::tcp::tokio::Transport as Transport>::Error;
-    type ListenerUpgrade = <libp2p::tcp::tokio::Transport as Transport>::ListenerUpgrade;
-    type Dial = <libp2p::tcp::tokio::Transport as Transport>::Dial;
-
-    fn listen_on(
-        &mut self,
-        id: libp2p::core::transport::ListenerId,
-        addr: Multiaddr,
-    ) -> Result<(), libp2p::core::transport::TransportError<Self::Error>> {
-        self.0.listen_on(id, addr)
-    }
-
-    fn remove_listener(&mut self, id: libp2p::core::transport::ListenerId) -> bool {
-        self.0.remove_listener(id)
-    }
-
-    fn dial(
-        &mut self,
-        addr: Multiaddr,
-        opts: libp2p::core::transport::DialOpts,
-    ) -> Result<Self::Dial, libp2p::core::transport::TransportError<Self::Error>> {
-        let opts = libp2p::core::transport::DialOpts {
-            port_use: libp2p::core::transport::PortUse::New,
-            ..opts
-        };
-        self.0.dial(addr, opts)
-    }
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<libp2p::core::transport::TransportEvent<Self::ListenerUpgrade, Self::Error>>
-    {
-        std::pin::Pin::new(&mut self.get_mut().0).poll(cx)
-    }
-}
-
+/// A fresh port, because two nodes that find each other at the same moment (mDNS answers
+/// reach both at once) would otherwise dial each other from and to the same port pair: TCP
+/// turns that into one simultaneous-open connection on which both sides are the initiator,
+/// and the handshake fails on both. The listen port, because behind a NAT it is what the
+/// relay and the bootstrap nodes observe and what a hole punch must come from: the NAT keeps
+/// the port when it can, so peers learn an address that maps back to our listener.
+///
+/// [`DialOpts`]: libp2p::swarm::dial_opts::DialOpts
 pub(super) fn build_transport(
     key: &Keypair,
     psk: Option<PreSharedKey>,
@@ -79,7 +44,7 @@ pub(super) fn build_transport(
     // which is what lets one stream carry hundreds of MB/s.
     let yamux = libp2p::yamux::Config::default();
     let tcp = match psk {
-        Some(psk) => FreshPortTcp(libp2p::tcp::tokio::Transport::new(tcp_config))
+        Some(psk) => libp2p::tcp::tokio::Transport::new(tcp_config)
             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
@@ -87,7 +52,7 @@ pub(super) fn build_transport(
             .timeout(HANDSHAKE_TIMEOUT)
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
-        None => FreshPortTcp(libp2p::tcp::tokio::Transport::new(tcp_config))
+        None => libp2p::tcp::tokio::Transport::new(tcp_config)
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux)

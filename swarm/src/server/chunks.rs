@@ -31,6 +31,8 @@ impl Server {
             Some(ask) if want.compress => self.deltas.plan(&self.store, &*self.catalog, ask).await,
             _ => None,
         };
+        let spared = !self.shared.limits.cap_lan
+            && self.shared.lan.as_ref().is_some_and(|is_lan| is_lan(&peer));
         let mut budget = protocol::MAX_CHUNK_BYTES_PER_REQUEST;
         for id in ids {
             // A chunk of no shared NAR is answered as missing, like one not held.
@@ -55,7 +57,9 @@ impl Server {
                 None => body,
             };
             if let Some(cap) = &self.shared.upload {
-                cap.pace(body.encoded_len()).await;
+                if !spared {
+                    cap.pace(body.encoded_len()).await;
+                }
             }
             // One chunk at a time: the next is read only once this one is written,
             // so a slow reader holds at most one chunk of ours in memory.

@@ -83,6 +83,9 @@ pub struct ServeLimits {
     pub have_burst: u32,
     /// Chunk bytes per second sent to all peers together; none: no cap (see `upload.rs`).
     pub max_upload_rate: Option<std::num::NonZeroU32>,
+    /// Whether the cap holds for peers on the LAN too (see [`Server::with_lan_peers`]); by
+    /// default they are not paced: the cap protects a home's uplink, not its own network.
+    pub cap_lan: bool,
 }
 
 impl Default for ServeLimits {
@@ -101,6 +104,7 @@ impl Default for ServeLimits {
             have_rate: 4 * protocol::MAX_HAVE_CHUNKS as u32,
             have_burst: 8 * protocol::MAX_HAVE_CHUNKS as u32,
             max_upload_rate: None,
+            cap_lan: false,
         }
     }
 }
@@ -129,6 +133,9 @@ struct Slots {
     busy: usize,
 }
 
+/// Says whether a peer is on the LAN.
+type IsLan = dyn Fn(&PeerId) -> bool + Send + Sync;
+
 struct Shared {
     /// Offences, refusals, bytes served, `have` budgets: bounded per-peer tables.
     tables: PeerTables,
@@ -138,6 +145,8 @@ struct Shared {
     events: broadcast::Sender<ServerEvent>,
     limits: ServeLimits,
     upload: Option<upload::UploadCap>,
+    /// Which peers are on the LAN, for the upload cap to spare.
+    lan: Option<Box<IsLan>>,
     /// Built on demand, one build at a time.
     chunk_index: tokio::sync::Mutex<Option<ChunkIndex>>,
 }
@@ -172,6 +181,14 @@ impl ServerHandle {
     /// peers still tracked (see [`ServeLimits::max_tracked_peers`]).
     pub fn bytes_served(&self) -> HashMap<PeerId, u64> {
         self.shared.tables.bytes_served()
+    }
+
+    /// Chunk bytes that went out under the upload cap (LAN peers it spared are not counted).
+    pub fn capped_bytes(&self) -> u64 {
+        self.shared
+            .upload
+            .as_ref()
+            .map_or(0, |c| c.paced.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Chunk bytes served to peers no longer tracked one by one.
@@ -315,11 +332,24 @@ impl Server {
                 slot_freed: Notify::new(),
                 events,
                 upload: limits.max_upload_rate.map(upload::UploadCap::new),
+                lan: None,
                 limits,
                 chunk_index: tokio::sync::Mutex::new(None),
             }),
             deltas: DeltaPlans::default(),
         }
+    }
+
+    /// Tells the server which peers are on the LAN (the node knows: `Node::is_lan_peer`);
+    /// the upload cap spares them unless [`ServeLimits::cap_lan`]. Before any `handle`.
+    pub fn with_lan_peers(
+        mut self,
+        is_lan: impl Fn(&PeerId) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("with_lan_peers is called before the server is shared")
+            .lan = Some(Box::new(is_lan));
+        self
     }
 
     pub fn handle(&self) -> ServerHandle {

@@ -17,6 +17,8 @@ pub const MIN_SLOT_RATE: u32 = 512 * 1024;
 
 pub(super) struct UploadCap {
     bucket: DefaultDirectRateLimiter,
+    /// Bytes that went through the bucket, since the start.
+    pub(super) paced: std::sync::atomic::AtomicU64,
     /// The most bytes taken from the bucket at once: 100 ms at the cap, at least 64 KiB.
     piece: NonZeroU32,
 }
@@ -26,12 +28,15 @@ impl UploadCap {
         let piece = NonZeroU32::new((bytes_per_sec.get() / 10).max(64 * 1024)).expect("positive");
         Self {
             bucket: RateLimiter::direct(Quota::per_second(bytes_per_sec).allow_burst(piece)),
+            paced: Default::default(),
             piece,
         }
     }
 
     /// Waits until `n` more bytes may go out.
     pub(super) async fn pace(&self, mut n: usize) {
+        self.paced
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         while n > 0 {
             let take = n.min(self.piece.get() as usize);
             let cells = NonZeroU32::new(take as u32).expect("positive");
