@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone on a fresh Debian machine: installs what the tests
-# need (real Nix from Debian's nix-bin, Chromium for the dashboard test, the cargo-nextest
-# runner), then checks formatting and lints, runs every test this environment can run, then
-# each fuzz target briefly (scripts/fuzz.sh). README.md gives this command; .ci/run calls it;
-# TESTING.md says what each test group proves and needs.
+# need (real Nix from Debian's nix-bin, Chromium for the dashboard test, iptables for the NAT
+# test, the cargo-nextest runner), then checks formatting and lints, runs every test this
+# environment can run, then each fuzz target briefly (scripts/fuzz.sh). README.md gives this
+# command; .ci/run calls it; TESTING.md says what each test group proves and needs.
 #
 # Tests that need root live in modules named `needs_root`, tests that need real Nix (but not
 # root) in modules named `needs_nix`; inside, a missing requirement is a failure, never a quiet
@@ -30,6 +30,14 @@ if ! command -v chromium >/dev/null 2>&1; then
   as_root apt-get update -qq &&
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium ||
     echo "!! could not install chromium: the dashboard test will fail"
+fi
+
+# NAT between network namespaces for the NAT traversal test (tests/nat.rs, needs root).
+if [ "$(id -u)" = 0 ] && ! command -v iptables >/dev/null 2>&1; then
+  echo "== installing iptables (NAT routers for the NAT traversal test)"
+  as_root apt-get update -qq &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables ||
+    echo "!! could not install iptables: the NAT traversal test will fail"
 fi
 
 # The runner: per-test timeouts and filtersets; there is no weaker fallback.

@@ -364,6 +364,7 @@ mod needs_nix {
                     extraHosts = [ "asus" "msi" "10.0.0.9:4000" ];
                     bootstrap = [ "/ip4/203.0.113.5/tcp/12305/p2p/12D3KooWHZjUZLmsKDtRDUqYbRGgGoHWhLbFDmG5peDLhfb2CPo7" ];
                     maxUploadRate = "2MiB";
+                    relay.maxCircuitBytes = "1MiB";
                     globalCacheTTL = 10;
                   }};
                   users.users.peerix = {{ isSystemUser = true; group = "peerix"; }};
@@ -380,6 +381,7 @@ mod needs_nix {
                 " --bootstrap /ip4/203.0.113.5/tcp/12305/p2p/12D3KooWHZjUZLmsKDtRDUqYbRGgGoHWhLbFDmG5peDLhfb2CPo7",
                 " --no-mdns",
                 " --max-upload-rate 2MiB",
+                " --relay-circuits 16 --relay-circuit-bytes 1MiB --relay-circuit-duration 120",
             ] {
                 assert!(serve.contains(want), "{want} missing: {serve}");
             }

@@ -1,6 +1,6 @@
 //! What peerix's tests share, in one place: deterministic data ([`rng`]), made-up store paths
 //! and trees ([`fixtures`]), real Nix in a private chroot store ([`nix`]), raw HTTP
-//! ([`http`]), a hashing sink ([`io`]), network namespaces ([`netns`]), a chunk store with small chunks ([`store`]) and
+//! ([`http`]), a hashing sink ([`io`]), network namespaces ([`netns`], and a small internet with NAT routers: [`internet`]), a chunk store with small chunks ([`store`]) and
 //! libp2p test nodes ([`swarm`]).
 //!
 //! Only ever a dev-dependency, and only of integration tests, benches and examples: it
@@ -9,6 +9,7 @@
 
 pub mod fixtures;
 pub mod http;
+pub mod internet;
 pub mod io;
 pub mod netns;
 pub mod nix;

@@ -64,7 +64,20 @@ impl Nix {
     /// store without being told which (key generation, `nix-instantiate --parse`) never
     /// touches `/nix/var/nix`, which a normal user cannot write.
     pub fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
+        self.cmd_in(None, program)
+    }
+
+    /// `cmd`, inside the network namespace `netns` when given (`ip netns exec`): Nix on a
+    /// machine whose peerix listens on that namespace's loopback.
+    pub fn cmd_in(&self, netns: Option<&str>, program: &str) -> Command {
+        let mut c = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        };
         c.env("NIX_CONFIG", NIX_CONFIG)
             .env("XDG_CACHE_HOME", self.dir.path().join("xdg-cache"))
             .env("XDG_CONFIG_HOME", self.dir.path().join("xdg-config"))
@@ -199,22 +212,23 @@ in [ top mid leaf ]"#
 
     /// `nix-store -r top` from `substituters` only, trusting `keys` only.
     pub fn realise(&self, top: &str, substituters: &str, keys: &str) -> Output {
+        self.realise_in(None, top, substituters, keys)
+    }
+
+    /// `realise`, inside the network namespace `netns` when given.
+    pub fn realise_in(
+        &self,
+        netns: Option<&str>,
+        top: &str,
+        substituters: &str,
+        keys: &str,
+    ) -> Output {
         let s = self.store_arg();
-        self.output(
-            "nix-store",
-            &[
-                "--store",
-                &s,
-                "-r",
-                top,
-                "--option",
-                "substituters",
-                substituters,
-                "--option",
-                "trusted-public-keys",
-                keys,
-            ],
-        )
+        self.cmd_in(netns, "nix-store")
+            .args(["--store", &s, "-r", top, "--option", "substituters"])
+            .args([substituters, "--option", "trusted-public-keys", keys])
+            .output()
+            .expect("spawn nix-store")
     }
 
     /// `nix path-info --json --sigs` of some paths, parsed.

@@ -11,6 +11,8 @@ pub use peerix_test_support::http::{
     counting_proxy, get_until_cut, http, serve_dir, CountingProxy, HttpServer,
 };
 #[allow(unused_imports)]
+pub use peerix_test_support::internet;
+#[allow(unused_imports)]
 pub use peerix_test_support::netns;
 #[allow(unused_imports)]
 pub use peerix_test_support::nix::{nix, Nix};
@@ -89,7 +91,11 @@ impl Daemon {
             cmd.args(["--upstream-cache", "none"]);
         }
         cmd.args(extra)
-            .env("RUST_LOG", "info")
+            // PEERIX_TEST_LOG: more than info from the daemons (e.g. `info,libp2p_dcutr=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("PEERIX_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn peerix serve");

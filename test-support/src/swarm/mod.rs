@@ -169,7 +169,17 @@ impl Node {
     }
 
     pub fn serve(&mut self, catalog: Arc<dyn Catalog>, limits: ServeLimits) {
-        let server = Server::new(self.store.clone(), catalog, limits);
+        self.serve_with_lan(catalog, limits, |_| false);
+    }
+
+    /// `serve`, with `is_lan` saying which peers are on the LAN (for the upload cap).
+    pub fn serve_with_lan(
+        &mut self,
+        catalog: Arc<dyn Catalog>,
+        limits: ServeLimits,
+        is_lan: impl Fn(&PeerId) -> bool + Send + Sync + 'static,
+    ) {
+        let server = Server::new(self.store.clone(), catalog, limits).with_lan_peers(is_lan);
         self.handle = Some(server.handle());
         let control = self.control.clone();
         self.tasks.push(tokio::spawn(server.run(control).unwrap()));
