@@ -146,6 +146,12 @@ mod needs_root {
                 let v = row[k].as_f64().unwrap();
                 assert!(v > 0.0 && v.is_finite(), "{k} = {v} in {row}");
             }
+            // The seeders' own processes, read from /proc in clock ticks (a short run may
+            // round to none).
+            for k in ["seeders_cpu_s_per_gib", "http_server_cpu_s_per_gib"] {
+                let v = row[k].as_f64().unwrap_or_else(|| panic!("no {k} in {row}"));
+                assert!(v >= 0.0 && v.is_finite(), "{k} = {v} in {row}");
+            }
         }
         let fetched = r["dedup"]["fetched_bytes"].as_u64().unwrap();
         assert!(fetched < 8 << 20, "version 2 fetched {fetched} bytes");

@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// netns mode, inside the leecher's namespace: seeder 0's HTTP URL of the NAR (internal).
     #[arg(long, hide = true)]
     pub inner_http: Option<String>,
+    /// netns mode, inside the leecher's namespace: the seeders' process ids, for their CPU
+    /// time (internal).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub inner_seeder_pids: Vec<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -136,6 +140,13 @@ pub struct Row {
     /// client alone.
     #[serde(default)]
     pub http_cpu_s_per_gib: f64,
+    /// netns mode: CPU seconds per GiB the N seeders spent serving the peer download, all
+    /// together (their own processes, read from /proc).
+    #[serde(default)]
+    pub seeders_cpu_s_per_gib: Option<f64>,
+    /// netns mode: the same for the HTTP server (seeder 0) over the HTTP download.
+    #[serde(default)]
+    pub http_server_cpu_s_per_gib: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -493,15 +504,22 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         };
         let (h1, h2) = (nar_hash(&p1)?, nar_hash(&p2)?);
         progress.start(&format!("{n} seeder(s)"), size);
+        // The seeders' CPU, where they are processes of their own (netns mode).
+        let pids = args.inner_seeder_pids.get(..n).unwrap_or_default();
+        let seeders_cpu = cpu::processes_cpu(pids);
         let cpu = cpu::process_cpu();
         let f = fetch(args.wire_compression, &leecher, h1, size, &progress).await?;
         let peer_cpu = cpu::process_cpu().saturating_sub(cpu);
+        let seeders_cpu = cpu::processes_cpu(pids).saturating_sub(seeders_cpu);
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
         progress.done(&format!("{n} seeder(s)"), mib_s);
         progress.start(&format!("HTTP baseline (N={n})"), size);
+        let server_pid = pids.get(..1).unwrap_or_default();
+        let server_cpu = cpu::processes_cpu(server_pid);
         let cpu = cpu::process_cpu();
         let http_mib_s = http_fetch(&url, size, &progress).await?;
         let http_cpu = cpu::process_cpu().saturating_sub(cpu);
+        let server_cpu = cpu::processes_cpu(server_pid).saturating_sub(server_cpu);
         progress.done("HTTP baseline", http_mib_s);
         if n == 1 && single == 0.0 {
             single = mib_s;
@@ -519,6 +537,9 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 wire_bytes: f.wire_bytes,
                 cpu_s_per_gib: cpu::per_gib(peer_cpu, size),
                 http_cpu_s_per_gib: cpu::per_gib(http_cpu, size),
+                seeders_cpu_s_per_gib: (!pids.is_empty()).then(|| cpu::per_gib(seeders_cpu, size)),
+                http_server_cpu_s_per_gib: (!pids.is_empty())
+                    .then(|| cpu::per_gib(server_cpu, size)),
             });
         }
 

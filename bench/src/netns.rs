@@ -196,6 +196,15 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         .arg(addrs.join(","))
         .arg("--inner-http")
         .arg(http.context("no seeder")?)
+        // `ip netns exec` execs the seeder: its pid is the seeder's.
+        .arg("--inner-seeder-pids")
+        .arg(
+            lab.children
+                .iter()
+                .map(|c| c.id().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
     let out = cmd.output().context("running the leecher")?;

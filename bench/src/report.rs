@@ -37,6 +37,17 @@ pub fn table(r: &Report) -> String {
             row.cpu_s_per_gib / row.http_cpu_s_per_gib.max(f64::MIN_POSITIVE)
         );
     }
+    if r.rows.iter().any(|row| row.seeders_cpu_s_per_gib.is_some()) {
+        s += "seeders' CPU per GiB (all N together), and the HTTP server's:\n";
+        for row in &r.rows {
+            s += &format!(
+                "{:>3} seeders {:>6.2} s/GiB, HTTP server {:>6.2} s/GiB\n",
+                row.seeders,
+                row.seeders_cpu_s_per_gib.unwrap_or(f64::NAN),
+                row.http_server_cpu_s_per_gib.unwrap_or(f64::NAN)
+            );
+        }
+    }
     let both = match r.mode {
         super::Mode::Loopback => "both ends, every node in this process",
         super::Mode::Netns => "the leecher and the HTTP client alone",
