@@ -368,13 +368,18 @@ async fn prefix(
         .map_err(ClientError::Base)
 }
 
+/// The stream failed before any answer: it could not be opened (among other reasons, on a
+/// connection that was closing: seen when one of the two connections a hole punch made was
+/// reset a moment later, and the stream had gone to it), or it broke or ended early. Asking
+/// again opens a stream on whatever connection is left, or dials.
 fn is_early_failure(e: &ClientError) -> bool {
     matches!(
         e,
-        ClientError::Protocol {
-            source: ProtocolError::Io(_) | ProtocolError::Eof,
-            ..
-        }
+        ClientError::Open { .. }
+            | ClientError::Protocol {
+                source: ProtocolError::Io(_) | ProtocolError::Eof,
+                ..
+            }
     )
 }
 
