@@ -143,17 +143,22 @@ fn run(symmetric_b: bool) -> Outcome {
         |l| l.contains("announced again, with the relayed address"),
     );
 
+    // B's Nix substitutes `top` (whose closure is `paths`) through B; how long it took.
     let url = b.url();
+    let substitute = |top: &str, paths: &[String]| {
+        let t = Instant::now();
+        let out = b_nix.realise_in(Some(&net.homes[1]), top, &url, &a_pub);
+        assert!(
+            out.status.success(),
+            "B's Nix could not substitute {top}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let took = t.elapsed();
+        assert_eq!(b_nix.nar_hashes(paths), a_nix.nar_hashes(paths));
+        took
+    };
     let before = net.relay_bytes();
-    let t = Instant::now();
-    let out = b_nix.realise_in(Some(&net.homes[1]), &top, &url, &a_pub);
-    assert!(
-        out.status.success(),
-        "B's Nix could not substitute {top}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let first_paths = t.elapsed();
-    assert_eq!(b_nix.nar_hashes(&paths), a_nix.nar_hashes(&paths));
+    let first_paths = substitute(&top, &paths);
 
     let direct = !symmetric_b;
     let punch = if direct {
@@ -170,16 +175,7 @@ fn run(symmetric_b: bool) -> Outcome {
     eprintln!("nat: {punch}");
 
     let mid = net.relay_bytes();
-    let t = Instant::now();
-    let out = b_nix.realise_in(Some(&net.homes[1]), &big, &url, &a_pub);
-    assert!(
-        out.status.success(),
-        "B's Nix could not substitute {big}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let big_time = t.elapsed();
-    let big_paths = vec![big.clone()];
-    assert_eq!(b_nix.nar_hashes(&big_paths), a_nix.nar_hashes(&big_paths));
+    let big_time = substitute(&big, std::slice::from_ref(&big));
     let after = net.relay_bytes();
 
     // What B says of its connection to A, and R of the circuits it relayed.

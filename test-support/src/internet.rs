@@ -192,19 +192,7 @@ impl Internet {
     pub fn relay_bytes(&self) -> u64 {
         ["rx_bytes", "tx_bytes"]
             .iter()
-            .map(|f| {
-                let out = Command::new("ip")
-                    .args(["netns", "exec", &self.relay, "cat"])
-                    .arg(format!("/sys/class/net/{}/statistics/{f}", self.relay_dev))
-                    .output()
-                    .unwrap();
-                assert!(out.status.success());
-                String::from_utf8(out.stdout)
-                    .unwrap()
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap()
-            })
+            .map(|f| crate::netns::counter(&self.relay, &self.relay_dev, f))
             .sum()
     }
 }

@@ -54,21 +54,24 @@ impl Netns {
 
     /// Bytes `cli` has received on its veth, as the kernel counts them (every header too).
     pub fn cli_rx_bytes(&self) -> u64 {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.names[1], "cat"])
-            .arg(format!(
-                "/sys/class/net/{}/statistics/rx_bytes",
-                self.devs[1]
-            ))
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        counter(&self.names[1], &self.devs[1], "rx_bytes")
     }
+}
+
+/// An interface's counter (`rx_bytes`, `tx_bytes`, …) inside a namespace, as the kernel keeps
+/// it: the honest count of what crossed the wire, every header too.
+pub fn counter(netns: &str, dev: &str, name: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "cat"])
+        .arg(format!("/sys/class/net/{dev}/statistics/{name}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{dev}'s {name} in {netns}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 impl Drop for Netns {
