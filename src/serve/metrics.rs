@@ -69,7 +69,7 @@ impl PeerBytes {
     }
 }
 
-/// `path="direct"` or `path="relayed"`; `result="succeeded"` or `result="failed"`.
+/// `kind="direct"` or `"relayed"` (peers); `kind="succeeded"` or `"failed"` (hole punches).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct KindLabel {
     pub(super) kind: &'static str,

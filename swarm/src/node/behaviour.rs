@@ -1,7 +1,7 @@
 //! The node's libp2p behaviours (block and allow lists, streams, Kademlia, mDNS, identify,
-//! ping, and for NATs AutoNAT, the relay client and service, and DCUtR) and the construction of the swarm around them from a [`NodeConfig`]. Everything
-//! about how the behaviours are configured lives here; how their events are handled lives in
-//! the event loop.
+//! ping, and for NATs AutoNAT, the relay client and service, and DCUtR) and the construction
+//! of the swarm around them from a [`NodeConfig`]. Everything about how the behaviours are
+//! configured lives here; how their events are handled lives in the event loop.
 
 use std::time::Duration;
 

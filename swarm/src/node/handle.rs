@@ -319,7 +319,6 @@ impl Node {
         rx.await.unwrap_or_default()
     }
 
-    /// Whether this peer is banned now (see [`Node::ban`]).
     /// Whether `peer` is on this machine's network: it holds a direct connection from a
     /// private, link-local or loopback address (not through a relay). The upload cap spares
     /// such peers unless told otherwise.
@@ -330,6 +329,7 @@ impl Node {
             .contains(peer)
     }
 
+    /// Whether this peer is banned now (see [`Node::ban`]).
     pub fn is_banned(&self, peer: &PeerId) -> bool {
         self.banned
             .lock()

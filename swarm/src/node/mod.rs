@@ -60,7 +60,7 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 pub use identity::{load_or_create_identity, read_swarm_key};
 pub use peers::{Overview, PeerDetails};
 pub use provider_store::{ProviderLimits, ProviderStats};
-pub use reachability::{HolePunchStats, Reachability, RelayLimits, RelayServiceStats, MAX_RELAYS};
+pub use reachability::{HolePunchStats, Reachability, RelayLimits, RelayServiceStats};
 
 /// peerix's own DHT: a private protocol name keeps peerix nodes out of the IPFS DHT and
 /// keeps IPFS nodes out of ours.

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::event_loop::EventLoop;
 
 /// Relays an unreachable node holds a reservation on at once.
-pub const MAX_RELAYS: usize = 2;
+const MAX_RELAYS: usize = 2;
 
 /// Relays remembered as candidates (the first ones found are kept).
 const MAX_RELAY_CANDIDATES: usize = 8;
