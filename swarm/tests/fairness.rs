@@ -257,8 +257,10 @@ async fn requests_in_flight_follow_each_peers_rate() {
     let slow_count = serve_paced(&mut slow, 256.0 * 1024.0);
     leecher.connect(&fast).await;
     leecher.connect(&slow).await;
+    // One request to start with, so that any second one to the slow peer is min_in_flight's.
     let cfg = DownloadConfig {
         run_bytes: 256 * 1024,
+        initial_in_flight: 1,
         ..DownloadConfig::default()
     };
     let report = fetch(leecher.clone(), m, vec![fast.peer, slow.peer], cfg).await;
@@ -282,13 +284,16 @@ async fn requests_in_flight_follow_each_peers_rate() {
         fp >= 2 * sp,
         "{fp} requests at once to the fast peer, {sp} to the slow one"
     );
+    // Even the slow peer, whose rate warrants less than one run in flight, has its next run
+    // on the way while one arrives (`min_in_flight`), so no round trip leaves it idle.
+    assert!(sp >= 2, "at most {sp} request at once to the slow peer");
 }
 
 /// Requests that arrive together are all answered: none is dropped before the server sees
 /// it. libp2p-stream 0.5.0-alpha as published hands inbound streams to the server through one
 /// `mpsc::channel(0)` per protocol (room for one stream, whatever the connection) and drops a
 /// stream that finds it taken ("Channel is full, dropping inbound stream"), so a burst (the
-/// downloader sends up to 16 requests at once when a peer's target grows) lost 11 and 21 of
+/// downloader then sent up to 16 requests at once when a peer's target grew) lost 11 and 21 of
 /// 160 here; the requester saw "connection is closed" and counted a failure, and three in a
 /// row dropped the peer from that download. peerix builds a copy with room for a burst
 /// (vendor/libp2p-stream/PEERIX.md).

@@ -38,12 +38,20 @@ pub struct DownloadConfig {
     pub run_bytes: u64,
     /// Requests a peer starts with before its rate is known.
     pub initial_in_flight: usize,
+    /// Fewest requests in flight to a peer with room: with two, the next run is already on its
+    /// way while one round trip passes, whatever the peer's rate.
+    pub min_in_flight: usize,
     /// Most requests in flight to one peer.
     pub max_in_flight: usize,
-    /// Each peer is given about this much work in flight, at its measured rate.
+    /// Each peer is given about this much work in flight, at its measured rate. Short, because
+    /// a peer answers its requests side by side: the deeper its queue, the longer the run the
+    /// output waits on takes, and the more work is left unevenly spread at the end.
     pub target_queue: Duration,
     /// Runs are only requested this far ahead of what has been handed to the caller, which
-    /// bounds the chunk bytes held in memory.
+    /// keeps the download in NAR order. Wide enough that each of eight peers can have two runs
+    /// in flight while the run the output waits on is late; no wider, because each request in
+    /// flight holds a stream's buffers (arrivals past [`ARRIVALS_IN_MEMORY`] are read back from
+    /// the store, so the chunks themselves do not add up in memory).
     pub window_bytes: u64,
     /// Failed requests (errors, timeouts) after which a peer is dropped for this download.
     pub max_failures: u32,
@@ -68,9 +76,10 @@ impl Default for DownloadConfig {
         Self {
             run_bytes: 2 * 1024 * 1024,
             initial_in_flight: 2,
-            max_in_flight: 16,
-            target_queue: Duration::from_secs(1),
-            window_bytes: 16 * 1024 * 1024,
+            min_in_flight: 2,
+            max_in_flight: 8,
+            target_queue: Duration::from_millis(250),
+            window_bytes: 32 * 1024 * 1024,
             max_failures: 4,
             min_timeout: Duration::from_secs(4),
             timeout_per_mib: Duration::from_secs(4),

@@ -128,6 +128,7 @@ impl Scheduler {
     ) -> Self {
         cfg.run_bytes = cfg.run_bytes.clamp(1, MAX_CHUNK_BYTES_PER_REQUEST as u64);
         cfg.max_in_flight = cfg.max_in_flight.max(1);
+        cfg.min_in_flight = cfg.min_in_flight.clamp(1, cfg.max_in_flight);
         let mut offsets = HashMap::new();
         for (o, c) in manifest.offsets() {
             offsets.entry(c.id).or_insert(o);
@@ -319,7 +320,8 @@ impl Scheduler {
 
     fn has_room(&self, p: usize) -> bool {
         let peer = &self.peers[p];
-        self.usable(p) && (peer.in_flight as f64) < peer.target.floor().max(1.0)
+        let room = peer.target.floor().max(self.cfg.min_in_flight as f64);
+        self.usable(p) && (peer.in_flight as f64) < room
     }
 
     /// The peer with the most spare room among `holders`, not already serving `run`.
