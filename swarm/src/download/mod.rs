@@ -48,10 +48,11 @@ pub struct DownloadConfig {
     /// output waits on takes, and the more work is left unevenly spread at the end.
     pub target_queue: Duration,
     /// Runs are only requested this far ahead of what has been handed to the caller, which
-    /// keeps the download in NAR order. Wide enough that each of eight peers can have two runs
-    /// in flight while the run the output waits on is late; no wider, because each request in
-    /// flight holds a stream's buffers (arrivals past [`ARRIVALS_IN_MEMORY`] are read back from
-    /// the store, so the chunks themselves do not add up in memory).
+    /// keeps the download in NAR order: this, or room for `min_in_flight` runs of every peer
+    /// when that is more, so that many peers are not held back while the run the output waits
+    /// on is late. No wider, because each request in flight holds a stream's buffers (arrivals
+    /// past [`ARRIVALS_IN_MEMORY`] are read back from the store, so the chunks themselves do
+    /// not add up in memory).
     pub window_bytes: u64,
     /// Failed requests (errors, timeouts) after which a peer is dropped for this download.
     pub max_failures: u32,
@@ -79,7 +80,7 @@ impl Default for DownloadConfig {
             min_in_flight: 2,
             max_in_flight: 8,
             target_queue: Duration::from_millis(250),
-            window_bytes: 32 * 1024 * 1024,
+            window_bytes: 16 * 1024 * 1024,
             max_failures: 4,
             min_timeout: Duration::from_secs(4),
             timeout_per_mib: Duration::from_secs(4),

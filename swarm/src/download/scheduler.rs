@@ -339,7 +339,7 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self, emitted: u64) -> Result<(), DownloadError> {
-        let limit = emitted.saturating_add(self.cfg.window_bytes);
+        let limit = emitted.saturating_add(self.window());
         // Pending runs in NAR order, within the window (the first run always, else nothing
         // could ever start).
         let candidates: Vec<usize> = self.pending.iter().copied().collect();
@@ -400,6 +400,13 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// How far ahead of the output runs may be requested (`DownloadConfig::window_bytes`).
+    fn window(&self) -> u64 {
+        let peers = self.peers.iter().filter(|p| !p.gone).count() as u64;
+        let room = peers * self.cfg.min_in_flight as u64 * self.cfg.run_bytes;
+        room.max(self.cfg.window_bytes)
     }
 
     /// When a request is late: twice what the peer's rate predicts, at least `target_queue`.
