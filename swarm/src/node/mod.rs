@@ -45,6 +45,7 @@ mod peers;
 mod provider_store;
 mod reachability;
 mod relay_service;
+mod security;
 mod transport;
 
 pub use behaviour::MAX_PROVIDED_KEYS;
