@@ -10,11 +10,11 @@ use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::{noise, Multiaddr, PeerId, Transport};
+use libp2p::{Multiaddr, PeerId, Transport};
 
-use super::security::SelectSecurity;
+use super::security::tls_then_noise;
 
-/// Bounds a TCP handshake (pnet, noise, yamux); a peer with the wrong swarm key can otherwise
+/// Bounds a TCP handshake (pnet, TLS or noise, yamux); a peer with the wrong swarm key can otherwise
 /// leave multistream-select waiting for bytes that never come.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -41,14 +41,7 @@ pub(super) fn build_transport(
     psk: Option<PreSharedKey>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
     let tcp_config = libp2p::tcp::Config::default().nodelay(true);
-    // TLS first: AES-GCM costs a tenth of noise's ChaCha20-Poly1305 per byte on a CPU with
-    // AES instructions (README, Benchmarks); noise stays for peers that offer only that.
-    let security = || -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(SelectSecurity(
-            libp2p::tls::Config::new(key)?,
-            noise::Config::new(key)?,
-        ))
-    };
+    let security = tls_then_noise(key)?;
     // The yamux defaults auto-tune each stream's window (up to a large per-connection cap),
     // which is what lets one stream carry hundreds of MB/s.
     let yamux = libp2p::yamux::Config::default();
@@ -56,14 +49,14 @@ pub(super) fn build_transport(
         Some(psk) => libp2p::tcp::tokio::Transport::new(tcp_config)
             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
             .upgrade(Version::V1Lazy)
-            .authenticate(security()?)
+            .authenticate(security)
             .multiplex(yamux)
             .timeout(HANDSHAKE_TIMEOUT)
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
         None => libp2p::tcp::tokio::Transport::new(tcp_config)
             .upgrade(Version::V1Lazy)
-            .authenticate(security()?)
+            .authenticate(security)
             .multiplex(yamux)
             .timeout(HANDSHAKE_TIMEOUT)
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
