@@ -157,7 +157,7 @@ impl ChunkStore {
     pub(super) fn read_local(&self, nar: &Sha256Hash, off: u64, len: u32) -> Result<Vec<u8>> {
         let l = self.layout(nar)?;
         let mut buf = Vec::with_capacity(len as usize);
-        l.1.read_range(&l.0, off, u64::from(len), &mut buf)
+        l.1.read_range_to_vec(&l.0, off, u64::from(len), &mut buf)
             .map_err(|source| Error::Nar {
                 path: l.0.display().to_string(),
                 source,

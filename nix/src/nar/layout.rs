@@ -126,6 +126,35 @@ impl NarLayout {
         len: u64,
         out: &mut impl Write,
     ) -> Result<(), NarError> {
+        let cap = usize::try_from(len).map_or(IO_BUF, |l| l.clamp(1, IO_BUF));
+        let mut sink = Buffered {
+            out: io::BufWriter::with_capacity(cap, out),
+            buf: vec![0u8; cap],
+        };
+        self.walk_range(root, offset, len, &mut sink)?;
+        sink.out.flush().map_err(NarError::Write)
+    }
+
+    /// As [`NarLayout::read_range`], appended to `out`: file contents are read straight into
+    /// it, with no buffer between (a chunk read in place is one copy from the page cache).
+    pub fn read_range_to_vec(
+        &self,
+        root: &Path,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NarError> {
+        out.reserve(usize::try_from(len).unwrap_or(0).min(IO_BUF * 64));
+        self.walk_range(root, offset, len, out)
+    }
+
+    fn walk_range(
+        &self,
+        root: &Path,
+        offset: u64,
+        len: u64,
+        sink: &mut impl Sink,
+    ) -> Result<(), NarError> {
         let end = offset
             .checked_add(len)
             .filter(|&e| e <= self.nar_size)
@@ -134,9 +163,6 @@ impl NarLayout {
                 len,
                 nar_size: self.nar_size,
             })?;
-        let cap = usize::try_from(len).map_or(IO_BUF, |l| l.clamp(1, IO_BUF));
-        let mut out = io::BufWriter::with_capacity(cap, out);
-        let mut buf = vec![0u8; cap];
         // Segments ending before `offset` contribute nothing; an empty file exactly at
         // `offset` is kept so that its size is still checked.
         let first = self
@@ -153,7 +179,7 @@ impl NarLayout {
                 Kind::Framing(r) => {
                     // Both bounds are within `r`, whose length fits in usize.
                     let bytes = &self.framing[r.clone()];
-                    out.write_all(&bytes[from as usize..to as usize])
+                    sink.bytes(&bytes[from as usize..to as usize])
                         .map_err(NarError::Write)?;
                 }
                 Kind::File { rel_path, size } => {
@@ -161,11 +187,62 @@ impl NarLayout {
                         continue;
                     }
                     let path = file_path(root, rel_path);
-                    copy_file_range(&path, *size, from, to, &mut out, &mut buf)?;
+                    copy_file_range(&path, *size, from, to, sink)?;
                 }
             }
         }
-        out.flush().map_err(NarError::Write)
+        Ok(())
+    }
+}
+
+/// Where [`NarLayout::walk_range`] puts a range's bytes.
+trait Sink {
+    fn bytes(&mut self, b: &[u8]) -> io::Result<()>;
+    /// Up to `n` bytes from `f`'s position; how many there were.
+    fn file(&mut self, f: &mut File, n: u64, path: &Path) -> Result<u64, NarError>;
+}
+
+/// Into a vector, read straight into its spare capacity (no zeroed buffer in between).
+impl Sink for Vec<u8> {
+    fn bytes(&mut self, b: &[u8]) -> io::Result<()> {
+        self.extend_from_slice(b);
+        Ok(())
+    }
+
+    fn file(&mut self, f: &mut File, n: u64, path: &Path) -> Result<u64, NarError> {
+        let got = f
+            .take(n)
+            .read_to_end(self)
+            .map_err(|e| NarError::io("reading", path, e))?;
+        Ok(got as u64)
+    }
+}
+
+/// Into any writer, through a buffer of a fixed size.
+struct Buffered<W: Write> {
+    out: io::BufWriter<W>,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> Sink for Buffered<W> {
+    fn bytes(&mut self, b: &[u8]) -> io::Result<()> {
+        self.out.write_all(b)
+    }
+
+    fn file(&mut self, f: &mut File, n: u64, path: &Path) -> Result<u64, NarError> {
+        let mut done = 0;
+        while done < n {
+            let want = usize::try_from(n - done).map_or(self.buf.len(), |r| r.min(self.buf.len()));
+            let got = read_some(f, &mut self.buf[..want], path)?;
+            if got == 0 {
+                break;
+            }
+            self.out
+                .write_all(&self.buf[..got])
+                .map_err(NarError::Write)?;
+            done += got as u64;
+        }
+        Ok(done)
     }
 }
 
@@ -191,8 +268,7 @@ fn copy_file_range(
     size: u64,
     from: u64,
     to: u64,
-    out: &mut impl Write,
-    buf: &mut [u8],
+    sink: &mut impl Sink,
 ) -> Result<(), NarError> {
     let mut f = File::open(path).map_err(|e| NarError::io("opening", path, e))?;
     let meta = f
@@ -213,20 +289,14 @@ fn copy_file_range(
         f.seek(SeekFrom::Start(from))
             .map_err(|e| NarError::io("seeking in", path, e))?;
     }
-    let mut pos = from;
-    while pos < to {
-        let want = usize::try_from(to - pos).map_or(buf.len(), |r| r.min(buf.len()));
-        let n = read_some(&mut f, &mut buf[..want], path)?;
-        if n == 0 {
-            // Shrunk since the fstat above.
-            return Err(mismatch(pos));
-        }
-        out.write_all(&buf[..n]).map_err(NarError::Write)?;
-        pos += n as u64;
+    let got = sink.file(&mut f, to - from, path)?;
+    if got < to - from {
+        // Shrunk since the fstat above.
+        return Err(mismatch(from + got));
     }
     if to == size {
         // The file may have grown since the fstat; one more read tells.
-        let n = read_some(&mut f, &mut buf[..1], path)?;
+        let n = read_some(&mut f, &mut [0u8; 1], path)?;
         if n > 0 {
             let now = f.metadata().map_or(size + 1, |m| m.len().max(size + 1));
             return Err(mismatch(now));
@@ -391,6 +461,30 @@ mod tests {
         );
     }
 
+    /// A range read both ways, through a writer and into a vector; they must agree, bytes or
+    /// error.
+    fn read_both(layout: &NarLayout, root: &Path, o: u64, l: u64) -> Result<Vec<u8>, NarError> {
+        let mut through = Vec::new();
+        let a = layout
+            .read_range(root, o, l, &mut io::Cursor::new(&mut through))
+            .map(|()| through);
+        let mut direct = b"kept".to_vec();
+        let b = layout
+            .read_range_to_vec(root, o, l, &mut direct)
+            .map(|()| direct.split_off(4));
+        match (a, b) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a, b, "{o}+{l}");
+                Ok(a)
+            }
+            (Err(a), Err(b)) => {
+                assert_eq!(a.to_string(), b.to_string(), "{o}+{l}");
+                Err(a)
+            }
+            (a, b) => panic!("{o}+{l}: {a:?} against {b:?}"),
+        }
+    }
+
     #[test]
     fn every_range_matches_the_full_nar() {
         let d = tree();
@@ -404,8 +498,7 @@ mod tests {
             for &b in &points {
                 for (a, b) in [(a, b), (a.saturating_sub(1), b), (a, b + 1), (a + 1, b)] {
                     if a <= b && b <= n {
-                        let mut v = Vec::new();
-                        layout.read_range(d.path(), a, b - a, &mut v).unwrap();
+                        let v = read_both(&layout, d.path(), a, b - a).unwrap();
                         assert_eq!(v, &nar[a as usize..b as usize], "{a}..{b}");
                     }
                 }
@@ -419,9 +512,7 @@ mod tests {
         let layout = NarLayout::of_path(d.path()).unwrap();
         let n = layout.nar_size();
         for (o, l) in [(n, 1), (0, n + 1), (u64::MAX, 2)] {
-            let err = layout
-                .read_range(d.path(), o, l, &mut Vec::new())
-                .unwrap_err();
+            let err = read_both(&layout, d.path(), o, l).unwrap_err();
             assert!(matches!(err, NarError::RangeOutOfBounds { .. }), "{err}");
         }
     }
@@ -432,9 +523,7 @@ mod tests {
         let layout = NarLayout::of_path(d.path()).unwrap();
         let n = layout.nar_size();
         fs::write(d.path().join("dir/x"), vec![7u8; 99_999]).unwrap();
-        let err = layout
-            .read_range(d.path(), 0, n, &mut Vec::new())
-            .unwrap_err();
+        let err = read_both(&layout, d.path(), 0, n).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -448,9 +537,7 @@ mod tests {
         );
         fs::write(d.path().join("dir/x"), vec![7u8; 100_000]).unwrap();
         fs::write(d.path().join("empty"), b"!").unwrap();
-        let err = layout
-            .read_range(d.path(), 0, n, &mut Vec::new())
-            .unwrap_err();
+        let err = read_both(&layout, d.path(), 0, n).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -464,9 +551,7 @@ mod tests {
         );
         fs::remove_file(d.path().join("a")).unwrap();
         fs::create_dir(d.path().join("a")).unwrap();
-        let err = layout
-            .read_range(d.path(), 0, n, &mut Vec::new())
-            .unwrap_err();
+        let err = read_both(&layout, d.path(), 0, n).unwrap_err();
         assert!(matches!(err, NarError::NotAFileAnymore { .. }), "{err}");
     }
 
