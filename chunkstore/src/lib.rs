@@ -7,6 +7,7 @@
 //! against the chunk's BLAKE3 id, and a whole-NAR read against the NarHash.
 
 mod chunk;
+pub mod codec;
 #[cfg(test)]
 mod crash_points;
 mod durable;

@@ -130,7 +130,7 @@ impl Packs {
     /// as this returns; [`Packs::make_durable`] makes them durable.
     pub fn append(&self, id: &ChunkId, raw: &[u8], compress: bool) -> Result<PackLoc> {
         let compressed = compress
-            .then(|| zstd::bulk::compress(raw, 1).ok())
+            .then(|| crate::codec::compress(raw, 1).ok())
             .flatten();
         let (data, zstd) = match &compressed {
             Some(c) if c.len() < raw.len() - raw.len() / 8 => (c.as_slice(), true),
@@ -255,7 +255,7 @@ impl Packs {
         let mut data = vec![0u8; loc.stored_len as usize];
         read_at(&mut data, loc.offset + HEADER as u64)?;
         if h.zstd {
-            let out = zstd::bulk::decompress(&data, raw_len as usize)
+            let out = crate::codec::decompress(&data, raw_len as usize)
                 .map_err(|e| corrupt(format!("zstd: {e}")))?;
             if out.len() != raw_len as usize {
                 return Err(corrupt("decompressed length differs".into()));

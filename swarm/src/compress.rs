@@ -5,7 +5,7 @@
 //! compressed frame can neither expand past its size nor smuggle in other bytes.
 
 use bytes::Bytes;
-use peerix_chunkstore::{ChunkId, ChunkStore, DeltaPlan, StoredChunk, VerifiedChunk};
+use peerix_chunkstore::{codec, ChunkId, ChunkStore, DeltaPlan, StoredChunk, VerifiedChunk};
 use thiserror::Error;
 use zstd::zstd_safe::{self, CParameter};
 
@@ -78,9 +78,7 @@ pub fn encode(
     // A chunk stored compressed goes out as it is stored, never compressed again.
     let zstd = match stored.zstd {
         Some(z) if want.zstd || want.compress => Some(z),
-        _ if want.compress && !stored.incompressible => {
-            zstd::bulk::compress(&stored.raw, LEVEL).ok()
-        }
+        _ if want.compress && !stored.incompressible => codec::compress(&stored.raw, LEVEL).ok(),
         _ => None,
     };
     if let Some(z) = zstd.filter(|z| pays(z.len(), stored.raw.len()) && z.len() < best_len) {
@@ -165,14 +163,19 @@ pub fn decode(
 /// frame was read): zstd fails rather than write past it.
 fn decompress(data: &[u8], raw_len: u32, prefix: Option<&[u8]>) -> Result<Bytes, DecodeError> {
     let bad = |why: String| DecodeError::BadCompression { raw_len, why };
-    let mut dx = zstd_safe::DCtx::create();
-    if let Some(p) = prefix {
-        dx.ref_prefix(p)
-            .map_err(|c| bad(zstd_safe::get_error_name(c).into()))?;
-    }
-    let mut out = Vec::with_capacity(raw_len as usize);
-    dx.decompress(&mut out, data)
-        .map_err(|c| bad(zstd_safe::get_error_name(c).into()))?;
+    let out = match prefix {
+        None => codec::decompress(data, raw_len as usize).map_err(|e| bad(e.to_string()))?,
+        // Deltas are rare next to plain frames, and their windows large: a context of their own.
+        Some(p) => {
+            let mut dx = zstd_safe::DCtx::create();
+            dx.ref_prefix(p)
+                .map_err(|c| bad(zstd_safe::get_error_name(c).into()))?;
+            let mut out = Vec::with_capacity(raw_len as usize);
+            dx.decompress(&mut out, data)
+                .map_err(|c| bad(zstd_safe::get_error_name(c).into()))?;
+            out
+        }
+    };
     if out.len() != raw_len as usize {
         return Err(bad(format!("it gave {} bytes", out.len())));
     }

@@ -60,7 +60,7 @@ impl ChunkStore {
         if frame.is_empty() {
             return Ok(None);
         }
-        match zstd::bulk::decompress(&frame, raw.len()) {
+        match crate::codec::decompress(&frame, raw.len()) {
             Ok(d) if d == raw => Ok(Some(frame.to_vec())),
             _ => {
                 warn!(chunk = %id, "recompressed frame does not match its chunk; dropped");
@@ -102,7 +102,7 @@ impl ChunkStore {
             }
             let t = Instant::now();
             let stored = self.read_chunk_stored(&c.id)?;
-            let Ok(frame) = zstd::bulk::compress(&stored.raw, level) else {
+            let Ok(frame) = crate::codec::compress(&stored.raw, level) else {
                 continue;
             };
             // Worth keeping only when it beats what is already stored (the pack's fast zstd);
