@@ -52,6 +52,29 @@ fn pays(compressed: usize, raw: usize) -> bool {
     compressed < raw - raw / 8
 }
 
+/// Slices of a chunk tried before the whole is compressed: four of this size, spread over it.
+const SAMPLE_SLICE: usize = 4 << 10;
+
+/// Whether compressing `raw` on the fly is worth a try: four slices spread over it must
+/// compress together by an eighth. A chunk read in place from the Nix store carries no mark
+/// of a failed try (a pack's has one), and compressed files (firmware, archives, images,
+/// `.ko.xz` modules) are common there: zstd gives up on such bytes quickly, but not for
+/// free, and with a link slow enough to ask for compression it was a quarter of a seeder's
+/// CPU on incompressible NARs. The sample costs a sixteenth of a 256 KiB chunk's try. A chunk
+/// whose sampled slices are incompressible but whose rest is not goes raw: a few bytes lost
+/// on the wire, for CPU saved on every chunk that would not have paid.
+fn worth_compressing(raw: &[u8]) -> bool {
+    if raw.len() < 16 * SAMPLE_SLICE {
+        return true;
+    }
+    let mut sample = Vec::with_capacity(4 * SAMPLE_SLICE);
+    for i in 0..4 {
+        let at = raw.len() / 4 * i;
+        sample.extend_from_slice(&raw[at..at + SAMPLE_SLICE]);
+    }
+    codec::compress(&sample, LEVEL).is_ok_and(|z| pays(z.len(), sample.len()))
+}
+
 /// The body a server sends for a chunk it holds. `delta` is the base chunk ids and their bytes
 /// concatenated, when the requester asked for deltas and an older version holds a similar
 /// place.
@@ -78,7 +101,9 @@ pub fn encode(
     // A chunk stored compressed goes out as it is stored, never compressed again.
     let zstd = match stored.zstd {
         Some(z) if want.zstd || want.compress => Some(z),
-        _ if want.compress && !stored.incompressible => codec::compress(&stored.raw, LEVEL).ok(),
+        _ if want.compress && !stored.incompressible && worth_compressing(&stored.raw) => {
+            codec::compress(&stored.raw, LEVEL).ok()
+        }
         _ => None,
     };
     if let Some(z) = zstd.filter(|z| pays(z.len(), stored.raw.len()) && z.len() < best_len) {
@@ -247,6 +272,45 @@ mod tests {
             let r = decode(id, body, prefix).unwrap().unwrap();
             assert_eq!(&r.chunk.data()[..], &new[..]);
         }
+    }
+
+    /// Bytes zstd cannot shrink.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chunk_is_compressed_on_the_fly_only_when_its_sample_pays() {
+        let n = 256 << 10;
+        let z = |raw: Vec<u8>| encode(stored(raw), &Want::all(None), None);
+        assert!(matches!(z(noise(n, 3)), ChunkBody::Raw(_)));
+        assert!(matches!(z(text(n, 3)), ChunkBody::Zstd { .. }));
+        // Text with noise where the slices are sampled: judged by its sample, sent raw.
+        let mut mixed = text(n, 4);
+        for i in 0..4 {
+            let at = n / 4 * i;
+            mixed[at..at + SAMPLE_SLICE].copy_from_slice(&noise(SAMPLE_SLICE, i as u64 + 5));
+        }
+        assert!(matches!(z(mixed.clone()), ChunkBody::Raw(_)));
+        // Noise with text where the slices are sampled: tried whole, and not worth it.
+        let mut other = noise(n, 6);
+        for i in 0..4 {
+            let at = n / 4 * i;
+            other[at..at + SAMPLE_SLICE].copy_from_slice(&text(SAMPLE_SLICE, i as u64 + 7));
+        }
+        assert!(matches!(z(other), ChunkBody::Raw(_)));
+        // A small chunk is tried whole: the sample would be most of it.
+        let mut small = text(32 << 10, 8);
+        small[..SAMPLE_SLICE].copy_from_slice(&noise(SAMPLE_SLICE, 9));
+        assert!(matches!(z(small), ChunkBody::Zstd { .. }));
     }
 
     #[test]
