@@ -1,11 +1,18 @@
 //! The benchmark's data: a generated NAR (two versions that differ in a few places),
-//! streamed so that its size costs no memory, and what the seeders make of it.
+//! streamed so that its size costs no memory, and what the seeders make of it: a path of
+//! their Nix store read in place, or their chunk store's packs.
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
-use peerix_chunkstore::ChunkStore;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use peerix_chunkstore::{ChunkStore, Options};
 use peerix_nix::{NarInfo, Sha256Hash, StorePath, StorePathHash};
+use serde::{Deserialize, Serialize};
 
 /// A benchmark NAR, generated as it is read so that memory does not grow with its size:
 /// deterministic, incompressible bytes (xorshift64); version 2 has 16 bytes changed at each of
@@ -69,34 +76,125 @@ pub fn store_path(name: &str) -> Result<StorePath> {
     Ok(StorePath::from_base_name(&format!("{h}-{name}"))?)
 }
 
-/// Chunk both versions of the NAR into `store`.
-/// Chunk both versions of the benchmark NAR into `store`, streamed from the generator; their
-/// narinfos, keyed for a catalog.
-pub async fn ingest_both(store: &ChunkStore, size: u64) -> Result<HashMap<StorePathHash, NarInfo>> {
-    let mut out = HashMap::new();
+/// Where the seeders hold the benchmark NAR.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeedFrom {
+    /// A path of the seeder's Nix store, its NAR read from the files in place: how a daemon
+    /// serves what Nix holds, most of what it ever serves.
+    #[default]
+    Store,
+    /// The chunk store's packs: how a daemon serves what it downloaded and Nix has not
+    /// imported, or what it pinned after Nix collected it.
+    Packs,
+}
+
+/// File sizes of the benchmark's store path, in turn: a package's spread, from a few KiB of
+/// scripts and headers to libraries of several MiB, so that chunks span many small files as
+/// well as parts of large ones.
+const FILE_SIZES: [u64; 8] = [
+    1 << 10,
+    6 << 10,
+    30 << 10,
+    200 << 10,
+    2 << 20,
+    12 << 10,
+    90 << 10,
+    6 << 20,
+];
+/// Files per directory of the benchmark's store path.
+const FILES_PER_DIR: usize = 32;
+
+/// What a seeder holds: both versions of the benchmark NAR in `store`, their narinfos keyed
+/// for a catalog, and version 1 as a NAR file for the plain HTTP server.
+pub struct Seeded {
+    pub store: ChunkStore,
+    pub catalog: HashMap<StorePathHash, NarInfo>,
+    pub nar_file: PathBuf,
+}
+
+/// Make a seeder's data in `dir`, `size` bytes of content per version, held as `from` says.
+pub async fn seed(dir: &Path, size: u64, from: SeedFrom) -> Result<Seeded> {
+    let root = dir.join("nix-root");
+    let opts = Options {
+        store_root: (from == SeedFrom::Store).then(|| root.clone()),
+        ..Options::default()
+    };
+    let store = ChunkStore::open(&dir.join("chunks"), opts)?;
+    let nar_file = dir.join("nar-1");
+    let mut catalog = HashMap::new();
     for (version, name) in [(1u8, "bench-nar-1"), (2, "bench-nar-2")] {
         let p = store_path(name)?;
         let path = p.clone();
-        let m = store
-            .blocking(move |cs| {
-                cs.ingest_nar(NarGen::new(version, size), Some(&path), None, &mut |_| {})
-            })
-            .await?;
-        out.insert(
-            p.hash(),
-            NarInfo::uncompressed(p.clone(), m.nar_hash, m.nar_size),
-        );
+        let m = match from {
+            SeedFrom::Packs => {
+                if version == 1 {
+                    write_nar_file(&nar_file, NarGen::new(1, size))?;
+                }
+                store
+                    .blocking(move |cs| {
+                        cs.ingest_nar(NarGen::new(version, size), Some(&path), None, &mut |_| {})
+                    })
+                    .await?
+            }
+            SeedFrom::Store => {
+                let tree = root
+                    .join(peerix_nix::STORE_DIR.trim_start_matches('/'))
+                    .join(p.base_name());
+                write_tree(&tree, NarGen::new(version, size))?;
+                if version == 1 {
+                    let mut f = std::io::BufWriter::new(
+                        File::create(&nar_file)
+                            .with_context(|| format!("creating {}", nar_file.display()))?,
+                    );
+                    peerix_nix::nar::dump_path(&tree, &mut f)?;
+                    f.flush()?;
+                }
+                store
+                    .blocking(move |cs| cs.ingest_local(&path, None, &mut |_| {}))
+                    .await?
+            }
+        };
+        catalog.insert(p.hash(), NarInfo::uncompressed(p, m.nar_hash, m.nar_size));
     }
-    Ok(out)
+    Ok(Seeded {
+        store,
+        catalog,
+        nar_file,
+    })
 }
 
-/// Version 1 written to a file, for the plain HTTP server.
-pub fn write_nar_file(path: &std::path::Path, size: u64) -> Result<()> {
+/// `content` laid out as the files of a store path at `tree`, [`FILE_SIZES`] in turn (the last
+/// file cut short), every fifth executable.
+fn write_tree(tree: &Path, mut content: NarGen) -> Result<()> {
+    let mut i = 0;
+    while content.pos < content.len {
+        let dir = tree.join(format!("d{:02}", i / FILES_PER_DIR));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file = dir.join(format!("f{i:04}"));
+        let mut f = File::create(&file).with_context(|| format!("creating {}", file.display()))?;
+        let n = std::io::copy(
+            &mut (&mut content).take(FILE_SIZES[i % FILE_SIZES.len()]),
+            &mut f,
+        )?;
+        if i % 5 == 0 {
+            f.set_permissions(std::fs::Permissions::from_mode(0o555))?;
+        }
+        if n == 0 {
+            bail!("the generator ended early");
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// A NAR as a file, for the plain HTTP server.
+fn write_nar_file(path: &Path, mut nar: impl Read) -> Result<()> {
     let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        File::create(path).with_context(|| format!("creating {}", path.display()))?,
     );
-    std::io::copy(&mut NarGen::new(1, size), &mut f)?;
-    std::io::Write::flush(&mut f)?;
+    std::io::copy(&mut nar, &mut f)?;
+    f.flush()?;
     Ok(())
 }
 

@@ -28,7 +28,7 @@ mod data;
 pub mod netns;
 mod report;
 
-pub use data::{ingest_both, store_path, write_nar_file, NarGen};
+pub use data::{seed, store_path, NarGen, SeedFrom, Seeded};
 pub use report::{svg, table};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -80,9 +80,14 @@ pub struct BenchArgs {
     /// Seeder counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub seeders: Vec<usize>,
-    /// Size of the generated NAR in MiB.
+    /// Size of the generated NAR in MiB (of its files' contents, when it is a store path).
     #[arg(long, default_value_t = 256)]
     pub size_mib: u64,
+    /// Where the seeders hold the NAR: a path of their Nix store read in place, as a daemon
+    /// serves what Nix holds, or their chunk store's packs, as it serves what it downloaded
+    /// or pinned.
+    #[arg(long, value_enum, default_value_t = SeedFrom::Store)]
+    pub seed_from: SeedFrom,
     /// Where the nodes run.
     #[arg(long, value_enum, default_value_t = Mode::Loopback)]
     pub mode: Mode,
@@ -166,6 +171,9 @@ pub struct Dedup {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub mode: Mode,
+    /// Where the seeders held the NAR.
+    #[serde(default)]
+    pub seed_from: SeedFrom,
     pub nar_size: u64,
     /// The per-peer figure the ideal line is N times: the single-peer throughput on loopback,
     /// the cap in netns mode (MiB/s).
@@ -411,7 +419,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
             tmp.path().to_owned()
         }
     };
-    let size = args.size_mib * 1024 * 1024;
+    let content = args.size_mib * 1024 * 1024;
     let progress = Progress::new();
     let (p1, p2) = (store_path("bench-nar-1")?, store_path("bench-nar-2")?);
 
@@ -422,21 +430,22 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     let url = if netns {
         args.inner_http.clone().context("--inner-http")?
     } else {
-        progress.start("chunking the NAR (seeders)", size);
-        let seed_store = ChunkStore::open(&dir.join("seed-chunks"), Options::default())?;
-        let catalog: Arc<dyn Catalog> = Arc::new(ingest_both(&seed_store, size).await?);
-        let file = dir.join("nar-1");
-        write_nar_file(&file, size)?;
-        let (url, http) = http_server(file, "127.0.0.1:0").await?;
-        local = Some((seed_store, catalog, http));
+        progress.start("chunking the NAR (seeders)", content);
+        let s = seed(&dir.join("seed"), content, args.seed_from).await?;
+        let catalog: Arc<dyn Catalog> = Arc::new(s.catalog);
+        let (url, http) = http_server(s.nar_file, "127.0.0.1:0").await?;
+        local = Some((s.store, catalog, http));
         url
     };
+    // The NAR's size, as the first seeder describes it (a store path's NAR is its files'
+    // contents and the framing around them).
+    let mut size = 0;
     // The single-peer figure the ideal line is built on (loopback): measured first, reused
     // for N = 1. In netns mode it is the cap.
     let mut counts = args.seeders.clone();
     let mut single = 0.0;
     if netns {
-        single = rate_mib_per_s(&args.rate)?;
+        single = netns::rate_mib_per_s(&args.rate)?;
         if counts.iter().any(|&n| n > args.inner_seeders.len()) {
             bail!("more seeders asked for than started");
         }
@@ -493,16 +502,18 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         wait_connected(&leecher.node, n).await?;
         let client = Client::new(leecher.node.stream_control());
         let first = leecher.node.connected_peers().await[0];
-        // The NarHashes, as the seeders describe the two versions over the peer protocol.
+        // The NarHashes and sizes, as the seeders describe the two versions over the peer
+        // protocol.
         let infos = client.lookup(first, &[p1.hash(), p2.hash()]).await?;
-        let nar_hash = |p: &StorePath| {
+        let nar = |p: &StorePath| {
             infos
                 .iter()
                 .find(|i| i.store_path == *p)
-                .map(|i| i.nar_hash)
+                .map(|i| (i.nar_hash, i.nar_size))
                 .with_context(|| format!("the seeder does not describe {p}"))
         };
-        let (h1, h2) = (nar_hash(&p1)?, nar_hash(&p2)?);
+        let ((h1, s1), (h2, size2)) = (nar(&p1)?, nar(&p2)?);
+        size = s1;
         progress.start(&format!("{n} seeder(s)"), size);
         // The seeders' CPU, where they are processes of their own (netns mode).
         let pids = args.inner_seeder_pids.get(..n).unwrap_or_default();
@@ -545,18 +556,18 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
 
         if run == last {
             // The leecher now holds version 1; fetch version 2 and see what crossed the wire.
-            progress.start("version 2 (dedup)", size);
-            let f = fetch(args.wire_compression, &leecher, h2, size, &progress).await?;
+            progress.start("version 2 (dedup)", size2);
+            let f = fetch(args.wire_compression, &leecher, h2, size2, &progress).await?;
             let fetched: u64 = f.bytes_per_peer.iter().sum();
             progress.done(
                 "version 2 (dedup)",
-                size as f64 / MIB / f.elapsed.as_secs_f64(),
+                size2 as f64 / MIB / f.elapsed.as_secs_f64(),
             );
             dedup = Some(Dedup {
-                v2_size: size,
+                v2_size: size2,
                 fetched_bytes: fetched,
                 local_bytes: f.bytes_local,
-                fetched_ratio: fetched as f64 / size as f64,
+                fetched_ratio: fetched as f64 / size2 as f64,
                 wire_bytes: f.wire_bytes,
             });
         }
@@ -575,34 +586,10 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         sha256_cpu_s_per_gib: cpu::per_gib(sha, size),
         peak_rss_mib: cpu::peak_rss() as f64 / MIB,
         mode: args.mode,
+        seed_from: args.seed_from,
         nar_size: size,
         ideal_per_peer_mib_per_s: single,
         rows,
         dedup: dedup.expect("at least one run"),
     })
-}
-
-/// A `tc` rate (`100mbit`, `50mbit`, `1gbit`, `800kbit`, `10mbps`) in MiB/s.
-pub fn rate_mib_per_s(rate: &str) -> Result<f64> {
-    let r = rate.trim().to_ascii_lowercase();
-    let digits = r
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(r.len());
-    let (num, unit) = r.split_at(digits);
-    let num: f64 = num.parse().with_context(|| format!("rate {rate}"))?;
-    let bits_per_s = match unit {
-        "bit" | "" => num,
-        "kbit" => num * 1e3,
-        "mbit" => num * 1e6,
-        "gbit" => num * 1e9,
-        "bps" => num * 8.0,
-        "kbps" => num * 8e3,
-        "mbps" => num * 8e6,
-        "gbps" => num * 8e9,
-        _ => bail!("rate {rate}: unknown unit {unit}"),
-    };
-    if bits_per_s <= 0.0 {
-        bail!("rate {rate} is not positive");
-    }
-    Ok(bits_per_s / 8.0 / MIB)
 }

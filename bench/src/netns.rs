@@ -9,10 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use peerix_chunkstore::{ChunkStore, Options};
 use peerix_swarm::{Catalog, ServeLimits, Server};
 
-use crate::{BenchArgs, Report};
+use crate::{BenchArgs, Report, SeedFrom};
 
 /// `peerix bench-node`'s flags: one seeder, in the namespace it was started in.
 #[derive(clap::Args, Debug)]
@@ -21,6 +20,8 @@ pub struct NodeArgs {
     pub state_dir: PathBuf,
     #[arg(long)]
     pub size_mib: u64,
+    #[arg(long, value_enum)]
+    pub seed_from: SeedFrom,
     /// The address to listen on (this namespace's).
     #[arg(long)]
     pub ip: String,
@@ -90,7 +91,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
     if max_n > 200 {
         bail!("at most 200 seeders in netns mode");
     }
-    crate::rate_mib_per_s(&args.rate)?;
+    rate_mib_per_s(&args.rate)?;
     let exe = std::env::current_exe().context("finding the peerix binary")?;
     let tmp;
     let dir = match &args.state_dir {
@@ -127,7 +128,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
     // A bucket of 10 ms at the cap (at least 64 KiB, a TSO segment): what a real link's
     // shaper lets through at once. A 4 KiB bucket made the kernel release the link a few
     // packets per timer tick, and a plain HTTP transfer reached only ~0.7 of the cap.
-    let burst = ((crate::rate_mib_per_s(&args.rate)? * crate::MIB / 100.0) as u64)
+    let burst = ((rate_mib_per_s(&args.rate)? * crate::MIB / 100.0) as u64)
         .max(64 << 10)
         .to_string();
     eprintln!("bench: starting {max_n} seeder(s), each chunking the NAR…");
@@ -148,6 +149,13 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
             .arg("--state-dir")
             .arg(dir.join(format!("seeder-{i}")))
             .args(["--size-mib", &args.size_mib.to_string(), "--ip", &ip])
+            .args([
+                "--seed-from",
+                args.seed_from
+                    .to_possible_value()
+                    .expect("a value")
+                    .get_name(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -183,6 +191,13 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
                 .join(","),
         )
         .args(["--size-mib", &args.size_mib.to_string()])
+        .args([
+            "--seed-from",
+            args.seed_from
+                .to_possible_value()
+                .expect("a value")
+                .get_name(),
+        ])
         .args([
             "--wire-compression",
             args.wire_compression
@@ -224,20 +239,18 @@ pub fn node(args: NodeArgs) -> Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
-            let size = args.size_mib * 1024 * 1024;
-            let store = ChunkStore::open(&args.state_dir.join("chunks"), Options::default())?;
-            let catalog: Arc<dyn Catalog> = Arc::new(crate::ingest_both(&store, size).await?);
-            let file = args.state_dir.join("nar-1");
-            crate::write_nar_file(&file, size)?;
+            let s =
+                crate::seed(&args.state_dir, args.size_mib * 1024 * 1024, args.seed_from).await?;
+            let catalog: Arc<dyn Catalog> = Arc::new(s.catalog);
             let node = crate::start_node(
                 args.state_dir.join("node"),
                 &format!("/ip4/{}/tcp/0", args.ip),
                 vec![],
             )
             .await?;
-            let server = Server::new(store, catalog, ServeLimits::default());
+            let server = Server::new(s.store, catalog, ServeLimits::default());
             let serving = tokio::spawn(server.run(node.stream_control())?);
-            let (url, http) = crate::http_server(file, &format!("{}:0", args.ip)).await?;
+            let (url, http) = crate::http_server(s.nar_file, &format!("{}:0", args.ip)).await?;
             println!("peer {}", node.listen_addrs()[0]);
             println!("http {url}");
             // Serve until the benchmark lets go of our stdin.
@@ -247,4 +260,29 @@ pub fn node(args: NodeArgs) -> Result<()> {
             http.abort();
             Ok(())
         })
+}
+
+/// A `tc` rate (`100mbit`, `50mbit`, `1gbit`, `800kbit`, `10mbps`) in MiB/s.
+pub fn rate_mib_per_s(rate: &str) -> Result<f64> {
+    let r = rate.trim().to_ascii_lowercase();
+    let digits = r
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(r.len());
+    let (num, unit) = r.split_at(digits);
+    let num: f64 = num.parse().with_context(|| format!("rate {rate}"))?;
+    let bits_per_s = match unit {
+        "bit" | "" => num,
+        "kbit" => num * 1e3,
+        "mbit" => num * 1e6,
+        "gbit" => num * 1e9,
+        "bps" => num * 8.0,
+        "kbps" => num * 8e3,
+        "mbps" => num * 8e6,
+        "gbps" => num * 8e9,
+        _ => bail!("rate {rate}: unknown unit {unit}"),
+    };
+    if bits_per_s <= 0.0 {
+        bail!("rate {rate} is not positive");
+    }
+    Ok(bits_per_s / 8.0 / crate::MIB)
 }

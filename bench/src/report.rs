@@ -4,9 +4,13 @@ use super::{Report, Row, MIB};
 
 pub fn table(r: &Report) -> String {
     let mut s = format!(
-        "NAR {:.0} MiB, {:?} mode, ideal per peer {:.1} MiB/s\n",
+        "NAR {:.1} MiB, {:?} mode, seeders read it from {}, ideal per peer {:.1} MiB/s\n",
         r.nar_size as f64 / MIB,
         r.mode,
+        match r.seed_from {
+            super::SeedFrom::Store => "their Nix store, in place",
+            super::SeedFrom::Packs => "their chunk store's packs",
+        },
         r.ideal_per_peer_mib_per_s
     );
     s += &format!(
