@@ -13,22 +13,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use peerix_chunkstore::{ChunkStore, Options};
 use peerix_nix::{Sha256Hash, StorePath};
 use peerix_swarm::{
-    fetch_nar, Catalog, Client, DownloadConfig, FetchRequest, Node, NodeConfig, NodeEvent,
+    fetch_nar, Catalog, Client, DownloadConfig, FetchRequest, Node, NodeConfig, NodeEvent, PeerId,
     ServeLimits, Server, WireConfig,
 };
 use serde::{Deserialize, Serialize};
 
 mod cpu;
 mod data;
+mod http;
 pub mod netns;
 mod report;
 
 pub use data::{seed, store_path, NarGen, SeedFrom, Seeded};
+use http::http_fetch;
+pub use http::http_server;
 pub use report::{svg, table};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -294,19 +296,38 @@ pub async fn start_node(dir: PathBuf, listen: &str, peers: Vec<String>) -> Resul
     Ok(Node::start(c).await?)
 }
 
-async fn wait_connected(node: &Node, n: usize) -> Result<()> {
+/// Wait until `node` is connected to every one of `seeders`.
+async fn wait_connected(node: &Node, seeders: &[PeerId]) -> Result<()> {
     let mut ev = node.events();
     let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
-    while node.connected_peers().await.len() < n {
+    let connected = || async {
+        let c = node.connected_peers().await;
+        seeders.iter().filter(|s| c.contains(s)).count()
+    };
+    while connected().await < seeders.len() {
         match tokio::time::timeout_at(deadline, ev.recv()).await {
             Ok(Ok(NodeEvent::PeerConnected(_))) | Ok(Ok(_)) | Ok(Err(_)) => {}
             Err(_) => bail!(
-                "only {} of {n} seeders connected",
-                node.connected_peers().await.len()
+                "only {} of {} seeders connected",
+                connected().await,
+                seeders.len()
             ),
         }
     }
     Ok(())
+}
+
+/// The peer ids the seeders' addresses end with (`/p2p/<id>`).
+fn seeder_ids(addrs: &[String]) -> Result<Vec<PeerId>> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse()
+                .ok()
+                .and_then(|a| peerix_swarm::node::peer_of(&a))
+                .with_context(|| format!("seeder address {a} names no peer"))
+        })
+        .collect()
 }
 
 /// What one download did.
@@ -319,10 +340,11 @@ struct Fetched {
 }
 
 /// Fetch one NAR the way the daemon does ([`fetch_nar`]): the manifest from a holder, the
-/// chunks from every connected seeder.
+/// chunks from every one of this run's seeders.
 async fn fetch(
     wire: WireCompression,
     leecher: &Leecher,
+    seeders: &[PeerId],
     nar_hash: Sha256Hash,
     size: u64,
     progress: &Progress,
@@ -341,7 +363,10 @@ async fn fetch(
         (first, total)
     });
     let client = Client::new(leecher.node.stream_control());
-    let holders = leecher.node.connected_peers().await;
+    // This run's seeders only: the DHT lets the leecher meet the others too (they learn of
+    // one another through earlier runs' leechers), and a download from them all would not
+    // be N's.
+    let holders = seeders.to_vec();
     let req = FetchRequest {
         nar_hash,
         nar_size: size,
@@ -372,37 +397,6 @@ async fn fetch(
         bytes_local: report.bytes_local,
         wire_bytes: report.wire_bytes,
     })
-}
-
-/// A plain HTTP server on 127.0.0.1 serving `nar` at `/nar`.
-pub async fn http_server(
-    nar: std::path::PathBuf,
-    bind: &str,
-) -> Result<(String, tokio::task::JoinHandle<()>)> {
-    let app = axum::Router::new().route_service("/nar", tower_http::services::ServeFile::new(nar));
-    let listener = tokio::net::TcpListener::bind(bind).await?;
-    let url = format!("http://{}/nar", listener.local_addr()?);
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok((url, task))
-}
-
-/// Download `url` to a sink; the throughput in MiB/s.
-async fn http_fetch(url: &str, size: u64, progress: &Progress) -> Result<f64> {
-    let client = reqwest::Client::builder().no_proxy().build()?;
-    let started = Instant::now();
-    let resp = client.get(url).send().await?.error_for_status()?;
-    let mut body = resp.bytes_stream();
-    let mut total = 0u64;
-    while let Some(b) = body.next().await {
-        total += b?.len() as u64;
-        progress.bar.set_position(total);
-    }
-    if total != size {
-        bail!("the HTTP download got {total} of {size} bytes");
-    }
-    Ok(size as f64 / MIB / started.elapsed().as_secs_f64())
 }
 
 /// The measurements, in this process: on loopback with in-process seeders, or (netns mode)
@@ -454,10 +448,15 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     } else {
         counts.sort_by_key(|&n| n != 1);
     }
+    // First a download that is not measured, with every seeder: the first in a process pays
+    // once for what later ones reuse (this VM backs guest memory on first touch, and the
+    // leecher's first pack writes were up to twice as costly as the next ones' for that).
+    counts.insert(0, *counts.iter().max().expect("at least one count"));
     let mut rows: Vec<Row> = vec![];
     let mut dedup = None;
     let last = counts.len() - 1;
     for (run, &n) in counts.iter().enumerate() {
+        let warm_up = run == 0;
         let run_dir = dir.join(format!("run-{run}-n{n}"));
         let mut seeders = Seeders {
             nodes: vec![],
@@ -485,7 +484,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 seeders
                     .nodes
                     .iter()
-                    .map(|n| n.listen_addrs()[0].to_string())
+                    .map(|n| format!("{}/p2p/{}", n.listen_addrs()[0], n.peer_id()))
                     .collect()
             }
         };
@@ -494,14 +493,15 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         } else {
             "/ip4/127.0.0.1/tcp/0"
         };
+        let ids = seeder_ids(&addrs)?;
         // The leecher dials the seeders.
         let leecher = Leecher {
             node: Arc::new(start_node(run_dir.join("leecher"), listen, addrs).await?),
             store: ChunkStore::open(&run_dir.join("leecher-chunks"), Options::default())?,
         };
-        wait_connected(&leecher.node, n).await?;
+        wait_connected(&leecher.node, &ids).await?;
         let client = Client::new(leecher.node.stream_control());
-        let first = leecher.node.connected_peers().await[0];
+        let first = ids[0];
         // The NarHashes and sizes, as the seeders describe the two versions over the peer
         // protocol.
         let infos = client.lookup(first, &[p1.hash(), p2.hash()]).await?;
@@ -514,16 +514,21 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         };
         let ((h1, s1), (h2, size2)) = (nar(&p1)?, nar(&p2)?);
         size = s1;
-        progress.start(&format!("{n} seeder(s)"), size);
+        let what = if warm_up {
+            format!("warm-up download ({n} peers)")
+        } else {
+            format!("{n} seeder(s)")
+        };
+        progress.start(&what, size);
         // The seeders' CPU, where they are processes of their own (netns mode).
         let pids = args.inner_seeder_pids.get(..n).unwrap_or_default();
         let seeders_cpu = cpu::processes_cpu(pids);
         let cpu = cpu::process_cpu();
-        let f = fetch(args.wire_compression, &leecher, h1, size, &progress).await?;
+        let f = fetch(args.wire_compression, &leecher, &ids, h1, size, &progress).await?;
         let peer_cpu = cpu::process_cpu().saturating_sub(cpu);
         let seeders_cpu = cpu::processes_cpu(pids).saturating_sub(seeders_cpu);
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
-        progress.done(&format!("{n} seeder(s)"), mib_s);
+        progress.done(&what, mib_s);
         progress.start(&format!("HTTP baseline (N={n})"), size);
         let server_pid = pids.get(..1).unwrap_or_default();
         let server_cpu = cpu::processes_cpu(server_pid);
@@ -532,10 +537,10 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         let http_cpu = cpu::process_cpu().saturating_sub(cpu);
         let server_cpu = cpu::processes_cpu(server_pid).saturating_sub(server_cpu);
         progress.done("HTTP baseline", http_mib_s);
-        if n == 1 && single == 0.0 {
+        if n == 1 && single == 0.0 && !warm_up {
             single = mib_s;
         }
-        if args.seeders.contains(&n) && !rows.iter().any(|r| r.seeders == n) {
+        if !warm_up && args.seeders.contains(&n) && !rows.iter().any(|r| r.seeders == n) {
             rows.push(Row {
                 seeders: n,
                 mib_per_s: mib_s,
@@ -557,7 +562,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         if run == last {
             // The leecher now holds version 1; fetch version 2 and see what crossed the wire.
             progress.start("version 2 (dedup)", size2);
-            let f = fetch(args.wire_compression, &leecher, h2, size2, &progress).await?;
+            let f = fetch(args.wire_compression, &leecher, &ids, h2, size2, &progress).await?;
             let fetched: u64 = f.bytes_per_peer.iter().sum();
             progress.done(
                 "version 2 (dedup)",
