@@ -68,7 +68,10 @@ fn loopback_bench_reports_every_seeder_count_and_dedup() {
         // Endgame duplicates may make it a little more than the NAR.
         assert!(sent >= size, "the seeders sent the whole NAR: {row}");
         let peers = row["bytes_per_peer"].as_array().unwrap().len() as u64;
-        assert!(peers <= row["seeders"].as_u64().unwrap(), "only N seeders sent: {row}");
+        assert!(
+            peers <= row["seeders"].as_u64().unwrap(),
+            "only N seeders sent: {row}"
+        );
     }
     assert!(r["ideal_per_peer_mib_per_s"].as_f64().unwrap() > 0.0);
     // What the run cost: the NarHash's SHA-256 of the same bytes, and this process's peak.
@@ -162,7 +165,10 @@ mod needs_root {
             // Only this run's N seeders, each held to the cap: the others (the DHT lets the
             // leecher meet them) send nothing.
             let n = row["seeders"].as_u64().unwrap();
-            assert!(row["bytes_per_peer"].as_array().unwrap().len() as u64 <= n, "{row}");
+            assert!(
+                row["bytes_per_peer"].as_array().unwrap().len() as u64 <= n,
+                "{row}"
+            );
             let ratio = row["ratio_to_ideal"].as_f64().unwrap();
             assert!(ratio < 1.1, "N = {n} beat N caps: {row}");
             // The seeders' own processes, read from /proc in clock ticks (a short run may
