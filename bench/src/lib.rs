@@ -484,7 +484,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 seeders
                     .nodes
                     .iter()
-                    .map(|n| format!("{}/p2p/{}", n.listen_addrs()[0], n.peer_id()))
+                    .map(|n| n.listen_addrs()[0].to_string())
                     .collect()
             }
         };

@@ -251,7 +251,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
             let server = Server::new(s.store, catalog, ServeLimits::default());
             let serving = tokio::spawn(server.run(node.stream_control())?);
             let (url, http) = crate::http_server(s.nar_file, &format!("{}:0", args.ip)).await?;
-            println!("peer {}/p2p/{}", node.listen_addrs()[0], node.peer_id());
+            println!("peer {}", node.listen_addrs()[0]);
             println!("http {url}");
             // Serve until the benchmark lets go of our stdin.
             let mut sink = Vec::new();
