@@ -17,6 +17,31 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// Slices of a chunk tried before the whole is compressed: four of this size, spread over it.
+pub const SAMPLE_SLICE: usize = 4 << 10;
+/// The level the sample is tried at: the fast one chunks are compressed at on the fly.
+const SAMPLE_LEVEL: i32 = 3;
+
+/// Whether compressing `raw` is worth a try: four slices spread over it must compress
+/// together by an eighth at a fast level. zstd gives up on incompressible bytes quickly at
+/// fast levels, but not for free, and slowly at high ones (level 19: 17 ms per 256 KiB of
+/// random bytes here, against 0.14 ms at level 3); compressed files (firmware, archives,
+/// images, `.ko.xz` modules) are common in store paths. The sample costs a sixteenth of a
+/// 256 KiB chunk's fast try. A chunk whose sampled slices are incompressible but whose rest is
+/// not is judged by its sample: on real files cut into 256 KiB pieces that cost 0.00-0.13 %
+/// more bytes than trying every piece (README, "Multi-peer download").
+pub fn worth_compressing(raw: &[u8]) -> bool {
+    if raw.len() < 16 * SAMPLE_SLICE {
+        return true;
+    }
+    let mut sample = Vec::with_capacity(4 * SAMPLE_SLICE);
+    for i in 0..4 {
+        let at = raw.len() / 4 * i;
+        sample.extend_from_slice(&raw[at..at + SAMPLE_SLICE]);
+    }
+    compress(&sample, SAMPLE_LEVEL).is_ok_and(|z| z.len() < sample.len() - sample.len() / 8)
+}
+
 /// `raw` as one zstd frame at `level`.
 pub fn compress(raw: &[u8], level: i32) -> io::Result<Vec<u8>> {
     COMPRESSOR.with_borrow_mut(|c| {

@@ -75,3 +75,54 @@ fn frames_are_smaller_verified_bounded_and_leave_with_their_chunks() {
     assert!(cs.prune_recompressed().unwrap() > 0);
     assert!(cs.recompressed_bytes().unwrap() <= r.frame_bytes);
 }
+
+/// Bytes no compressor shrinks, as a compressed file's are.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut r = Rng(seed);
+    (0..n.div_ceil(8))
+        .flat_map(|_| r.next().to_le_bytes())
+        .take(n)
+        .collect()
+}
+
+#[test]
+fn incompressible_chunks_are_marked_without_a_try() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let name = "0c6kzph7l0dcbyl8cvq3q7zryzqal1va-firmware";
+    let tree = root.join("nix/store").join(name);
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("blob.zst"), noise(11, 3 << 20)).unwrap();
+    let cs = open(&t.path().join("s"), Some(&root));
+    // Read in place: no pack has tried it, a sample of each chunk decides.
+    let path = peerix_nix::StorePath::from_base_name(name).unwrap();
+    let local = cs.ingest_local(&path, None, &mut none).unwrap();
+    let sampled = local
+        .chunks
+        .iter()
+        .filter(|c| c.len as usize >= 16 * peerix_chunkstore::codec::SAMPLE_SLICE)
+        .count() as u64;
+    assert!(sampled > 0);
+    let pass = cs
+        .recompress_nar(&local.nar_hash, RECOMPRESS_LEVEL, u64::MAX, 1.0)
+        .unwrap();
+    assert_eq!((pass.chunks, pass.skipped), (0, sampled), "{pass:?}");
+    // In packs: the pack's own failed try marks every chunk.
+    let nar = noise(12, 2 << 20);
+    let packed = cs
+        .ingest_nar(nar.as_slice(), None, None, &mut none)
+        .unwrap();
+    let pass = cs
+        .recompress_nar(&packed.nar_hash, RECOMPRESS_LEVEL, u64::MAX, 1.0)
+        .unwrap();
+    let n = packed.chunks.len() as u64;
+    assert_eq!((pass.chunks, pass.skipped), (0, n), "{pass:?}");
+    // Marked: a second pass has nothing left to try, and nothing is held.
+    for m in [&local, &packed] {
+        let again = cs
+            .recompress_nar(&m.nar_hash, RECOMPRESS_LEVEL, u64::MAX, 1.0)
+            .unwrap();
+        assert_eq!((again.chunks, again.skipped), (0, 0));
+    }
+    assert_eq!(cs.recompressed_bytes().unwrap(), 0);
+}

@@ -52,29 +52,6 @@ fn pays(compressed: usize, raw: usize) -> bool {
     compressed < raw - raw / 8
 }
 
-/// Slices of a chunk tried before the whole is compressed: four of this size, spread over it.
-const SAMPLE_SLICE: usize = 4 << 10;
-
-/// Whether compressing `raw` on the fly is worth a try: four slices spread over it must
-/// compress together by an eighth. A chunk read in place from the Nix store carries no mark
-/// of a failed try (a pack's has one), and compressed files (firmware, archives, images,
-/// `.ko.xz` modules) are common there: zstd gives up on such bytes quickly, but not for
-/// free, and with a link slow enough to ask for compression it was a quarter of a seeder's
-/// CPU on incompressible NARs. The sample costs a sixteenth of a 256 KiB chunk's try. A chunk
-/// whose sampled slices are incompressible but whose rest is not goes raw: a few bytes lost
-/// on the wire, for CPU saved on every chunk that would not have paid.
-fn worth_compressing(raw: &[u8]) -> bool {
-    if raw.len() < 16 * SAMPLE_SLICE {
-        return true;
-    }
-    let mut sample = Vec::with_capacity(4 * SAMPLE_SLICE);
-    for i in 0..4 {
-        let at = raw.len() / 4 * i;
-        sample.extend_from_slice(&raw[at..at + SAMPLE_SLICE]);
-    }
-    codec::compress(&sample, LEVEL).is_ok_and(|z| pays(z.len(), sample.len()))
-}
-
 /// The body a server sends for a chunk it holds. `delta` is the base chunk ids and their bytes
 /// concatenated, when the requester asked for deltas and an older version holds a similar
 /// place.
@@ -101,7 +78,7 @@ pub fn encode(
     // A chunk stored compressed goes out as it is stored, never compressed again.
     let zstd = match stored.zstd {
         Some(z) if want.zstd || want.compress => Some(z),
-        _ if want.compress && !stored.incompressible && worth_compressing(&stored.raw) => {
+        _ if want.compress && !stored.incompressible && codec::worth_compressing(&stored.raw) => {
             codec::compress(&stored.raw, LEVEL).ok()
         }
         _ => None,
@@ -297,19 +274,21 @@ mod tests {
         let mut mixed = text(n, 4);
         for i in 0..4 {
             let at = n / 4 * i;
-            mixed[at..at + SAMPLE_SLICE].copy_from_slice(&noise(SAMPLE_SLICE, i as u64 + 5));
+            mixed[at..at + codec::SAMPLE_SLICE]
+                .copy_from_slice(&noise(codec::SAMPLE_SLICE, i as u64 + 5));
         }
         assert!(matches!(z(mixed.clone()), ChunkBody::Raw(_)));
         // Noise with text where the slices are sampled: tried whole, and not worth it.
         let mut other = noise(n, 6);
         for i in 0..4 {
             let at = n / 4 * i;
-            other[at..at + SAMPLE_SLICE].copy_from_slice(&text(SAMPLE_SLICE, i as u64 + 7));
+            other[at..at + codec::SAMPLE_SLICE]
+                .copy_from_slice(&text(codec::SAMPLE_SLICE, i as u64 + 7));
         }
         assert!(matches!(z(other), ChunkBody::Raw(_)));
         // A small chunk is tried whole: the sample would be most of it.
         let mut small = text(32 << 10, 8);
-        small[..SAMPLE_SLICE].copy_from_slice(&noise(SAMPLE_SLICE, 9));
+        small[..codec::SAMPLE_SLICE].copy_from_slice(&noise(codec::SAMPLE_SLICE, 9));
         assert!(matches!(z(small), ChunkBody::Zstd { .. }));
     }
 

@@ -25,6 +25,8 @@ pub struct Recompressed {
     /// Raw bytes of the chunks recompressed, and what their frames take.
     pub raw_bytes: u64,
     pub frame_bytes: u64,
+    /// Chunks marked without a try: their pack found them incompressible, or a sample did.
+    pub skipped: u64,
     /// The pass stopped at the cache's size budget.
     pub full: bool,
 }
@@ -102,13 +104,21 @@ impl ChunkStore {
             }
             let t = Instant::now();
             let stored = self.read_chunk_stored(&c.id)?;
-            let Ok(frame) = crate::codec::compress(&stored.raw, level) else {
+            // A chunk a fast level cannot shrink (its pack says so, or a sample of it) is
+            // marked without a try at this level, which is slowest on such bytes.
+            let frame = if stored.incompressible || !crate::codec::worth_compressing(&stored.raw) {
+                r.skipped += 1;
+                Some(vec![])
+            } else {
+                crate::codec::compress(&stored.raw, level).ok()
+            };
+            let Some(frame) = frame else {
                 continue;
             };
             // Worth keeping only when it beats what is already stored (the pack's fast zstd);
             // otherwise an empty mark, so the chunk is not tried again.
             let stored_len = stored.zstd.as_ref().map_or(stored.raw.len(), Vec::len);
-            let frame = if frame.len() < stored_len - stored_len / 16 {
+            let frame = if !frame.is_empty() && frame.len() < stored_len - stored_len / 16 {
                 r.chunks += 1;
                 r.raw_bytes += stored.raw.len() as u64;
                 r.frame_bytes += frame.len() as u64;
