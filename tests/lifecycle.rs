@@ -370,7 +370,10 @@ mod needs_root {
     /// once space is freed the same path substitutes.
     #[test]
     fn a_full_disk_fails_a_download_cleanly_and_the_next_one_works() {
-        let scratch = common::nix().scratch("full-disk");
+        // Held for the whole test: the temporary directory goes when it is dropped, after the
+        // tmpfs (declared later, dropped first) is unmounted.
+        let scratch_env = common::nix();
+        let scratch = scratch_env.scratch("full-disk");
         let state = scratch.join("state");
         let fs = Tmpfs::mount(&state, 24);
         let state_s = state.to_str().unwrap().to_owned();
