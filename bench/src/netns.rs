@@ -149,13 +149,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
             .arg("--state-dir")
             .arg(dir.join(format!("seeder-{i}")))
             .args(["--size-mib", &args.size_mib.to_string(), "--ip", &ip])
-            .args([
-                "--seed-from",
-                args.seed_from
-                    .to_possible_value()
-                    .expect("a value")
-                    .get_name(),
-            ])
+            .args(["--seed-from", &flag_value(args.seed_from)])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -191,20 +185,8 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
                 .join(","),
         )
         .args(["--size-mib", &args.size_mib.to_string()])
-        .args([
-            "--seed-from",
-            args.seed_from
-                .to_possible_value()
-                .expect("a value")
-                .get_name(),
-        ])
-        .args([
-            "--wire-compression",
-            args.wire_compression
-                .to_possible_value()
-                .expect("a value")
-                .get_name(),
-        ])
+        .args(["--seed-from", &flag_value(args.seed_from)])
+        .args(["--wire-compression", &flag_value(args.wire_compression)])
         .arg("--state-dir")
         .arg(dir.join("leecher"))
         .arg("--inner-seeders")
@@ -260,6 +242,14 @@ pub fn node(args: NodeArgs) -> Result<()> {
             http.abort();
             Ok(())
         })
+}
+
+/// How `v` is written on the command line, for the processes this mode starts.
+fn flag_value(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .expect("every value has a name")
+        .get_name()
+        .to_owned()
 }
 
 /// A `tc` rate (`100mbit`, `50mbit`, `1gbit`, `800kbit`, `10mbps`) in MiB/s.

@@ -17,6 +17,11 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// A compressed form is worth storing or sending only when it saves at least an eighth.
+pub fn pays(compressed: usize, raw: usize) -> bool {
+    compressed < raw - raw / 8
+}
+
 /// Slices of a chunk tried before the whole is compressed: four of this size, spread over it.
 pub const SAMPLE_SLICE: usize = 4 << 10;
 /// The level the sample is tried at: the fast one chunks are compressed at on the fly.
@@ -39,7 +44,7 @@ pub fn worth_compressing(raw: &[u8]) -> bool {
         let at = raw.len() / 4 * i;
         sample.extend_from_slice(&raw[at..at + SAMPLE_SLICE]);
     }
-    compress(&sample, SAMPLE_LEVEL).is_ok_and(|z| z.len() < sample.len() - sample.len() / 8)
+    compress(&sample, SAMPLE_LEVEL).is_ok_and(|z| pays(z.len(), sample.len()))
 }
 
 /// `raw` as one zstd frame at `level`.
@@ -92,5 +97,8 @@ mod tests {
         let z = compress(&text, 3).unwrap();
         assert!(decompress(&z, text.len() - 1).is_err(), "no room: an error");
         assert!(decompress(b"not zstd", 100).is_err());
+        // A frame a peer got wrong leaves the kept contexts as good as new.
+        let z = compress(&other, 3).unwrap();
+        assert_eq!(decompress(&z, other.len()).unwrap(), other);
     }
 }

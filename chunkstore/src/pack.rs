@@ -133,7 +133,7 @@ impl Packs {
             .then(|| crate::codec::compress(raw, 1).ok())
             .flatten();
         let (data, zstd) = match &compressed {
-            Some(c) if c.len() < raw.len() - raw.len() / 8 => (c.as_slice(), true),
+            Some(c) if crate::codec::pays(c.len(), raw.len()) => (c.as_slice(), true),
             _ => (raw, false),
         };
         let mut head = [0u8; HEADER];

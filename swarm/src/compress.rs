@@ -47,11 +47,6 @@ pub enum DecodeError {
     BadChunk,
 }
 
-/// A compressed form is worth sending only when it saves at least an eighth.
-fn pays(compressed: usize, raw: usize) -> bool {
-    compressed < raw - raw / 8
-}
-
 /// The body a server sends for a chunk it holds. `delta` is the base chunk ids and their bytes
 /// concatenated, when the requester asked for deltas and an older version holds a similar
 /// place.
@@ -65,7 +60,7 @@ pub fn encode(
     let mut best_len = stored.raw.len();
     if let Some((bases, prefix)) = delta.filter(|_| want.delta.is_some()) {
         if let Ok(data) = compress_with_prefix(&stored.raw, &prefix) {
-            if pays(data.len(), stored.raw.len()) {
+            if codec::pays(data.len(), stored.raw.len()) {
                 best_len = data.len();
                 best = Some(ChunkBody::Delta {
                     bases,
@@ -83,7 +78,7 @@ pub fn encode(
         }
         _ => None,
     };
-    if let Some(z) = zstd.filter(|z| pays(z.len(), stored.raw.len()) && z.len() < best_len) {
+    if let Some(z) = zstd.filter(|z| codec::pays(z.len(), stored.raw.len()) && z.len() < best_len) {
         best = Some(ChunkBody::Zstd {
             raw_len,
             data: z.into(),

@@ -106,25 +106,25 @@ impl ChunkStore {
             let stored = self.read_chunk_stored(&c.id)?;
             // A chunk a fast level cannot shrink (its pack says so, or a sample of it) is
             // marked without a try at this level, which is slowest on such bytes.
+            // An empty frame is the mark of a chunk not worth it, so it is not tried again.
             let frame = if stored.incompressible || !crate::codec::worth_compressing(&stored.raw) {
                 r.skipped += 1;
-                Some(vec![])
-            } else {
-                crate::codec::compress(&stored.raw, level).ok()
-            };
-            let Some(frame) = frame else {
-                continue;
-            };
-            // Worth keeping only when it beats what is already stored (the pack's fast zstd);
-            // otherwise an empty mark, so the chunk is not tried again.
-            let stored_len = stored.zstd.as_ref().map_or(stored.raw.len(), Vec::len);
-            let frame = if !frame.is_empty() && frame.len() < stored_len - stored_len / 16 {
-                r.chunks += 1;
-                r.raw_bytes += stored.raw.len() as u64;
-                r.frame_bytes += frame.len() as u64;
-                frame
-            } else {
                 vec![]
+            } else {
+                let Ok(frame) = crate::codec::compress(&stored.raw, level) else {
+                    continue;
+                };
+                // Worth keeping only when it beats what is already stored (the pack's fast
+                // zstd).
+                let stored_len = stored.zstd.as_ref().map_or(stored.raw.len(), Vec::len);
+                if frame.len() < stored_len - stored_len / 16 {
+                    r.chunks += 1;
+                    r.raw_bytes += stored.raw.len() as u64;
+                    r.frame_bytes += frame.len() as u64;
+                    frame
+                } else {
+                    vec![]
+                }
             };
             let len = frame.len() as i64;
             if self.inner.wire.insert(c.id.0, frame)?.is_none() {
