@@ -348,6 +348,68 @@ async fn the_endgame_races_a_peer_that_never_answers() {
     assert!(report.bad_peers.is_empty(), "silence is no lie: {report:?}");
 }
 
+/// A raced run is split between the two peers, not sent twice: the racer asks for the run
+/// from its end, and the run is done where the two requests meet. Seeders A and B, capped
+/// alike, hold the first 8 MiB of the NAR (one run: A takes it, B, idle, races it at once);
+/// only C holds the last 2 MiB, capped so low that the download is still going when A and B
+/// meet, and would still be going had they each sent the whole run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raced_run_is_split_between_the_peers_not_sent_twice() {
+    init_tracing();
+    let origin = Node::new().await;
+    let data = nar_bytes(19, 10 << 20);
+    let m = origin.ingest(&data);
+    let (leecher, mut seeders) = cluster(3).await;
+    for s in &seeders {
+        s.store.begin_download(&m).unwrap();
+    }
+    let mut first = 0u64;
+    for (off, c) in m.offsets() {
+        let bytes = &data[off as usize..off as usize + c.len as usize];
+        let holders = if off < 8 << 20 {
+            first += u64::from(c.len);
+            &seeders[..2]
+        } else {
+            &seeders[2..]
+        };
+        for s in holders {
+            s.store.put_chunk(&c.id, bytes).unwrap();
+        }
+    }
+    for (s, rate) in seeders.iter_mut().zip([8 << 20, 8 << 20, 1 << 20]) {
+        let limits = ServeLimits {
+            max_upload_rate: std::num::NonZeroU32::new(rate),
+            ..ServeLimits::default()
+        };
+        s.serve(catalog(&[narinfo(store_path(0), &m)]), limits);
+    }
+    let cfg = DownloadConfig {
+        run_bytes: 16 << 20,
+        ..DownloadConfig::default()
+    };
+    let peers: Vec<&Node> = seeders.iter().collect();
+    let (r, got) = fetch(&leecher, &m, &peers, cfg, 4, |_| {}).await;
+    let report = r.unwrap();
+    assert!(got == data, "output differs from the NAR");
+    for s in &seeders[..2] {
+        let n = report.bytes_per_peer.get(&s.peer).copied().unwrap_or(0);
+        assert!(
+            n >= first / 4,
+            "seeder {} sent {n} bytes of the run's {first}: {report:?}",
+            s.peer
+        );
+    }
+    // Only what both were sending when they met can come twice.
+    let largest = m.chunks.iter().map(|c| u64::from(c.len)).max().unwrap();
+    assert!(
+        report.duplicate_bytes <= 2 * largest,
+        "{} bytes came twice (largest chunk {largest}): {report:?}",
+        report.duplicate_bytes
+    );
+    let total: u64 = report.bytes_per_peer.values().sum();
+    assert_eq!(total - report.duplicate_bytes, data.len() as u64);
+}
+
 /// A seeder capped at 2 MiB/s serves two leechers at once: together they get no more than the
 /// cap (beyond the bucket's first 200 KiB), and neither waits for the other to finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

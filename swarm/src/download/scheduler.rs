@@ -357,7 +357,7 @@ impl Scheduler {
             }
         }
         // Endgame: once every run is assigned, idle peers race the requests still in flight,
-        // oldest first; whichever answers first wins and the other is dropped. While runs
+        // oldest first, each from the run's end (`start`), until the two meet. While runs
         // wait beyond the window, only the run the output is waiting on is raced: racing the
         // rest would only duplicate work that is on its way anyway.
         let pending_startable = self
@@ -456,6 +456,16 @@ impl Scheduler {
                 } else {
                     self.report.duplicate_bytes += len;
                 }
+                // A raced run ends where its two requests meet: neither would end on its own
+                // before it had sent the other's chunks again.
+                if let Some(run) = self.reqs.get(&req).map(|r| r.run) {
+                    let r = &self.runs[run];
+                    if r.requests.len() > 1
+                        && r.chunks.iter().all(|c| self.received.contains(&c.id))
+                    {
+                        self.finish_run(run);
+                    }
+                }
             }
             Event::Done { req, result } => {
                 let Some(r) = self.reqs.remove(&req) else {
@@ -484,14 +494,7 @@ impl Scheduler {
                 let received = &self.received;
                 self.runs[run].chunks.retain(|c| !received.contains(&c.id));
                 if self.runs[run].chunks.is_empty() {
-                    self.runs[run].done = true;
-                    self.pending.remove(&run);
-                    for q in std::mem::take(&mut self.runs[run].requests) {
-                        if let Some(loser) = self.reqs.remove(&q) {
-                            loser.abort.abort();
-                            self.peers[loser.peer].in_flight -= 1;
-                        }
-                    }
+                    self.finish_run(run);
                 } else if self.runs[run].requests.is_empty() {
                     self.pending.insert(run);
                 }

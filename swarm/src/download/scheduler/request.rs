@@ -1,5 +1,6 @@
 //! One request: a run of chunks asked of one peer in the forms its link warrants, each chunk
-//! stored as it arrives and reported to the scheduler, the whole bounded in time.
+//! stored as it arrives and reported to the scheduler, the whole bounded in time; and the end
+//! of a run, whose requests still in flight are then of no use.
 
 use futures::StreamExt;
 use peerix_chunkstore::ChunkRef;
@@ -14,13 +15,21 @@ impl Scheduler {
         self.next_req += 1;
         self.pending.remove(&run);
         let r = &mut self.runs[run];
+        let racing = !r.requests.is_empty();
         r.requests.push(id);
-        let refs: Vec<ChunkRef> = r
+        let mut refs: Vec<ChunkRef> = r
             .chunks
             .iter()
             .copied()
             .filter(|c| !self.received.contains(&c.id))
             .collect();
+        // A race asks for the run from its end: the two requests meet somewhere in the middle
+        // (where depends on the peers' speeds), and the run is done then, with no more than
+        // a chunk or two received twice, where racing in the same order would have the
+        // faster peer send what the slower one already had.
+        if racing {
+            refs.reverse();
+        }
         let bytes: u64 = refs.iter().map(|c| u64::from(c.len)).sum();
         let timeout = self.cfg.min_timeout.max(
             self.cfg
@@ -88,5 +97,19 @@ impl Scheduler {
                 abort,
             },
         );
+    }
+
+    /// Every chunk of `run` is in: the requests for it still in flight (races) are dropped.
+    pub(super) fn finish_run(&mut self, run: usize) {
+        let r = &mut self.runs[run];
+        r.done = true;
+        r.chunks.clear();
+        self.pending.remove(&run);
+        for q in std::mem::take(&mut r.requests) {
+            if let Some(loser) = self.reqs.remove(&q) {
+                loser.abort.abort();
+                self.peers[loser.peer].in_flight -= 1;
+            }
+        }
     }
 }
