@@ -58,6 +58,8 @@ struct Req {
     in_flight_at_start: usize,
     bytes: u64,
     wire: u64,
+    /// Asks for the run's chunks from its end (a race).
+    reversed: bool,
     abort: AbortHandle,
 }
 

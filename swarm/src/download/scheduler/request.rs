@@ -15,7 +15,16 @@ impl Scheduler {
         self.next_req += 1;
         self.pending.remove(&run);
         let r = &mut self.runs[run];
-        let racing = !r.requests.is_empty();
+        // A race asks for the run from the other end than the request it races: the two meet
+        // somewhere in the middle (where depends on the peers' speeds), and the run is done
+        // then, with no more than a chunk or two received twice, where racing in the same
+        // order would have the faster peer send what the slower one already had. (The request
+        // raced may itself be a race whose first request failed.)
+        let reversed = r
+            .requests
+            .first()
+            .and_then(|q| self.reqs.get(q))
+            .is_some_and(|q| !q.reversed);
         r.requests.push(id);
         let mut refs: Vec<ChunkRef> = r
             .chunks
@@ -23,11 +32,7 @@ impl Scheduler {
             .copied()
             .filter(|c| !self.received.contains(&c.id))
             .collect();
-        // A race asks for the run from its end: the two requests meet somewhere in the middle
-        // (where depends on the peers' speeds), and the run is done then, with no more than
-        // a chunk or two received twice, where racing in the same order would have the
-        // faster peer send what the slower one already had.
-        if racing {
+        if reversed {
             refs.reverse();
         }
         let bytes: u64 = refs.iter().map(|c| u64::from(c.len)).sum();
@@ -94,6 +99,7 @@ impl Scheduler {
                 in_flight_at_start: self.peers[p].in_flight,
                 bytes: 0,
                 wire: 0,
+                reversed,
                 abort,
             },
         );
