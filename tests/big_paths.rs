@@ -6,14 +6,9 @@ mod common;
 
 use common::pair::{add_sized, pair_with, restart_on_same_port};
 
-/// Peak resident memory of a process so far (VmHWM), in bytes.
+/// Peak resident memory of a process so far, in bytes.
 fn peak_rss(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
+    common::proc_memory(pid, "VmHWM")
 }
 
 mod needs_nix {

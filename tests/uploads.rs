@@ -7,16 +7,6 @@
 
 mod common;
 
-/// A field of `/proc/PID/status` (VmRSS, VmHWM), in bytes.
-fn status_bytes(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 mod needs_nix {
     use std::io::Write;
 
@@ -28,8 +18,7 @@ mod needs_nix {
     use peerix_test_support::rng::Rng;
 
     use super::common::pair::sign;
-    use super::common::{Daemon, Nix};
-    use super::status_bytes;
+    use super::common::{proc_memory, Daemon, Nix};
 
     /// Upload slots of a daemon with the default limits (`ServeLimits::max_chunk_requests`).
     const SLOTS: usize = 16;
@@ -101,7 +90,7 @@ mod needs_nix {
 
     #[test]
     fn many_peers_asking_for_compressed_chunks_are_held_to_the_slots() {
-        let nix = common_nix();
+        let nix = super::common::nix();
         let key = nix.keys("slow-readers-1");
         let path = add_text(&nix, &key.0, 48);
         let nar_hash: Sha256Hash = nix.nar_hashes(std::slice::from_ref(&path))[&path]
@@ -112,7 +101,7 @@ mod needs_nix {
         let pid = a.child.id();
         let a_peer: PeerId = a.peer_id.parse().unwrap();
         let a_addr: Multiaddr = a.p2p.parse().unwrap();
-        let idle = status_bytes(pid, "VmRSS");
+        let idle = proc_memory(pid, "VmRSS");
 
         let rt = tokio::runtime::Runtime::new().unwrap();
         let dirs: Vec<tempfile::TempDir> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -158,7 +147,7 @@ mod needs_nix {
             let saved: u64 = results.iter().map(|r| r.1).sum();
             assert!(got > 0, "no chunk came back");
             assert!(saved > 0, "no chunk came compressed");
-            let readers_peak = status_bytes(pid, "VmHWM");
+            let readers_peak = proc_memory(pid, "VmHWM");
 
             // Then every peer opens eight streams asking for 64 chunks each, and reads no more
             // than the first frame's header: the daemon writes into a stream nobody reads.
@@ -195,7 +184,7 @@ mod needs_nix {
             assert!(busy >= held.len() - SLOTS, "{busy} busy of {}", held.len());
             // The answers hold their slots (nobody reads them): each has read and compressed
             // its first chunk, whose header came, and is stuck writing it.
-            let slow_rss = status_bytes(pid, "VmRSS");
+            let slow_rss = proc_memory(pid, "VmRSS");
             drop(held);
             for n in nodes {
                 n.shutdown().await;
@@ -219,9 +208,5 @@ mod needs_nix {
             mib(bound),
             mib(idle)
         );
-    }
-
-    fn common_nix() -> Nix {
-        super::common::nix()
     }
 }

@@ -39,6 +39,16 @@ pub fn peerix_ok(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// A memory field of `/proc/PID/status` (`VmRSS` now, `VmHWM` the peak so far), in bytes.
+pub fn proc_memory(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        * 1024
+}
+
 /// How long a daemon may take to print what a test waits for.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
