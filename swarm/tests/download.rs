@@ -350,9 +350,10 @@ async fn the_endgame_races_a_peer_that_never_answers() {
 
 /// A raced run is split between the two peers, not sent twice: the racer asks for the run
 /// from its end, and the run is done where the two requests meet. Seeders A and B, capped
-/// alike, hold the first 8 MiB of the NAR (one run: A takes it, B, idle, races it at once);
-/// only C holds the last 2 MiB, capped so low that the download is still going when A and B
-/// meet, and would still be going had they each sent the whole run.
+/// alike, hold the first 8 MiB of the NAR: two runs (a request asks for at most 64 chunks),
+/// A takes the first, B the second, and B, done first with the shorter one, races A's. Only C
+/// holds the last 2 MiB, capped so low that the download is still going when A and B meet,
+/// and would still be going had they each sent the whole run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raced_run_is_split_between_the_peers_not_sent_twice() {
     init_tracing();
@@ -395,7 +396,7 @@ async fn a_raced_run_is_split_between_the_peers_not_sent_twice() {
         let n = report.bytes_per_peer.get(&s.peer).copied().unwrap_or(0);
         assert!(
             n >= first / 4,
-            "seeder {} sent {n} bytes of the run's {first}: {report:?}",
+            "seeder {} sent {n} of the {first} bytes A and B hold: {report:?}",
             s.peer
         );
     }
