@@ -105,7 +105,7 @@ mod needs_nix {
 
         let rt = tokio::runtime::Runtime::new().unwrap();
         let dirs: Vec<tempfile::TempDir> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
-        let (readers_peak, slow_rss) = rt.block_on(async {
+        let (readers_peak, slow_rss, served) = rt.block_on(async {
             let mut nodes = vec![];
             for d in &dirs {
                 nodes.push(peer(d.path(), &a_addr).await);
@@ -189,12 +189,12 @@ mod needs_nix {
             for n in nodes {
                 n.shutdown().await;
             }
-            (readers_peak, slow_rss)
+            (readers_peak, slow_rss, served)
         });
         let mib = |b: u64| b >> 20;
         eprintln!(
             "A's resident memory: {} MiB idle, peak {} MiB while eight peers read compressed \
-             chunks, {} MiB with {SLOTS} answers nobody reads",
+             chunks, {} MiB with {served} answers nobody reads",
             mib(idle),
             mib(readers_peak),
             mib(slow_rss)

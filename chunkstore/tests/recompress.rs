@@ -4,7 +4,7 @@
 
 use peerix_chunkstore::{ChunkStore, Manifest, RECOMPRESS_LEVEL};
 use peerix_test_support::fixtures::nar_of;
-use peerix_test_support::rng::Rng;
+use peerix_test_support::rng::{data, Rng};
 use peerix_test_support::store::{none, open};
 
 /// A NAR of text-like files (compressible, as most of a NAR is), ingested into packs.
@@ -76,15 +76,6 @@ fn frames_are_smaller_verified_bounded_and_leave_with_their_chunks() {
     assert!(cs.recompressed_bytes().unwrap() <= r.frame_bytes);
 }
 
-/// Bytes no compressor shrinks, as a compressed file's are.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut r = Rng(seed);
-    (0..n.div_ceil(8))
-        .flat_map(|_| r.next().to_le_bytes())
-        .take(n)
-        .collect()
-}
-
 #[test]
 fn incompressible_chunks_are_marked_without_a_try() {
     let t = tempfile::tempdir().unwrap();
@@ -92,7 +83,7 @@ fn incompressible_chunks_are_marked_without_a_try() {
     let name = "0c6kzph7l0dcbyl8cvq3q7zryzqal1va-firmware";
     let tree = root.join("nix/store").join(name);
     std::fs::create_dir_all(&tree).unwrap();
-    std::fs::write(tree.join("blob.zst"), noise(11, 3 << 20)).unwrap();
+    std::fs::write(tree.join("blob.zst"), data(11, 3 << 20)).unwrap();
     let cs = open(&t.path().join("s"), Some(&root));
     // Read in place: no pack has tried it, a sample of each chunk decides.
     let path = peerix_nix::StorePath::from_base_name(name).unwrap();
@@ -108,7 +99,7 @@ fn incompressible_chunks_are_marked_without_a_try() {
         .unwrap();
     assert_eq!((pass.chunks, pass.skipped), (0, sampled), "{pass:?}");
     // In packs: the pack's own failed try marks every chunk.
-    let nar = noise(12, 2 << 20);
+    let nar = data(12, 2 << 20);
     let packed = cs
         .ingest_nar(nar.as_slice(), None, None, &mut none)
         .unwrap();

@@ -90,6 +90,27 @@ async fn three_seeders_share_the_load() {
         .is_none());
 }
 
+/// Seeders that hold the NAR in part, as downloads in progress do: seeder `k` gets chunk `i`
+/// (at NAR offset `off`) when `holds(k, i, off)`.
+fn hold_in_part(
+    seeders: &[Node],
+    m: &Manifest,
+    data: &[u8],
+    holds: impl Fn(usize, usize, u64) -> bool,
+) {
+    for s in seeders {
+        s.store.begin_download(m).unwrap();
+    }
+    for (i, (off, c)) in m.offsets().enumerate() {
+        let bytes = &data[off as usize..off as usize + c.len as usize];
+        for (k, s) in seeders.iter().enumerate() {
+            if holds(k, i, off) {
+                s.store.put_chunk(&c.id, bytes).unwrap();
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_spread_so_that_no_peer_has_them_all() {
     init_tracing();
@@ -97,20 +118,8 @@ async fn chunks_spread_so_that_no_peer_has_them_all() {
     let data = nar_bytes(11, 4 << 20);
     let m = origin.ingest(&data);
     let (leecher, mut seeders) = cluster(3).await;
-    let mut off = 0usize;
-    for s in &seeders {
-        s.store.begin_download(&m).unwrap();
-    }
-    for (i, c) in m.chunks.iter().enumerate() {
-        let bytes = &data[off..off + c.len as usize];
-        off += c.len as usize;
-        // Seeder k lacks every third chunk starting at k: each chunk is on two seeders.
-        for (k, s) in seeders.iter().enumerate() {
-            if i % 3 != k {
-                s.store.put_chunk(&c.id, bytes).unwrap();
-            }
-        }
-    }
+    // Seeder k lacks every third chunk starting at k: each chunk is on two seeders.
+    hold_in_part(&seeders, &m, &data, |k, i, _| i % 3 != k);
     for s in &mut seeders {
         assert!(!s.store.missing(&m).unwrap().is_empty());
         s.serve_sharing(&m);
@@ -361,22 +370,14 @@ async fn a_raced_run_is_split_between_the_peers_not_sent_twice() {
     let data = nar_bytes(19, 10 << 20);
     let m = origin.ingest(&data);
     let (leecher, mut seeders) = cluster(3).await;
-    for s in &seeders {
-        s.store.begin_download(&m).unwrap();
-    }
-    let mut first = 0u64;
-    for (off, c) in m.offsets() {
-        let bytes = &data[off as usize..off as usize + c.len as usize];
-        let holders = if off < 8 << 20 {
-            first += u64::from(c.len);
-            &seeders[..2]
-        } else {
-            &seeders[2..]
-        };
-        for s in holders {
-            s.store.put_chunk(&c.id, bytes).unwrap();
-        }
-    }
+    // A and B (0 and 1) hold the first 8 MiB, C the rest.
+    let split = 8 << 20;
+    hold_in_part(&seeders, &m, &data, |k, _, off| (off < split) == (k < 2));
+    let first: u64 = m
+        .offsets()
+        .filter(|&(off, _)| off < split)
+        .map(|(_, c)| u64::from(c.len))
+        .sum();
     for (s, rate) in seeders.iter_mut().zip([8 << 20, 8 << 20, 1 << 20]) {
         let limits = ServeLimits {
             max_upload_rate: std::num::NonZeroU32::new(rate),
