@@ -22,7 +22,8 @@ use crate::{Error, Result};
 /// A position in the packs: pack id, and a length of that pack.
 pub(crate) type Mark = (u32, u64);
 
-/// The points of the write path a test can watch and fail (see [`Faults`]).
+/// The points of the write path (and the one lookup that races it) a test can watch and fail
+/// (see [`Faults`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Event {
     /// The first `len` bytes of `pack` are on stable storage (`len` 0: the new pack's directory
@@ -35,6 +36,10 @@ pub(crate) enum Event {
     /// index, `done` distinct chunks so far. A hook's error here stops the change, undone, as
     /// a crash would.
     Batch { done: usize },
+    /// A chunk lookup has read the pending puts and not yet the index (see
+    /// `ChunkStore::chunk_rec`): a hook may hold it there while a drain moves the chunk from
+    /// one to the other. Its error is ignored.
+    Lookup,
 }
 
 /// Test-only fault injection: a hook sees every [`Event`] and may fail it. Outside tests this

@@ -228,9 +228,19 @@ impl ChunkStore {
 
     /// The index's record of a chunk, with the location of a put not indexed yet.
     fn chunk_rec(&self, id: &ChunkId) -> Result<Option<ChunkRec>> {
+        // The pending puts first: a drain indexes a chunk before it leaves them, so a chunk put
+        // is in one or the other at any time. (Read the other way round, a drain that ran
+        // between the two reads hid it: not yet in the index, no longer pending.)
+        let pending = self.inner.pending.get(id);
+        let _ = self
+            .inner
+            .packs
+            .durability
+            .faults
+            .at(crate::durable::Event::Lookup);
         let rec = self.inner.chunks.get(id.0)?;
         let rec = rec.map(|v| ChunkRec::decode(&v)).transpose()?;
-        Ok(match (rec, self.inner.pending.get(id)) {
+        Ok(match (rec, pending) {
             (rec, None) => rec,
             (Some(mut r), Some((_, loc))) => {
                 r.pack = r.pack.or(Some(loc));
