@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use peerix_chunkstore::{ChunkStore, Manifest, Options, PUT_SYNC_BYTES};
+use peerix_chunkstore::{ChunkStore, Manifest, Options, PUT_UNSYNCED_MAX};
 use peerix_nix::Sha256Hash;
 use peerix_test_support::rng::data;
 
@@ -212,7 +212,7 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     let src = t.path().join("src.nar");
-    let bytes = data(99, 48 << 20);
+    let bytes = data(99, 64 << 20);
     std::fs::write(&src, &bytes).unwrap();
     let hash = Sha256Hash::digest(&bytes);
     let mut killed = 0;
@@ -223,7 +223,8 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let lines = 40 + 30 * round;
+        // Past PUT_UNSYNCED_MAX (24 MiB, some 96 chunks) from the first round on.
+        let lines = 110 + 30 * round;
         if kill_after(child, "put ", lines) {
             killed += 1;
             let cs = ChunkStore::open(&state.join("chunks"), Options::default()).unwrap();
@@ -238,20 +239,18 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
                 .partial_manifest(&hash)
                 .unwrap()
                 .expect("download record");
-            // Puts are durable in groups of PUT_SYNC_BYTES: every chunk of a group completed
-            // before the child printed line `lines` is kept; later ones may be forgotten,
-            // never wrong.
+            // When the child printed line `lines`, at most PUT_UNSYNCED_MAX bytes of its puts
+            // were not durable, and those the last ones: every chunk put before them is
+            // kept; they may be forgotten, never wrong.
             let mut durable = vec![];
-            let mut group = (vec![], 0);
-            for c in m.chunks.iter().take(lines) {
+            let mut unsynced = 0;
+            for c in m.chunks.iter().take(lines).rev() {
                 if kept_before.contains(&c.id) {
                     continue;
                 }
-                group.0.push(c.id);
-                group.1 += u64::from(c.len);
-                if group.1 >= PUT_SYNC_BYTES {
-                    durable.append(&mut group.0);
-                    group.1 = 0;
+                unsynced += u64::from(c.len);
+                if unsynced > PUT_UNSYNCED_MAX {
+                    durable.push(c.id);
                 }
             }
             let mut kept = std::collections::HashSet::new();
@@ -274,10 +273,7 @@ fn sigkill_during_puts_keeps_what_was_put_and_hides_the_partial_nar() {
                 lost == 0,
                 "round {round}: {lost} chunks put durably were lost"
             );
-            assert!(
-                round > 0 || !durable.is_empty(),
-                "no group of puts completed"
-            );
+            assert!(round > 0 || !durable.is_empty(), "no put was durable");
             kept_before = kept;
         }
         assert_fsck_clean(&state);

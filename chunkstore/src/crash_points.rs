@@ -287,6 +287,72 @@ fn puts_are_synced_in_groups_not_one_by_one() {
     );
 }
 
+/// A download's puts go on while a group of them is synced (a put does not wait for the disk),
+/// until [`crate::PUT_UNSYNCED_MAX`] bytes are not durable: then a put waits, so a crash
+/// forgets no more than that.
+#[test]
+fn puts_wait_for_the_disk_only_past_the_unsynced_bound() {
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    use std::time::Duration;
+    let t = tempfile::tempdir().unwrap();
+    let cs = ChunkStore::open(t.path(), Options::default()).unwrap();
+    // The first sync of put bytes starts, then holds (a disk that is slow right now) until
+    // released.
+    let (started_tx, started) = channel();
+    let (release, released) = channel::<()>();
+    let released = Mutex::new(Some(released));
+    cs.set_fault_hook(Arc::new(move |e| {
+        if let Event::Synced { len, .. } = e {
+            if len > 0 {
+                if let Some(r) = released.lock().unwrap().take() {
+                    let _ = started_tx.send(());
+                    let _ = r.recv();
+                }
+            }
+        }
+        Ok(())
+    }));
+    let chunk = 256 << 10;
+    let within = (crate::PUT_UNSYNCED_MAX / chunk) as usize;
+    let (put_tx, puts) = channel();
+    let writer = {
+        let cs = cs.clone();
+        std::thread::spawn(move || {
+            for i in 0..=within {
+                let d = data(i as u64 + 1, chunk as usize);
+                assert!(cs.put_chunk(&ChunkId::of(&d), &d).unwrap());
+                put_tx.send(i).unwrap();
+            }
+        })
+    };
+    // Generous bounds, only so that a broken store fails the test rather than hangs it.
+    let long = Duration::from_secs(60);
+    started
+        .recv_timeout(long)
+        .expect("no group of puts was synced");
+    for i in 0..within {
+        assert_eq!(
+            puts.recv_timeout(long),
+            Ok(i),
+            "put {i} waited for the sync of an earlier group"
+        );
+    }
+    // One more put would leave more than the bound unsynced: it waits for the disk.
+    assert_eq!(
+        puts.recv_timeout(Duration::from_secs(2)),
+        Err(RecvTimeoutError::Timeout),
+        "a put went on with more than PUT_UNSYNCED_MAX bytes not durable"
+    );
+    release.send(()).unwrap();
+    assert_eq!(puts.recv_timeout(long), Ok(within));
+    writer.join().unwrap();
+    // Everything put is durable and indexed once the store is flushed.
+    cs.flush().unwrap();
+    let (_, chunks, _) = cs.index_trees();
+    assert_eq!(chunks.len(), within + 1);
+    assert!(cs.fsck(true).unwrap().is_clean());
+}
+
 /// A chunk put is found by every lookup from then on, while a drain moves it from the pending
 /// puts to the index. A lookup held between its two reads while a drain runs (on this machine,
 /// a thread preempted there) once missed it: it read the index before the drain indexed the

@@ -28,8 +28,13 @@ pub use store::{
 };
 
 /// Puts ([`ChunkStore::put_verified`], [`ChunkStore::put_chunk`]) are made durable and indexed
-/// in groups of this many bytes: a crash forgets at most this much of the last puts.
+/// in groups of this many bytes, in the background.
 pub const PUT_SYNC_BYTES: u64 = 8 << 20;
+
+/// A put waits for the disk once this many bytes of puts are not durable yet: a crash forgets
+/// at most this much of the last puts. Three groups: one being synced, one gathering, and room
+/// for a disk that is briefly slower than the network.
+pub const PUT_UNSYNCED_MAX: u64 = 3 * PUT_SYNC_BYTES;
 
 /// No chunk is larger than this, whatever a peer or a file on disk says.
 pub const MAX_CHUNK: usize = 4 * 1024 * 1024;

@@ -1,12 +1,13 @@
 //! Chunks put but not yet in the index: group commit for downloads.
 //!
 //! A put appends the chunk to a pack and records it here, where reads find it at once (it is
-//! servable as soon as the put returns). Once [`LIMIT`] bytes have gathered, or when a download
-//! finishes, the store is flushed or GC runs, they are made durable with one fdatasync, then
-//! indexed, and the index is flushed ([`Pending::drain`]). So a download pays two syncs per
-//! [`LIMIT`] bytes, not one per chunk; a crash forgets at most the last [`LIMIT`] bytes of puts
-//! (fetched again as missing chunks), and never leaves the index pointing at bytes that are not
-//! on disk.
+//! servable as soon as the put returns). Once [`crate::PUT_SYNC_BYTES`] have gathered (on the
+//! store's drain thread, see `store/drain.rs`), or when a download finishes, the store is
+//! flushed or GC runs, they are made durable with one fdatasync, then indexed, and the index is
+//! flushed ([`Pending::drain`]). So a download pays two syncs per group, not one per chunk, and
+//! does not wait for them; a crash forgets at most the last [`crate::PUT_UNSYNCED_MAX`] bytes
+//! of puts (fetched again as missing chunks), and never leaves the index pointing at bytes that
+//! are not on disk.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,9 +15,6 @@ use std::sync::Mutex;
 use crate::index::ChunkRec;
 use crate::pack::{PackLoc, Packs};
 use crate::{ChunkId, Error, Result};
-
-/// Bytes of puts gathered before one fdatasync makes them durable and indexes them.
-pub(crate) const LIMIT: u64 = crate::PUT_SYNC_BYTES;
 
 #[derive(Default)]
 struct State {
@@ -42,14 +40,19 @@ impl Pending {
             .copied()
     }
 
-    /// Record a put; true when enough has gathered to drain.
-    pub(crate) fn add(&self, id: ChunkId, len: u32, loc: PackLoc) -> bool {
+    /// Record a put; returns the bytes put and not indexed yet, this one included.
+    pub(crate) fn add(&self, id: ChunkId, len: u32, loc: PackLoc) -> u64 {
         let mut st = self.state.lock().expect("pending lock");
         if let std::collections::hash_map::Entry::Vacant(e) = st.chunks.entry(id) {
             e.insert((len, loc));
             st.bytes += u64::from(len);
         }
-        st.bytes >= LIMIT
+        st.bytes
+    }
+
+    /// Bytes put and not indexed yet.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.state.lock().expect("pending lock").bytes
     }
 
     /// Forget a copy that failed verification.

@@ -101,9 +101,9 @@ impl ChunkStore {
     }
 
     /// Store one chunk, verified against its id. Readable (and servable) as soon as this
-    /// returns; durable and indexed with the puts around it (see [`crate::pending`]), at the
-    /// latest when the download finishes or the store is flushed. Returns false if the store
-    /// already had it.
+    /// returns; durable and indexed with the puts around it, in the background (see
+    /// [`crate::pending`] and `drain.rs`), at the latest when the download finishes or the
+    /// store is flushed. Returns false if the store already had it.
     pub fn put_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         if data.len() > crate::MAX_CHUNK {
             return Err(Error::ChunkTooLarge(data.len()));
@@ -130,8 +130,12 @@ impl ChunkStore {
             return Ok(false);
         }
         let loc = self.inner.packs.append(id, data, compress)?;
-        if self.inner.pending.add(*id, data.len() as u32, loc) {
+        let unsynced = self.inner.pending.add(*id, data.len() as u32, loc);
+        if unsynced > crate::PUT_UNSYNCED_MAX {
+            // The disk is behind: wait for it, so that what a crash can forget stays bounded.
             self.drain_pending()?;
+        } else if unsynced >= crate::PUT_SYNC_BYTES {
+            self.inner.drainer.kick();
         }
         Ok(true)
     }

@@ -17,6 +17,7 @@ use crate::pending::Pending;
 use crate::{ChunkId, ChunkRef, ChunkerParams, Error, Manifest, Result};
 
 mod download;
+mod drain;
 mod evict;
 mod fsck;
 mod gc;
@@ -99,6 +100,8 @@ struct Inner {
     packs: Packs,
     /// Chunks put, readable, not yet durable nor indexed.
     pending: Pending,
+    /// Makes groups of puts durable in the background (see `drain.rs`).
+    drainer: drain::Drainer,
     params: ChunkerParams,
     store_root: Option<PathBuf>,
     /// Held shared by everything that reads or adds chunks, exclusively by GC, so GC never
@@ -154,6 +157,7 @@ impl ChunkStore {
                 p
             }
         };
+        let (drainer, kicks) = drain::Drainer::new();
         let inner = Inner {
             chunks: db.open_tree("chunks")?,
             manifests: db.open_tree("manifests")?,
@@ -176,6 +180,7 @@ impl ChunkStore {
             db,
             packs: Packs::open(&dir.join("packs"))?,
             pending: Pending::default(),
+            drainer,
             params,
             store_root: opts.store_root,
             gc: RwLock::new(()),
@@ -184,6 +189,7 @@ impl ChunkStore {
         let store = Self {
             inner: Arc::new(inner),
         };
+        drain::start(&store.inner, kicks, dir)?;
         store.recover_intents()?;
         Ok(store)
     }
