@@ -281,6 +281,53 @@ async fn only_missing_chunks_cross_the_wire() {
     assert_eq!(report.bytes_local + missing, m.nar_size);
 }
 
+/// The output reads chunks from the store ahead of the one it hands on: chunks held before the
+/// download, chunks that arrived past `ARRIVALS_IN_MEMORY` while the output waited for a slow
+/// peer, and chunks that occur twice in the NAR all come out in NAR order, and what was held
+/// is counted as local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_reads_ahead_held_and_stored_chunks_in_order() {
+    init_tracing();
+    let (a, b, c) = (
+        nar_bytes(21, 2 << 20),
+        nar_bytes(22, 14 << 20),
+        nar_bytes(23, 1 << 20),
+    );
+    // A held part, a new part larger than the arrivals kept in memory, the held part again.
+    let data = [&a[..], &b, &a, &c].concat();
+    let origin = Node::new().await;
+    let m = origin.ingest(&data);
+    let (leecher, mut seeders) = cluster(2).await;
+    leecher.ingest(&[&a[..], &c].concat());
+    let missing = leecher.store.missing(&m).unwrap();
+    let missing_bytes: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+    assert!(missing_bytes >= 14 << 20, "missing {missing_bytes}");
+    // The first new chunks only from a slow seeder (0), the rest from a fast one (1): the fast
+    // one's chunks arrive far ahead of the output, which waits for the slow one's.
+    let slow: std::collections::HashSet<_> = missing.iter().take(2).map(|c| c.id).collect();
+    hold_in_part(&seeders, &m, &data, |k, i, _| {
+        (k == 0) == slow.contains(&m.chunks[i].id)
+    });
+    for (s, rate) in seeders.iter_mut().zip([128 << 10, 64 << 20]) {
+        let limits = ServeLimits {
+            max_upload_rate: std::num::NonZeroU32::new(rate),
+            ..ServeLimits::default()
+        };
+        s.serve(catalog(&[narinfo(store_path(0), &m)]), limits);
+    }
+    let peers: Vec<&Node> = seeders.iter().collect();
+    // Bounded only so that an output that waits for a read never started fails the test.
+    let (r, got) = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        fetch(&leecher, &m, &peers, small_runs(), 4, |_| {}),
+    )
+    .await
+    .expect("the download hung");
+    let report = r.unwrap();
+    assert!(got == data, "output differs from the NAR");
+    assert_eq!(report.bytes_local + missing_bytes, m.nar_size);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_nobody_has_is_unavailable() {
     init_tracing();

@@ -1,7 +1,7 @@
 //! Handing the NAR to the caller in NAR order, as its chunks arrive or from the store, with
 //! the NarHash checked before the last chunk goes out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -46,6 +46,13 @@ impl Arrivals {
         self.arrived.notify_one();
     }
 
+    /// Whether the chunk arrived: `Some(true)` with its bytes kept, `Some(false)` stored only,
+    /// `None` not yet.
+    fn arrived(&self, id: &ChunkId) -> Option<bool> {
+        let a = self.chunks.lock().expect("arrivals");
+        a.map.get(id).map(Option::is_some)
+    }
+
     /// `Some(Some(bytes))`, `Some(None)` (read it from the store), or `None` (not arrived).
     fn take(&self, id: &ChunkId) -> Option<Option<Bytes>> {
         let mut a = self.chunks.lock().expect("arrivals");
@@ -54,6 +61,99 @@ impl Arrivals {
             a.bytes -= d.len();
         }
         Some(got)
+    }
+}
+
+/// Chunks read from the store ahead of the output, while the emitter hashes and hands on the
+/// ones before them: a read and its BLAKE3 check take about as long as the SHA-256 of the
+/// chunk, and done one after the other they made the output wait, most of all at the end of a
+/// download from many peers, when what arrived past [`ARRIVALS_IN_MEMORY`] is read back at once.
+const READ_AHEAD: usize = 4;
+
+type Read = tokio::task::JoinHandle<peerix_chunkstore::Result<Vec<u8>>>;
+
+/// Which chunks after the one being emitted can be read from the store already, and the reads
+/// started for them.
+struct ReadAhead {
+    /// Manifest positions whose reads are started, in order.
+    reads: VecDeque<(usize, Read)>,
+    /// The next position to look at.
+    next: usize,
+    /// Chunks held before the download began: readable at any time.
+    held: HashSet<ChunkId>,
+    /// Chunks that occur more than once in the NAR.
+    repeated: HashSet<ChunkId>,
+}
+
+impl ReadAhead {
+    fn new(manifest: &Manifest, need: &HashSet<ChunkId>) -> Self {
+        let mut seen = HashSet::new();
+        let mut repeated = HashSet::new();
+        for c in &manifest.chunks {
+            if !seen.insert(c.id) {
+                repeated.insert(c.id);
+            }
+        }
+        let held = seen.into_iter().filter(|id| !need.contains(id)).collect();
+        Self {
+            reads: VecDeque::new(),
+            next: 0,
+            held,
+            repeated,
+        }
+    }
+
+    /// Start reads for the chunks after position `at` that can be read now, up to
+    /// [`READ_AHEAD`]; stop at the first that has not arrived yet.
+    fn top_up(&mut self, at: usize, manifest: &Manifest, buf: &Arrivals, store: &ChunkStore) {
+        self.next = self.next.max(at + 1);
+        while self.reads.len() < READ_AHEAD {
+            let Some(c) = manifest.chunks.get(self.next) else {
+                return;
+            };
+            if self.held.contains(&c.id) {
+                self.start(c.id, store);
+            } else if self.repeated.contains(&c.id) {
+                // A downloaded chunk that occurs again: its first occurrence waits for it to
+                // arrive, the later ones read it from the store; both the plain way, and the
+                // look-ahead goes on past it.
+            } else {
+                match buf.arrived(&c.id) {
+                    None => return,
+                    // Its bytes are at hand already.
+                    Some(true) => {}
+                    Some(false) => {
+                        buf.take(&c.id);
+                        self.start(c.id, store);
+                    }
+                }
+            }
+            self.next += 1;
+        }
+    }
+
+    fn start(&mut self, id: ChunkId, store: &ChunkStore) {
+        let store = store.clone();
+        let read = tokio::task::spawn_blocking(move || store.read_chunk(&id));
+        self.reads.push_back((self.next, read));
+    }
+
+    /// The read started for position `at`, if any.
+    fn take(&mut self, at: usize) -> Option<Read> {
+        if self.reads.front().is_some_and(|(i, _)| *i == at) {
+            self.reads.pop_front().map(|(_, r)| r)
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    /// Reads of an emitter that stopped early are of no use.
+    fn drop(&mut self) {
+        for (_, r) in &self.reads {
+            r.abort();
+        }
     }
 }
 
@@ -72,8 +172,15 @@ pub(super) async fn emit(
     let mut offset = 0u64;
     let n = manifest.chunks.len();
     let mut last = None;
+    let mut ahead = ReadAhead::new(&manifest, &need);
     for (i, c) in manifest.chunks.iter().enumerate() {
-        let data = if need.remove(&c.id) {
+        ahead.top_up(i, &manifest, &buf, &store);
+        let data = if let Some(read) = ahead.take(i) {
+            if !need.remove(&c.id) {
+                local += u64::from(c.len);
+            }
+            Bytes::from(read.await.map_err(peerix_chunkstore::Error::Join)??)
+        } else if need.remove(&c.id) {
             let kept = loop {
                 // notify_one keeps a permit when nobody waits, so no arrival is missed.
                 if let Some(d) = buf.take(&c.id) {
