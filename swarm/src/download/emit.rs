@@ -74,50 +74,38 @@ type Read = tokio::task::JoinHandle<peerix_chunkstore::Result<Vec<u8>>>;
 
 /// Which chunks after the one being emitted can be read from the store already, and the reads
 /// started for them.
+#[derive(Default)]
 struct ReadAhead {
     /// Manifest positions whose reads are started, in order.
     reads: VecDeque<(usize, Read)>,
     /// The next position to look at.
     next: usize,
-    /// Chunks held before the download began: readable at any time.
-    held: HashSet<ChunkId>,
-    /// Chunks that occur more than once in the NAR.
-    repeated: HashSet<ChunkId>,
 }
 
 impl ReadAhead {
-    fn new(manifest: &Manifest, need: &HashSet<ChunkId>) -> Self {
-        let mut seen = HashSet::new();
-        let mut repeated = HashSet::new();
-        for c in &manifest.chunks {
-            if !seen.insert(c.id) {
-                repeated.insert(c.id);
-            }
-        }
-        let held = seen.into_iter().filter(|id| !need.contains(id)).collect();
-        Self {
-            reads: VecDeque::new(),
-            next: 0,
-            held,
-            repeated,
-        }
-    }
-
     /// Start reads for the chunks after position `at` that can be read now, up to
-    /// [`READ_AHEAD`]; stop at the first that has not arrived yet.
-    fn top_up(&mut self, at: usize, manifest: &Manifest, buf: &Arrivals, store: &ChunkStore) {
+    /// [`READ_AHEAD`]; stop at the first that has not arrived yet. `need` is the emitter's:
+    /// what is not in it is in the store (held before the download, or an earlier occurrence
+    /// of it has been emitted).
+    fn top_up(
+        &mut self,
+        at: usize,
+        manifest: &Manifest,
+        need: &HashSet<ChunkId>,
+        buf: &Arrivals,
+        store: &ChunkStore,
+    ) {
         self.next = self.next.max(at + 1);
         while self.reads.len() < READ_AHEAD {
             let Some(c) = manifest.chunks.get(self.next) else {
                 return;
             };
-            if self.held.contains(&c.id) {
+            if !need.contains(&c.id) {
                 self.start(c.id, store);
-            } else if self.repeated.contains(&c.id) {
-                // A downloaded chunk that occurs again: its first occurrence waits for it to
-                // arrive, the later ones read it from the store; both the plain way, and the
-                // look-ahead goes on past it.
             } else {
+                // A chunk that occurs twice is met first where it is needed first (the look-ahead
+                // goes in order), so a later occurrence never takes the arrival an earlier one
+                // waits for: once an earlier one took it, this one finds nothing and waits.
                 match buf.arrived(&c.id) {
                     None => return,
                     // Its bytes are at hand already.
@@ -172,9 +160,9 @@ pub(super) async fn emit(
     let mut offset = 0u64;
     let n = manifest.chunks.len();
     let mut last = None;
-    let mut ahead = ReadAhead::new(&manifest, &need);
+    let mut ahead = ReadAhead::default();
     for (i, c) in manifest.chunks.iter().enumerate() {
-        ahead.top_up(i, &manifest, &buf, &store);
+        ahead.top_up(i, &manifest, &need, &buf, &store);
         let data = if let Some(read) = ahead.take(i) {
             if !need.remove(&c.id) {
                 local += u64::from(c.len);
