@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::client::Client;
-use crate::download::{download, DownloadConfig, DownloadError, DownloadReport};
+use crate::download::{download, DownloadConfig, DownloadError, DownloadReport, Peers};
 
 /// Peers beyond the holders asked for a manifest.
 const MANIFEST_FROM_OTHERS: usize = 8;
@@ -64,6 +64,9 @@ pub async fn fetch_nar(
 ) -> FetchOutcome {
     let mut report = DownloadReport::default();
     let mut found: Option<(PeerId, Manifest)> = None;
+    // Holders asked for the manifest that had none to give: they may hold some chunks still,
+    // but not the whole NAR.
+    let mut wanting: Vec<PeerId> = vec![];
     // The holders first; then a few other peers, which may hold the NAR without having been
     // asked about its path (or when every holder lied).
     let candidates = req
@@ -86,6 +89,7 @@ pub async fn fetch_nar(
             Err(e) if e.is_misbehaviour() => liar(&mut report, peer, &e.to_string()),
             Err(e) => debug!(%peer, error = %e, "manifest request failed"),
         }
+        wanting.push(peer);
     }
     let Some((from, manifest)) = found else {
         return FetchOutcome {
@@ -94,10 +98,21 @@ pub async fn fetch_nar(
             result: Err(FetchError::NoManifest(req.nar_hash)),
         };
     };
-    let mut peers: Vec<PeerId> = vec![];
-    for p in req.holders.iter().chain(&req.others) {
-        if !peers.contains(p) && !report.bad_peers.contains(p) {
-            peers.push(*p);
+    // The supplier of the manifest and the holders not found wanting hold the whole NAR, as
+    // far as we know: they get runs at once. The rest are asked which chunks they hold.
+    let mut peers = Peers::default();
+    for p in std::iter::once(&from)
+        .chain(&req.holders)
+        .chain(&req.others)
+    {
+        let known = peers.whole.contains(p) || peers.some.contains(p);
+        if known || report.bad_peers.contains(p) {
+            continue;
+        }
+        if *p == from || (req.holders.contains(p) && !wanting.contains(p)) {
+            peers.whole.push(*p);
+        } else {
+            peers.some.push(*p);
         }
     }
     let outcome = download(client, store, manifest, peers, req.config, out).await;

@@ -19,7 +19,7 @@ pub use admission::StreamStats;
 pub use catalog::Catalog;
 pub use client::{Client, ClientConfig, ClientError};
 pub use download::{
-    download, Compression, DownloadConfig, DownloadError, DownloadOutcome, DownloadReport,
+    download, Compression, DownloadConfig, DownloadError, DownloadOutcome, DownloadReport, Peers,
     WireConfig,
 };
 pub use fetch::{fetch_nar, FetchError, FetchOutcome, FetchRequest};

@@ -8,25 +8,6 @@ use peerix_test_support::fixtures::store_path;
 use peerix_test_support::swarm::*;
 use tokio::sync::mpsc;
 
-/// Seeders (serving) and a leecher connected to each of them.
-async fn cluster(seeders: usize) -> (Node, Vec<Node>) {
-    let leecher = Node::new().await;
-    let mut ss = vec![];
-    for _ in 0..seeders {
-        let s = Node::new().await;
-        leecher.connect(&s).await;
-        ss.push(s);
-    }
-    (leecher, ss)
-}
-
-fn small_runs() -> DownloadConfig {
-    DownloadConfig {
-        run_bytes: 256 * 1024,
-        ..DownloadConfig::default()
-    }
-}
-
 /// Run a download while a consumer collects the output; `on_chunk` runs after each chunk.
 async fn fetch(
     leecher: &Node,
@@ -88,27 +69,6 @@ async fn three_seeders_share_the_load() {
         .partial_manifest(&m.nar_hash)
         .unwrap()
         .is_none());
-}
-
-/// Seeders that hold the NAR in part, as downloads in progress do: seeder `k` gets chunk `i`
-/// (at NAR offset `off`) when `holds(k, i, off)`.
-fn hold_in_part(
-    seeders: &[Node],
-    m: &Manifest,
-    data: &[u8],
-    holds: impl Fn(usize, usize, u64) -> bool,
-) {
-    for s in seeders {
-        s.store.begin_download(m).unwrap();
-    }
-    for (i, (off, c)) in m.offsets().enumerate() {
-        let bytes = &data[off as usize..off as usize + c.len as usize];
-        for (k, s) in seeders.iter().enumerate() {
-            if holds(k, i, off) {
-                s.store.put_chunk(&c.id, bytes).unwrap();
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

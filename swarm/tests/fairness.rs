@@ -38,7 +38,7 @@ async fn fetch(
         leecher.client(),
         leecher.store.clone(),
         m.clone(),
-        peers,
+        peers.into(),
         cfg,
         tx,
     )

@@ -324,7 +324,7 @@ async fn a_found_path_downloads_from_every_holder() {
         client,
         leecher.store.clone(),
         manifest,
-        leecher.node.connected_peers().await,
+        leecher.node.connected_peers().await.into(),
         peerix_swarm::DownloadConfig::default(),
         tx,
     )

@@ -92,6 +92,34 @@ impl Default for DownloadConfig {
     }
 }
 
+/// Whom a download asks for chunks.
+#[derive(Clone, Debug, Default)]
+pub struct Peers {
+    /// Peers that said they hold the whole NAR (they answered a lookup for its path, or gave
+    /// its manifest): given runs at once, without first asking which chunks they hold. One
+    /// that turns out to lack some is asked for them no more.
+    pub whole: Vec<PeerId>,
+    /// Peers that may hold some of its chunks: asked which, and given runs as their answers
+    /// come in. The download waits for the answers only when no peer of `whole` is left.
+    pub some: Vec<PeerId>,
+}
+
+/// Peers of which nothing is known: each is asked which chunks it holds.
+impl From<Vec<PeerId>> for Peers {
+    fn from(some: Vec<PeerId>) -> Self {
+        Self {
+            whole: vec![],
+            some,
+        }
+    }
+}
+
+impl FromIterator<PeerId> for Peers {
+    fn from_iter<I: IntoIterator<Item = PeerId>>(iter: I) -> Self {
+        Vec::from_iter(iter).into()
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct DownloadReport {
     /// Verified chunk bytes received from each peer, endgame duplicates included.
@@ -169,7 +197,7 @@ pub async fn download(
     client: Client,
     store: ChunkStore,
     manifest: Manifest,
-    peers: Vec<PeerId>,
+    peers: Peers,
     cfg: DownloadConfig,
     out: mpsc::Sender<Bytes>,
 ) -> DownloadOutcome {
@@ -224,7 +252,7 @@ async fn run(
     client: Client,
     store: ChunkStore,
     manifest: Arc<Manifest>,
-    peers: Vec<PeerId>,
+    peers: Peers,
     cfg: DownloadConfig,
     out: mpsc::Sender<Bytes>,
 ) -> (DownloadReport, Result<(), DownloadError>) {

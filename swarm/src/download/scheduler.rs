@@ -16,11 +16,14 @@ use tracing::{debug, info, warn};
 
 use crate::client::{Client, ClientError, DeltaBases};
 use crate::compress::Sent;
-use crate::protocol::{MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BYTES_PER_REQUEST, MAX_HAVE_CHUNKS};
+use crate::protocol::MAX_CHUNK_BYTES_PER_REQUEST;
 
-use super::{Arrivals, DownloadConfig, DownloadError, DownloadReport};
+use super::{Arrivals, DownloadConfig, DownloadError, DownloadReport, Peers};
 
+mod plan;
 mod request;
+
+use plan::{Asked, Holdings};
 
 type ReqId = u64;
 
@@ -49,6 +52,7 @@ struct Peer {
     /// Dropped for repeated failures or banned for bad chunks: given no more work.
     gone: bool,
     busy_until: Option<Instant>,
+    holds: Holdings,
 }
 
 struct Req {
@@ -76,6 +80,11 @@ enum Event {
         req: ReqId,
         result: Result<(), TaskError>,
     },
+    /// A peer's answer to which chunks it holds.
+    Have {
+        peer: usize,
+        result: Result<Vec<bool>, ClientError>,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -97,8 +106,8 @@ pub(super) struct Scheduler {
     cfg: DownloadConfig,
     peers: Vec<Peer>,
     runs: Vec<Run>,
-    /// Runs waiting for a peer, by index (= NAR order).
-    pending: BTreeSet<usize>,
+    /// Runs waiting for a peer, in NAR order (offset, index).
+    pending: BTreeSet<(u64, usize)>,
     /// Chunks to download, and those received.
     wanted: usize,
     received: HashSet<ChunkId>,
@@ -111,6 +120,12 @@ pub(super) struct Scheduler {
     pub(super) report: DownloadReport,
     /// Chunks in NAR order, for building runs once `have` answers are in.
     missing: Vec<ChunkRef>,
+    /// The chunks peers are asked about.
+    asked: Asked,
+    /// Answers to `have` still to come.
+    asking: usize,
+    /// A run may have been left with no usable holder since the last look.
+    orphans_possible: bool,
     offsets: HashMap<ChunkId, u64>,
     /// When a request holding up the window becomes late enough to race.
     recheck: Option<Instant>,
@@ -124,7 +139,7 @@ impl Scheduler {
         store: ChunkStore,
         manifest: &Manifest,
         missing: Vec<ChunkRef>,
-        peers: Vec<PeerId>,
+        peers: Peers,
         mut cfg: DownloadConfig,
         buf: Arc<Arrivals>,
     ) -> Self {
@@ -136,10 +151,12 @@ impl Scheduler {
             offsets.entry(c.id).or_insert(o);
         }
         let mut seen = HashSet::new();
-        let peers = peers
-            .into_iter()
-            .filter(|p| seen.insert(*p))
-            .map(|id| Peer {
+        let whole = peers.whole.into_iter().map(|p| (p, true));
+        let some = peers.some.into_iter().map(|p| (p, false));
+        let peers = whole
+            .chain(some)
+            .filter(|(p, _)| seen.insert(*p))
+            .map(|(id, whole)| Peer {
                 id,
                 in_flight: 0,
                 target: cfg.initial_in_flight.clamp(1, cfg.max_in_flight) as f64,
@@ -149,6 +166,10 @@ impl Scheduler {
                 failed_at: None,
                 gone: false,
                 busy_until: None,
+                holds: Holdings {
+                    whole,
+                    ..Holdings::default()
+                },
             })
             .collect();
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -169,6 +190,9 @@ impl Scheduler {
             events,
             buf,
             report: DownloadReport::default(),
+            asked: Asked::new(&missing),
+            asking: 0,
+            orphans_possible: false,
             missing,
             offsets,
             recheck: None,
@@ -223,96 +247,13 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Ask every peer which of the missing chunks it holds and cut them into runs.
-    async fn plan(&mut self) -> Result<(), DownloadError> {
-        let ids: Vec<ChunkId> = self.missing.iter().map(|c| c.id).collect();
-        let asks = self.peers.iter().map(|p| {
-            let client = self.client.clone();
-            let peer = p.id;
-            let ids = &ids;
-            async move {
-                let mut held = Vec::with_capacity(ids.len());
-                for batch in ids.chunks(MAX_HAVE_CHUNKS) {
-                    let r = client.have(peer, batch, &[]).await?;
-                    held.extend(r.chunks);
-                }
-                Ok::<_, ClientError>(held)
-            }
-        });
-        let answers = futures::future::join_all(asks).await;
-        let mut holds: Vec<Option<Vec<bool>>> = vec![];
-        for (p, a) in self.peers.iter_mut().zip(answers) {
-            match a {
-                Ok(h) => holds.push(Some(h)),
-                Err(e) => {
-                    debug!(peer = %p.id, error = %e, "have failed; not using peer");
-                    if e.is_misbehaviour() {
-                        self.report.bad_peers.push(p.id);
-                    }
-                    p.gone = true;
-                    holds.push(None);
-                }
-            }
-        }
-        let holders_of = |i: usize| -> Vec<usize> {
-            holds
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| h.as_ref().is_some_and(|h| h[i]))
-                .map(|(p, _)| p)
-                .collect()
-        };
-        let mut cur: Vec<ChunkRef> = vec![];
-        let mut cur_holders: Vec<usize> = vec![];
-        let mut cur_bytes = 0u64;
-        let missing = std::mem::take(&mut self.missing);
-        for (i, c) in missing.iter().enumerate() {
-            let h = holders_of(i);
-            if h.is_empty() {
-                return Err(DownloadError::Unavailable {
-                    chunk: c.id,
-                    missing: missing.len(),
-                });
-            }
-            let common: Vec<usize> = cur_holders
-                .iter()
-                .copied()
-                .filter(|p| h.contains(p))
-                .collect();
-            if !cur.is_empty()
-                && (common.is_empty()
-                    || cur_bytes + u64::from(c.len) > self.cfg.run_bytes
-                    || cur.len() >= MAX_CHUNKS_PER_REQUEST)
-            {
-                let chunks = std::mem::take(&mut cur);
-                self.push_run(chunks, std::mem::take(&mut cur_holders));
-                cur_bytes = 0;
-            }
-            cur_holders = if cur.is_empty() { h } else { common };
-            cur.push(*c);
-            cur_bytes += u64::from(c.len);
-        }
-        if !cur.is_empty() {
-            self.push_run(cur, cur_holders);
-        }
-        debug!(
-            runs = self.runs.len(),
-            chunks = self.wanted,
-            "download planned"
-        );
-        Ok(())
+    /// Put `run` among those waiting for a peer.
+    fn queue(&mut self, run: usize) {
+        self.pending.insert((self.runs[run].offset, run));
     }
 
-    fn push_run(&mut self, chunks: Vec<ChunkRef>, holders: Vec<usize>) {
-        let offset = self.offsets.get(&chunks[0].id).copied().unwrap_or(0);
-        self.pending.insert(self.runs.len());
-        self.runs.push(Run {
-            chunks,
-            offset,
-            holders,
-            requests: vec![],
-            done: false,
-        });
+    fn unqueue(&mut self, run: usize) {
+        self.pending.remove(&(self.runs[run].offset, run));
     }
 
     fn usable(&self, p: usize) -> bool {
@@ -341,21 +282,17 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self, emitted: u64) -> Result<(), DownloadError> {
+        self.recut_orphans()?;
         let limit = emitted.saturating_add(self.window());
         // Pending runs in NAR order, within the window (the first run always, else nothing
         // could ever start).
-        let candidates: Vec<usize> = self.pending.iter().copied().collect();
+        let candidates: Vec<usize> = self.pending.iter().map(|&(_, r)| r).collect();
         for run in candidates {
             if self.runs[run].offset >= limit && !self.reqs.is_empty() {
                 break;
             }
             if let Some(p) = self.pick(run) {
                 self.start(run, p);
-            } else if !self.runs[run].holders.iter().any(|&p| !self.peers[p].gone) {
-                return Err(DownloadError::Unavailable {
-                    chunk: self.runs[run].chunks[0].id,
-                    missing: self.wanted - self.received.len(),
-                });
             }
         }
         // Endgame: once every run is assigned, idle peers race the requests still in flight,
@@ -365,7 +302,7 @@ impl Scheduler {
         let pending_startable = self
             .pending
             .iter()
-            .any(|&r| self.runs[r].offset < limit && self.pick(r).is_some());
+            .any(|&(offset, r)| offset < limit && self.pick(r).is_some());
         if pending_startable {
             return Ok(());
         }
@@ -469,6 +406,7 @@ impl Scheduler {
                     }
                 }
             }
+            Event::Have { peer, result } => self.on_have(peer, result),
             Event::Done { req, result } => {
                 let Some(r) = self.reqs.remove(&req) else {
                     return Ok(());
@@ -498,7 +436,7 @@ impl Scheduler {
                 if self.runs[run].chunks.is_empty() {
                     self.finish_run(run);
                 } else if self.runs[run].requests.is_empty() {
-                    self.pending.insert(run);
+                    self.queue(run);
                 }
             }
         }
@@ -542,6 +480,7 @@ impl Scheduler {
                     self.report.bad_peers.push(peer_id);
                 }
                 self.peers[p].gone = true;
+                self.orphans_possible = true;
                 let own: Vec<ReqId> = self
                     .reqs
                     .iter()
@@ -555,13 +494,13 @@ impl Scheduler {
                     let run = &mut self.runs[q.run];
                     run.requests.retain(|x| self.reqs.contains_key(x));
                     if run.requests.is_empty() && !run.done {
-                        self.pending.insert(q.run);
+                        self.queue(q.run);
                     }
                 }
             }
             TaskError::Missing => {
-                debug!(peer = %peer_id, "peer no longer has some chunks");
-                self.runs[r.run].holders.retain(|&h| h != p);
+                debug!(peer = %peer_id, "peer does not have some chunks");
+                self.lacks(p, r.run);
             }
             _ => {
                 let peer = &mut self.peers[p];
@@ -578,6 +517,7 @@ impl Scheduler {
                 if peer.failures >= self.cfg.max_failures {
                     info!(peer = %peer_id, "dropping peer from this download");
                     peer.gone = true;
+                    self.orphans_possible = true;
                 } else {
                     // The next request dials again if the connection is gone; a fresh
                     // connection starts with the initial number of requests.

@@ -1,7 +1,10 @@
 //! Test nodes: a real libp2p swarm (TCP on loopback, noise, yamux) carrying only the stream
 //! behaviour, each with its own chunk store in a tempdir.
 
+mod downloads;
 pub mod nodes;
+
+pub use downloads::{cluster, hold_in_part, small_runs};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -225,6 +228,8 @@ pub enum Rogue {
     LyingManifest(Manifest),
     /// Says it has every chunk it holds, takes chunk requests and never answers them.
     Stall,
+    /// Serves chunks honestly, takes `have` requests and never answers them.
+    StallHave,
 }
 
 pub fn serve_rogue(node: &mut Node, mode: Rogue) {
@@ -248,11 +253,16 @@ pub fn serve_rogue(node: &mut Node, mode: Rogue) {
                                 m.nar_hash = h;
                                 Some(m)
                             }
-                            Rogue::Corrupt | Rogue::Stall => store.manifest(&h).unwrap(),
+                            Rogue::Corrupt | Rogue::Stall | Rogue::StallHave => {
+                                store.manifest(&h).unwrap()
+                            }
                         };
                         protocol::write_reply(&mut s, &protocol::Reply::Manifest(m))
                             .await
                             .unwrap();
+                    }
+                    Request::Have { .. } if matches!(mode, Rogue::StallHave) => {
+                        std::future::pending::<()>().await;
                     }
                     Request::Have { chunks, .. } => {
                         let r = protocol::HaveReply {

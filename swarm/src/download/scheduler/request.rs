@@ -13,7 +13,7 @@ impl Scheduler {
     pub(super) fn start(&mut self, run: usize, p: usize) {
         let id = self.next_req;
         self.next_req += 1;
-        self.pending.remove(&run);
+        self.unqueue(run);
         let r = &mut self.runs[run];
         // A race asks for the run from the other end than the request it races: the two meet
         // somewhere in the middle (where depends on the peers' speeds), and the run is done
@@ -107,10 +107,10 @@ impl Scheduler {
 
     /// Every chunk of `run` is in: the requests for it still in flight (races) are dropped.
     pub(super) fn finish_run(&mut self, run: usize) {
+        self.unqueue(run);
         let r = &mut self.runs[run];
         r.done = true;
         r.chunks.clear();
-        self.pending.remove(&run);
         for q in std::mem::take(&mut r.requests) {
             if let Some(loser) = self.reqs.remove(&q) {
                 loser.abort.abort();
