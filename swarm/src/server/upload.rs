@@ -21,6 +21,10 @@ pub(super) struct UploadCap {
     pub(super) paced: std::sync::atomic::AtomicU64,
     /// The most bytes taken from the bucket at once: 100 ms at the cap, at least 64 KiB.
     piece: NonZeroU32,
+    /// Chunks take the bucket in the order they came to it (tokio's mutex is fair). Waiters
+    /// of the bucket alone race when it refills, and the one that slept last won here each
+    /// time: with one run of a peer sent at a time, one peer then had the cap to itself.
+    queue: tokio::sync::Mutex<()>,
 }
 
 impl UploadCap {
@@ -30,6 +34,7 @@ impl UploadCap {
             bucket: RateLimiter::direct(Quota::per_second(bytes_per_sec).allow_burst(piece)),
             paced: Default::default(),
             piece,
+            queue: Default::default(),
         }
     }
 
@@ -37,6 +42,7 @@ impl UploadCap {
     pub(super) async fn pace(&self, mut n: usize) {
         self.paced
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        let _turn = self.queue.lock().await;
         while n > 0 {
             let take = n.min(self.piece.get() as usize);
             let cells = NonZeroU32::new(take as u32).expect("positive");
