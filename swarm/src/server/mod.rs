@@ -66,7 +66,8 @@ pub struct ServeLimits {
     pub request_timeout: Duration,
     /// How long a chunks request may wait for an upload slot before it is answered Busy;
     /// shorter than the requester's shortest timeout (4 s), so it hears Busy rather than
-    /// timing out and counting us as failed.
+    /// timing out and counting us as failed. Also how long a peer's run may take no chunk
+    /// before it gives up its turn to the peer's next (`answer_chunks`).
     pub queue_timeout: Duration,
     /// How long writing one chunk may take before the stream is dropped.
     pub write_timeout: Duration,
@@ -128,9 +129,23 @@ pub enum ServerEvent {
 
 #[derive(Default)]
 struct Slots {
-    /// Per peer: chunks requests being served and waiting.
-    peers: HashMap<PeerId, (usize, usize)>,
+    peers: HashMap<PeerId, PeerSlots>,
     busy: usize,
+}
+
+/// One peer's chunks requests: those holding a slot and those waiting for one.
+#[derive(Default)]
+struct PeerSlots {
+    serving: usize,
+    waiting: usize,
+    /// Taken in turn by the peer's requests for several chunks (`answer_chunks`).
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl PeerSlots {
+    fn asking(&self) -> bool {
+        self.serving + self.waiting > 0
+    }
 }
 
 /// Says whether a peer is on the LAN.
@@ -261,30 +276,32 @@ impl Shared {
                 let active = slots
                     .peers
                     .iter()
-                    .filter(|(p, (s, w))| *s + *w > 0 || **p == peer)
+                    .filter(|(p, e)| e.asking() || **p == peer)
                     .count()
                     .max(1);
                 let share = (total / active).max(1);
                 let busy = slots.busy;
                 let e = slots.peers.entry(peer).or_default();
                 if waiting {
-                    e.1 -= 1;
+                    e.waiting -= 1;
                 }
-                if e.0 < share && busy < total {
-                    e.0 += 1;
+                if e.serving < share && busy < total {
+                    e.serving += 1;
+                    let turn = e.turn.clone();
                     slots.busy += 1;
                     return Some(SlotGuard {
                         shared: self.clone(),
                         peer,
+                        turn,
                     });
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    if e.0 + e.1 == 0 {
+                    if !e.asking() {
                         slots.peers.remove(&peer);
                     }
                     return None;
                 }
-                e.1 += 1;
+                e.waiting += 1;
                 waiting = true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -298,6 +315,9 @@ impl Shared {
 struct SlotGuard {
     shared: Arc<Shared>,
     peer: PeerId,
+    /// The peer's turn: the same for all its requests holding a slot at once, since its
+    /// entry in `Slots` lives as long as any of them.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Drop for SlotGuard {
@@ -305,8 +325,8 @@ impl Drop for SlotGuard {
         let mut slots = self.shared.slots.lock().expect("slots");
         slots.busy -= 1;
         if let Some(e) = slots.peers.get_mut(&self.peer) {
-            e.0 -= 1;
-            if e.0 + e.1 == 0 {
+            e.serving -= 1;
+            if !e.asking() {
                 slots.peers.remove(&self.peer);
             }
         }
