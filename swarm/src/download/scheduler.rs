@@ -53,6 +53,8 @@ struct Peer {
     gone: bool,
     busy_until: Option<Instant>,
     holds: Holdings,
+    /// Has sent a chunk in this download.
+    answered: bool,
 }
 
 struct Req {
@@ -166,6 +168,7 @@ impl Scheduler {
                 failed_at: None,
                 gone: false,
                 busy_until: None,
+                answered: false,
                 holds: Holdings {
                     whole,
                     ..Holdings::default()
@@ -263,6 +266,12 @@ impl Scheduler {
 
     fn has_room(&self, p: usize) -> bool {
         let peer = &self.peers[p];
+        // One request until the peer's first chunk is in: a peer answers its requests in
+        // turn, and requests sent together might reach it in either order, so that the run
+        // the output needs first could wait for the next one.
+        if !peer.answered && peer.in_flight > 0 {
+            return false;
+        }
         let room = peer.target.floor().max(self.cfg.min_in_flight as f64);
         self.usable(p) && (peer.in_flight as f64) < room
     }
@@ -384,6 +393,7 @@ impl Scheduler {
                     Sent::Zstd => self.report.saved_by_compression += saved,
                     Sent::Delta => self.report.saved_by_delta += saved,
                 }
+                self.peers[peer].answered = true;
                 // Chunks from a request already dropped as an endgame loser count too.
                 *self
                     .report

@@ -55,15 +55,26 @@ impl Scheduler {
         let tx = self.events_tx.clone();
         let abort = self.tasks.spawn(async move {
             let work = async {
-                tokio::pin!(fetch);
+                // Each chunk is stored before it is reported, so it can be served to others at
+                // once and read back for a later occurrence in the NAR; the next one is read
+                // and verified meanwhile (a peer answers one run at a time, so this is where
+                // receiving and storing overlap).
+                let stored = fetch
+                    .map(|item| {
+                        let store = store.clone();
+                        async move {
+                            let got = item?;
+                            let c = got.chunk.clone();
+                            store.blocking(move |cs| cs.put_verified(&c)).await?;
+                            Ok::<_, TaskError>(got)
+                        }
+                    })
+                    .buffered(2);
+                tokio::pin!(stored);
                 let mut missing = false;
-                while let Some(item) = fetch.next().await {
+                while let Some(item) = stored.next().await {
                     match item {
                         Ok(got) => {
-                            let c = got.chunk.clone();
-                            // Stored before it is reported, so it can be served to others at
-                            // once and read back for a later occurrence in the NAR.
-                            store.blocking(move |cs| cs.put_verified(&c)).await?;
                             let (cid, data) = got.chunk.into_parts();
                             let _ = tx.send(Event::Chunk {
                                 req: id,
@@ -74,8 +85,8 @@ impl Scheduler {
                                 sent: got.sent,
                             });
                         }
-                        Err(ClientError::Missing { .. }) => missing = true,
-                        Err(e) => return Err(TaskError::Client(e)),
+                        Err(TaskError::Client(ClientError::Missing { .. })) => missing = true,
+                        Err(e) => return Err(e),
                     }
                 }
                 if missing {
