@@ -54,6 +54,12 @@ enum Command {
         #[command(flatten)]
         args: peerix_bench::netns::NodeArgs,
     },
+    /// The round trip of `peerix bench --mode netns --rtt-ms` (internal).
+    #[command(hide = true)]
+    BenchDelay {
+        #[command(flatten)]
+        args: peerix_bench::delay::DelayArgs,
+    },
     /// Print the narinfo peerix would serve for a path in the local store.
     Narinfo(cli::narinfo::NarinfoArgs),
 }
@@ -63,7 +69,9 @@ fn main() -> Result<()> {
     // The benchmark reports its own progress; the nodes' info logs would drown it.
     let default_filter = match cli.command {
         // A lone seeder's DHT has nobody to bootstrap from; that is expected here.
-        Command::Bench { .. } | Command::BenchNode { .. } => "warn,libp2p_kad=error",
+        Command::Bench { .. } | Command::BenchNode { .. } | Command::BenchDelay { .. } => {
+            "warn,libp2p_kad=error"
+        }
         // These commands print what they do; logs would only repeat it.
         Command::Seed { .. } | Command::Unseed { .. } | Command::Status { .. } => "warn",
         _ => "info",
@@ -80,6 +88,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Bench { args } => peerix_bench::run(args),
         Command::BenchNode { args } => peerix_bench::netns::node(args),
+        Command::BenchDelay { args } => peerix_bench::delay::run(args),
         Command::Keygen(args) => cli::keygen::run(&args),
         Command::Nar { command } => cli::nar::run(&command),
         Command::Narinfo(args) => cli::narinfo::run(&args),

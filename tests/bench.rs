@@ -1,19 +1,39 @@
 //! `peerix bench` end to end on loopback. Performance is reported, never asserted.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn bench(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_peerix"))
+    bench_pid(args).0
+}
+
+/// `peerix bench` with `args`: its output, and its process id, which the names of the network
+/// namespaces it makes begin with (`pxb<pid>-`).
+fn bench_pid(args: &[&str]) -> (std::process::Output, u32) {
+    let child = Command::new(env!("CARGO_BIN_EXE_peerix"))
         .arg("bench")
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running peerix bench");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("running peerix bench");
     assert!(
         out.status.success(),
         "peerix bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    out
+    (out, pid)
+}
+
+/// The network namespaces a bench run `pid` left (other tests' runs may have some meanwhile).
+fn namespaces_left_by(pid: u32) -> Vec<String> {
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&ns.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&format!("pxb{pid}-")))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -130,7 +150,7 @@ mod needs_root {
              needs_root tests out for a normal user and names them"
         );
         let dir = tempfile::tempdir().unwrap();
-        let out = bench(&[
+        let (out, pid) = bench_pid(&[
             "--mode",
             "netns",
             "--rate",
@@ -181,8 +201,58 @@ mod needs_root {
         let fetched = r["dedup"]["fetched_bytes"].as_u64().unwrap();
         assert!(fetched < 8 << 20, "version 2 fetched {fetched} bytes");
         // The guard deleted every namespace it made.
-        let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-        let ns = String::from_utf8_lossy(&ns.stdout);
-        assert!(!ns.contains("pxb"), "namespaces left behind: {ns}");
+        let left = namespaces_left_by(pid);
+        assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    }
+
+    /// `--rtt-ms` puts a round trip between the leecher and every seeder: no byte of the NAR
+    /// comes out before one has passed, and the relay goes with the namespaces.
+    #[test]
+    fn netns_bench_adds_the_round_trip_asked_for() {
+        assert!(
+            peerix_bench::is_root(),
+            "this test needs root (it creates network namespaces); scripts/test.sh leaves the \
+             needs_root tests out for a normal user and names them"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (out, pid) = bench_pid(&[
+            "--mode",
+            "netns",
+            "--rate",
+            "50mbit",
+            "--rtt-ms",
+            "300",
+            "--seeders",
+            "1",
+            "--size-mib",
+            "4",
+            "--json",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        assert_eq!(r["rtt_ms"], 300);
+        let row = &r["rows"][0];
+        // The manifest and then the chunks are asked for: a round trip each, at least.
+        let first = row["first_byte_ms"].as_f64().unwrap();
+        assert!(
+            first >= 300.0,
+            "the first byte came after {first} ms: {row}"
+        );
+        let ratio = row["ratio_to_ideal"].as_f64().unwrap();
+        assert!(ratio > 0.0 && ratio < 1.1, "{row}");
+        let left = namespaces_left_by(pid);
+        assert!(left.is_empty(), "namespaces left behind: {left:?}");
+        // No other test starts a relay.
+        let relays: Vec<_> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .filter(|c| c.split(|&b| b == 0).any(|a| a == b"bench-delay"))
+            .collect();
+        assert!(
+            relays.is_empty(),
+            "{} delay relays left running",
+            relays.len()
+        );
     }
 }

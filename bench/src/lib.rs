@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 mod cpu;
 mod data;
+pub mod delay;
 mod http;
 pub mod netns;
 mod report;
@@ -96,6 +97,12 @@ pub struct BenchArgs {
     /// Per-seeder uplink cap (netns mode only), as `tc` takes it: `100mbit`, `50mbit`, ….
     #[arg(long, default_value = "100mbit")]
     pub rate: String,
+    /// A round trip added between the leecher and each seeder (netns mode only), in
+    /// milliseconds: the delay of a path across the internet. Made in user space (this kernel
+    /// has no `netem`), by a relay in the leecher's namespace; the HTTP baseline goes through it
+    /// too.
+    #[arg(long, default_value_t = 0)]
+    pub rtt_ms: u64,
     /// Print the results as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -180,6 +187,9 @@ pub struct Report {
     /// The per-peer figure the ideal line is N times: the single-peer throughput on loopback,
     /// the cap in netns mode (MiB/s).
     pub ideal_per_peer_mib_per_s: f64,
+    /// The round trip added between the leecher and each seeder (ms; netns mode).
+    #[serde(default)]
+    pub rtt_ms: u64,
     pub rows: Vec<Row>,
     pub dedup: Dedup,
     /// CPU seconds SHA-256 takes per GiB of the same bytes, in this process: the NarHash check
@@ -200,6 +210,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.size_mib == 0 {
         bail!("--size-mib must be positive");
+    }
+    if args.rtt_ms > 0 && args.mode != Mode::Netns {
+        bail!("--rtt-ms needs --mode netns");
     }
     let report = match args.mode {
         Mode::Loopback => tokio::runtime::Builder::new_multi_thread()
@@ -594,6 +607,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         seed_from: args.seed_from,
         nar_size: size,
         ideal_per_peer_mib_per_s: single,
+        rtt_ms: args.rtt_ms,
         rows,
         dedup: dedup.expect("at least one run"),
     })

@@ -172,10 +172,15 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         let url = next("http ")?;
         http.get_or_insert(url);
     }
+    let mut http = http.context("no seeder")?;
+    if args.rtt_ms > 0 {
+        (addrs, http) = delayed(&mut lab, &exe, &leecher_ns, args.rtt_ms, &addrs, &http)?;
+    }
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &leecher_ns])
         .arg(&exe)
         .args(["bench", "--mode", "netns", "--json", "--rate", &args.rate])
+        .args(["--rtt-ms", &args.rtt_ms.to_string()])
         .arg("--seeders")
         .arg(
             args.seeders
@@ -192,7 +197,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         .arg("--inner-seeders")
         .arg(addrs.join(","))
         .arg("--inner-http")
-        .arg(http.context("no seeder")?)
+        .arg(&http)
         // `ip netns exec` execs the seeder: its pid is the seeder's.
         .arg("--inner-seeder-pids")
         .arg(
@@ -212,6 +217,74 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         serde_json::from_slice(&out.stdout).context("reading the leecher's report")?;
     drop(lab);
     Ok(report)
+}
+
+/// Start `peerix bench-delay` in the leecher's namespace, in front of every seeder's peer
+/// address and of the HTTP baseline's server; the addresses the leecher is to use instead.
+fn delayed(
+    lab: &mut Lab,
+    exe: &std::path::Path,
+    leecher_ns: &str,
+    rtt_ms: u64,
+    addrs: &[String],
+    http: &str,
+) -> Result<(Vec<String>, String)> {
+    let url: reqwest::Url = http.parse().context("the seeder's HTTP address")?;
+    let http_to = url
+        .socket_addrs(|| None)?
+        .into_iter()
+        .next()
+        .context("the seeder's HTTP address")?;
+    let mut to = vec![];
+    for a in addrs {
+        // What `bench-node` prints: `/ip4/<ip>/tcp/<port>/p2p/<peer>`.
+        let parts: Vec<&str> = a.split('/').collect();
+        let ["", "ip4", ip, "tcp", port, ..] = parts.as_slice() else {
+            bail!("seeder address {a} is not TCP over IPv4");
+        };
+        let (ip, port): (std::net::IpAddr, u16) = (
+            ip.parse().with_context(|| format!("seeder address {a}"))?,
+            port.parse()
+                .with_context(|| format!("seeder address {a}"))?,
+        );
+        to.push(std::net::SocketAddr::new(ip, port).to_string());
+    }
+    to.push(http_to.to_string());
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", leecher_ns])
+        .arg(exe)
+        .args(["bench-delay", "--rtt-ms", &rtt_ms.to_string(), "--to"])
+        .arg(to.join(","))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the delay relay")?;
+    let stdout = child.stdout.take().expect("piped");
+    lab.children.push(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let mut listen = || -> Result<std::net::SocketAddr> {
+        let l = lines.next().context("the delay relay exited")??;
+        l.strip_prefix("listen ")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("the delay relay said {l:?}"))
+    };
+    let mut relayed = vec![];
+    for a in addrs {
+        let at = listen()?;
+        let peer = a
+            .parse()
+            .ok()
+            .and_then(|a| peerix_swarm::node::peer_of(&a))
+            .with_context(|| format!("seeder address {a} names no peer"))?;
+        relayed.push(format!("/ip4/{}/tcp/{}/p2p/{peer}", at.ip(), at.port()));
+    }
+    let at = listen()?;
+    let mut url = url;
+    url.set_ip_host(at.ip())
+        .map_err(|()| anyhow::anyhow!("setting the relay's address"))?;
+    url.set_port(Some(at.port()))
+        .map_err(|()| anyhow::anyhow!("setting the relay's port"))?;
+    Ok((relayed, url.to_string()))
 }
 
 /// `peerix bench-node`: a seeder holding both versions of the benchmark NAR; prints
