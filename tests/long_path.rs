@@ -1,0 +1,163 @@
+//! Requests over a long path (a round trip of hundreds of milliseconds, as between continents),
+//! between real libp2p nodes on loopback joined by a delay line: a request costs one round trip,
+//! not one for its stream's protocol and one for itself; and a request on a connection whose
+//! stream windows have grown gets the window its connection learned, not yamux's 256 KiB again.
+//! What is asserted is a count of round trips, measured in time: the round trip is long enough
+//! that one more is told apart from the machine's noise.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use peerix_bench::delay::delay_line;
+use peerix_chunkstore::ChunkRef;
+use peerix_swarm::node::{Node as PeerixNode, NodeConfig};
+use peerix_swarm::protocol::MAX_CHUNKS_PER_REQUEST;
+use peerix_swarm::{Client, Multiaddr, ServeLimits, Server};
+use peerix_test_support::fixtures::store_path;
+use peerix_test_support::swarm::*;
+
+/// The round trip the delay line adds.
+const RTT: Duration = Duration::from_millis(400);
+/// A bound on every wait: what is asserted never comes near it.
+const BOUND: Duration = Duration::from_secs(120);
+
+/// A server of one NAR of `mib` MiB, reached through a delay line: the server, its NAR's
+/// manifest and the line's address.
+async fn far_server(seed: u64, mib: usize) -> (Node, peerix_chunkstore::Manifest, Multiaddr) {
+    let mut server = Node::new().await;
+    let m = server.ingest(&nar_bytes(seed, mib << 20));
+    server.serve(
+        catalog(&[narinfo(store_path(seed as u8), &m)]),
+        ServeLimits::default(),
+    );
+    let to = tcp_addr(&server.addr);
+    // Detached: the line lives as long as the test's runtime.
+    let (at, _) = delay_line(to, RTT).await.expect("a delay line");
+    let far: Multiaddr = format!("/ip4/{}/tcp/{}", at.ip(), at.port())
+        .parse()
+        .unwrap();
+    (server, m, far)
+}
+
+fn tcp_addr(a: &Multiaddr) -> SocketAddr {
+    let parts: Vec<String> = a.to_string().split('/').map(str::to_owned).collect();
+    format!("{}:{}", parts[2], parts[4]).parse().unwrap()
+}
+
+/// How long `f` takes.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let t = Instant::now();
+    let out = tokio::time::timeout(BOUND, f)
+        .await
+        .expect("within the bound");
+    (out, t.elapsed())
+}
+
+/// A peerix node (explicit `peers`, no mDNS) keeping its state in `dir`.
+async fn peerix_node(dir: &Path, peers: Vec<String>) -> PeerixNode {
+    let mut c = NodeConfig::new(dir.to_owned());
+    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    c.mdns = false;
+    c.peers = peers;
+    PeerixNode::start(c).await.expect("a peerix node")
+}
+
+/// A lookup of a peerix node over a long path is answered one round trip after it is asked:
+/// the request goes out with its stream's protocol proposal (multistream-select's lazy
+/// dialer), not a round trip after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_a_long_path_takes_one_round_trip() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let server = peerix_node(&dir.path().join("server"), vec![]).await;
+    let store = peerix_test_support::store::open(&dir.path().join("chunks"), None);
+    let m = store
+        .ingest_nar(&nar_bytes(90, 1 << 20)[..], None, None, &mut |_| {})
+        .unwrap();
+    let serving = Server::new(
+        store,
+        catalog(&[narinfo(store_path(90), &m)]),
+        ServeLimits::default(),
+    )
+    .run(server.stream_control())
+    .unwrap();
+    let serving = tokio::spawn(serving);
+    let (at, _) = delay_line(tcp_addr(&server.listen_addrs()[0]), RTT)
+        .await
+        .expect("a delay line");
+    let far = format!(
+        "/ip4/{}/tcp/{}/p2p/{}",
+        at.ip(),
+        at.port(),
+        server.peer_id()
+    );
+    let node = peerix_node(&dir.path().join("client"), vec![far]).await;
+    let mut events = node.events();
+    tokio::time::timeout(BOUND, async {
+        while !node.connected_peers().await.contains(&server.peer_id()) {
+            let _ = events.recv().await;
+        }
+    })
+    .await
+    .expect("connected within the bound");
+    let client = Client::new(node.stream_control());
+    let (found, took) = timed(client.lookup(server.peer_id(), &[store_path(90).hash()])).await;
+    assert_eq!(found.expect("a lookup answer").len(), 1);
+    assert!(
+        took < RTT * 3 / 2,
+        "a lookup took {took:?}, a round trip is {RTT:?}: more than one round trip"
+    );
+    serving.abort();
+}
+
+/// Over a long path, a request's stream on a connection that has carried a large answer starts
+/// with the window that answer's stream grew to: a 1.5 MiB answer comes in one round trip
+/// (with yamux's 256 KiB to start with, it took three more, the window doubling each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_stream_on_a_long_path_starts_with_the_window_its_connection_learned() {
+    init_tracing();
+    let (server, m, far) = far_server(91, 8).await;
+    let client_node = Node::new().await;
+    client_node.connect_to(far, server.peer).await;
+    let client: Client = client_node.client();
+    let fetch = |refs: Vec<ChunkRef>| {
+        let s = client.fetch_chunks(server.peer, refs);
+        async move {
+            s.map(|r| r.expect("a chunk").data().len())
+                .collect::<Vec<_>>()
+                .await
+        }
+    };
+    // The NAR's chunks from the `from`th, as many as fit in `bytes` (and in one request).
+    let run = |from: usize, bytes: usize| -> Vec<ChunkRef> {
+        let mut refs = vec![];
+        let mut sum = 0;
+        for c in &m.chunks[from..] {
+            if sum + c.len as usize > bytes || refs.len() == MAX_CHUNKS_PER_REQUEST {
+                break;
+            }
+            sum += c.len as usize;
+            refs.push(*c);
+        }
+        refs
+    };
+    // A first answer of up to 4 MiB: its stream's window grows from 256 KiB, doubling each
+    // round trip.
+    let first = run(0, 4 << 20);
+    let n = first.len();
+    let (got, _) = timed(fetch(first)).await;
+    assert_eq!(got.len(), n);
+    let second = run(n, 3 << 19);
+    let bytes: usize = second.iter().map(|c| c.len as usize).sum();
+    assert!(bytes > 1 << 20, "{bytes} bytes asked for");
+    let (got, took) = timed(fetch(second)).await;
+    assert_eq!(got.iter().sum::<usize>(), bytes);
+    // One round trip for the stream's protocol (these test nodes negotiate it as libp2p does by
+    // default, not as a peerix node does) and one for the request and its answer.
+    assert!(
+        took < RTT * 5 / 2,
+        "{bytes} bytes took {took:?}, a round trip is {RTT:?}: the stream's window started small"
+    );
+}
