@@ -105,8 +105,11 @@ async fn a_request_over_a_long_path_takes_one_round_trip() {
     let client = Client::new(node.stream_control());
     let (found, took) = timed(client.lookup(server.peer_id(), &[store_path(90).hash()])).await;
     assert_eq!(found.expect("a lookup answer").len(), 1);
+    eprintln!("a lookup over a {RTT:?} round trip took {took:?}");
+    // One round trip; without the lazy dialer it took three here (multistream-select's
+    // exchange before the request). The bound is halfway between one and three.
     assert!(
-        took < RTT * 3 / 2,
+        took < RTT * 2,
         "a lookup took {took:?}, a round trip is {RTT:?}: more than one round trip"
     );
     serving.abort();
@@ -154,10 +157,12 @@ async fn a_new_stream_on_a_long_path_starts_with_the_window_its_connection_learn
     assert!(bytes > 1 << 20, "{bytes} bytes asked for");
     let (got, took) = timed(fetch(second)).await;
     assert_eq!(got.iter().sum::<usize>(), bytes);
+    eprintln!("{bytes} bytes over a {RTT:?} round trip took {took:?}");
     // One round trip for the stream's protocol (these test nodes negotiate it as libp2p does by
-    // default, not as a peerix node does) and one for the request and its answer.
+    // default, not as a peerix node does) and one for the request and its answer; with
+    // yamux's 256 KiB to start with, four. The bound is halfway between two and four.
     assert!(
-        took < RTT * 5 / 2,
+        took < RTT * 3,
         "{bytes} bytes took {took:?}, a round trip is {RTT:?}: the stream's window started small"
     );
 }
