@@ -169,6 +169,7 @@ impl Stream {
             &learned_stream_window,
             &accumulated_max_stream_windows,
             &config,
+            rtt.get(),
         );
         let mut flag = Flag::Syn;
         if initial > DEFAULT_CREDIT {

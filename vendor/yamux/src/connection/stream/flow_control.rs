@@ -7,13 +7,17 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use web_time::Instant;
+use web_time::{Duration, Instant};
 
 use crate::{connection::rtt::Rtt, Config, ConnectionError, DEFAULT_CREDIT};
 
 /// The most an outbound stream's first receive window is (peerix): enough for the
 /// bandwidth-delay product of 100 Mbit/s at 300 ms; beyond it a stream grows as upstream's do.
 pub(crate) const MAX_INITIAL_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// The shortest round trip over which a new outbound stream inherits its connection's window
+/// (peerix): below it, streams start at [`DEFAULT_CREDIT`] as upstream's do.
+pub(crate) const MIN_RTT_TO_INHERIT: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 pub(crate) struct FlowController {
@@ -67,7 +71,14 @@ impl FlowController {
         learned_stream_window: &AtomicU32,
         accumulated_max_stream_windows: &Mutex<usize>,
         config: &Config,
+        rtt: Option<Duration>,
     ) -> u32 {
+        // On a short path the window's growth from 256 KiB costs a few milliseconds, and an
+        // inherited window would only let a fast peer fill this side's buffers while its reader
+        // is slower than the link (on loopback a receiving daemon peaked 22 MiB higher).
+        if rtt.is_none_or(|rtt| rtt < MIN_RTT_TO_INHERIT) {
+            return DEFAULT_CREDIT;
+        }
         let learned = learned_stream_window
             .load(Ordering::Relaxed)
             .clamp(DEFAULT_CREDIT, MAX_INITIAL_STREAM_WINDOW);
