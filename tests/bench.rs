@@ -142,13 +142,17 @@ fn the_table_is_the_default_output_and_packs_can_be_the_source() {
 mod needs_root {
     use super::*;
 
-    #[test]
-    fn netns_bench_reports_against_the_cap_and_cleans_up() {
+    fn assert_root() {
         assert!(
             peerix_bench::is_root(),
             "this test needs root (it creates network namespaces); scripts/test.sh leaves the \
              needs_root tests out for a normal user and names them"
         );
+    }
+
+    #[test]
+    fn netns_bench_reports_against_the_cap_and_cleans_up() {
+        assert_root();
         let dir = tempfile::tempdir().unwrap();
         let (out, pid) = bench_pid(&[
             "--mode",
@@ -209,11 +213,7 @@ mod needs_root {
     /// comes out before one has passed, and the relay goes with the namespaces.
     #[test]
     fn netns_bench_adds_the_round_trip_asked_for() {
-        assert!(
-            peerix_bench::is_root(),
-            "this test needs root (it creates network namespaces); scripts/test.sh leaves the \
-             needs_root tests out for a normal user and names them"
-        );
+        assert_root();
         let dir = tempfile::tempdir().unwrap();
         let (out, pid) = bench_pid(&[
             "--mode",

@@ -3,9 +3,10 @@
 //! Root only. Nothing is configured outside the namespaces created here; a guard deletes them.
 
 use clap::ValueEnum;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -81,6 +82,22 @@ impl Lab {
         sh(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])
     }
+
+    /// Start `exe args` in namespace `ns`, killed with the lab; what it prints. Its stdin is
+    /// kept open: the `peerix bench-*` helpers run until it closes.
+    fn start(&mut self, ns: &str, exe: &Path, args: &[&OsStr], what: &str) -> Result<ChildStdout> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        self.children.push(child);
+        Ok(stdout)
+    }
 }
 
 pub fn outer(args: &BenchArgs) -> Result<Report> {
@@ -142,21 +159,23 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
             &args.rate, "burst", &burst, "latency", "400ms",
         ])?;
         let ip = format!("10.233.0.{}", i + 2);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(&exe)
-            .arg("bench-node")
-            .arg("--state-dir")
-            .arg(dir.join(format!("seeder-{i}")))
-            .args(["--size-mib", &args.size_mib.to_string(), "--ip", &ip])
-            .args(["--seed-from", &flag_value(args.seed_from)])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting a seeder")?;
-        let stdout = child.stdout.take().expect("piped");
-        lab.children.push(child);
-        pending.push(stdout);
+        let (state, size, from) = (
+            dir.join(format!("seeder-{i}")),
+            args.size_mib.to_string(),
+            flag_value(args.seed_from),
+        );
+        let node_args: Vec<&OsStr> = vec![
+            "bench-node".as_ref(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--size-mib".as_ref(),
+            size.as_ref(),
+            "--ip".as_ref(),
+            ip.as_ref(),
+            "--seed-from".as_ref(),
+            from.as_ref(),
+        ];
+        pending.push(lab.start(&ns, &exe, &node_args, "a seeder")?);
     }
     let mut addrs = vec![];
     let mut http = None;
@@ -223,7 +242,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
 /// address and of the HTTP baseline's server; the addresses the leecher is to use instead.
 fn delayed(
     lab: &mut Lab,
-    exe: &std::path::Path,
+    exe: &Path,
     leecher_ns: &str,
     rtt_ms: u64,
     addrs: &[String],
@@ -250,17 +269,15 @@ fn delayed(
         to.push(std::net::SocketAddr::new(ip, port).to_string());
     }
     to.push(http_to.to_string());
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", leecher_ns])
-        .arg(exe)
-        .args(["bench-delay", "--rtt-ms", &rtt_ms.to_string(), "--to"])
-        .arg(to.join(","))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the delay relay")?;
-    let stdout = child.stdout.take().expect("piped");
-    lab.children.push(child);
+    let (rtt, to) = (rtt_ms.to_string(), to.join(","));
+    let delay_args: Vec<&OsStr> = vec![
+        "bench-delay".as_ref(),
+        "--rtt-ms".as_ref(),
+        rtt.as_ref(),
+        "--to".as_ref(),
+        to.as_ref(),
+    ];
+    let stdout = lab.start(leecher_ns, exe, &delay_args, "the delay relay")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut listen = || -> Result<std::net::SocketAddr> {
         let l = lines.next().context("the delay relay exited")??;
