@@ -116,8 +116,9 @@ async fn a_request_over_a_long_path_takes_one_round_trip() {
 }
 
 /// Over a long path, a request's stream on a connection that has carried a large answer starts
-/// with the window that answer's stream grew to: a 1.5 MiB answer comes in one round trip
-/// (with yamux's 256 KiB to start with, it took three more, the window doubling each).
+/// with the window that answer's stream grew to: a 1.5 MiB answer comes in one round trip after
+/// its stream's protocol's (with yamux's 256 KiB to start with, in three, the window doubling
+/// each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_stream_on_a_long_path_starts_with_the_window_its_connection_learned() {
     init_tracing();
