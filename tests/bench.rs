@@ -142,32 +142,34 @@ fn the_table_is_the_default_output_and_packs_can_be_the_source() {
 mod needs_root {
     use super::*;
 
-    fn assert_root() {
+    /// `peerix bench --mode netns` at 50 Mbit/s with `args`, as root: its JSON report, once
+    /// its namespaces are checked gone (the guard deletes every one it made).
+    fn netns_bench(args: &[&str]) -> serde_json::Value {
         assert!(
             peerix_bench::is_root(),
             "this test needs root (it creates network namespaces); scripts/test.sh leaves the \
              needs_root tests out for a normal user and names them"
         );
-    }
-
-    #[test]
-    fn netns_bench_reports_against_the_cap_and_cleans_up() {
-        assert_root();
         let dir = tempfile::tempdir().unwrap();
-        let (out, pid) = bench_pid(&[
+        let state = dir.path().to_str().unwrap();
+        let common = [
             "--mode",
             "netns",
             "--rate",
             "50mbit",
-            "--seeders",
-            "1,2",
-            "--size-mib",
-            "8",
             "--json",
             "--state-dir",
-            dir.path().to_str().unwrap(),
-        ]);
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+            state,
+        ];
+        let (out, pid) = bench_pid(&[&common[..], args].concat());
+        let left = namespaces_left_by(pid);
+        assert!(left.is_empty(), "namespaces left behind: {left:?}");
+        serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+    }
+
+    #[test]
+    fn netns_bench_reports_against_the_cap_and_cleans_up() {
+        let r = netns_bench(&["--seeders", "1,2", "--size-mib", "8"]);
         assert_eq!(r["mode"], "netns");
         // 50 Mbit/s in MiB/s: the ideal per-peer figure is the cap.
         let cap = r["ideal_per_peer_mib_per_s"].as_f64().unwrap();
@@ -204,33 +206,13 @@ mod needs_root {
         }
         let fetched = r["dedup"]["fetched_bytes"].as_u64().unwrap();
         assert!(fetched < 8 << 20, "version 2 fetched {fetched} bytes");
-        // The guard deleted every namespace it made.
-        let left = namespaces_left_by(pid);
-        assert!(left.is_empty(), "namespaces left behind: {left:?}");
     }
 
     /// `--rtt-ms` puts a round trip between the leecher and every seeder: no byte of the NAR
     /// comes out before one has passed, and the relay goes with the namespaces.
     #[test]
     fn netns_bench_adds_the_round_trip_asked_for() {
-        assert_root();
-        let dir = tempfile::tempdir().unwrap();
-        let (out, pid) = bench_pid(&[
-            "--mode",
-            "netns",
-            "--rate",
-            "50mbit",
-            "--rtt-ms",
-            "300",
-            "--seeders",
-            "1",
-            "--size-mib",
-            "4",
-            "--json",
-            "--state-dir",
-            dir.path().to_str().unwrap(),
-        ]);
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        let r = netns_bench(&["--rtt-ms", "300", "--seeders", "1", "--size-mib", "4"]);
         assert_eq!(r["rtt_ms"], 300);
         let row = &r["rows"][0];
         // The manifest and then the chunks are asked for: a round trip each, at least.
@@ -241,8 +223,6 @@ mod needs_root {
         );
         let ratio = row["ratio_to_ideal"].as_f64().unwrap();
         assert!(ratio > 0.0 && ratio < 1.1, "{row}");
-        let left = namespaces_left_by(pid);
-        assert!(left.is_empty(), "namespaces left behind: {left:?}");
         // No other test starts a relay.
         let relays: Vec<_> = std::fs::read_dir("/proc")
             .unwrap()
