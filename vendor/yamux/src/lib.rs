@@ -174,23 +174,3 @@ static_assertions::const_assert! {
 static_assertions::const_assert! {
     std::mem::size_of::<u32>() <= std::mem::size_of::<usize>()
 }
-
-#[cfg(test)]
-impl quickcheck::Arbitrary for Config {
-    fn arbitrary(g: &mut quickcheck::Gen) -> Self {
-        use quickcheck::GenRange;
-
-        let max_num_streams = g.gen_range(0..u16::MAX as usize);
-
-        Config {
-            max_connection_receive_window: if bool::arbitrary(g) {
-                Some(g.gen_range((DEFAULT_CREDIT as usize * max_num_streams)..usize::MAX))
-            } else {
-                None
-            },
-            max_num_streams,
-            read_after_close: bool::arbitrary(g),
-            split_send_size: g.gen_range(DEFAULT_SPLIT_SEND_SIZE..usize::MAX),
-        }
-    }
-}

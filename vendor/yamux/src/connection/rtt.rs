@@ -96,56 +96,14 @@ impl Rtt {
     }
 }
 
-#[cfg(test)]
-impl quickcheck::Arbitrary for Rtt {
-    fn arbitrary(g: &mut quickcheck::Gen) -> Self {
-        Self {
-            inner: Arc::new(Mutex::new(RttInner::arbitrary(g))),
-            next_id: Arc::new(AtomicU32::new(0)),
-        }
-    }
-}
-
 #[derive(Debug)]
-#[cfg_attr(test, derive(Clone))]
 struct RttInner {
     state: RttState,
     rtt: Option<Duration>,
 }
 
-#[cfg(test)]
-impl quickcheck::Arbitrary for RttInner {
-    fn arbitrary(g: &mut quickcheck::Gen) -> Self {
-        Self {
-            state: RttState::arbitrary(g),
-            rtt: if bool::arbitrary(g) {
-                Some(Duration::arbitrary(g))
-            } else {
-                None
-            },
-        }
-    }
-}
-
 #[derive(Debug)]
-#[cfg_attr(test, derive(Clone))]
 enum RttState {
     AwaitingPong { sent_at: Instant, id: u32 },
     Waiting { next: Instant },
-}
-
-#[cfg(test)]
-impl quickcheck::Arbitrary for RttState {
-    fn arbitrary(g: &mut quickcheck::Gen) -> Self {
-        if bool::arbitrary(g) {
-            RttState::AwaitingPong {
-                sent_at: Instant::now(),
-                id: u32::arbitrary(g),
-            }
-        } else {
-            RttState::Waiting {
-                next: Instant::now(),
-            }
-        }
-    }
 }
