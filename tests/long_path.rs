@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use peerix_bench::delay::delay_line;
 use peerix_chunkstore::ChunkRef;
-use peerix_swarm::node::{Node as PeerixNode, NodeConfig};
+use peerix_swarm::node::{tcp_socket_of, Node as PeerixNode, NodeConfig};
 use peerix_swarm::protocol::MAX_CHUNKS_PER_REQUEST;
 use peerix_swarm::{Client, Multiaddr, ServeLimits, Server};
 use peerix_test_support::fixtures::store_path;
@@ -42,8 +42,7 @@ async fn far_server(seed: u64, mib: usize) -> (Node, peerix_chunkstore::Manifest
 }
 
 fn tcp_addr(a: &Multiaddr) -> SocketAddr {
-    let parts: Vec<String> = a.to_string().split('/').map(str::to_owned).collect();
-    format!("{}:{}", parts[2], parts[4]).parse().unwrap()
+    tcp_socket_of(a).expect("a TCP address")
 }
 
 /// How long `f` takes.

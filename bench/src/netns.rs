@@ -256,17 +256,12 @@ fn delayed(
         .context("the seeder's HTTP address")?;
     let mut to = vec![];
     for a in addrs {
-        // What `bench-node` prints: `/ip4/<ip>/tcp/<port>/p2p/<peer>`.
-        let parts: Vec<&str> = a.split('/').collect();
-        let ["", "ip4", ip, "tcp", port, ..] = parts.as_slice() else {
-            bail!("seeder address {a} is not TCP over IPv4");
-        };
-        let (ip, port): (std::net::IpAddr, u16) = (
-            ip.parse().with_context(|| format!("seeder address {a}"))?,
-            port.parse()
-                .with_context(|| format!("seeder address {a}"))?,
-        );
-        to.push(std::net::SocketAddr::new(ip, port).to_string());
+        let at = a
+            .parse()
+            .ok()
+            .and_then(|a| peerix_swarm::node::tcp_socket_of(&a))
+            .with_context(|| format!("seeder address {a} is not a TCP one"))?;
+        to.push(at.to_string());
     }
     to.push(http_to.to_string());
     let (rtt, to) = (rtt_ms.to_string(), to.join(","));

@@ -58,6 +58,22 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
         _ => None,
     }
 }
+
+/// The TCP socket address `addr` dials (`/ip4/…/tcp/…` or `/ip6/…/tcp/…`, a `/p2p/…` after it
+/// allowed), if it is one.
+pub fn tcp_socket_of(addr: &Multiaddr) -> Option<std::net::SocketAddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    let ip: std::net::IpAddr = match parts.next()? {
+        Protocol::Ip4(ip) => ip.into(),
+        Protocol::Ip6(ip) => ip.into(),
+        _ => return None,
+    };
+    match parts.next()? {
+        Protocol::Tcp(port) => Some((ip, port).into()),
+        _ => None,
+    }
+}
 pub use identity::{load_or_create_identity, read_swarm_key};
 pub use peers::{Overview, PeerDetails};
 pub use provider_store::{ProviderLimits, ProviderStats};
