@@ -50,13 +50,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Io<T> {
 /// The stages of writing a new `Frame`.
 enum WriteState {
     Init,
-    Header {
+    /// Header and body go out together (peerix): one vectored write, so that a transport that
+    /// frames each write (TLS makes a record of it and sends it at once) gets one frame as one
+    /// write, not a 12-byte header and then the body.
+    Frame {
         header: [u8; header::HEADER_SIZE],
         buffer: Vec<u8>,
-        offset: usize,
-    },
-    Body {
-        buffer: Vec<u8>,
+        /// Bytes of header and body written so far.
         offset: usize,
     },
     Poisoned,
@@ -66,13 +66,10 @@ impl fmt::Debug for WriteState {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             WriteState::Init => f.write_str("(WriteState::Init)"),
-            WriteState::Header { offset, .. } => {
-                write!(f, "(WriteState::Header (offset {offset}))")
-            }
-            WriteState::Body { offset, buffer } => {
+            WriteState::Frame { offset, buffer, .. } => {
                 write!(
                     f,
-                    "(WriteState::Body (offset {}) (buffer-len {}))",
+                    "(WriteState::Frame (offset {}) (buffer-len {}))",
                     offset,
                     buffer.len()
                 )
@@ -91,68 +88,41 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Sink<Frame<()>> for Io<T> {
             log::trace!("{}: write: {:?}", this.id, this.write_state);
             match &mut this.write_state {
                 WriteState::Init => return Poll::Ready(Ok(())),
-                WriteState::Header {
+                WriteState::Frame {
                     header,
                     buffer,
                     ref mut offset,
-                } => match Pin::new(&mut this.io).poll_write(cx, &header[*offset..]) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(n)) => {
-                        if n == 0 {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                } => {
+                    let total = header.len() + buffer.len();
+                    let io = Pin::new(&mut this.io);
+                    let written = match header.get(*offset..) {
+                        Some(rest) if !rest.is_empty() => {
+                            let bufs = [io::IoSlice::new(rest), io::IoSlice::new(buffer)];
+                            io.poll_write_vectored(cx, &bufs)
                         }
-                        *offset += n;
-
-                        if *offset > header.len() {
-                            let err = io::Error::other(format!(
-                                "Writer header returned invalid write count n={n}: {offset} > {} ",
-                                header.len(),
-                            ));
-
-                            this.write_state = WriteState::Poisoned;
-
-                            return Poll::Ready(Err(err));
+                        _ => io.poll_write(cx, &buffer[*offset - header.len()..]),
+                    };
+                    match written {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
                         }
-
-                        if *offset == header.len() {
-                            if !buffer.is_empty() {
-                                let buffer = std::mem::take(buffer);
-                                this.write_state = WriteState::Body { buffer, offset: 0 };
-                            } else {
+                        Poll::Ready(Ok(n)) => {
+                            *offset += n;
+                            if *offset > total {
+                                let err = io::Error::other(format!(
+                                    "Writer returned invalid write count n={n}: {offset} > {total}",
+                                ));
+                                this.write_state = WriteState::Poisoned;
+                                return Poll::Ready(Err(err));
+                            }
+                            if *offset == total {
                                 this.write_state = WriteState::Init;
                             }
                         }
                     }
-                },
-                WriteState::Body {
-                    buffer,
-                    ref mut offset,
-                } => match Pin::new(&mut this.io).poll_write(cx, &buffer[*offset..]) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(n)) => {
-                        if n == 0 {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                        }
-                        *offset += n;
-
-                        if *offset > buffer.len() {
-                            let err = io::Error::other(format!(
-                                "Writer body returned invalid write count n={n}: {offset} > {} ",
-                                buffer.len(),
-                            ));
-
-                            this.write_state = WriteState::Poisoned;
-
-                            return Poll::Ready(Err(err));
-                        }
-
-                        if *offset == buffer.len() {
-                            this.write_state = WriteState::Init;
-                        }
-                    }
-                },
+                }
                 WriteState::Poisoned => {
                     return Poll::Ready(Err(io::Error::other(
                         "Sink is in poisoned state due to previous write error",
@@ -165,7 +135,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Sink<Frame<()>> for Io<T> {
     fn start_send(self: Pin<&mut Self>, f: Frame<()>) -> Result<(), Self::Error> {
         let header = header::encode(&f.header);
         let buffer = f.body;
-        self.get_mut().write_state = WriteState::Header {
+        self.get_mut().write_state = WriteState::Frame {
             header,
             buffer,
             offset: 0,
