@@ -10,6 +10,8 @@ use std::task::{Context, Poll};
 
 use futures::future::poll_fn;
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use peerix_chunkstore::ChunkId;
+use peerix_swarm::protocol::{decode_chunk, read_frame, write_chunk, ChunkBody};
 use tokio::sync::watch;
 
 /// A socket that records the bytes of each write call; the remote never says anything.
@@ -95,9 +97,22 @@ struct Sent {
     calls: usize,
 }
 
-/// Writes `data` on one outbound stream of a client connection over a socket like `socket`
+/// What goes on the stream.
+enum What<'a> {
+    Bytes(&'a [u8]),
+    /// A Chunk frame of the peer protocol, as a peer answering a request writes it.
+    Chunk(&'a ChunkId, &'a ChunkBody),
+}
+
+/// Writes `what` on one outbound stream of a client connection over a socket taking at most
+/// `max_write` bytes a call (and only the first buffer of a vectored write unless `vectored`),
 /// and parses what the socket received into frames.
-async fn send(data: &[u8], max_write: usize, vectored: bool) -> Vec<Sent> {
+async fn send(what: What<'_>, max_write: usize, vectored: bool) -> Vec<Sent> {
+    let len = match &what {
+        What::Bytes(data) => data.len(),
+        // The frame's length and type, the id, then the body.
+        What::Chunk(_, body) => 5 + 32 + body.encoded_len(),
+    };
     let writes = Arc::new(Mutex::new(Vec::new()));
     let (total, mut written) = watch::channel(0);
     let socket = Recording {
@@ -109,7 +124,10 @@ async fn send(data: &[u8], max_write: usize, vectored: bool) -> Vec<Sent> {
     let mut conn = yamux::Connection::new(socket, yamux::Config::default(), yamux::Mode::Client);
     let mut stream = poll_fn(|cx| conn.poll_new_outbound(cx)).await.unwrap();
     let write = async {
-        stream.write_all(data).await.unwrap();
+        match what {
+            What::Bytes(data) => stream.write_all(data).await.unwrap(),
+            What::Chunk(id, body) => write_chunk(&mut stream, id, body).await.unwrap(),
+        }
         stream.flush().await.unwrap();
     };
     // The connection writes the stream's frames while it is polled; it ends only on an error.
@@ -122,7 +140,7 @@ async fn send(data: &[u8], max_write: usize, vectored: bool) -> Vec<Sent> {
         // Every data byte with a header per 16 KiB at most; the SYN's window update or a ping
         // may come first.
         written
-            .wait_for(|&n| n >= data.len() + HEADER * data.len().div_ceil(16 * 1024))
+            .wait_for(|&n| n >= len + HEADER * len.div_ceil(16 * 1024))
             .await
             .unwrap();
     };
@@ -172,7 +190,7 @@ fn payload() -> Vec<u8> {
 #[tokio::test]
 async fn every_data_frame_leaves_in_one_write() {
     let data = payload();
-    let frames = send(&data, usize::MAX, true).await;
+    let frames = send(What::Bytes(&data), usize::MAX, true).await;
     let data_frames: Vec<&Sent> = frames.iter().filter(|f| f.kind == DATA).collect();
     assert_eq!(data_frames.len(), 4, "16 KiB per frame");
     for (i, f) in data_frames.iter().enumerate() {
@@ -193,11 +211,31 @@ async fn every_data_frame_leaves_in_one_write() {
 #[tokio::test]
 async fn a_socket_taking_part_of_each_write_gets_every_byte_in_order() {
     let data = payload();
-    let frames = send(&data, 5, false).await;
+    let frames = send(What::Bytes(&data), 5, false).await;
     let sent: Vec<u8> = frames
         .iter()
         .filter(|f| f.kind == DATA)
         .flat_map(|f| f.body.clone())
         .collect();
     assert_eq!(sent, data);
+}
+
+/// A chunk's head (its frame's length, type, id and tag) leaves in the same yamux frame as the
+/// chunk's bytes, not in a small frame of its own.
+#[tokio::test]
+async fn a_chunk_leaves_with_its_head_in_one_frame() {
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let id = ChunkId::of(&data);
+    let body = ChunkBody::Raw(data.clone().into());
+    let frames = send(What::Chunk(&id, &body), usize::MAX, true).await;
+    let data_frames: Vec<&Sent> = frames.iter().filter(|f| f.kind == DATA).collect();
+    assert_eq!(
+        data_frames.iter().map(|f| f.body.len()).collect::<Vec<_>>(),
+        [5 + 32 + 1 + data.len()],
+        "the chunk's yamux frames"
+    );
+    let frame = read_frame(&mut &data_frames[0].body[..]).await.unwrap();
+    let (got_id, got) = decode_chunk(frame).unwrap();
+    assert_eq!(got_id, id);
+    assert_eq!(got, body);
 }
