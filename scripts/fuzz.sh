@@ -35,7 +35,10 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 
 echo "== building the fuzz targets"
-(cd fuzz && cargo +nightly fuzz build)
+if ! (cd fuzz && cargo +nightly fuzz build); then
+  echo "!! the fuzz targets did not build (see above); nothing was fuzzed"
+  exit 1
+fi
 
 scratch=${FUZZ_CORPUS_DIR:-}
 tmp=$(mktemp -d)

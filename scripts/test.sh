@@ -17,6 +17,16 @@ as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi
 }
 
+# A one-off run (CI, a fresh clone) never reuses incremental compilation's cache, which here is
+# as large as the rest of the debug build; and the run's disk may be shared. Say how much there
+# is, so that a test failing with ENOSPC is read as what it is.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"; fi
+free_gib=$(df -Pk "${CARGO_TARGET_DIR:-.}" "${TMPDIR:-/tmp}" 2>/dev/null | awk 'NR > 1 { g = int($4 / 1048576); if (m == "" || g < m) m = g } END { print m }')
+echo "== disk: ${free_gib:-?} GiB free for the build and the tests' stores"
+if [ -n "$free_gib" ] && [ "$free_gib" -lt 16 ]; then
+  echo "!! less than 16 GiB free: a fresh build, the fuzz build and the big-path tests need about 12"
+fi
+
 if ! command -v nix-store >/dev/null 2>&1; then
   echo "== installing nix-bin (real Nix for the tests)"
   as_root apt-get update -qq &&
@@ -99,7 +109,7 @@ fuzz_secs=${PEERIX_FUZZ_SECONDS:-15}
 if [ "$fuzz_secs" != 0 ]; then
   echo "== fuzzing (${fuzz_secs}s per target)"
   if ! scripts/fuzz.sh "$fuzz_secs"; then
-    echo "!! fuzzing found a problem (see above)"
+    echo "!! scripts/fuzz.sh failed: a target did not build, or fuzzing found a problem (see above)"
     status=1
   fi
 fi
