@@ -1,15 +1,16 @@
 //! Handing the NAR to the caller in NAR order, as its chunks arrive or from the store, with
 //! the NarHash checked before the last chunk goes out.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use peerix_chunkstore::{ChunkId, ChunkStore, Manifest};
+use peerix_chunkstore::{ChunkStore, Manifest};
 use peerix_nix::{Sha256Hash, StorePath};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Notify};
 
+use super::wanted::{Flags, Want, Wanted};
 use super::DownloadError;
 
 /// Downloaded chunks not yet handed to the caller. Their bytes are kept in memory up to
@@ -25,7 +26,7 @@ pub(super) struct Arrivals {
 #[derive(Default)]
 struct ArrivedChunks {
     /// `None`: arrived and stored, bytes not kept.
-    map: HashMap<ChunkId, Option<Bytes>>,
+    map: HashMap<Want, Option<Bytes>>,
     bytes: usize,
 }
 
@@ -33,7 +34,7 @@ struct ArrivedChunks {
 pub const ARRIVALS_IN_MEMORY: usize = 8 << 20;
 
 impl Arrivals {
-    pub(super) fn insert(&self, id: ChunkId, data: Bytes) {
+    pub(super) fn insert(&self, k: Want, data: Bytes) {
         let mut a = self.chunks.lock().expect("arrivals");
         let kept = if a.bytes + data.len() <= ARRIVALS_IN_MEMORY {
             a.bytes += data.len();
@@ -41,22 +42,22 @@ impl Arrivals {
         } else {
             None
         };
-        a.map.insert(id, kept);
+        a.map.insert(k, kept);
         drop(a);
         self.arrived.notify_one();
     }
 
     /// Whether the chunk arrived: `Some(true)` with its bytes kept, `Some(false)` stored only,
     /// `None` not yet.
-    fn arrived(&self, id: &ChunkId) -> Option<bool> {
+    fn arrived(&self, k: Want) -> Option<bool> {
         let a = self.chunks.lock().expect("arrivals");
-        a.map.get(id).map(Option::is_some)
+        a.map.get(&k).map(Option::is_some)
     }
 
     /// `Some(Some(bytes))`, `Some(None)` (read it from the store), or `None` (not arrived).
-    fn take(&self, id: &ChunkId) -> Option<Option<Bytes>> {
+    fn take(&self, k: Want) -> Option<Option<Bytes>> {
         let mut a = self.chunks.lock().expect("arrivals");
-        let got = a.map.remove(id)?;
+        let got = a.map.remove(&k)?;
         if let Some(d) = &got {
             a.bytes -= d.len();
         }
@@ -87,32 +88,27 @@ impl ReadAhead {
     /// [`READ_AHEAD`]; stop at the first that has not arrived yet. `need` is the emitter's:
     /// what is not in it is in the store (held before the download, or an earlier occurrence
     /// of it has been emitted).
-    fn top_up(
-        &mut self,
-        at: usize,
-        manifest: &Manifest,
-        need: &HashSet<ChunkId>,
-        buf: &Arrivals,
-        store: &ChunkStore,
-    ) {
+    fn top_up(&mut self, at: usize, src: &Sources, need: &Flags, buf: &Arrivals) {
         self.next = self.next.max(at + 1);
         while self.reads.len() < READ_AHEAD {
-            let Some(c) = manifest.chunks.get(self.next) else {
+            let Some(c) = src.manifest.chunks.get(self.next) else {
                 return;
             };
-            if !need.contains(&c.id) {
-                self.start(c.id, store);
-            } else {
-                // A chunk that occurs twice is met first where it is needed first (the look-ahead
-                // goes in order), so a later occurrence never takes the arrival an earlier one
-                // waits for: once an earlier one took it, this one finds nothing and waits.
-                match buf.arrived(&c.id) {
-                    None => return,
-                    // Its bytes are at hand already.
-                    Some(true) => {}
-                    Some(false) => {
-                        buf.take(&c.id);
-                        self.start(c.id, store);
+            match src.wanted.at(self.next).filter(|&k| need.get(k)) {
+                None => self.start(c.id, &src.store),
+                // A chunk that occurs twice is met first where it is needed first (the
+                // look-ahead goes in order), so a later occurrence never takes the arrival an
+                // earlier one waits for: once an earlier one took it, this one finds nothing
+                // and waits.
+                Some(k) => {
+                    match buf.arrived(k) {
+                        None => return,
+                        // Its bytes are at hand already.
+                        Some(true) => {}
+                        Some(false) => {
+                            buf.take(k);
+                            self.start(c.id, &src.store);
+                        }
                     }
                 }
             }
@@ -120,7 +116,7 @@ impl ReadAhead {
         }
     }
 
-    fn start(&mut self, id: ChunkId, store: &ChunkStore) {
+    fn start(&mut self, id: peerix_chunkstore::ChunkId, store: &ChunkStore) {
         let store = store.clone();
         let read = tokio::task::spawn_blocking(move || store.read_chunk(&id));
         self.reads.push_back((self.next, read));
@@ -145,11 +141,16 @@ impl Drop for ReadAhead {
     }
 }
 
+/// Where the emitter's chunks come from: the download (those `wanted`) or the store.
+pub(super) struct Sources {
+    pub(super) store: ChunkStore,
+    pub(super) manifest: Arc<Manifest>,
+    pub(super) wanted: Arc<Wanted>,
+}
+
 /// Hand the NAR to `out` in order; returns the bytes that came from the local store.
 pub(super) async fn emit(
-    store: ChunkStore,
-    manifest: Arc<Manifest>,
-    mut need: HashSet<ChunkId>,
+    src: Sources,
     buf: Arc<Arrivals>,
     out: mpsc::Sender<Bytes>,
     progress: watch::Sender<u64>,
@@ -158,20 +159,29 @@ pub(super) async fn emit(
     let mut sha = Sha256::new();
     let mut local = 0u64;
     let mut offset = 0u64;
+    let Sources {
+        store,
+        manifest,
+        wanted,
+    } = &src;
+    // Wanted chunks whose first occurrence is still to be handed on.
+    let mut need = Flags::new(wanted.len(), true);
     let n = manifest.chunks.len();
     let mut last = None;
     let mut ahead = ReadAhead::default();
     for (i, c) in manifest.chunks.iter().enumerate() {
-        ahead.top_up(i, &manifest, &need, &buf, &store);
+        ahead.top_up(i, &src, &need, &buf);
+        // The download's arrival is this occurrence's, the first.
+        let arriving = wanted.at(i).filter(|&k| need.remove(k));
         let data = if let Some(read) = ahead.take(i) {
-            if !need.remove(&c.id) {
+            if arriving.is_none() {
                 local += u64::from(c.len);
             }
             Bytes::from(read.await.map_err(peerix_chunkstore::Error::Join)??)
-        } else if need.remove(&c.id) {
+        } else if let Some(k) = arriving {
             let kept = loop {
                 // notify_one keeps a permit when nobody waits, so no arrival is missed.
-                if let Some(d) = buf.take(&c.id) {
+                if let Some(d) = buf.take(k) {
                     break d;
                 }
                 buf.arrived.notified().await;

@@ -7,7 +7,7 @@
 //! back until the whole NAR has matched its NarHash, so a caller that saw the stream end
 //! cleanly has the exact NAR.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +24,11 @@ use crate::client::Client;
 
 mod emit;
 mod scheduler;
+mod wanted;
 mod wire;
 
 pub use emit::ARRIVALS_IN_MEMORY;
-use emit::{emit, Arrivals};
+use emit::{emit, Arrivals, Sources};
 use scheduler::Scheduler;
 use wire::delta_bases;
 pub use wire::{Compression, WireConfig};
@@ -267,20 +268,22 @@ async fn run(
         (Some(path), true) if !missing.is_empty() => delta_bases(&store, &manifest, path).await,
         _ => None,
     };
-    let need: HashSet<ChunkId> = missing.iter().map(|c| c.id).collect();
+    let wanted = Arc::new(wanted::Wanted::new(&manifest, missing));
     let buf = Arc::new(Arrivals::default());
     let (progress_tx, progress_rx) = watch::channel(0u64);
 
     let emitter = emit(
-        store.clone(),
-        manifest.clone(),
-        need,
+        Sources {
+            store: store.clone(),
+            manifest,
+            wanted: wanted.clone(),
+        },
         buf.clone(),
         out,
         progress_tx,
         cfg.path.clone(),
     );
-    let mut sched = Scheduler::new(client, store, &manifest, missing, peers, cfg, buf);
+    let mut sched = Scheduler::new(client, store, wanted, peers, cfg, buf);
     sched.bases = bases;
     let result = {
         let scheduling = sched.run(progress_rx);

@@ -1,13 +1,13 @@
 //! Which run of chunks goes to which peer, when: requests in flight matched to each peer's
 //! measured rate, endgame races, busy and failing peers left alone for a while.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use peerix_chunkstore::{ChunkId, ChunkRef, ChunkStore, Manifest};
+use peerix_chunkstore::ChunkStore;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -18,18 +18,19 @@ use crate::client::{Client, ClientError, DeltaBases};
 use crate::compress::Sent;
 use crate::protocol::MAX_CHUNK_BYTES_PER_REQUEST;
 
+use super::wanted::{Flags, Want, Wanted};
 use super::{Arrivals, DownloadConfig, DownloadError, DownloadReport, Peers};
 
 mod plan;
 mod request;
 
-use plan::{Asked, Holdings};
+use plan::Holdings;
 
 type ReqId = u64;
 
 struct Run {
     /// Chunks not yet received.
-    chunks: Vec<ChunkRef>,
+    chunks: Vec<Want>,
     /// NAR offset of the first chunk, for the window.
     offset: u64,
     /// Peers (indices) that hold every chunk of the run.
@@ -73,7 +74,7 @@ enum Event {
     Chunk {
         req: ReqId,
         peer: usize,
-        id: ChunkId,
+        k: Want,
         data: Bytes,
         wire: u32,
         sent: Sent,
@@ -111,8 +112,8 @@ pub(super) struct Scheduler {
     /// Runs waiting for a peer, in NAR order (offset, index).
     pending: BTreeSet<(u64, usize)>,
     /// Chunks to download, and those received.
-    wanted: usize,
-    received: HashSet<ChunkId>,
+    wanted: Arc<Wanted>,
+    received: Flags,
     reqs: HashMap<ReqId, Req>,
     next_req: ReqId,
     pub(super) tasks: JoinSet<()>,
@@ -120,15 +121,10 @@ pub(super) struct Scheduler {
     events: mpsc::UnboundedReceiver<Event>,
     buf: Arc<Arrivals>,
     pub(super) report: DownloadReport,
-    /// Chunks in NAR order, for building runs once `have` answers are in.
-    missing: Vec<ChunkRef>,
-    /// The chunks peers are asked about.
-    asked: Asked,
     /// Answers to `have` still to come.
     asking: usize,
     /// A run may have been left with no usable holder since the last look.
     orphans_possible: bool,
-    offsets: HashMap<ChunkId, u64>,
     /// When a request holding up the window becomes late enough to race.
     recheck: Option<Instant>,
     /// The chunks offered as delta bases, if any.
@@ -139,8 +135,7 @@ impl Scheduler {
     pub(super) fn new(
         client: Client,
         store: ChunkStore,
-        manifest: &Manifest,
-        missing: Vec<ChunkRef>,
+        wanted: Arc<Wanted>,
         peers: Peers,
         mut cfg: DownloadConfig,
         buf: Arc<Arrivals>,
@@ -148,11 +143,7 @@ impl Scheduler {
         cfg.run_bytes = cfg.run_bytes.clamp(1, MAX_CHUNK_BYTES_PER_REQUEST as u64);
         cfg.max_in_flight = cfg.max_in_flight.max(1);
         cfg.min_in_flight = cfg.min_in_flight.clamp(1, cfg.max_in_flight);
-        let mut offsets = HashMap::new();
-        for (o, c) in manifest.offsets() {
-            offsets.entry(c.id).or_insert(o);
-        }
-        let mut seen = HashSet::new();
+        let mut seen = std::collections::HashSet::new();
         let whole = peers.whole.into_iter().map(|p| (p, true));
         let some = peers.some.into_iter().map(|p| (p, false));
         let peers = whole
@@ -184,8 +175,8 @@ impl Scheduler {
             peers,
             runs: vec![],
             pending: BTreeSet::new(),
-            wanted: missing.len(),
-            received: HashSet::new(),
+            received: Flags::new(wanted.len(), false),
+            wanted,
             reqs: HashMap::new(),
             next_req: 0,
             tasks: JoinSet::new(),
@@ -193,11 +184,8 @@ impl Scheduler {
             events,
             buf,
             report: DownloadReport::default(),
-            asked: Asked::new(&missing),
             asking: 0,
             orphans_possible: false,
-            missing,
-            offsets,
             recheck: None,
         }
     }
@@ -206,12 +194,12 @@ impl Scheduler {
         &mut self,
         mut progress: watch::Receiver<u64>,
     ) -> Result<(), DownloadError> {
-        if self.wanted == 0 {
+        if self.wanted.is_empty() {
             return Ok(());
         }
         self.plan().await?;
         let mut emitter_alive = true;
-        while self.received.len() < self.wanted {
+        while self.received.count() < self.wanted.len() {
             self.dispatch(*progress.borrow())?;
             let wake = self
                 .peers
@@ -362,7 +350,7 @@ impl Scheduler {
         let bytes: u64 = self.runs[r.run]
             .chunks
             .iter()
-            .map(|c| u64::from(c.len))
+            .map(|&k| u64::from(self.wanted.chunk(k).len))
             .sum();
         let expected = self.peers[r.peer].rate.map_or(Duration::ZERO, |rate| {
             Duration::from_secs_f64((2.0 * bytes as f64 / rate.max(1.0)).min(3600.0))
@@ -375,7 +363,7 @@ impl Scheduler {
             Event::Chunk {
                 req,
                 peer,
-                id,
+                k,
                 data,
                 wire,
                 sent,
@@ -400,8 +388,8 @@ impl Scheduler {
                     .bytes_per_peer
                     .entry(self.peers[peer].id)
                     .or_default() += len;
-                if self.received.insert(id) {
-                    self.buf.insert(id, data);
+                if self.received.insert(k) {
+                    self.buf.insert(k, data);
                 } else {
                     self.report.duplicate_bytes += len;
                 }
@@ -409,9 +397,7 @@ impl Scheduler {
                 // before it had sent the other's chunks again.
                 if let Some(run) = self.reqs.get(&req).map(|r| r.run) {
                     let r = &self.runs[run];
-                    if r.requests.len() > 1
-                        && r.chunks.iter().all(|c| self.received.contains(&c.id))
-                    {
+                    if r.requests.len() > 1 && r.chunks.iter().all(|&k| self.received.get(k)) {
                         self.finish_run(run);
                     }
                 }
@@ -442,7 +428,7 @@ impl Scheduler {
                     Err(e) => self.on_failure(&r, e),
                 }
                 let received = &self.received;
-                self.runs[run].chunks.retain(|c| !received.contains(&c.id));
+                self.runs[run].chunks.retain(|&k| !received.get(k));
                 if self.runs[run].chunks.is_empty() {
                     self.finish_run(run);
                 } else if self.runs[run].requests.is_empty() {

@@ -6,13 +6,12 @@
 //! (its holders lacked chunks, failed or lied) is cut again from what the answers say, once
 //! they are all in.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::HashSet;
 
-use peerix_chunkstore::{ChunkId, ChunkRef};
+use peerix_chunkstore::ChunkId;
 use tracing::debug;
 
-use super::{Event, Run, Scheduler};
+use super::{Event, Run, Scheduler, Want};
 use crate::client::ClientError;
 use crate::download::DownloadError;
 use crate::protocol::{MAX_CHUNKS_PER_REQUEST, MAX_HAVE_CHUNKS};
@@ -22,27 +21,10 @@ use crate::protocol::{MAX_CHUNKS_PER_REQUEST, MAX_HAVE_CHUNKS};
 pub(super) struct Holdings {
     /// It said it holds the whole NAR.
     pub(super) whole: bool,
-    /// Its answer to `have`, by position in [`Asked`]; `None` until it comes.
+    /// Its answer to `have`, about every wanted chunk in order; `None` until it comes.
     pub(super) answer: Option<Vec<bool>>,
     /// Chunks it was asked for and did not have.
-    pub(super) lacks: HashSet<ChunkId>,
-}
-
-/// The chunks the peers are asked about, in NAR order, and where each is in that list.
-pub(super) struct Asked {
-    pub(super) ids: Arc<Vec<ChunkId>>,
-    pub(super) pos: HashMap<ChunkId, usize>,
-}
-
-impl Asked {
-    pub(super) fn new(missing: &[ChunkRef]) -> Self {
-        let ids: Vec<ChunkId> = missing.iter().map(|c| c.id).collect();
-        let pos = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        Self {
-            ids: Arc::new(ids),
-            pos,
-        }
-    }
+    pub(super) lacks: HashSet<Want>,
 }
 
 impl Scheduler {
@@ -61,11 +43,10 @@ impl Scheduler {
                 self.on_event(ev)?;
             }
         }
-        let missing = std::mem::take(&mut self.missing);
-        self.cut(missing)?;
+        self.cut(self.wanted.all().collect())?;
         debug!(
             runs = self.runs.len(),
-            chunks = self.wanted,
+            chunks = self.wanted.len(),
             asking = self.asking,
             "download planned"
         );
@@ -75,14 +56,17 @@ impl Scheduler {
     fn ask(&mut self, p: usize) {
         let client = self.client.clone();
         let peer = self.peers[p].id;
-        let ids = self.asked.ids.clone();
+        let wanted = self.wanted.clone();
         let tx = self.events_tx.clone();
         self.asking += 1;
         self.tasks.spawn(async move {
             let ask = async {
-                let mut held = Vec::with_capacity(ids.len());
-                for batch in ids.chunks(MAX_HAVE_CHUNKS) {
-                    held.extend(client.have(peer, batch, &[]).await?.chunks);
+                let mut held = Vec::with_capacity(wanted.len());
+                let all: Vec<Want> = wanted.all().collect();
+                for batch in all.chunks(MAX_HAVE_CHUNKS) {
+                    let ids: Vec<ChunkId> = batch.iter().map(|&k| wanted.chunk(k).id).collect();
+                    // The reply decodes to a flag for each id asked about.
+                    held.extend(client.have(peer, &ids, &[]).await?.chunks);
                 }
                 Ok(held)
             };
@@ -114,34 +98,33 @@ impl Scheduler {
             let run = &self.runs[r];
             if !run.done
                 && !run.holders.contains(&p)
-                && run.chunks.iter().all(|c| self.holds(p, &c.id))
+                && run.chunks.iter().all(|&k| self.holds(p, k))
             {
                 self.runs[r].holders.push(p);
             }
         }
     }
 
-    /// Whether `p` can be asked for chunk `id`, as far as we know.
-    fn holds(&self, p: usize, id: &ChunkId) -> bool {
+    /// Whether `p` can be asked for chunk `k`, as far as we know.
+    fn holds(&self, p: usize, k: Want) -> bool {
         let peer = &self.peers[p];
         let h = &peer.holds;
         let said = h.whole
             || h.answer
                 .as_ref()
-                .zip(self.asked.pos.get(id))
-                .is_some_and(|(a, &i)| a[i]);
-        !peer.gone && said && !h.lacks.contains(id)
+                .is_some_and(|a| a.get(k as usize).copied().unwrap_or(false));
+        !peer.gone && said && !h.lacks.contains(&k)
     }
 
     /// `p` did not have the chunks of `run` still missing after its request: it is asked for
     /// them no more, and the run is cut again if nobody else holds it.
     pub(super) fn lacks(&mut self, p: usize, run: usize) {
         // Called before the run sheds what arrived: what it did send is not lacking.
-        let missing: Vec<ChunkId> = self.runs[run]
+        let missing: Vec<Want> = self.runs[run]
             .chunks
             .iter()
-            .map(|c| c.id)
-            .filter(|id| !self.received.contains(id))
+            .copied()
+            .filter(|&k| !self.received.get(k))
             .collect();
         self.peers[p].holds.lacks.extend(missing);
         self.runs[run].holders.retain(|&h| h != p);
@@ -170,18 +153,19 @@ impl Scheduler {
 
     /// Cut `chunks` (in NAR order) into runs of at most `run_bytes`, each of chunks that the
     /// same peers hold.
-    fn cut(&mut self, chunks: Vec<ChunkRef>) -> Result<(), DownloadError> {
-        let mut cur: Vec<ChunkRef> = vec![];
+    fn cut(&mut self, chunks: Vec<Want>) -> Result<(), DownloadError> {
+        let mut cur: Vec<Want> = vec![];
         let mut cur_holders: Vec<usize> = vec![];
         let mut cur_bytes = 0u64;
-        for c in chunks {
+        for k in chunks {
+            let c = self.wanted.chunk(k);
             let h: Vec<usize> = (0..self.peers.len())
-                .filter(|&p| self.holds(p, &c.id))
+                .filter(|&p| self.holds(p, k))
                 .collect();
             if h.is_empty() {
                 return Err(DownloadError::Unavailable {
                     chunk: c.id,
-                    missing: self.wanted - self.received.len(),
+                    missing: self.wanted.len() - self.received.count(),
                 });
             }
             let common: Vec<usize> = cur_holders
@@ -199,7 +183,7 @@ impl Scheduler {
                 cur_bytes = 0;
             }
             cur_holders = if cur.is_empty() { h } else { common };
-            cur.push(c);
+            cur.push(k);
             cur_bytes += u64::from(c.len);
         }
         if !cur.is_empty() {
@@ -208,8 +192,8 @@ impl Scheduler {
         Ok(())
     }
 
-    fn push_run(&mut self, chunks: Vec<ChunkRef>, holders: Vec<usize>) {
-        let offset = self.offsets.get(&chunks[0].id).copied().unwrap_or(0);
+    fn push_run(&mut self, chunks: Vec<Want>, holders: Vec<usize>) {
+        let offset = self.wanted.offset(chunks[0]);
         self.runs.push(Run {
             chunks,
             offset,

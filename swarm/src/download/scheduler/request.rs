@@ -3,10 +3,9 @@
 //! of a run, whose requests still in flight are then of no use.
 
 use futures::StreamExt;
-use peerix_chunkstore::ChunkRef;
 use tokio::time::Instant;
 
-use super::{Event, Req, Scheduler, TaskError};
+use super::{Event, Req, Scheduler, TaskError, Want};
 use crate::client::ClientError;
 
 impl Scheduler {
@@ -26,15 +25,16 @@ impl Scheduler {
             .and_then(|q| self.reqs.get(q))
             .is_some_and(|q| !q.reversed);
         r.requests.push(id);
-        let mut refs: Vec<ChunkRef> = r
+        let mut ks: Vec<Want> = r
             .chunks
             .iter()
             .copied()
-            .filter(|c| !self.received.contains(&c.id))
+            .filter(|&k| !self.received.get(k))
             .collect();
         if reversed {
-            refs.reverse();
+            ks.reverse();
         }
+        let refs = self.wanted.refs(&ks);
         let bytes: u64 = refs.iter().map(|c| u64::from(c.len)).sum();
         let timeout = self.cfg.min_timeout.max(
             self.cfg
@@ -59,14 +59,16 @@ impl Scheduler {
                 // once and read back for a later occurrence in the NAR; the next one is read
                 // and verified meanwhile (a peer answers one run at a time, so this is where
                 // receiving and storing overlap).
+                // The peer answers in the order asked (the client holds it to that).
                 let stored = fetch
-                    .map(|item| {
+                    .zip(futures::stream::iter(ks))
+                    .map(|(item, k)| {
                         let store = store.clone();
                         async move {
                             let got = item?;
                             let c = got.chunk.clone();
                             store.blocking(move |cs| cs.put_verified(&c)).await?;
-                            Ok::<_, TaskError>(got)
+                            Ok::<_, TaskError>((k, got))
                         }
                     })
                     .buffered(2);
@@ -74,12 +76,12 @@ impl Scheduler {
                 let mut missing = false;
                 while let Some(item) = stored.next().await {
                     match item {
-                        Ok(got) => {
-                            let (cid, data) = got.chunk.into_parts();
+                        Ok((k, got)) => {
+                            let (_, data) = got.chunk.into_parts();
                             let _ = tx.send(Event::Chunk {
                                 req: id,
                                 peer: p,
-                                id: cid,
+                                k,
                                 data,
                                 wire: got.wire_len,
                                 sent: got.sent,
