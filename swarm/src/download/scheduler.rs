@@ -281,9 +281,17 @@ impl Scheduler {
     fn dispatch(&mut self, emitted: u64) -> Result<(), DownloadError> {
         self.recut_orphans()?;
         let limit = emitted.saturating_add(self.window());
-        // Pending runs in NAR order, within the window (the first run always, else nothing
-        // could ever start).
-        let candidates: Vec<usize> = self.pending.iter().map(|&(_, r)| r).collect();
+        // Pending runs in NAR order, within the window (past it too while nothing is in
+        // flight, else nothing could ever start). Only the window's are collected while
+        // requests are in flight: this runs at every chunk that arrives, and a NAR of 8 GiB
+        // starts with 4,000 runs pending.
+        let idle = self.reqs.is_empty();
+        let candidates: Vec<usize> = self
+            .pending
+            .iter()
+            .take_while(|&&(offset, _)| idle || offset < limit)
+            .map(|&(_, r)| r)
+            .collect();
         for run in candidates {
             if self.runs[run].offset >= limit && !self.reqs.is_empty() {
                 break;
@@ -299,7 +307,8 @@ impl Scheduler {
         let pending_startable = self
             .pending
             .iter()
-            .any(|&(offset, r)| offset < limit && self.pick(r).is_some());
+            .take_while(|&&(offset, _)| offset < limit)
+            .any(|&(_, r)| self.pick(r).is_some());
         if pending_startable {
             return Ok(());
         }

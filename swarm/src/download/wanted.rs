@@ -16,9 +16,13 @@ pub(super) struct Wanted {
     chunks: Vec<ChunkRef>,
     /// The NAR offset of each one's first occurrence.
     offsets: Vec<u64>,
-    /// For each of the manifest's positions, the index of its chunk, if it is wanted.
-    at: Vec<Option<Want>>,
+    /// For each of the manifest's positions, the index of its chunk, or [`NOT_WANTED`].
+    at: Vec<Want>,
 }
+
+/// A position whose chunk is held here. No index reaches it: a manifest has at most
+/// [`Manifest::MAX_CHUNKS`] chunks.
+const NOT_WANTED: Want = Want::MAX;
 
 impl Wanted {
     /// `missing`: the manifest's chunks not held here, each once, in the order of their first
@@ -34,11 +38,11 @@ impl Wanted {
         let at = manifest
             .offsets()
             .map(|(o, c)| {
-                let k = index.get(&c.id).copied();
-                if let Some(k) = k {
-                    let first = &mut offsets[k as usize];
-                    *first = (*first).min(o);
-                }
+                let Some(&k) = index.get(&c.id) else {
+                    return NOT_WANTED;
+                };
+                let first = &mut offsets[k as usize];
+                *first = (*first).min(o);
                 k
             })
             .collect();
@@ -68,7 +72,7 @@ impl Wanted {
 
     /// The wanted chunk at the manifest's position `i`, if it is one.
     pub(super) fn at(&self, i: usize) -> Option<Want> {
-        self.at.get(i).copied().flatten()
+        self.at.get(i).copied().filter(|&k| k != NOT_WANTED)
     }
 
     /// Every wanted chunk, in order.
