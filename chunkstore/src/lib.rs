@@ -6,6 +6,7 @@
 //! are not in the local store keep their chunk bytes in pack files. Every read is verified
 //! against the chunk's BLAKE3 id, and a whole-NAR read against the NarHash.
 
+pub mod buffers;
 mod chunk;
 pub mod codec;
 #[cfg(test)]

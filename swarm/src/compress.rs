@@ -5,7 +5,9 @@
 //! compressed frame can neither expand past its size nor smuggle in other bytes.
 
 use bytes::Bytes;
-use peerix_chunkstore::{codec, ChunkId, ChunkStore, DeltaPlan, StoredChunk, VerifiedChunk};
+use peerix_chunkstore::{
+    buffers, codec, ChunkId, ChunkStore, DeltaPlan, StoredChunk, VerifiedChunk,
+};
 use thiserror::Error;
 use zstd::zstd_safe::{self, CParameter};
 
@@ -81,10 +83,10 @@ pub fn encode(
     if let Some(z) = zstd.filter(|z| codec::pays(z.len(), stored.raw.len()) && z.len() < best_len) {
         best = Some(ChunkBody::Zstd {
             raw_len,
-            data: z.into(),
+            data: buffers::into_bytes(z),
         });
     }
-    best.unwrap_or_else(|| ChunkBody::Raw(stored.raw.into()))
+    best.unwrap_or_else(|| ChunkBody::Raw(buffers::into_bytes(stored.raw)))
 }
 
 /// Read a chunk we hold and encode it for a request: as [`encode`], with the bases the plan

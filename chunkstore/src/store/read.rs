@@ -156,7 +156,7 @@ impl ChunkStore {
 
     pub(super) fn read_local(&self, nar: &Sha256Hash, off: u64, len: u32) -> Result<Vec<u8>> {
         let l = self.layout(nar)?;
-        let mut buf = Vec::with_capacity(len as usize);
+        let mut buf = crate::buffers::with_capacity(len as usize);
         l.1.read_range_to_vec(&l.0, off, u64::from(len), &mut buf)
             .map_err(|source| Error::Nar {
                 path: l.0.display().to_string(),
@@ -210,7 +210,7 @@ impl NarReader {
 
     fn load(&mut self) -> Result<()> {
         let c = self.manifest.chunks[self.next];
-        let data = bytes::Bytes::from(self.store.read_chunk(&c.id)?);
+        let data = crate::buffers::into_bytes(self.store.read_chunk(&c.id)?);
         self.sha
             .get_or_insert_with(ShaPipe::new)
             .update(data.clone());

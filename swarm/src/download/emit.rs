@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use peerix_chunkstore::{ChunkStore, Manifest};
+use peerix_chunkstore::{buffers, ChunkStore, Manifest};
 use peerix_nix::{Sha256Hash, StorePath};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Notify};
@@ -177,7 +177,7 @@ pub(super) async fn emit(
             if arriving.is_none() {
                 local += u64::from(c.len);
             }
-            Bytes::from(read.await.map_err(peerix_chunkstore::Error::Join)??)
+            buffers::into_bytes(read.await.map_err(peerix_chunkstore::Error::Join)??)
         } else if let Some(k) = arriving {
             let kept = loop {
                 // notify_one keeps a permit when nobody waits, so no arrival is missed.
@@ -190,14 +190,14 @@ pub(super) async fn emit(
                 Some(d) => d,
                 None => {
                     let id = c.id;
-                    Bytes::from(store.blocking(move |cs| cs.read_chunk(&id)).await?)
+                    buffers::into_bytes(store.blocking(move |cs| cs.read_chunk(&id)).await?)
                 }
             }
         } else {
             // Held before, or downloaded and stored at an earlier place in this NAR.
             local += u64::from(c.len);
             let id = c.id;
-            Bytes::from(store.blocking(move |cs| cs.read_chunk(&id)).await?)
+            buffers::into_bytes(store.blocking(move |cs| cs.read_chunk(&id)).await?)
         };
         // Whatever its source, a chunk is handed on only at the manifest's length: a manifest
         // that gives a held chunk another length would otherwise fill the NAR's size before its

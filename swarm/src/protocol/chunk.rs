@@ -312,7 +312,7 @@ pub fn decode_chunk(f: Frame) -> Result<(ChunkId, ChunkBody), ProtocolError> {
     };
     // The payload is the rest of the frame, handed on without a copy.
     let start = f.body.len() - c.0.len();
-    let rest = || Bytes::from(f.body).split_off(start);
+    let rest = || peerix_chunkstore::buffers::into_bytes(f.body).split_off(start);
     Ok((
         id,
         match body {

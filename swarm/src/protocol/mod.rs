@@ -172,7 +172,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
             max,
         });
     }
-    let mut body = vec![0u8; body_len];
+    // A chunk frame's buffer comes from the pool and goes back to it once the chunk is done.
+    let mut body = peerix_chunkstore::buffers::zeroed(body_len);
     r.read_exact(&mut body).await?;
     Ok(Frame { kind: k, body })
 }
