@@ -1,7 +1,7 @@
 //! How a yamux frame leaves (the patched copy in `vendor/yamux`): header and body in one write.
 //! Over TLS, which peerix nodes speak to each other, every write becomes a record sent at once,
 //! so a header written on its own cost a record, a system call and (with `TCP_NODELAY`) a
-//! packet of its own for every 16 KiB of data.
+//! packet of its own for every frame of data.
 
 use std::io;
 use std::pin::Pin;
@@ -87,6 +87,8 @@ impl AsyncWrite for Recording {
 }
 
 const HEADER: usize = 12;
+/// The most data a frame carries (`DEFAULT_SPLIT_SEND_SIZE` in `vendor/yamux`).
+const FRAME: usize = 64 * 1024;
 const DATA: u8 = 0;
 
 /// One frame as it went out: where its header starts in the byte stream, its type, the bytes
@@ -137,10 +139,10 @@ async fn send(what: What<'_>, max_write: usize, vectored: bool) -> Vec<Sent> {
     });
     let all_out = async {
         write.await;
-        // Every data byte with a header per 16 KiB at most; the SYN's window update or a ping
-        // may come first.
+        // Every data byte with a header per frame; the SYN's window update or a ping may come
+        // first.
         written
-            .wait_for(|&n| n >= len + HEADER * len.div_ceil(16 * 1024))
+            .wait_for(|&n| n >= len + HEADER * len.div_ceil(FRAME))
             .await
             .unwrap();
     };
@@ -181,8 +183,8 @@ fn parse(writes: &[Vec<u8>]) -> Vec<Sent> {
 }
 
 fn payload() -> Vec<u8> {
-    // Three whole 16 KiB frames and a short one, each byte telling where it is.
-    (0..3 * 16 * 1024 + 100)
+    // Three whole frames and a short one, each byte telling where it is.
+    (0..3 * FRAME as u32 + 100)
         .map(|i: u32| (i % 251) as u8)
         .collect()
 }
@@ -192,7 +194,8 @@ async fn every_data_frame_leaves_in_one_write() {
     let data = payload();
     let frames = send(What::Bytes(&data), usize::MAX, true).await;
     let data_frames: Vec<&Sent> = frames.iter().filter(|f| f.kind == DATA).collect();
-    assert_eq!(data_frames.len(), 4, "16 KiB per frame");
+    assert_eq!(data_frames.len(), 4, "64 KiB per frame");
+    assert!(data_frames[..3].iter().all(|f| f.body.len() == FRAME));
     for (i, f) in data_frames.iter().enumerate() {
         assert_eq!(
             f.calls,

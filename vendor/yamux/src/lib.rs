@@ -63,9 +63,11 @@ const MAX_ACK_BACKLOG: usize = 256;
 ///    carried out atomically instead of concurrently with its respective
 ///    counterpart.
 ///
-/// For details on why this concrete value was chosen, see
-/// https://github.com/paritytech/yamux/issues/100.
-const DEFAULT_SPLIT_SEND_SIZE: usize = 16 * KIB;
+/// For details on why upstream chose 16 KiB, see
+/// https://github.com/paritytech/yamux/issues/100. peerix sends 64 KiB (`PEERIX.md`): a
+/// download's chunks average 256 KiB, and each frame cost a wake-up of the reading task and
+/// a system call on each side; the receiving side of upstream yamux takes up to 1 MiB.
+const DEFAULT_SPLIT_SEND_SIZE: usize = 64 * KIB;
 
 /// Yamux configuration.
 ///
@@ -74,7 +76,7 @@ const DEFAULT_SPLIT_SEND_SIZE: usize = 16 * KIB;
 /// - max. for the total receive window size across all streams of a connection = 1 GiB
 /// - max. number of streams = 512
 /// - read after close = true
-/// - split send size = 16 KiB
+/// - split send size = 64 KiB (16 KiB upstream)
 #[derive(Debug, Clone)]
 pub struct Config {
     max_connection_receive_window: Option<usize>,
