@@ -7,6 +7,7 @@ use std::time::Duration;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, OrTransport};
 use libp2p::core::upgrade::Version;
+use libp2p::core::ConnectedPoint;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
@@ -23,6 +24,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// one system call instead: a loopback download of 512 MiB made 12 thousand reads against 42.
 /// At most 64 KiB per connection, within the connection limits (README, Benchmarks).
 const READ_BUFFER: usize = 64 * 1024;
+
+/// A TCP connection (through pnet or not), read through [`READ_BUFFER`] before TLS or noise.
+fn read_buffered<S: futures::AsyncRead>(socket: S, _: ConnectedPoint) -> futures::io::BufReader<S> {
+    futures::io::BufReader::with_capacity(READ_BUFFER, socket)
+}
 
 pub(super) fn is_quic(addr: &Multiaddr) -> bool {
     addr.iter()
@@ -54,7 +60,7 @@ pub(super) fn build_transport(
     let tcp = match psk {
         Some(psk) => libp2p::tcp::tokio::Transport::new(tcp_config)
             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-            .map(|s, _| futures::io::BufReader::with_capacity(READ_BUFFER, s))
+            .map(read_buffered)
             .upgrade(Version::V1Lazy)
             .authenticate(security)
             .multiplex(yamux)
@@ -62,7 +68,7 @@ pub(super) fn build_transport(
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
         None => libp2p::tcp::tokio::Transport::new(tcp_config)
-            .map(|s, _| futures::io::BufReader::with_capacity(READ_BUFFER, s))
+            .map(read_buffered)
             .upgrade(Version::V1Lazy)
             .authenticate(security)
             .multiplex(yamux)

@@ -65,8 +65,8 @@ const MAX_ACK_BACKLOG: usize = 256;
 ///
 /// For details on why upstream chose 16 KiB, see
 /// https://github.com/paritytech/yamux/issues/100. peerix sends 64 KiB (`PEERIX.md`): a
-/// download's chunks average 256 KiB, and each frame cost a wake-up of the reading task and
-/// a system call on each side; the receiving side of upstream yamux takes up to 1 MiB.
+/// download's chunks average 256 KiB, and each frame cost the sender a write call; the
+/// receiving side of upstream yamux takes up to 1 MiB.
 const DEFAULT_SPLIT_SEND_SIZE: usize = 64 * KIB;
 
 /// Yamux configuration.
