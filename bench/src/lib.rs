@@ -393,7 +393,12 @@ async fn fetch(
             ..DownloadConfig::default()
         },
     };
-    let outcome = fetch_nar(client, leecher.store.clone(), req, tx).await;
+    // On the runtime's workers, as the daemon runs it (src/serve/nar.rs), not on the thread
+    // that blocks on the bench: that thread is a third one sharing the two cores, and a
+    // download's every step there woke it.
+    let outcome = tokio::spawn(fetch_nar(client, leecher.store.clone(), req, tx))
+        .await
+        .context("the peer download's task")?;
     outcome.result.context("the peer download")?;
     let report = outcome.report;
     let (first, total) = sink.await?;
