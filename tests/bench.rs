@@ -79,6 +79,12 @@ fn loopback_bench_reports_every_seeder_count_and_dedup() {
             let v = row[k].as_f64().unwrap();
             assert!(v > 0.0 && v.is_finite(), "{k} = {v} in {row}");
         }
+        // Page faults (allocator churn), counted over each download: a warm process may take
+        // none over a short one.
+        for k in ["faults_per_gib", "http_faults_per_gib"] {
+            let v = row[k].as_f64().unwrap_or_else(|| panic!("no {k} in {row}"));
+            assert!(v >= 0.0 && v.is_finite(), "{k} = {v} in {row}");
+        }
         let sent: u64 = row["bytes_per_peer"]
             .as_array()
             .unwrap()

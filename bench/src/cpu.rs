@@ -8,15 +8,29 @@ use sha2::{Digest, Sha256};
 
 use crate::data::NarGen;
 
-/// CPU time this process has used so far, every thread, user and system.
-pub fn process_cpu() -> Duration {
+/// This process's resource usage so far, every thread.
+fn usage() -> Option<libc::rusage> {
     // SAFETY: getrusage only writes the struct it is given.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return Duration::ZERO;
-    }
+    (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0).then_some(u)
+}
+
+/// CPU time this process has used so far, every thread, user and system.
+pub fn process_cpu() -> Duration {
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
+    usage().map_or(Duration::ZERO, |u| tv(u.ru_utime) + tv(u.ru_stime))
+}
+
+/// Page faults this process has taken so far (minor and major, every thread): each is a page
+/// the kernel mapped, and zeroed when it was new, because memory was given back and touched
+/// again. Allocator churn shows here before it shows in the CPU figures' noise.
+pub fn process_faults() -> u64 {
+    usage().map_or(0, |u| (u.ru_minflt + u.ru_majflt) as u64)
+}
+
+/// Events (faults) per GiB for `n` of them over `bytes`.
+pub fn count_per_gib(n: u64, bytes: u64) -> f64 {
+    n as f64 / (bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// CPU time other processes have used so far, all together (user + system, from

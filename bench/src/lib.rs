@@ -161,6 +161,12 @@ pub struct Row {
     /// netns mode: the same for the HTTP server (seeder 0) over the HTTP download.
     #[serde(default)]
     pub http_server_cpu_s_per_gib: Option<f64>,
+    /// Page faults per GiB of the peer download, in the same process(es) as `cpu_s_per_gib`.
+    #[serde(default)]
+    pub faults_per_gib: f64,
+    /// The same for the plain HTTP download.
+    #[serde(default)]
+    pub http_faults_per_gib: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -541,18 +547,20 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         // The seeders' CPU, where they are processes of their own (netns mode).
         let pids = args.inner_seeder_pids.get(..n).unwrap_or_default();
         let seeders_cpu = cpu::processes_cpu(pids);
-        let cpu = cpu::process_cpu();
+        let (cpu, faults) = (cpu::process_cpu(), cpu::process_faults());
         let f = fetch(args.wire_compression, &leecher, &ids, h1, size, &progress).await?;
         let peer_cpu = cpu::process_cpu().saturating_sub(cpu);
+        let peer_faults = cpu::process_faults().saturating_sub(faults);
         let seeders_cpu = cpu::processes_cpu(pids).saturating_sub(seeders_cpu);
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
         progress.done(&what, mib_s);
         progress.start(&format!("HTTP baseline (N={n})"), size);
         let server_pid = pids.get(..1).unwrap_or_default();
         let server_cpu = cpu::processes_cpu(server_pid);
-        let cpu = cpu::process_cpu();
+        let (cpu, faults) = (cpu::process_cpu(), cpu::process_faults());
         let http_mib_s = http_fetch(&url, size, &progress).await?;
         let http_cpu = cpu::process_cpu().saturating_sub(cpu);
+        let http_faults = cpu::process_faults().saturating_sub(faults);
         let server_cpu = cpu::processes_cpu(server_pid).saturating_sub(server_cpu);
         progress.done("HTTP baseline", http_mib_s);
         if n == 1 && single == 0.0 && !warm_up {
@@ -574,6 +582,8 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 seeders_cpu_s_per_gib: (!pids.is_empty()).then(|| cpu::per_gib(seeders_cpu, size)),
                 http_server_cpu_s_per_gib: (!pids.is_empty())
                     .then(|| cpu::per_gib(server_cpu, size)),
+                faults_per_gib: cpu::count_per_gib(peer_faults, size),
+                http_faults_per_gib: cpu::count_per_gib(http_faults, size),
             });
         }
 
