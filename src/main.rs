@@ -131,7 +131,6 @@ fn serve(args: peerix::config::ServeArgs) -> Result<()> {
 ///   its own, and memory freed in one is not reused by the others; a 1 GiB path from three
 ///   peers peaked ~10 MiB higher with the default (8 arenas per core). Two keep allocation
 ///   from serialising on one lock.
-///
 /// - Chunk buffers are reused from a small pool (`peerix_chunkstore::buffers`), so that the
 ///   mappings are not made and faulted in again for every chunk.
 /// - Up to 1 MiB free at the top of a heap is kept rather than given back. With the mmap

@@ -8,29 +8,39 @@ use sha2::{Digest, Sha256};
 
 use crate::data::NarGen;
 
-/// This process's resource usage so far, every thread.
-fn usage() -> Option<libc::rusage> {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0).then_some(u)
+/// What this process has used so far, every thread, from one `getrusage`.
+#[derive(Clone, Copy, Default)]
+pub struct Usage {
+    /// User and system CPU time.
+    pub cpu: Duration,
+    /// Page faults, minor and major: each is a page the kernel mapped, and zeroed when it was
+    /// new, because memory was given back and touched again. Allocator churn shows here before
+    /// it shows in the CPU figures' noise.
+    pub faults: u64,
 }
 
-/// CPU time this process has used so far, every thread, user and system.
-pub fn process_cpu() -> Duration {
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    usage().map_or(Duration::ZERO, |u| tv(u.ru_utime) + tv(u.ru_stime))
-}
+impl Usage {
+    pub fn now() -> Self {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+            return Self::default();
+        }
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        Self {
+            cpu: tv(u.ru_utime) + tv(u.ru_stime),
+            faults: (u.ru_minflt + u.ru_majflt) as u64,
+        }
+    }
 
-/// Page faults this process has taken so far (minor and major, every thread): each is a page
-/// the kernel mapped, and zeroed when it was new, because memory was given back and touched
-/// again. Allocator churn shows here before it shows in the CPU figures' noise.
-pub fn process_faults() -> u64 {
-    usage().map_or(0, |u| (u.ru_minflt + u.ru_majflt) as u64)
-}
-
-/// Events (faults) per GiB for `n` of them over `bytes`.
-pub fn count_per_gib(n: u64, bytes: u64) -> f64 {
-    n as f64 / (bytes as f64 / (1u64 << 30) as f64)
+    /// What was used between `earlier` and now.
+    pub fn since(earlier: Self) -> Self {
+        let now = Self::now();
+        Self {
+            cpu: now.cpu.saturating_sub(earlier.cpu),
+            faults: now.faults.saturating_sub(earlier.faults),
+        }
+    }
 }
 
 /// CPU time other processes have used so far, all together (user + system, from
@@ -79,7 +89,16 @@ pub fn peak_rss() -> u64 {
 
 /// CPU seconds per GiB for `cpu` spent on `bytes`.
 pub fn per_gib(cpu: Duration, bytes: u64) -> f64 {
-    cpu.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64)
+    amount_per_gib(cpu.as_secs_f64(), bytes)
+}
+
+/// Page faults per GiB for `faults` taken over `bytes`.
+pub fn faults_per_gib(faults: u64, bytes: u64) -> f64 {
+    amount_per_gib(faults as f64, bytes)
+}
+
+fn amount_per_gib(amount: f64, bytes: u64) -> f64 {
+    amount / (bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// The CPU time SHA-256 takes over the benchmark's NAR of `size` bytes: the NarHash check any
@@ -116,7 +135,7 @@ mod tests {
         }
         let here = processes_cpu(&[std::process::id()]);
         assert!(here > Duration::ZERO);
-        assert!(here <= process_cpu() + Duration::from_millis(20));
+        assert!(here <= Usage::now().cpu + Duration::from_millis(20));
         assert_eq!(
             processes_cpu(&[u32::MAX]),
             Duration::ZERO,

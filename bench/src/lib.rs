@@ -547,20 +547,18 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         // The seeders' CPU, where they are processes of their own (netns mode).
         let pids = args.inner_seeder_pids.get(..n).unwrap_or_default();
         let seeders_cpu = cpu::processes_cpu(pids);
-        let (cpu, faults) = (cpu::process_cpu(), cpu::process_faults());
+        let used = cpu::Usage::now();
         let f = fetch(args.wire_compression, &leecher, &ids, h1, size, &progress).await?;
-        let peer_cpu = cpu::process_cpu().saturating_sub(cpu);
-        let peer_faults = cpu::process_faults().saturating_sub(faults);
+        let peer = cpu::Usage::since(used);
         let seeders_cpu = cpu::processes_cpu(pids).saturating_sub(seeders_cpu);
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
         progress.done(&what, mib_s);
         progress.start(&format!("HTTP baseline (N={n})"), size);
         let server_pid = pids.get(..1).unwrap_or_default();
         let server_cpu = cpu::processes_cpu(server_pid);
-        let (cpu, faults) = (cpu::process_cpu(), cpu::process_faults());
+        let used = cpu::Usage::now();
         let http_mib_s = http_fetch(&url, size, &progress).await?;
-        let http_cpu = cpu::process_cpu().saturating_sub(cpu);
-        let http_faults = cpu::process_faults().saturating_sub(faults);
+        let http = cpu::Usage::since(used);
         let server_cpu = cpu::processes_cpu(server_pid).saturating_sub(server_cpu);
         progress.done("HTTP baseline", http_mib_s);
         if n == 1 && single == 0.0 && !warm_up {
@@ -577,13 +575,13 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 elapsed_s: f.elapsed.as_secs_f64(),
                 bytes_per_peer: f.bytes_per_peer,
                 wire_bytes: f.wire_bytes,
-                cpu_s_per_gib: cpu::per_gib(peer_cpu, size),
-                http_cpu_s_per_gib: cpu::per_gib(http_cpu, size),
+                cpu_s_per_gib: cpu::per_gib(peer.cpu, size),
+                http_cpu_s_per_gib: cpu::per_gib(http.cpu, size),
                 seeders_cpu_s_per_gib: (!pids.is_empty()).then(|| cpu::per_gib(seeders_cpu, size)),
                 http_server_cpu_s_per_gib: (!pids.is_empty())
                     .then(|| cpu::per_gib(server_cpu, size)),
-                faults_per_gib: cpu::count_per_gib(peer_faults, size),
-                http_faults_per_gib: cpu::count_per_gib(http_faults, size),
+                faults_per_gib: cpu::faults_per_gib(peer.faults, size),
+                http_faults_per_gib: cpu::faults_per_gib(http.faults, size),
             });
         }
 
