@@ -167,6 +167,11 @@ pub struct Row {
     /// The same for the plain HTTP download.
     #[serde(default)]
     pub http_faults_per_gib: f64,
+    /// How long the leecher's download stood waiting for its disk, at least one put waiting
+    /// (`PutWaits::stalled` in the chunk store): where a run falls short, time lost to a disk
+    /// that fell behind the network shows here. The plain HTTP download writes nothing.
+    #[serde(default)]
+    pub disk_wait_ms: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -548,8 +553,10 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         let pids = args.inner_seeder_pids.get(..n).unwrap_or_default();
         let seeders_cpu = cpu::processes_cpu(pids);
         let used = cpu::Usage::now();
+        let waits = leecher.store.put_waits();
         let f = fetch(args.wire_compression, &leecher, &ids, h1, size, &progress).await?;
         let peer = cpu::Usage::since(used);
+        let waits = leecher.store.put_waits().since(waits);
         let seeders_cpu = cpu::processes_cpu(pids).saturating_sub(seeders_cpu);
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
         progress.done(&what, mib_s);
@@ -582,6 +589,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                     .then(|| cpu::per_gib(server_cpu, size)),
                 faults_per_gib: cpu::faults_per_gib(peer.faults, size),
                 http_faults_per_gib: cpu::faults_per_gib(http.faults, size),
+                disk_wait_ms: waits.stalled.as_secs_f64() * 1000.0,
             });
         }
 

@@ -19,7 +19,7 @@ pub fn table(r: &Report) -> String {
         r.ideal_per_peer_mib_per_s
     );
     s += &format!(
-        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>10} {:>9} {:>9} {:>7} {:>10} {:>11}\n",
+        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>10} {:>9} {:>9} {:>7} {:>10} {:>11} {:>9}\n",
         "N",
         "MiB/s",
         "/ideal",
@@ -31,11 +31,12 @@ pub fn table(r: &Report) -> String {
         "HTTP CPU",
         "/HTTP",
         "faults/GiB",
-        "HTTP faults"
+        "HTTP faults",
+        "disk wait"
     );
     for row in &r.rows {
         s += &format!(
-            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>10.1} {:>9.2} {:>9.2} {:>7.2} {:>10.0} {:>11.0}\n",
+            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>10.1} {:>9.2} {:>9.2} {:>7.2} {:>10.0} {:>11.0} {:>7.0}ms\n",
             row.seeders,
             row.mib_per_s,
             row.ratio_to_ideal,
@@ -47,7 +48,8 @@ pub fn table(r: &Report) -> String {
             row.http_cpu_s_per_gib,
             row.cpu_s_per_gib / row.http_cpu_s_per_gib.max(f64::MIN_POSITIVE),
             row.faults_per_gib,
-            row.http_faults_per_gib
+            row.http_faults_per_gib,
+            row.disk_wait_ms
         );
     }
     if r.rows.iter().any(|row| row.seeders_cpu_s_per_gib.is_some()) {

@@ -349,9 +349,22 @@ fn puts_wait_for_the_disk_only_past_the_unsynced_bound() {
         Err(RecvTimeoutError::Timeout),
         "a put went on with more than PUT_UNSYNCED_MAX bytes not durable"
     );
+    // The wait is counted, for `peerix bench` to show: the one put, for most of the 2 s above
+    // so far, and for as long as it goes on.
+    let waiting = cs.put_waits();
+    assert_eq!(waiting.puts, 1, "{waiting:?}");
+    assert!(waiting.stalled >= Duration::from_secs(1), "{waiting:?}");
     release.send(()).unwrap();
     assert_eq!(puts.recv_timeout(long), Ok(within));
     writer.join().unwrap();
+    let waited = cs.put_waits();
+    assert_eq!(waited.puts, 1, "{waited:?}");
+    assert!(
+        waited.stalled > waiting.stalled,
+        "{waited:?} after {waiting:?}"
+    );
+    let later = cs.put_waits();
+    assert_eq!(later, waited, "a wait that ended still counts");
     // Everything put is durable and indexed once the store is flushed.
     cs.flush().unwrap();
     let (_, chunks, _) = cs.index_trees();

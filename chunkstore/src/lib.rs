@@ -22,6 +22,7 @@ mod store;
 pub use chunk::{ChunkId, ChunkerParams, VerifiedChunk};
 pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Manifest};
+pub use pending::PutWaits;
 pub use store::{
     package_name, ChunkStore, DeltaPlan, Detached, Evicted, FsckReport, GcStats, NarReader,
     Options, Pinned, Progress, Recompressed, Stats, StoredChunk, DELTA_BASE_BYTES,

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::index::ChunkRec;
 use crate::pack::{PackLoc, Packs};
@@ -22,11 +23,55 @@ struct State {
     bytes: u64,
 }
 
+/// Puts that found the disk behind ([`crate::PUT_UNSYNCED_MAX`] bytes not durable) and waited
+/// for it, since the store was opened. While one waits, the download it belongs to stalls:
+/// nothing else it receives is stored, and its peers' streams fill up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PutWaits {
+    pub puts: u64,
+    /// Time during which at least one put was waiting (puts that wait side by side count once).
+    pub stalled: Duration,
+}
+
+impl PutWaits {
+    /// What happened since `earlier`, a reading of the same store.
+    pub fn since(self, earlier: PutWaits) -> PutWaits {
+        PutWaits {
+            puts: self.puts.saturating_sub(earlier.puts),
+            stalled: self.stalled.saturating_sub(earlier.stalled),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Waits {
+    done: PutWaits,
+    /// Puts waiting now, and since when one has been.
+    waiting: usize,
+    since: Option<Instant>,
+}
+
+/// A put's wait for the disk, counted in [`PutWaits`] until dropped.
+pub(crate) struct Waiting<'a>(&'a Mutex<Waits>);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut w = self.0.lock().expect("put waits lock");
+        w.waiting -= 1;
+        if w.waiting == 0 {
+            if let Some(since) = w.since.take() {
+                w.done.stalled += since.elapsed();
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Pending {
     state: Mutex<State>,
     /// One drain at a time: a chunk leaves `state` only once it is indexed.
     drain: Mutex<()>,
+    waits: Mutex<Waits>,
 }
 
 impl Pending {
@@ -53,6 +98,25 @@ impl Pending {
     /// Bytes put and not indexed yet.
     pub(crate) fn bytes(&self) -> u64 {
         self.state.lock().expect("pending lock").bytes
+    }
+
+    /// A put begins to wait for the disk; its wait ends when the guard is dropped.
+    pub(crate) fn waiting(&self) -> Waiting<'_> {
+        let mut w = self.waits.lock().expect("put waits lock");
+        w.done.puts += 1;
+        w.waiting += 1;
+        w.since.get_or_insert_with(Instant::now);
+        Waiting(&self.waits)
+    }
+
+    /// The waits so far, the one under way included.
+    pub(crate) fn waits(&self) -> PutWaits {
+        let w = self.waits.lock().expect("put waits lock");
+        let mut done = w.done;
+        if let Some(since) = w.since {
+            done.stalled += since.elapsed();
+        }
+        done
     }
 
     /// Forget a copy that failed verification.

@@ -133,11 +133,17 @@ impl ChunkStore {
         let unsynced = self.inner.pending.add(*id, data.len() as u32, loc);
         if unsynced > crate::PUT_UNSYNCED_MAX {
             // The disk is behind: wait for it, so that what a crash can forget stays bounded.
+            let _waiting = self.inner.pending.waiting();
             self.drain_pending()?;
         } else if unsynced >= crate::PUT_SYNC_BYTES {
             self.inner.drainer.kick();
         }
         Ok(true)
+    }
+
+    /// The puts that waited for the disk since the store was opened (see [`crate::PutWaits`]).
+    pub fn put_waits(&self) -> crate::PutWaits {
+        self.inner.pending.waits()
     }
 
     /// Finish a download whose NAR has been checked against its NarHash: every chunk must be
