@@ -57,6 +57,14 @@ mod needs_nix {
         let m = String::from_utf8(body).unwrap();
         assert!(m.contains("peerix_narinfo_hits_total"), "{m}");
         assert!(m.contains(&format!("peer=\"{}\"", p.a.peer_id)), "{m}");
+        // Whether downloads waited for this machine's disk, read from the chunk store.
+        for name in ["peerix_put_disk_waits ", "peerix_put_disk_stall_seconds "] {
+            let v = m.lines().find_map(|l| l.strip_prefix(name));
+            assert!(
+                v.is_some_and(|v| v.parse::<f64>().is_ok()),
+                "no {name}in {m}"
+            );
+        }
         let (status, body) = http(&p.b.http, "GET", "/health");
         assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
     }

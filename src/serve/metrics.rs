@@ -164,6 +164,9 @@ pub(super) struct Metrics {
     pub(super) compression_saved_bytes: Counter,
     pub(super) delta_saved_bytes: Counter,
     pub(super) narinfo_latency: Option<Histogram>,
+    /// Read from the chunk store when scraped (see [`peerix_chunkstore::PutWaits`]).
+    put_disk_waits: Gauge,
+    put_disk_stall_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -242,6 +245,17 @@ impl Metrics {
             "time to answer a narinfo request",
             h,
         );
+        r.register(
+            "peerix_put_disk_waits",
+            "chunks a download received that had to wait for this machine's disk (it had fallen \
+             behind the network)",
+            self.put_disk_waits.clone(),
+        );
+        r.register(
+            "peerix_put_disk_stall_seconds",
+            "time downloads stood still waiting for this machine's disk",
+            self.put_disk_stall_seconds.clone(),
+        );
         r
     }
 }
@@ -278,6 +292,11 @@ pub(super) async fn metrics(
             .set(gauge(others));
     }
     app.metrics.nat.set(&app.node.overview().await);
+    let waits = app.store.put_waits();
+    app.metrics.put_disk_waits.set(gauge(waits.puts));
+    app.metrics
+        .put_disk_stall_seconds
+        .set(waits.stalled.as_secs_f64());
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &app.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
