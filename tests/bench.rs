@@ -242,4 +242,59 @@ mod needs_root {
             relays.len()
         );
     }
+
+    /// A signal to the benchmark's own process alone (`kill PID`, as `timeout` sends it), not
+    /// to its process group as Ctrl-C is, ends it: its seeders and leecher are stopped and its
+    /// namespaces deleted, where it used to go on to the end of the run.
+    #[test]
+    fn netns_bench_ends_on_a_signal_to_it_alone() {
+        use std::io::{BufRead, BufReader, Read};
+        assert!(peerix_bench::is_root(), "this test needs root");
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_peerix"))
+            .args([
+                "bench",
+                "--mode",
+                "netns",
+                "--rate",
+                "50mbit",
+                "--seeders",
+                "1",
+            ])
+            .args([
+                "--size-mib",
+                "32",
+                "--state-dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running peerix bench");
+        let pid = child.id();
+        // Once the leecher's warm-up download has begun, every child of the run is up.
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut said = String::new();
+        loop {
+            let at = said.len();
+            let n = err.read_line(&mut said).unwrap();
+            assert!(n > 0, "the bench ended before it downloaded: {said}");
+            if said[at..].starts_with("bench: warm-up download") {
+                break;
+            }
+        }
+        let kill = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        err.read_to_string(&mut said).unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "the bench went on to the end after SIGTERM: {said}"
+        );
+        let left = namespaces_left_by(pid);
+        assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    }
 }

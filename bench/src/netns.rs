@@ -4,10 +4,10 @@
 
 use clap::ValueEnum;
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use peerix_swarm::{Catalog, ServeLimits, Server};
@@ -48,10 +48,64 @@ fn sh(args: &[&str]) -> Result<()> {
 struct Lab {
     namespaces: Vec<String>,
     children: Vec<Child>,
+    pids: Pids,
+}
+
+/// The lab's processes not yet reaped, for a signal to stop. Once reaped, a pid may be another
+/// process's: a child leaves this list (under its lock) before it is waited for.
+#[derive(Clone, Default)]
+struct Pids(Arc<Mutex<Vec<u32>>>);
+
+impl Pids {
+    fn add(&self, pid: u32) {
+        self.0.lock().expect("pids lock").push(pid);
+    }
+
+    fn remove(&self, pid: u32) {
+        self.0.lock().expect("pids lock").retain(|p| *p != pid);
+    }
+
+    fn clear(&self) {
+        self.0.lock().expect("pids lock").clear();
+    }
+}
+
+/// Ctrl-C reaches the whole process group: the seeders and the leecher die, and this process,
+/// which catches the signal, fails on and cleans up through `Lab`'s drop. A signal to this
+/// process alone (`kill PID`, `timeout`) would leave the benchmark running to its end: on one,
+/// the children in `pids` are stopped, to the same end.
+fn stop_children_on_signal(pids: Pids) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let (mut int, mut term) = {
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("bench-signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            });
+            for &pid in pids.0.lock().expect("pids lock").iter() {
+                // SAFETY: kill only sends a signal, to a child not yet reaped (see `Pids`).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            }
+        })?;
+    Ok(())
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.pids.clear();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
@@ -95,6 +149,7 @@ impl Lab {
             .spawn()
             .with_context(|| format!("starting {what}"))?;
         let stdout = child.stdout.take().expect("piped");
+        self.pids.add(child.id());
         self.children.push(child);
         Ok(stdout)
     }
@@ -119,21 +174,13 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         }
     };
     std::fs::create_dir_all(&dir)?;
-    // Ctrl-C reaches the whole process group: the seeders and the leecher die, and this
-    // process, no longer killed by it, fails on and cleans up through `Lab`'s drop.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
-    let _rt = rt.enter();
-    use tokio::signal::unix::{signal, SignalKind};
-    let _signals = (
-        signal(SignalKind::interrupt())?,
-        signal(SignalKind::terminate())?,
-    );
+    let pids = Pids::default();
+    stop_children_on_signal(pids.clone())?;
     let pid = std::process::id();
     let mut lab = Lab {
         namespaces: vec![],
         children: vec![],
+        pids,
     };
     let hub = format!("pxb{pid}-hub");
     lab.add_ns(hub.clone())?;
@@ -227,13 +274,23 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
                 .join(","),
         )
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let out = cmd.output().context("running the leecher")?;
-    if !out.status.success() {
-        bail!("the leecher failed ({})", out.status);
+    let mut leecher = cmd.spawn().context("running the leecher")?;
+    lab.pids.add(leecher.id());
+    let mut stdout = vec![];
+    let read = leecher
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_end(&mut stdout);
+    lab.pids.remove(leecher.id());
+    let status = leecher.wait().context("waiting for the leecher")?;
+    read.context("reading the leecher's output")?;
+    if !status.success() {
+        bail!("the leecher failed ({status})");
     }
-    let report: Report =
-        serde_json::from_slice(&out.stdout).context("reading the leecher's report")?;
+    let report: Report = serde_json::from_slice(&stdout).context("reading the leecher's report")?;
     drop(lab);
     Ok(report)
 }
