@@ -86,6 +86,15 @@ fn loopback_bench_reports_every_seeder_count_and_dedup() {
             let v = row[k].as_f64().unwrap_or_else(|| panic!("no {k} in {row}"));
             assert!(v >= 0.0 && v.is_finite(), "{k} = {v} in {row}");
         }
+        // The seeders' links idle at the end of the download: a part of it.
+        let tail = row["tail_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no tail_ms in {row}"));
+        let elapsed_ms = row["elapsed_s"].as_f64().unwrap() * 1000.0;
+        assert!(
+            (0.0..elapsed_ms).contains(&tail),
+            "tail_ms = {tail} of a {elapsed_ms} ms download in {row}"
+        );
         let sent: u64 = row["bytes_per_peer"]
             .as_array()
             .unwrap()

@@ -6,6 +6,7 @@
 //! plain HTTP download of the same bytes in the same run, the time to the first byte, and how
 //! much of a slightly changed second version had to be fetched (deduplication).
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -140,6 +141,10 @@ pub struct Row {
     pub ratio_to_http: f64,
     /// From the start of the download to the first byte of the leecher's output.
     pub first_byte_ms: f64,
+    /// The seeders' links idle at the end of the download, on average: from each one's last
+    /// chunk to the end (the endgame's cost, and the NarHash check and commit after it).
+    #[serde(default)]
+    pub tail_ms: f64,
     pub elapsed_s: f64,
     /// Bytes each seeder sent, largest first.
     pub bytes_per_peer: Vec<u64>,
@@ -361,6 +366,8 @@ struct Fetched {
     bytes_per_peer: Vec<u64>,
     bytes_local: u64,
     wire_bytes: u64,
+    /// The peers' links idle at the end, on average ([`idle_at_the_end`]).
+    tail: Duration,
 }
 
 /// Fetch one NAR the way the daemon does ([`fetch_nar`]): the manifest from a holder, the
@@ -417,6 +424,7 @@ async fn fetch(
     if total != size {
         bail!("the leecher got {total} bytes of a {size}-byte NAR");
     }
+    let tail = idle_at_the_end(&report.last_chunk, report.elapsed);
     let mut bytes_per_peer: Vec<u64> = report.bytes_per_peer.values().copied().collect();
     bytes_per_peer.sort_unstable_by(|a, b| b.cmp(a));
     Ok(Fetched {
@@ -425,7 +433,21 @@ async fn fetch(
         bytes_per_peer,
         bytes_local: report.bytes_local,
         wire_bytes: report.wire_bytes,
+        tail,
     })
+}
+
+/// How long the links of the peers that sent chunks stood idle at the end, on average: from
+/// their last chunk to the download's end. With every link full until then, this is what keeps
+/// N capped links from N × what one of them carries, but for the start (the manifest, then a
+/// request to each peer).
+fn idle_at_the_end(last_chunk: &HashMap<PeerId, Duration>, download: Duration) -> Duration {
+    let n = last_chunk.len().max(1) as u32;
+    let idle: Duration = last_chunk
+        .values()
+        .map(|&t| download.saturating_sub(t))
+        .sum();
+    idle / n
 }
 
 /// The measurements, in this process: on loopback with in-process seeders, or (netns mode)
@@ -579,6 +601,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 http_mib_per_s: http_mib_s,
                 ratio_to_http: mib_s / http_mib_s,
                 first_byte_ms: f.first_byte.as_secs_f64() * 1000.0,
+                tail_ms: f.tail.as_secs_f64() * 1000.0,
                 elapsed_s: f.elapsed.as_secs_f64(),
                 bytes_per_peer: f.bytes_per_peer,
                 wire_bytes: f.wire_bytes,

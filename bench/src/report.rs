@@ -19,13 +19,14 @@ pub fn table(r: &Report) -> String {
         r.ideal_per_peer_mib_per_s
     );
     s += &format!(
-        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>10} {:>9} {:>9} {:>7} {:>10} {:>11} {:>9}\n",
+        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>8} {:>10} {:>9} {:>9} {:>7} {:>10} {:>11} {:>9}\n",
         "N",
         "MiB/s",
         "/ideal",
         "HTTP MiB/s",
         "/HTTP",
         "1st byte",
+        "tail",
         "wire MiB",
         "CPU s/GiB",
         "HTTP CPU",
@@ -36,13 +37,14 @@ pub fn table(r: &Report) -> String {
     );
     for row in &r.rows {
         s += &format!(
-            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>10.1} {:>9.2} {:>9.2} {:>7.2} {:>10.0} {:>11.0} {:>7.0}ms\n",
+            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>6.0}ms {:>10.1} {:>9.2} {:>9.2} {:>7.2} {:>10.0} {:>11.0} {:>7.0}ms\n",
             row.seeders,
             row.mib_per_s,
             row.ratio_to_ideal,
             row.http_mib_per_s,
             row.ratio_to_http,
             row.first_byte_ms,
+            row.tail_ms,
             row.wire_bytes as f64 / MIB,
             row.cpu_s_per_gib,
             row.http_cpu_s_per_gib,

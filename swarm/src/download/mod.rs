@@ -137,6 +137,9 @@ pub struct DownloadReport {
     /// Peers that sent chunks not matching their ids: the node should ban them.
     pub bad_peers: Vec<PeerId>,
     pub elapsed: Duration,
+    /// When each peer's last chunk arrived, from the download's start: its link stood idle
+    /// from then to the end (the endgame's cost; the bench's `tail`).
+    pub last_chunk: HashMap<PeerId, Duration>,
 }
 
 #[derive(Debug, Error)]
@@ -220,7 +223,7 @@ pub async fn download(
             };
         }
     }
-    let (mut report, result) = run(client, store.clone(), manifest, peers, cfg, out).await;
+    let (mut report, result) = run(client, store.clone(), manifest, peers, cfg, out, started).await;
     report.elapsed = started.elapsed();
     match &result {
         Ok(()) => {
@@ -256,6 +259,7 @@ async fn run(
     peers: Peers,
     cfg: DownloadConfig,
     out: mpsc::Sender<Bytes>,
+    started: Instant,
 ) -> (DownloadReport, Result<(), DownloadError>) {
     let missing = {
         let m = manifest.clone();
@@ -285,6 +289,7 @@ async fn run(
     );
     let mut sched = Scheduler::new(client, store, wanted, peers, cfg, buf);
     sched.bases = bases;
+    sched.started = started;
     let result = {
         let scheduling = sched.run(progress_rx);
         tokio::pin!(emitter, scheduling);

@@ -129,6 +129,8 @@ pub(super) struct Scheduler {
     recheck: Option<Instant>,
     /// The chunks offered as delta bases, if any.
     pub(super) bases: Option<Arc<DeltaBases>>,
+    /// The download's start, for the report's `last_chunk`.
+    pub(super) started: Instant,
 }
 
 impl Scheduler {
@@ -187,6 +189,7 @@ impl Scheduler {
             asking: 0,
             orphans_possible: false,
             recheck: None,
+            started: Instant::now(),
         }
     }
 
@@ -391,6 +394,8 @@ impl Scheduler {
                     Sent::Delta => self.report.saved_by_delta += saved,
                 }
                 self.peers[peer].answered = true;
+                let at = self.started.elapsed();
+                self.report.last_chunk.insert(self.peers[peer].id, at);
                 // Chunks from a request already dropped as an endgame loser count too.
                 *self
                     .report
