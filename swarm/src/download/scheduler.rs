@@ -340,6 +340,15 @@ impl Scheduler {
         }
         racing.sort_unstable();
         racing.dedup();
+        if endgame {
+            // The run that would end last first. Racing the oldest instead raced runs about to
+            // end (a peer answers its runs in turn), whose race met at once and left the idle
+            // peer idle again, while a run its peer had not begun yet waited for it.
+            let mut keyed: Vec<(f64, usize)> =
+                racing.iter().map(|&run| (self.ends_in(run), run)).collect();
+            keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+            racing = keyed.into_iter().map(|(_, run)| run).collect();
+        }
         for run in racing {
             // Only idle peers race: one still busy with its own runs gains nothing by it.
             if let Some(p) = self.pick(run).filter(|&p| self.peers[p].in_flight == 0) {
@@ -348,6 +357,25 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Seconds until `run`'s request would end at its peer's rate; never, as far as we know,
+    /// for a peer that has sent nothing yet, which is raced first. A run its peer has not
+    /// begun counts whole (the wait for the run before it is left out).
+    fn ends_in(&self, run: usize) -> f64 {
+        let r = &self.runs[run];
+        let to_come: u64 = r
+            .chunks
+            .iter()
+            .filter(|&&k| !self.received.get(k))
+            .map(|&k| u64::from(self.wanted.chunk(k).len))
+            .sum();
+        let rate = r
+            .requests
+            .first()
+            .and_then(|q| self.reqs.get(q))
+            .and_then(|q| self.peers[q.peer].rate);
+        rate.map_or(f64::INFINITY, |rate| to_come as f64 / rate.max(1.0))
     }
 
     /// How far ahead of the output runs may be requested (`DownloadConfig::window_bytes`).
