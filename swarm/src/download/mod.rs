@@ -287,9 +287,8 @@ async fn run(
         progress_tx,
         cfg.path.clone(),
     );
-    let mut sched = Scheduler::new(client, store, wanted, peers, cfg, buf);
+    let mut sched = Scheduler::new(client, store, wanted, peers, cfg, buf, started);
     sched.bases = bases;
-    sched.started = started;
     let result = {
         let scheduling = sched.run(progress_rx);
         tokio::pin!(emitter, scheduling);

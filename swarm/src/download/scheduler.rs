@@ -130,7 +130,7 @@ pub(super) struct Scheduler {
     /// The chunks offered as delta bases, if any.
     pub(super) bases: Option<Arc<DeltaBases>>,
     /// The download's start, for the report's `last_chunk`.
-    pub(super) started: Instant,
+    started: Instant,
 }
 
 impl Scheduler {
@@ -141,6 +141,7 @@ impl Scheduler {
         peers: Peers,
         mut cfg: DownloadConfig,
         buf: Arc<Arrivals>,
+        started: Instant,
     ) -> Self {
         cfg.run_bytes = cfg.run_bytes.clamp(1, MAX_CHUNK_BYTES_PER_REQUEST as u64);
         cfg.max_in_flight = cfg.max_in_flight.max(1);
@@ -189,7 +190,7 @@ impl Scheduler {
             asking: 0,
             orphans_possible: false,
             recheck: None,
-            started: Instant::now(),
+            started,
         }
     }
 
