@@ -108,6 +108,8 @@ fn loopback_bench_reports_every_seeder_count_and_dedup() {
             peers <= row["seeders"].as_u64().unwrap(),
             "only N seeders sent: {row}"
         );
+        // N links are a netns figure: on loopback every server is the same process.
+        assert!(row["http_links_mib_per_s"].is_null(), "{row}");
     }
     assert!(r["ideal_per_peer_mib_per_s"].as_f64().unwrap() > 0.0);
     // What the run cost: the NarHash's SHA-256 of the same bytes, and this process's peak.
@@ -213,6 +215,24 @@ mod needs_root {
             );
             let ratio = row["ratio_to_ideal"].as_f64().unwrap();
             assert!(ratio < 1.1, "N = {n} beat N caps: {row}");
+            // Plain HTTP over the same N links, one range from each seeder: held to N caps
+            // too, and at N = 1 the single-link download itself.
+            let links = row["http_links_mib_per_s"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no http_links_mib_per_s in {row}"));
+            assert!(
+                links > 0.0 && links < 1.1 * n as f64 * cap,
+                "plain HTTP over {n} links at {links} MiB/s: {row}"
+            );
+            if n == 1 {
+                assert_eq!(links, row["http_mib_per_s"].as_f64().unwrap(), "{row}");
+            } else {
+                // More than one link carried it: one alone is held to its cap.
+                assert!(
+                    links > 1.1 * cap,
+                    "plain HTTP over {n} links at {links} MiB/s: {row}"
+                );
+            }
             // The seeders' own processes, read from /proc in clock ticks (a short run may
             // round to none).
             for k in ["seeders_cpu_s_per_gib", "http_server_cpu_s_per_gib"] {

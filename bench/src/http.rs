@@ -1,7 +1,9 @@
 //! The baseline every figure is compared with: the same bytes from a plain HTTP server (a
-//! file served by axum) to a plain client (reqwest), over the same link.
+//! file served by axum) to a plain client (reqwest), over the same link, or over the same N
+//! links at once (one range of the file from each server, as a download accelerator splits a
+//! file between mirrors).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use std::time::Instant;
 
@@ -21,19 +23,43 @@ pub async fn http_server(
     Ok((url, task))
 }
 
-/// Download `url` to a sink; the throughput in MiB/s.
-pub(crate) async fn http_fetch(url: &str, size: u64, progress: &Progress) -> Result<f64> {
-    let client = reqwest::Client::builder().no_proxy().build()?;
+/// Download the `size` bytes every one of `urls` serves to a sink, each URL an equal range of
+/// them, all at once over connections of their own (one URL: the whole file, no range); the
+/// throughput in MiB/s, until the last range is in.
+pub(crate) async fn http_fetch(urls: &[String], size: u64, progress: &Progress) -> Result<f64> {
+    let n = urls.len() as u64;
+    if n == 0 {
+        bail!("no HTTP server to download from");
+    }
     let started = Instant::now();
-    let resp = client.get(url).send().await?.error_for_status()?;
-    let mut body = resp.bytes_stream();
-    let mut total = 0u64;
-    while let Some(b) = body.next().await {
-        total += b?.len() as u64;
-        progress.bar.set_position(total);
-    }
-    if total != size {
-        bail!("the HTTP download got {total} of {size} bytes");
-    }
+    let parts = urls.iter().enumerate().map(|(i, url)| {
+        let (from, to) = (size * i as u64 / n, size * (i as u64 + 1) / n);
+        async move {
+            let client = reqwest::Client::builder().no_proxy().build()?;
+            let mut req = client.get(url);
+            if n > 1 {
+                req = req.header(reqwest::header::RANGE, format!("bytes={from}-{}", to - 1));
+            }
+            let resp = req.send().await?.error_for_status()?;
+            if n > 1 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                bail!("{url} answered a range with {}", resp.status());
+            }
+            let mut body = resp.bytes_stream();
+            let mut got = 0u64;
+            while let Some(b) = body.next().await {
+                let len = b.with_context(|| format!("reading {url}"))?.len() as u64;
+                got += len;
+                progress.bar.inc(len);
+            }
+            if got != to - from {
+                bail!(
+                    "the HTTP download from {url} got {got} of {} bytes",
+                    to - from
+                );
+            }
+            Ok(())
+        }
+    });
+    futures::future::try_join_all(parts).await?;
     Ok(size as f64 / MIB / started.elapsed().as_secs_f64())
 }

@@ -119,9 +119,10 @@ pub struct BenchArgs {
     /// netns mode, inside the leecher's namespace: the seeders' addresses (internal).
     #[arg(long, hide = true, value_delimiter = ',')]
     pub inner_seeders: Vec<String>,
-    /// netns mode, inside the leecher's namespace: seeder 0's HTTP URL of the NAR (internal).
-    #[arg(long, hide = true)]
-    pub inner_http: Option<String>,
+    /// netns mode, inside the leecher's namespace: each seeder's HTTP URL of the NAR, in the
+    /// order of `--inner-seeders` (internal).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub inner_http: Vec<String>,
     /// netns mode, inside the leecher's namespace: the seeders' process ids, for their CPU
     /// time (internal).
     #[arg(long, hide = true, value_delimiter = ',')]
@@ -139,6 +140,13 @@ pub struct Row {
     pub http_mib_per_s: f64,
     /// `mib_per_s` / `http_mib_per_s`.
     pub ratio_to_http: f64,
+    /// netns mode: plain HTTP over the same N links at once, each of the N seeders' servers
+    /// sending an equal range of the NAR over its own connection (at N = 1, the download of
+    /// `http_mib_per_s`). A download over N links pays for its start and its end N times as
+    /// much as one over a single link, in a download N times as short; this is what plain HTTP
+    /// reaches with that handicap.
+    #[serde(default)]
+    pub http_links_mib_per_s: Option<f64>,
     /// From the start of the download to the first byte of the leecher's output.
     pub first_byte_ms: f64,
     /// The seeders' links idle at the end of the download, on average: from each one's last
@@ -472,15 +480,18 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     // Loopback: one chunk store, shared by every seeder: the NAR is chunked once, disk spared.
     // netns: the seeders are other processes, started by the outer `peerix bench`.
     let mut local = None;
-    let url = if netns {
-        args.inner_http.clone().context("--inner-http")?
+    let urls = if netns {
+        if args.inner_http.len() != args.inner_seeders.len() {
+            bail!("--inner-http must name one URL per seeder");
+        }
+        args.inner_http.clone()
     } else {
         progress.start("chunking the NAR (seeders)", content);
         let s = seed(&dir.join("seed"), content, args.seed_from).await?;
         let catalog: Arc<dyn Catalog> = Arc::new(s.catalog);
         let (url, http) = http_server(s.nar_file, "127.0.0.1:0").await?;
         local = Some((s.store, catalog, http));
-        url
+        vec![url]
     };
     // The NAR's size, as the first seeder describes it (a store path's NAR is its files'
     // contents and the framing around them).
@@ -586,20 +597,34 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         let server_pid = pids.get(..1).unwrap_or_default();
         let server_cpu = cpu::processes_cpu(server_pid);
         let used = cpu::Usage::now();
-        let http_mib_s = http_fetch(&url, size, &progress).await?;
+        let http_mib_s = http_fetch(&urls[..1], size, &progress).await?;
         let http = cpu::Usage::since(used);
         let server_cpu = cpu::processes_cpu(server_pid).saturating_sub(server_cpu);
         progress.done("HTTP baseline", http_mib_s);
+        let row_wanted =
+            !warm_up && args.seeders.contains(&n) && !rows.iter().any(|r| r.seeders == n);
+        let http_links_mib_s = match n {
+            _ if !netns || !row_wanted => None,
+            1 => Some(http_mib_s),
+            _ => {
+                let what = format!("HTTP over {n} links");
+                progress.start(&what, size);
+                let mib_s = http_fetch(&urls[..n], size, &progress).await?;
+                progress.done(&what, mib_s);
+                Some(mib_s)
+            }
+        };
         if n == 1 && single == 0.0 && !warm_up {
             single = mib_s;
         }
-        if !warm_up && args.seeders.contains(&n) && !rows.iter().any(|r| r.seeders == n) {
+        if row_wanted {
             rows.push(Row {
                 seeders: n,
                 mib_per_s: mib_s,
                 ratio_to_ideal: mib_s / (n as f64 * single),
                 http_mib_per_s: http_mib_s,
                 ratio_to_http: mib_s / http_mib_s,
+                http_links_mib_per_s: http_links_mib_s,
                 first_byte_ms: f.first_byte.as_secs_f64() * 1000.0,
                 tail_ms: f.tail.as_secs_f64() * 1000.0,
                 elapsed_s: f.elapsed.as_secs_f64(),

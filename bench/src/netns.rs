@@ -224,8 +224,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         ];
         pending.push(lab.start(&ns, &exe, &node_args, "a seeder")?);
     }
-    let mut addrs = vec![];
-    let mut http = None;
+    let (mut addrs, mut http) = (vec![], vec![]);
     for stdout in pending {
         let mut lines = BufReader::new(stdout).lines();
         let mut next = |what: &str| -> Result<String> {
@@ -235,10 +234,8 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
                 .with_context(|| format!("a seeder said {l:?}, not {what}…"))
         };
         addrs.push(next("peer ")?);
-        let url = next("http ")?;
-        http.get_or_insert(url);
+        http.push(next("http ")?);
     }
-    let mut http = http.context("no seeder")?;
     if args.rtt_ms > 0 {
         (addrs, http) = delayed(&mut lab, &exe, &leecher_ns, args.rtt_ms, &addrs, &http)?;
     }
@@ -263,7 +260,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         .arg("--inner-seeders")
         .arg(addrs.join(","))
         .arg("--inner-http")
-        .arg(&http)
+        .arg(http.join(","))
         // `ip netns exec` execs the seeder: its pid is the seeder's.
         .arg("--inner-seeder-pids")
         .arg(
@@ -296,21 +293,19 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
 }
 
 /// Start `peerix bench-delay` in the leecher's namespace, in front of every seeder's peer
-/// address and of the HTTP baseline's server; the addresses the leecher is to use instead.
+/// address and HTTP server; the addresses the leecher is to use instead.
 fn delayed(
     lab: &mut Lab,
     exe: &Path,
     leecher_ns: &str,
     rtt_ms: u64,
     addrs: &[String],
-    http: &str,
-) -> Result<(Vec<String>, String)> {
-    let url: reqwest::Url = http.parse().context("the seeder's HTTP address")?;
-    let http_to = url
-        .socket_addrs(|| None)?
-        .into_iter()
-        .next()
-        .context("the seeder's HTTP address")?;
+    http: &[String],
+) -> Result<(Vec<String>, Vec<String>)> {
+    let mut urls: Vec<reqwest::Url> = vec![];
+    for u in http {
+        urls.push(u.parse().context("a seeder's HTTP address")?);
+    }
     let mut to = vec![];
     for a in addrs {
         let at = a
@@ -320,7 +315,14 @@ fn delayed(
             .with_context(|| format!("seeder address {a} is not a TCP one"))?;
         to.push(at.to_string());
     }
-    to.push(http_to.to_string());
+    for url in &urls {
+        let at = url
+            .socket_addrs(|| None)?
+            .into_iter()
+            .next()
+            .context("a seeder's HTTP address")?;
+        to.push(at.to_string());
+    }
     let (rtt, to) = (rtt_ms.to_string(), to.join(","));
     let delay_args: Vec<&OsStr> = vec![
         "bench-delay".as_ref(),
@@ -347,13 +349,16 @@ fn delayed(
             .with_context(|| format!("seeder address {a} names no peer"))?;
         relayed.push(format!("/ip4/{}/tcp/{}/p2p/{peer}", at.ip(), at.port()));
     }
-    let at = listen()?;
-    let mut url = url;
-    url.set_ip_host(at.ip())
-        .map_err(|()| anyhow::anyhow!("setting the relay's address"))?;
-    url.set_port(Some(at.port()))
-        .map_err(|()| anyhow::anyhow!("setting the relay's port"))?;
-    Ok((relayed, url.to_string()))
+    let mut relayed_http = vec![];
+    for mut url in urls {
+        let at = listen()?;
+        url.set_ip_host(at.ip())
+            .map_err(|()| anyhow::anyhow!("setting the relay's address"))?;
+        url.set_port(Some(at.port()))
+            .map_err(|()| anyhow::anyhow!("setting the relay's port"))?;
+        relayed_http.push(url.to_string());
+    }
+    Ok((relayed, relayed_http))
 }
 
 /// `peerix bench-node`: a seeder holding both versions of the benchmark NAR; prints

@@ -19,12 +19,13 @@ pub fn table(r: &Report) -> String {
         r.ideal_per_peer_mib_per_s
     );
     s += &format!(
-        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>10} {:>8} {:>10} {:>9} {:>9} {:>7} {:>10} {:>11} {:>9}\n",
+        "{:>3} {:>10} {:>9} {:>10} {:>8} {:>12} {:>10} {:>8} {:>10} {:>9} {:>9} {:>7} {:>10} {:>11} {:>9}\n",
         "N",
         "MiB/s",
         "/ideal",
         "HTTP MiB/s",
         "/HTTP",
+        "HTTP N/ideal",
         "1st byte",
         "tail",
         "wire MiB",
@@ -37,12 +38,17 @@ pub fn table(r: &Report) -> String {
     );
     for row in &r.rows {
         s += &format!(
-            "{:>3} {:>10.1} {:>9.2} {:>10.1} {:>8.2} {:>8.1}ms {:>6.0}ms {:>10.1} {:>9.2} {:>9.2} {:>7.2} {:>10.0} {:>11.0} {:>7.0}ms\n",
+            "{:>3} {:>10.1} {:>9.3} {:>10.1} {:>8.2} {:>12} {:>8.1}ms {:>6.0}ms {:>10.1} {:>9.2} {:>9.2} {:>7.2} {:>10.0} {:>11.0} {:>7.0}ms\n",
             row.seeders,
             row.mib_per_s,
             row.ratio_to_ideal,
             row.http_mib_per_s,
             row.ratio_to_http,
+            // Plain HTTP over the same N links, against the same ideal (netns mode).
+            row.http_links_mib_per_s.map_or("-".into(), |v| format!(
+                "{:.3}",
+                v / (row.seeders as f64 * r.ideal_per_peer_mib_per_s)
+            )),
             row.first_byte_ms,
             row.tail_ms,
             row.wire_bytes as f64 / MIB,
