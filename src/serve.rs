@@ -43,6 +43,7 @@ use crate::trust::Trust;
 mod housekeeping;
 mod metrics;
 mod nar;
+mod prefetch;
 mod recompress;
 
 use housekeeping::Housekeeping;
@@ -70,6 +71,8 @@ struct App {
     server: ServerHandle,
     by_path: Mutex<LruCache<StorePathHash, Arc<Presented>>>,
     by_nar: Mutex<LruCache<Sha256Hash, Arc<Presented>>>,
+    /// Manifests asked for as narinfos are found, for the NAR requests that follow.
+    prefetch: prefetch::Prefetch,
     /// One download per NAR at a time; a second request waits and then reads the store.
     nar_locks: Mutex<HashMap<Sha256Hash, Arc<tokio::sync::Mutex<()>>>>,
     housekeeping: Housekeeping,
@@ -252,6 +255,7 @@ pub async fn run(cfg: ServeConfig) -> Result<()> {
         store,
         housekeeping,
         node: node.clone(),
+        prefetch: prefetch::Prefetch::new(client.clone(), cfg.timeout, metrics.prefetch.clone()),
         client,
         lookup,
         trust,
@@ -504,6 +508,7 @@ impl App {
             .expect("by_nar")
             .put(info.nar_hash, p.clone());
         self.by_path.lock().expect("by_path").put(hash, p.clone());
+        self.prefetch.start(p.peer, info.nar_hash, info.nar_size);
         Some(p)
     }
 

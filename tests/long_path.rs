@@ -5,6 +5,8 @@
 //! What is asserted is a count of round trips, measured in time: the round trip is long enough
 //! that one more is told apart from the machine's noise.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -165,4 +167,117 @@ async fn a_first_large_answer_on_a_long_path_comes_in_one_round_trip() {
         took < RTT * 3,
         "{bytes} bytes took {took:?}, a round trip is {RTT:?}: the stream's window started small"
     );
+}
+
+mod needs_nix {
+    //! The same long path between two `peerix serve` daemons on real Nix stores.
+
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::{common, RTT};
+    use common::pair::{hash_part, sign};
+    use common::{http, Daemon};
+
+    /// `peerix bench-delay` in front of `to` (`HOST:PORT`): the address that reaches it `RTT`
+    /// later. The relay ends with its stdin, which dropping it closes.
+    struct Relay {
+        child: Child,
+        at: String,
+    }
+
+    impl Relay {
+        fn to(to: &str) -> Relay {
+            let mut child = common::peerix()
+                .args(["bench-delay", "--rtt-ms", &RTT.as_millis().to_string()])
+                .args(["--to", to])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn peerix bench-delay");
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let at = line
+                .trim()
+                .strip_prefix("listen ")
+                .expect("listen ADDR")
+                .to_owned();
+            Relay { child, at }
+        }
+    }
+
+    impl Drop for Relay {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// A metric's value from a daemon's `/metrics`.
+    fn metric(d: &Daemon, name: &str) -> f64 {
+        let (status, body) = http(&d.http, "GET", "/metrics");
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Nix asks for every narinfo of a closure before the NARs. B asks the peer that answered a
+    /// narinfo for the NAR's manifest as the narinfo comes in, so a NAR asked for afterwards
+    /// comes one round trip after it is asked for (its chunks'), not two (its manifest's and
+    /// its chunks').
+    #[test]
+    fn a_nar_asked_for_after_its_narinfo_comes_in_one_round_trip() {
+        let a_nix = common::nix();
+        let b_nix = common::nix();
+        let top = a_nix.build_closure("long-path-prefetch")[0].clone();
+        let a_key = a_nix.keys("peer-a-1");
+        sign(&a_nix, &a_key.0, &top);
+        b_nix.init_store();
+        let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
+        assert!(a.wait_scan() >= 3);
+        // /ip4/127.0.0.1/tcp/PORT/p2p/ID, reached through the relay.
+        let parts: Vec<&str> = a.p2p.split('/').collect();
+        let relay = Relay::to(&format!("{}:{}", parts[2], parts[4]));
+        let (ip, port) = relay.at.rsplit_once(':').unwrap();
+        let far = format!("/ip4/{ip}/tcp/{port}/p2p/{}", a.peer_id);
+        let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &far]);
+        b.wait_peer(&a);
+
+        let (status, narinfo) = http(&b.http, "GET", &format!("/{}.narinfo", hash_part(&top)));
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&narinfo));
+        let narinfo = String::from_utf8(narinfo).unwrap();
+        let url = narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .expect("a URL");
+        // The manifest B asked for as the narinfo came in: Nix asks for the NAR later.
+        let until = Instant::now() + Duration::from_secs(60);
+        while metric(&b, "peerix_manifests_prefetched") < 1.0 {
+            assert!(Instant::now() < until, "B never had the manifest ahead");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = Instant::now();
+        let (status, nar) = http(&b.http, "GET", &format!("/{url}"));
+        let took = t.elapsed();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&nar));
+        eprintln!(
+            "a {}-byte NAR over a {RTT:?} round trip took {took:?}",
+            nar.len()
+        );
+        assert_eq!(metric(&b, "peerix_manifest_prefetches_used"), 1.0);
+        // Its chunks' round trip; with its manifest's too, two. The bound is halfway.
+        assert!(
+            took < RTT * 3 / 2,
+            "the NAR took {took:?}, a round trip is {RTT:?}: more than its chunks' round trip"
+        );
+        drop(b);
+        drop(relay);
+    }
 }

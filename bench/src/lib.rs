@@ -411,6 +411,7 @@ async fn fetch(
         nar_size: size,
         holders,
         others: vec![],
+        manifest: None,
         config: DownloadConfig {
             wire: WireConfig {
                 compression: wire.into(),

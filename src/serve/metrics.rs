@@ -164,6 +164,7 @@ pub(super) struct Metrics {
     pub(super) compression_saved_bytes: Counter,
     pub(super) delta_saved_bytes: Counter,
     pub(super) narinfo_latency: Option<Histogram>,
+    pub(super) prefetch: super::prefetch::PrefetchMetrics,
     /// Read from the chunk store when scraped (see [`peerix_chunkstore::PutWaits`]).
     put_disk_waits: Gauge,
     put_disk_stall_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -184,6 +185,16 @@ impl Metrics {
             "peerix_narinfo_hits",
             "narinfo requests answered 200",
             self.narinfo_hits.clone(),
+        );
+        r.register(
+            "peerix_manifests_prefetched",
+            "NAR manifests asked of a peer as its narinfo was found, before Nix asked for the NAR",
+            self.prefetch.fetched.clone(),
+        );
+        r.register(
+            "peerix_manifest_prefetches_used",
+            "NAR fetches from peers that began with a manifest asked for ahead",
+            self.prefetch.used.clone(),
         );
         r.register(
             "peerix_narinfo_misses",

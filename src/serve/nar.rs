@@ -159,6 +159,7 @@ async fn start_fetch(app: &Arc<App>, p: &Arc<Presented>) -> Result<Started, Stat
         nar_size: p.info.nar_size,
         holders,
         others,
+        manifest: app.prefetch.take(&p.info.nar_hash),
         config: DownloadConfig {
             path: Some(p.info.store_path.clone()),
             wire: app.wire.clone(),

@@ -25,6 +25,10 @@ pub struct FetchRequest {
     pub holders: Vec<PeerId>,
     /// Further peers that may hold some of its chunks (those we are connected to).
     pub others: Vec<PeerId>,
+    /// A manifest one of the holders gave before the fetch began (asked for when its narinfo
+    /// was found): used in place of asking that holder again, and checked as its answer would
+    /// be. Over a long path this saves the fetch a round trip.
+    pub manifest: Option<(PeerId, Manifest)>,
     pub config: DownloadConfig,
 }
 
@@ -59,10 +63,11 @@ fn liar(report: &mut DownloadReport, peer: PeerId, why: &str) {
 pub async fn fetch_nar(
     client: Client,
     store: ChunkStore,
-    req: FetchRequest,
+    mut req: FetchRequest,
     out: mpsc::Sender<Bytes>,
 ) -> FetchOutcome {
     let mut report = DownloadReport::default();
+    let mut early = req.manifest.take();
     let mut found: Option<(PeerId, Manifest)> = None;
     // Holders asked for the manifest that had none to give: they may hold some chunks still,
     // but not the whole NAR.
@@ -74,7 +79,11 @@ pub async fn fetch_nar(
         .iter()
         .chain(req.others.iter().take(MANIFEST_FROM_OTHERS));
     for &peer in candidates {
-        match client.manifest(peer, req.nar_hash).await {
+        let answer = match early.take_if(|(from, _)| *from == peer) {
+            Some((_, m)) => Ok(Some(m)),
+            None => client.manifest(peer, req.nar_hash).await,
+        };
+        match answer {
             Ok(Some(m)) if m.nar_size != req.nar_size => {
                 liar(&mut report, peer, "a manifest with another NarSize");
             }
