@@ -3,7 +3,10 @@
 //! - time for `nix-store -r` of a closure (three small paths and a 96 MiB one) into a fresh
 //!   store: from peer A through node B ("cold": B's chunk store is fresh each time), from B
 //!   once it holds the chunks ("warm"), and from the static cache;
-//! - narinfo latency on B for hits and misses (p50/p99).
+//! - narinfo latency on B for hits and misses (p50/p99);
+//! - over a long path (`PEERIX_BENCH_RTT_MS`, default 100, added to the round trip by a relay in
+//!   front of A and another in front of the static cache): time for `nix-store -r` of a closure
+//!   of 41 small paths nine levels deep, where round trips rather than bytes set the time.
 //!
 //! Needs real Nix (chroot stores; not root); without it, it panics saying so.
 
@@ -11,9 +14,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use common::{Daemon, Nix};
+use common::{Daemon, Nix, Relay};
 
 /// A GET's status.
 fn get(addr: &str, path: &str) -> u16 {
@@ -90,6 +93,7 @@ fn main() {
     let big = a.add(&tree);
     let mut paths = a.build_closure("bench");
     paths.push(big.clone());
+    let deep = a.build_deep_closure("bench-deep", 8, 5);
     let (a_key, a_pub) = keygen(&a, "bench-a-1");
     let (b_key, b_pub) = keygen(&a, "bench-b-1");
     let mut args = vec![
@@ -102,6 +106,7 @@ fn main() {
         "-r",
     ];
     args.extend(paths.iter().map(String::as_str));
+    args.push(&deep);
     a.run("nix", &args);
 
     // The baseline: a static binary cache of the same paths, same loopback.
@@ -109,6 +114,7 @@ fn main() {
     let to = format!("file://{}?compression=none", cache.display());
     let mut args = vec!["copy", "--store", &store, "--to", &to];
     args.extend(paths.iter().map(String::as_str));
+    args.push(&deep);
     a.run("nix", &args);
     let static_srv = common::serve_dir(&cache);
 
@@ -198,5 +204,62 @@ fn main() {
         percentile(&mut misses, 0.99)
     );
     drop(b);
+
+    // Over a long path: B reaches A through a relay adding the round trip, and Nix reaches the
+    // static cache through another; B's Nix store and chunk store are fresh each time.
+    let rtt_ms: u64 = std::env::var("PEERIX_BENCH_RTT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let rtt = Duration::from_millis(rtt_ms);
+    let a_far = Relay::to(&da.p2p_socket(), rtt);
+    let static_far = Relay::to(static_srv.url.trim_start_matches("http://"), rtt);
+    let deep_paths = a.closure(&deep);
+    let (mut far_peerix, mut far_plain, mut used) = (vec![], vec![], 0.0);
+    for i in 0..runs {
+        let b_nix = common::nix();
+        b_nix.init_store();
+        let b = start_b(
+            &b_nix,
+            &format!("Bfar{i}"),
+            &a_pub,
+            &b_key,
+            &a_far.p2p_of(&da),
+        );
+        far_peerix.push(substitute(&b.url(), &keys, std::slice::from_ref(&deep)));
+        used += manifests_used(&b);
+        far_plain.push(substitute(
+            &format!("http://{}", static_far.at),
+            &keys,
+            std::slice::from_ref(&deep),
+        ));
+    }
+    let (fp, fs) = (median(far_peerix), median(far_plain));
+    println!(
+        "\nover a {rtt_ms} ms round trip: a closure of {} small paths nine levels deep; medians \
+         of {runs} runs, each into a fresh store",
+        deep_paths.len()
+    );
+    println!("| source | seconds | vs static cache |");
+    println!("|---|---|---|");
+    println!("| static HTTP cache (baseline) | {fs:.2} | 1.00 |");
+    println!(
+        "| peerix, from a peer (cold) | {fp:.2} | {:.2}× the time |",
+        fp / fs
+    );
+    println!(
+        "NAR fetches that began with a manifest asked for with the narinfo: {:.0} per run",
+        used / runs as f64
+    );
     drop(da);
+}
+
+/// `peerix_manifest_prefetches_used` on `d`.
+fn manifests_used(d: &Daemon) -> f64 {
+    let (_, body) = common::http(&d.http, "GET", "/metrics");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("peerix_manifest_prefetches_used_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
 }

@@ -172,49 +172,11 @@ async fn a_first_large_answer_on_a_long_path_comes_in_one_round_trip() {
 mod needs_nix {
     //! The same long path between two `peerix serve` daemons on real Nix stores.
 
-    use std::io::{BufRead, BufReader};
-    use std::process::{Child, Stdio};
     use std::time::{Duration, Instant};
 
     use super::{common, RTT};
     use common::pair::{hash_part, sign};
-    use common::{http, Daemon};
-
-    /// `peerix bench-delay` in front of `to` (`HOST:PORT`): the address that reaches it `RTT`
-    /// later. The relay ends with its stdin, which dropping it closes.
-    struct Relay {
-        child: Child,
-        at: String,
-    }
-
-    impl Relay {
-        fn to(to: &str) -> Relay {
-            let mut child = common::peerix()
-                .args(["bench-delay", "--rtt-ms", &RTT.as_millis().to_string()])
-                .args(["--to", to])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("spawn peerix bench-delay");
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            let at = line
-                .trim()
-                .strip_prefix("listen ")
-                .expect("listen ADDR")
-                .to_owned();
-            Relay { child, at }
-        }
-    }
-
-    impl Drop for Relay {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    use common::{http, Daemon, Relay};
 
     /// A metric's value from a daemon's `/metrics`.
     fn metric(d: &Daemon, name: &str) -> f64 {
@@ -242,11 +204,9 @@ mod needs_nix {
         b_nix.init_store();
         let mut a = Daemon::start("A", &a_nix, &["--private-key", a_key.0.to_str().unwrap()]);
         assert!(a.wait_scan() >= 3);
-        // /ip4/127.0.0.1/tcp/PORT/p2p/ID, reached through the relay.
-        let parts: Vec<&str> = a.p2p.split('/').collect();
-        let relay = Relay::to(&format!("{}:{}", parts[2], parts[4]));
-        let (ip, port) = relay.at.rsplit_once(':').unwrap();
-        let far = format!("/ip4/{ip}/tcp/{port}/p2p/{}", a.peer_id);
+        // A, reached through the relay.
+        let relay = Relay::to(&a.p2p_socket(), RTT);
+        let far = relay.p2p_of(&a);
         let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &far]);
         b.wait_peer(&a);
 

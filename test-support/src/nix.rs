@@ -163,6 +163,23 @@ in [ top mid leaf ]"#
         self.build(&expr)
     }
 
+    /// A closure of small paths `levels` deep, `width` to a level, each path referring to every
+    /// path of the level below, under one top: as Nix substitutes it, a level's NARs are asked
+    /// for once the level below is in, long after their narinfos. Returns the top.
+    pub fn build_deep_closure(&self, salt: &str, levels: usize, width: usize) -> String {
+        let expr = format!(
+            r#"let
+  mk = name: deps: builtins.derivation {{
+    inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "echo ${{name}} ${{toString deps}} > $out" ]; salt = "{salt}";
+  }};
+  level = n: below: builtins.genList (i: mk "l${{toString n}}-${{toString i}}" below) {width};
+  up = n: below: if n == {levels} then below else up (n + 1) (level n below);
+in mk "top" (up 0 [])"#
+        );
+        self.build(&expr).remove(0)
+    }
+
     /// A binary-cache key pair made by Nix: the secret key file and the public key.
     pub fn keys(&self, name: &str) -> (PathBuf, String) {
         let d = self.scratch("keys");

@@ -3,7 +3,9 @@
 //! peerix-test-support, re-exported here so a test names one module.
 #![allow(dead_code)]
 
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 // Each test binary uses some of these; the rest would warn as unused.
 #[allow(unused_imports)]
@@ -197,9 +199,58 @@ impl Daemon {
     pub fn url(&self) -> String {
         format!("http://{}", self.http)
     }
+
+    /// `HOST:PORT` of the p2p address (`/ip4/HOST/tcp/PORT/p2p/ID`).
+    pub fn p2p_socket(&self) -> String {
+        let parts: Vec<&str> = self.p2p.split('/').collect();
+        format!("{}:{}", parts[2], parts[4])
+    }
 }
 
 impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `peerix bench-delay` in front of `to` (`HOST:PORT`): `at` reaches it with `rtt` added to the
+/// round trip. The relay ends with its stdin, which dropping this closes (and kills it).
+pub struct Relay {
+    child: Child,
+    /// `HOST:PORT` on loopback.
+    pub at: String,
+}
+
+impl Relay {
+    pub fn to(to: &str, rtt: Duration) -> Relay {
+        let mut child = peerix()
+            .args(["bench-delay", "--rtt-ms", &rtt.as_millis().to_string()])
+            .args(["--to", to])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn peerix bench-delay");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let at = line
+            .trim()
+            .strip_prefix("listen ")
+            .expect("listen ADDR")
+            .to_owned();
+        Relay { child, at }
+    }
+
+    /// A daemon's p2p address (`/ip4/…/tcp/…/p2p/ID`) through this relay.
+    pub fn p2p_of(&self, d: &Daemon) -> String {
+        let (ip, port) = self.at.rsplit_once(':').unwrap();
+        format!("/ip4/{ip}/tcp/{port}/p2p/{}", d.peer_id)
+    }
+}
+
+impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
