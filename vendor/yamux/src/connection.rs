@@ -307,7 +307,6 @@ struct Active<T> {
     /// `max_stream_receive_window` have each exceeded [`DEFAULT_CREDIT`]. Used to enforce
     /// [`Config::max_connection_receive_window`].
     accumulated_max_stream_windows: Arc<Mutex<usize>>,
-
 }
 /// `Stream` to `Connection` commands.
 #[derive(Debug)]

@@ -64,8 +64,9 @@ impl FlowController {
     /// trip until auto-tuning has doubled its window enough: a request of a few MiB, as a
     /// download sends each peer, then took four round trips where one was enough, and four
     /// peers over a 100 ms round trip reached 0.86 of their links where plain HTTP over the
-    /// same links reached 0.94. Auto-tuning never lowers a window either, so a stream that
-    /// grew to this window spends no more memory than one that starts with it.
+    /// same links reached 0.94. What a stream's peer can make this side buffer is its window:
+    /// the same 4 MiB at most as before, when a stream started with the largest window its
+    /// connection's streams had grown to; only now from a connection's first streams on.
     pub(crate) fn reserve_initial_window(
         accumulated_max_stream_windows: &Mutex<usize>,
         config: &Config,
