@@ -227,7 +227,7 @@ fn main() {
             &a_far.p2p_of(&da),
         );
         far_peerix.push(substitute(&b.url(), &keys, std::slice::from_ref(&deep)));
-        used += manifests_used(&b);
+        used += b.counter("peerix_manifest_prefetches_used") as f64;
         far_plain.push(substitute(
             &format!("http://{}", static_far.at),
             &keys,
@@ -252,14 +252,4 @@ fn main() {
         used / runs as f64
     );
     drop(da);
-}
-
-/// `peerix_manifest_prefetches_used` on `d`.
-fn manifests_used(d: &Daemon) -> f64 {
-    let (_, body) = common::http(&d.http, "GET", "/metrics");
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix("peerix_manifest_prefetches_used_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
 }

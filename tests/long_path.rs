@@ -172,23 +172,11 @@ async fn a_new_stream_on_a_long_path_starts_with_the_window_its_connection_learn
 mod needs_nix {
     //! The same long path between two `peerix serve` daemons on real Nix stores.
 
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     use super::{common, RTT};
     use common::pair::{hash_part, sign};
     use common::{http, Daemon, Relay};
-
-    /// A metric's value from a daemon's `/metrics`.
-    fn metric(d: &Daemon, name: &str) -> f64 {
-        let (status, body) = http(&d.http, "GET", "/metrics");
-        assert_eq!(status, 200);
-        let text = String::from_utf8(body).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .parse()
-            .unwrap()
-    }
 
     /// Nix asks for every narinfo of a closure before the NARs. B asks the peer that answered a
     /// narinfo for the NAR's manifest as the narinfo comes in, so a NAR asked for afterwards
@@ -207,7 +195,13 @@ mod needs_nix {
         // A, reached through the relay.
         let relay = Relay::to(&a.p2p_socket(), RTT);
         let far = relay.p2p_of(&a);
-        let mut b = Daemon::start("B", &b_nix, &["--trusted-key", &a_key.1, "--peer", &far]);
+        let mut b = Daemon::start_logging(
+            None,
+            "B",
+            &b_nix,
+            &["--trusted-key", &a_key.1, "--peer", &far],
+            Some("peerix::serve::prefetch=debug"),
+        );
         b.wait_peer(&a);
 
         let (status, narinfo) = http(&b.http, "GET", &format!("/{}.narinfo", hash_part(&top)));
@@ -218,11 +212,10 @@ mod needs_nix {
             .find_map(|l| l.strip_prefix("URL: "))
             .expect("a URL");
         // The manifest B asked for as the narinfo came in: Nix asks for the NAR later.
-        let until = Instant::now() + Duration::from_secs(60);
-        while metric(&b, "peerix_manifests_prefetched") < 1.0 {
-            assert!(Instant::now() < until, "B never had the manifest ahead");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        b.wait_for("the manifest ahead", |l| {
+            l.contains("manifest in ahead of the NAR request")
+        });
+        assert_eq!(b.counter("peerix_manifests_prefetched"), 1);
         let t = Instant::now();
         let (status, nar) = http(&b.http, "GET", &format!("/{url}"));
         let took = t.elapsed();
@@ -231,7 +224,7 @@ mod needs_nix {
             "a {}-byte NAR over a {RTT:?} round trip took {took:?}",
             nar.len()
         );
-        assert_eq!(metric(&b, "peerix_manifest_prefetches_used"), 1.0);
+        assert_eq!(b.counter("peerix_manifest_prefetches_used"), 1);
         // Its chunks' round trip; with its manifest's too, two. The bound is halfway.
         assert!(
             took < RTT * 3 / 2,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::pair::{assert_substitutes, sign};
-use common::{http, Daemon, Nix};
+use common::{Daemon, Nix};
 
 /// A release of real software: nixpkgs' `lib` (tests/data), as the directory
 /// `nixlib-VERSION` under `parent`. Later releases change a few lines in a few files, as a
@@ -48,19 +48,6 @@ fn add_signed(nix: &Nix, key: &Path, tree: &Path) -> String {
 fn release(nix: &Nix, key: &Path, version: &str, edits: usize) -> String {
     let tree = write_release(&nix.scratch("releases"), version, edits);
     add_signed(nix, key, &tree)
-}
-
-/// A counter from the daemon's `/metrics`.
-fn metric(d: &Daemon, name: &str) -> u64 {
-    let (status, body) = http(&d.http, "GET", "/metrics");
-    assert_eq!(status, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 fn nar_size(nix: &Nix, path: &str) -> u64 {
@@ -103,14 +90,14 @@ mod needs_nix {
             &a_pub,
             std::slice::from_ref(&old),
         );
-        let cold_wire = metric(&b, "peerix_chunk_wire_bytes");
+        let cold_wire = b.counter("peerix_chunk_wire_bytes");
         let size = nar_size(&a_nix, &old);
-        assert!(metric(&b, "peerix_compression_saved_bytes") > 0);
+        assert!(b.counter("peerix_compression_saved_bytes") > 0);
         assert!(
             cold_wire * 2 < size,
             "cold: {cold_wire} bytes on the wire for a {size}-byte NAR of text"
         );
-        assert_eq!(metric(&b, "peerix_delta_saved_bytes"), 0);
+        assert_eq!(b.counter("peerix_delta_saved_bytes"), 0);
 
         // The update: the changed chunks come as deltas against the release B holds.
         assert_substitutes(
@@ -121,13 +108,13 @@ mod needs_nix {
             &a_pub,
             std::slice::from_ref(&new),
         );
-        let update_wire = metric(&b, "peerix_chunk_wire_bytes") - cold_wire;
+        let update_wire = b.counter("peerix_chunk_wire_bytes") - cold_wire;
         let size = nar_size(&a_nix, &new);
         eprintln!(
             "cold: {cold_wire} wire bytes for a {} byte NAR; update: {update_wire} for {size}",
             nar_size(&a_nix, &old)
         );
-        assert!(metric(&b, "peerix_delta_saved_bytes") > 0);
+        assert!(b.counter("peerix_delta_saved_bytes") > 0);
         assert!(
             update_wire * 20 < size,
             "update: {update_wire} bytes on the wire for a {size}-byte NAR, six lines changed"

@@ -124,6 +124,7 @@ impl Prefetch {
                 // checks it again, and names a peer whose manifest does not add up.
                 Ok(Ok(Some(m))) if m.nar_size == nar_size && m.chunks.len() <= KEPT_CHUNKS / 4 => {
                     fetched.inc();
+                    debug!(%peer, nar = %nar_hash, "manifest in ahead of the NAR request");
                     kept.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .put(nar_hash, peer, m);

@@ -75,6 +75,18 @@ impl Daemon {
 
     /// `start`, inside the network namespace `netns` when given (`ip netns exec`).
     pub fn start_in(netns: Option<&str>, name: &str, nix: &Nix, extra: &[&str]) -> Daemon {
+        Self::start_logging(netns, name, nix, extra, None)
+    }
+
+    /// `start_in`, with `log` (a `RUST_LOG` directive, e.g. `peerix::serve=debug`) added to the
+    /// daemon's log filter: for a test that waits for a line logged below `info`.
+    pub fn start_logging(
+        netns: Option<&str>,
+        name: &str,
+        nix: &Nix,
+        extra: &[&str],
+        log: Option<&str>,
+    ) -> Daemon {
         let state = nix.scratch(&format!("state-{name}"));
         let store = nix.store_arg();
         let mut cmd = match netns {
@@ -106,7 +118,12 @@ impl Daemon {
             // PEERIX_TEST_LOG: more than info from the daemons (e.g. `info,libp2p_dcutr=debug`).
             .env(
                 "RUST_LOG",
-                std::env::var("PEERIX_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("PEERIX_TEST_LOG")
+                    .unwrap_or_else(|_| "info".into())
+                    .split(',')
+                    .chain(log)
+                    .collect::<Vec<_>>()
+                    .join(","),
             )
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -198,6 +215,19 @@ impl Daemon {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.http)
+    }
+
+    /// A counter (`NAME_total`) from the daemon's `/metrics`.
+    pub fn counter(&self, name: &str) -> u64 {
+        let (status, body) = http(&self.http, "GET", "/metrics");
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
     }
 
     /// `HOST:PORT` of the p2p address (`/ip4/HOST/tcp/PORT/p2p/ID`).
