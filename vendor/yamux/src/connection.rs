@@ -307,12 +307,6 @@ struct Active<T> {
     /// `max_stream_receive_window` have each exceeded [`DEFAULT_CREDIT`]. Used to enforce
     /// [`Config::max_connection_receive_window`].
     accumulated_max_stream_windows: Arc<Mutex<usize>>,
-
-    /// peerix: the largest `max_stream_receive_window` any stream of this connection has grown
-    /// to; a new outbound stream starts with it (see `FlowController::reserve_initial_window`),
-    /// so that a request on a path with a large bandwidth-delay product does not start over
-    /// at 256 KiB per round trip.
-    learned_stream_window: Arc<std::sync::atomic::AtomicU32>,
 }
 /// `Stream` to `Connection` commands.
 #[derive(Debug)]
@@ -382,7 +376,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Active<T> {
             new_outbound_stream_waker: None,
             rtt: rtt::Rtt::new(),
             accumulated_max_stream_windows: Default::default(),
-            learned_stream_window: Arc::new(std::sync::atomic::AtomicU32::new(DEFAULT_CREDIT)),
         }
     }
 
@@ -836,7 +829,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Active<T> {
             sender,
             self.rtt.clone(),
             self.accumulated_max_stream_windows.clone(),
-            self.learned_stream_window.clone(),
         )
     }
 
@@ -856,7 +848,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Active<T> {
             sender,
             self.rtt.clone(),
             self.accumulated_max_stream_windows.clone(),
-            self.learned_stream_window.clone(),
         )
     }
 

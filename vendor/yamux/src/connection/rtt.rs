@@ -23,6 +23,11 @@ use crate::frame::{header::Ping, Frame};
 
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 
+/// peerix: pings sent back to back as the connection opens, before [`PING_INTERVAL`] paces
+/// them. One sample taken on a loaded machine can be many times the path's round trip; the
+/// least of a few is close to it from the start.
+const FIRST_PINGS: u32 = 4;
+
 #[derive(Clone, Debug)]
 pub(crate) struct Rtt {
     inner: Arc<Mutex<RttInner>>,
@@ -35,6 +40,7 @@ impl Rtt {
         Self {
             inner: Arc::new(Mutex::new(RttInner {
                 rtt: None,
+                samples: 0,
                 state: RttState::Waiting {
                     next: Instant::now(),
                 },
@@ -80,13 +86,24 @@ impl Rtt {
             return Action::Terminate(Frame::protocol_error());
         }
 
-        let rtt = sent_at.elapsed();
+        // peerix: the connection's round trip is the least any ping took, not the latest. A
+        // sample is the path's round trip plus whatever queueing and scheduling delay it met
+        // (on a loaded loopback, tens of milliseconds where the path has tens of
+        // microseconds); the least is the path's. Both the windows' auto-tuning and a new
+        // stream's first window are sized from it, so an inflated sample let a peer fill a
+        // slow reader's buffers.
+        let sample = sent_at.elapsed();
+        let rtt = inner.rtt.map_or(sample, |r| r.min(sample));
         inner.rtt = Some(rtt);
-        log::debug!("received pong {received_id}, estimated round-trip-time {rtt:?}");
+        inner.samples = inner.samples.saturating_add(1);
+        log::debug!("received pong {received_id}: {sample:?}, estimated round-trip-time {rtt:?}");
 
-        inner.state = RttState::Waiting {
-            next: Instant::now() + PING_INTERVAL,
+        let next = if inner.samples < FIRST_PINGS {
+            Instant::now()
+        } else {
+            Instant::now() + PING_INTERVAL
         };
+        inner.state = RttState::Waiting { next };
 
         Action::None
     }
@@ -100,6 +117,8 @@ impl Rtt {
 struct RttInner {
     state: RttState,
     rtt: Option<Duration>,
+    /// peerix: pongs received so far.
+    samples: u32,
 }
 
 #[derive(Debug)]

@@ -31,7 +31,7 @@ use parking_lot::{Mutex, MutexGuard};
 use std::{
     fmt, io,
     pin::Pin,
-    sync::{atomic::AtomicU32, Arc},
+    sync::Arc,
     task::{Context, Poll, Waker},
 };
 
@@ -133,7 +133,6 @@ impl Stream {
         sender: mpsc::Sender<StreamCommand>,
         rtt: rtt::Rtt,
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
-        learned_stream_window: Arc<AtomicU32>,
     ) -> Self {
         Self {
             id,
@@ -146,7 +145,6 @@ impl Stream {
                 DEFAULT_CREDIT,
                 send_window,
                 accumulated_max_stream_windows,
-                learned_stream_window,
                 rtt,
                 config,
             ))),
@@ -160,13 +158,11 @@ impl Stream {
         mut sender: mpsc::Sender<StreamCommand>,
         rtt: rtt::Rtt,
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
-        learned_stream_window: Arc<AtomicU32>,
     ) -> Self {
-        // peerix: the stream opens with a window update that grants the window this
-        // connection's streams have grown to (see `FlowController::reserve_initial_window`);
-        // the remote adds it to the default credit, as the specification has it for a SYN.
+        // peerix: the stream opens with a window update that grants a window for its
+        // connection's round trip (see `FlowController::reserve_initial_window`); the remote
+        // adds it to the default credit, as the specification has it for a SYN.
         let mut initial = FlowController::reserve_initial_window(
-            &learned_stream_window,
             &accumulated_max_stream_windows,
             &config,
             rtt.get(),
@@ -195,7 +191,6 @@ impl Stream {
                 initial,
                 DEFAULT_CREDIT,
                 accumulated_max_stream_windows,
-                learned_stream_window,
                 rtt,
                 config,
             ))),
@@ -507,7 +502,6 @@ impl Shared {
         receive_window: u32,
         send_window: u32,
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
-        learned_stream_window: Arc<AtomicU32>,
         rtt: Rtt,
         config: Arc<Config>,
     ) -> Self {
@@ -519,7 +513,6 @@ impl Shared {
                 receive_window,
                 send_window,
                 accumulated_max_stream_windows,
-                learned_stream_window,
                 rtt,
                 config,
             ),

@@ -1,10 +1,4 @@
-use std::{
-    cmp,
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc,
-    },
-};
+use std::{cmp, sync::Arc};
 
 use parking_lot::Mutex;
 use web_time::{Duration, Instant};
@@ -12,12 +6,17 @@ use web_time::{Duration, Instant};
 use crate::{connection::rtt::Rtt, Config, ConnectionError, DEFAULT_CREDIT};
 
 /// The most an outbound stream's first receive window is (peerix): enough for the
-/// bandwidth-delay product of 100 Mbit/s at 300 ms; beyond it a stream grows as upstream's do.
+/// bandwidth-delay product of 1 Gbit/s at 34 ms, or 100 Mbit/s at 340 ms; beyond it a stream
+/// grows as upstream's do.
 pub(crate) const MAX_INITIAL_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// The shortest round trip over which a new outbound stream inherits its connection's window
-/// (peerix): below it, streams start at [`DEFAULT_CREDIT`] as upstream's do.
-pub(crate) const MIN_RTT_TO_INHERIT: Duration = Duration::from_millis(10);
+/// The rate an outbound stream's first receive window is sized for, over its connection's round
+/// trip (peerix), in bytes per second: 1 Gbit/s.
+pub(crate) const INITIAL_WINDOW_RATE: u64 = 125_000_000;
+
+/// The shortest round trip over which a new outbound stream starts with a window for its round
+/// trip (peerix): below it, streams start at [`DEFAULT_CREDIT`] as upstream's do.
+pub(crate) const MIN_RTT_FOR_WINDOW: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 pub(crate) struct FlowController {
@@ -27,8 +26,6 @@ pub(crate) struct FlowController {
     rtt: Rtt,
     /// See [`Connection::accumulated_max_stream_windows`].
     accumulated_max_stream_windows: Arc<Mutex<usize>>,
-    /// See [`Connection::learned_stream_window`] (peerix).
-    learned_stream_window: Arc<AtomicU32>,
     /// peerix: whether any data has come in on this stream yet (see
     /// [`FlowController::consume_receive_window`]).
     received: bool,
@@ -44,7 +41,6 @@ impl FlowController {
         receive_window: u32,
         send_window: u32,
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
-        learned_stream_window: Arc<AtomicU32>,
         rtt: Rtt,
         config: Arc<Config>,
     ) -> Self {
@@ -54,41 +50,44 @@ impl FlowController {
             config,
             rtt,
             accumulated_max_stream_windows,
-            learned_stream_window,
             received: false,
             max_receive_window: receive_window,
             last_window_update: Instant::now(),
         }
     }
 
-    /// The receive window a new outbound stream starts with (peerix): the largest any stream of
-    /// this connection has grown to, at most [`MAX_INITIAL_STREAM_WINDOW`] and within the
-    /// connection limit, its excess over [`DEFAULT_CREDIT`] reserved in
-    /// `accumulated_max_stream_windows` as a grown window's is. A stream that starts at
-    /// [`DEFAULT_CREDIT`] on a path whose window auto-tuning had reached more spends its first
-    /// round trips growing again, capped at 256 KiB per round trip meanwhile.
+    /// The receive window a new outbound stream starts with (peerix): the bandwidth-delay
+    /// product of [`INITIAL_WINDOW_RATE`] over the connection's round trip, at most
+    /// [`MAX_INITIAL_STREAM_WINDOW`] and within the connection limit, its excess over
+    /// [`DEFAULT_CREDIT`] reserved in `accumulated_max_stream_windows` as a grown window's is.
+    /// A stream that starts at [`DEFAULT_CREDIT`] on a long path is held to 256 KiB per round
+    /// trip until auto-tuning has doubled its window enough: a request of a few MiB, as a
+    /// download sends each peer, then took four round trips where one was enough, and four
+    /// peers over a 100 ms round trip reached 0.86 of their links where plain HTTP over the
+    /// same links reached 0.94. What a stream's peer can make this side buffer is its window:
+    /// the same 4 MiB at most as before, when a stream started with the largest window its
+    /// connection's streams had grown to; only now from a connection's first streams on.
     pub(crate) fn reserve_initial_window(
-        learned_stream_window: &AtomicU32,
         accumulated_max_stream_windows: &Mutex<usize>,
         config: &Config,
         rtt: Option<Duration>,
     ) -> u32 {
-        // On a short path the window's growth from 256 KiB costs a few milliseconds, and an
-        // inherited window would only let a fast peer fill this side's buffers while its reader
-        // is slower than the link (on loopback a receiving daemon peaked 22 MiB higher).
-        if rtt.is_none_or(|rtt| rtt < MIN_RTT_TO_INHERIT) {
+        // On a short path the window's growth from 256 KiB costs a few milliseconds, and a
+        // larger first window would only let a fast peer fill this side's buffers while its
+        // reader is slower than the link (on loopback a receiving daemon peaked 22 MiB higher).
+        // Before the round trip is known (the connection's first ping is out), upstream's too.
+        let Some(rtt) = rtt.filter(|rtt| *rtt >= MIN_RTT_FOR_WINDOW) else {
             return DEFAULT_CREDIT;
-        }
-        let learned = learned_stream_window
-            .load(Ordering::Relaxed)
-            .clamp(DEFAULT_CREDIT, MAX_INITIAL_STREAM_WINDOW);
+        };
+        let bdp = (rtt.as_secs_f64() * INITIAL_WINDOW_RATE as f64) as u64;
+        let initial = bdp.clamp(DEFAULT_CREDIT.into(), MAX_INITIAL_STREAM_WINDOW.into()) as u32;
         let mut accumulated = accumulated_max_stream_windows.lock();
         let room = config
             .max_connection_receive_window
             .unwrap_or(usize::MAX)
             .saturating_sub(config.max_num_streams * DEFAULT_CREDIT as usize)
             .saturating_sub(*accumulated);
-        let extra = cmp::min((learned - DEFAULT_CREDIT) as usize, room);
+        let extra = cmp::min((initial - DEFAULT_CREDIT) as usize, room);
         *accumulated += extra;
         DEFAULT_CREDIT + extra as u32
     }
@@ -170,8 +169,6 @@ impl FlowController {
             );
 
             self.max_receive_window = new_max;
-            self.learned_stream_window
-                .fetch_max(new_max, Ordering::Relaxed);
 
             // Recalculate `next_window_update` with the new `max_receive_window`.
             let bytes_received = self.max_receive_window - self.receive_window;
