@@ -59,6 +59,7 @@ pub(super) async fn nar(
     let Some(nar_hash) = parse_nar_name(&file) else {
         return (StatusCode::BAD_REQUEST, "not a NAR name\n").into_response();
     };
+    debug!(nar = %nar_hash, local = origin.local, "NAR requested");
     if !origin.local && !peerix_swarm::Catalog::shares_nar(app.sharing.as_ref(), &nar_hash) {
         // The chunk store holds private NARs too: another machine gets only shared ones.
         return (StatusCode::NOT_FOUND, "not found\n").into_response();

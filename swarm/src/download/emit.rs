@@ -228,9 +228,11 @@ pub(super) async fn emit(
         });
     }
     let h = manifest.nar_hash;
+    let committing = std::time::Instant::now();
     store
         .blocking(move |cs| cs.finish_download(&h, path.as_ref()))
         .await?;
+    tracing::debug!(nar = %h, took = ?committing.elapsed(), "download committed");
     if let Some(d) = last {
         out.send(d).await.map_err(|_| DownloadError::OutputClosed)?;
     }
