@@ -72,6 +72,13 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // A response goes out in parts (its head, then its body as the store or the peers
+        // produce it). With Nagle's algorithm each part after the first waits for the client
+        // to acknowledge the one before, and a client delays that by up to 40 ms: a small NAR
+        // took 40 ms or more where its bytes took a millisecond, every path of a closure.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(%addr, error = %e, "cannot set TCP_NODELAY on an HTTP connection");
+        }
         let origin = Origin {
             local: addr.ip().is_loopback(),
         };

@@ -15,7 +15,7 @@ mod needs_nix {
     use common::pair::{
         assert_substitutes, hash_part, pack_bytes, pair, pair_with, pair_with_big, sign, Pair,
     };
-    use common::{http, noise, Daemon};
+    use common::{http, noise, Daemon, KeepAlive};
 
     #[test]
     fn nix_substitutes_a_closure_only_a_peer_holds() {
@@ -222,6 +222,59 @@ mod needs_nix {
 
     /// Requests that are not a narinfo or NAR name are refused without touching the filesystem;
     /// never a 5xx, never a file.
+    /// Nix asks for a closure's NARs one after another on one kept-alive connection. A NAR's
+    /// response is written in two parts, its head and then its body; with Nagle's algorithm on
+    /// the socket the body waited for the client to acknowledge the head, which a client
+    /// delays by 40 ms: every small path cost 40 ms more than its bytes, from the local store
+    /// or from a peer. 21 responses (seven rounds of the closure's three NARs), from A's own
+    /// store and from B (the first round fetched from A), must take less than half of what 21
+    /// such waits would.
+    #[test]
+    fn small_nars_one_after_another_do_not_wait_for_the_clients_ack() {
+        let Some(p) = pair("serve-ack", &[]) else {
+            return;
+        };
+        let urls: Vec<String> = p
+            .paths
+            .iter()
+            .map(|path| {
+                let (status, body) =
+                    http(&p.a.http, "GET", &format!("/{}.narinfo", hash_part(path)));
+                assert_eq!(status, 200);
+                let text = String::from_utf8(body).unwrap();
+                format!(
+                    "/{}",
+                    text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap()
+                )
+            })
+            .collect();
+        // B learns the narinfos first, as Nix asks for them before the NARs.
+        for path in &p.paths {
+            let (status, _) = http(&p.b.http, "GET", &format!("/{}.narinfo", hash_part(path)));
+            assert_eq!(status, 200);
+        }
+        const DELAYED_ACK: Duration = Duration::from_millis(40);
+        for d in [&p.a, &p.b] {
+            let mut conn = KeepAlive::connect(&d.http);
+            let t = Instant::now();
+            let mut n = 0u32;
+            for _ in 0..7 {
+                for url in &urls {
+                    let (status, body) = conn.get(url);
+                    assert_eq!(status, 200, "{} {url}", d.name);
+                    assert!(!body.is_empty());
+                    n += 1;
+                }
+            }
+            let took = t.elapsed();
+            assert!(
+                took < DELAYED_ACK * n / 2,
+                "{n} small NARs on one connection to {} took {took:?}",
+                d.name
+            );
+        }
+    }
+
     #[test]
     fn bad_requests_are_refused() {
         let nix = common::nix();

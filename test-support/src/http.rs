@@ -62,6 +62,56 @@ pub fn get_until_cut(addr: &str, path: &str) -> (u16, Option<usize>, Vec<u8>) {
     (status, len, got[end + 4..].to_vec())
 }
 
+/// One HTTP/1.1 connection kept open for request after request, as Nix's curl keeps one to a
+/// substituter.
+pub struct KeepAlive {
+    stream: std::io::BufReader<std::net::TcpStream>,
+    host: String,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: &str) -> Self {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        // As curl does, and so Nix: what is measured is the server's.
+        s.set_nodelay(true).unwrap();
+        Self {
+            stream: std::io::BufReader::new(s),
+            host: addr.to_owned(),
+        }
+    }
+
+    /// A GET on this connection: the status and the body (as long as its Content-Length).
+    pub fn get(&mut self, path: &str) -> (u16, Vec<u8>) {
+        use std::io::BufRead;
+        let host = &self.host;
+        write!(
+            self.stream.get_mut(),
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        )
+        .unwrap();
+        let mut status = None;
+        let mut len = None;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).unwrap();
+            let line = line.trim_end().to_lowercase();
+            if line.is_empty() {
+                break;
+            }
+            if status.is_none() {
+                status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+            } else if let Some(v) = line.strip_prefix("content-length: ") {
+                len = v.trim().parse().ok();
+            }
+        }
+        let mut body = vec![0u8; len.expect("a Content-Length")];
+        self.stream.read_exact(&mut body).unwrap();
+        (status.expect("a status"), body)
+    }
+}
+
 /// A static HTTP server on 127.0.0.1 (port from the OS) serving a directory, as a binary cache
 /// written by `nix copy --to file://…` is served. Stops when dropped.
 pub struct HttpServer {

@@ -10,7 +10,7 @@ use std::time::Duration;
 // Each test binary uses some of these; the rest would warn as unused.
 #[allow(unused_imports)]
 pub use peerix_test_support::http::{
-    counting_proxy, get_until_cut, http, serve_dir, CountingProxy, HttpServer,
+    counting_proxy, get_until_cut, http, serve_dir, CountingProxy, HttpServer, KeepAlive,
 };
 #[allow(unused_imports)]
 pub use peerix_test_support::internet;
