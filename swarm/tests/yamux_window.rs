@@ -1,6 +1,6 @@
 //! The window a new outbound stream opens with (the patched copy in `vendor/yamux`): sized
-//! from its connection's round trip, and that round trip is the least of the first pings, sent
-//! back to back as the connection opens, not the latest one. On a loaded machine one ping can
+//! from its connection's round trip, the least of its pings (the first four sent back to back
+//! as the connection opens), not the latest one. On a loaded machine one ping can
 //! take tens of milliseconds over loopback; a window sized from it let a fast peer fill a slow
 //! reader's buffers, and a greedy peer crowd out a modest one's upload slots
 //! (`fairness.rs`).

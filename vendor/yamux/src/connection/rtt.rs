@@ -40,6 +40,7 @@ impl Rtt {
         Self {
             inner: Arc::new(Mutex::new(RttInner {
                 rtt: None,
+                least: None,
                 samples: 0,
                 state: RttState::Waiting {
                     next: Instant::now(),
@@ -86,17 +87,14 @@ impl Rtt {
             return Action::Terminate(Frame::protocol_error());
         }
 
-        // peerix: the connection's round trip is the least any ping took, not the latest. A
-        // sample is the path's round trip plus whatever queueing and scheduling delay it met
-        // (on a loaded loopback, tens of milliseconds where the path has tens of
-        // microseconds); the least is the path's. Both the windows' auto-tuning and a new
-        // stream's first window are sized from it, so an inflated sample let a peer fill a
-        // slow reader's buffers.
-        let sample = sent_at.elapsed();
-        let rtt = inner.rtt.map_or(sample, |r| r.min(sample));
+        let rtt = sent_at.elapsed();
         inner.rtt = Some(rtt);
+        // peerix: and the least any ping took. A sample is the path's round trip plus whatever
+        // queueing and scheduling delay it met (on a loaded loopback, tens of milliseconds
+        // where the path has tens of microseconds); the least is the path's.
+        inner.least = Some(inner.least.map_or(rtt, |l| l.min(rtt)));
         inner.samples = inner.samples.saturating_add(1);
-        log::debug!("received pong {received_id}: {sample:?}, estimated round-trip-time {rtt:?}");
+        log::debug!("received pong {received_id}, estimated round-trip-time {rtt:?}");
 
         let next = if inner.samples < FIRST_PINGS {
             Instant::now()
@@ -111,12 +109,25 @@ impl Rtt {
     pub(crate) fn get(&self) -> Option<Duration> {
         self.inner.lock().rtt
     }
+
+    /// peerix: the least round trip any ping of this connection took, which a new stream's
+    /// first window is sized from (see `FlowController::reserve_initial_window`). An inflated
+    /// sample would open every stream with megabytes of window on a short path, and a fast
+    /// peer then filled a slow reader's buffers. Auto-tuning keeps the latest sample, as
+    /// upstream's does: it grows the window of a stream already running, and on a short path
+    /// the least sample (tens of microseconds) would keep it from growing at all, which cost
+    /// a loopback download about 8 % of its rate.
+    pub(crate) fn least(&self) -> Option<Duration> {
+        self.inner.lock().least
+    }
 }
 
 #[derive(Debug)]
 struct RttInner {
     state: RttState,
     rtt: Option<Duration>,
+    /// peerix: see [`Rtt::least`].
+    least: Option<Duration>,
     /// peerix: pongs received so far.
     samples: u32,
 }

@@ -165,7 +165,7 @@ impl Stream {
         let mut initial = FlowController::reserve_initial_window(
             &accumulated_max_stream_windows,
             &config,
-            rtt.get(),
+            rtt.least(),
         );
         let mut flag = Flag::Syn;
         if initial > DEFAULT_CREDIT {
