@@ -220,8 +220,6 @@ mod needs_nix {
         assert_substitutes(&b_nix, &a_nix, &top, &b.url(), &b_key.1, &paths);
     }
 
-    /// Requests that are not a narinfo or NAR name are refused without touching the filesystem;
-    /// never a 5xx, never a file.
     /// Nix asks for a closure's NARs one after another on one kept-alive connection. A NAR's
     /// response is written in two parts, its head and then its body; with Nagle's algorithm on
     /// the socket the body waited for the client to acknowledge the head, which a client
@@ -275,6 +273,8 @@ mod needs_nix {
         }
     }
 
+    /// Requests that are not a narinfo or NAR name are refused without touching the filesystem;
+    /// never a 5xx, never a file.
     #[test]
     fn bad_requests_are_refused() {
         let nix = common::nix();

@@ -172,6 +172,9 @@ async fn first_frame_of_a_stream(delays: &[Duration]) -> Header {
                 if let Some(d) = delays.get(h.len as usize) {
                     let to_client = to_client.clone();
                     let d = *d;
+                    // The delay is the path's latency, what the client measures with its
+                    // clock; nothing waits on it for order: the stream opens on ping 3's
+                    // arrival.
                     tokio::spawn(async move {
                         tokio::time::sleep(d).await;
                         let _ = to_client.send(pong(h.len));
