@@ -399,7 +399,9 @@ async fn fetch(
             total += b.len() as u64;
             bar.set_position(total);
         }
-        (first, total)
+        // The output closed with the NAR's verified last chunk: what Nix waits for. The
+        // download's commit to the store runs on (and its CPU counts in the run's).
+        (first, total, started.elapsed())
     });
     let client = Client::new(leecher.node.stream_control());
     // This run's seeders only: the DHT lets the leecher meet the others too (they learn of
@@ -428,12 +430,11 @@ async fn fetch(
         .context("the peer download's task")?;
     outcome.result.context("the peer download")?;
     let report = outcome.report;
-    let (first, total) = sink.await?;
-    let elapsed = started.elapsed();
+    let (first, total, elapsed) = sink.await?;
     if total != size {
         bail!("the leecher got {total} bytes of a {size}-byte NAR");
     }
-    let tail = idle_at_the_end(&report.last_chunk, report.elapsed);
+    let tail = idle_at_the_end(&report.last_chunk, report.complete);
     let mut bytes_per_peer: Vec<u64> = report.bytes_per_peer.values().copied().collect();
     bytes_per_peer.sort_unstable_by(|a, b| b.cmp(a));
     Ok(Fetched {
@@ -447,7 +448,7 @@ async fn fetch(
 }
 
 /// How long the links of the peers that sent chunks stood idle at the end, on average: from
-/// their last chunk to the download's end. With every link full until then, this is what keeps
+/// their last chunk to the NAR's end going out. With every link full until then, this is what keeps
 /// N capped links from N × what one of them carries, but for the start (the manifest, then a
 /// request to each peer).
 fn idle_at_the_end(last_chunk: &HashMap<PeerId, Duration>, download: Duration) -> Duration {

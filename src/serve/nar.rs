@@ -110,10 +110,10 @@ pub(super) async fn nar(
 /// Fetch a NAR from the peers while it streams to Nix.
 ///
 /// The response head waits for the first bytes, so a fetch that fails before them is a clean
-/// 404 or 502 that Nix falls back from. After that, a failure cuts the body short; the byte
-/// that would complete `Content-Length` is only sent once the fetch reported the whole NAR
-/// verified, so a complete response always means a verified NAR. Every peer that lied is
-/// banned, whatever the outcome.
+/// 404 or 502 that Nix falls back from. After that, a failure cuts the body short; the bytes
+/// that complete `Content-Length` are only sent once the download has checked the whole NAR
+/// against its NarHash, so a complete response always means a verified NAR. Every peer that
+/// lied is banned, whatever the outcome.
 async fn fetch_from_peers(
     app: Arc<App>,
     p: Arc<Presented>,
@@ -202,8 +202,9 @@ async fn start_fetch(app: &Arc<App>, p: &Arc<Presented>) -> Result<Started, Stat
 }
 
 /// Hand a fetch's NAR to the body from byte `skip` on (what came before was sent already),
-/// holding back the bytes that complete it until the fetch reports the whole NAR verified;
-/// otherwise end the body with an error. Settles the fetch.
+/// holding back the bytes that complete it until its output closed with them, which the
+/// download does only once the whole NAR is verified (more bytes than NarSize, or an output
+/// that closed short, end the body with an error). Settles the fetch.
 async fn forward(
     app: &Arc<App>,
     p: &Presented,
@@ -259,10 +260,16 @@ async fn forward(
         }
     }
     drop(nar_rx);
+    // The download hands out the bytes that complete the NAR only once the whole NAR matched
+    // its NarHash, and closes its output with them (`peerix_swarm::download`): they go to Nix
+    // now, while the fetch commits the NAR to the store.
+    let verified = !overflow && last.as_ref().is_some_and(|l| sent + l.len() as u64 == size);
+    if let Some(l) = last.filter(|_| verified) {
+        app.metrics.nar_bytes_served.inc_by(l.len() as u64);
+        let _ = body_tx.send(Ok(l)).await;
+        info!(nar = %nar_hash, bytes = size, "NAR downloaded and served");
+    }
     let outcome = fetch.await;
-    let verified = !overflow
-        && matches!(&outcome, Ok(FetchOutcome { result: Ok(()), .. }))
-        && last.as_ref().is_some_and(|l| sent + l.len() as u64 == size);
     let why = match &outcome {
         _ if overflow => "the peers sent more than NarSize".to_owned(),
         Ok(FetchOutcome { result: Err(e), .. }) => e.to_string(),
@@ -270,23 +277,20 @@ async fn forward(
         Ok(_) => String::new(),
         Err(_) => "the fetch task died".into(),
     };
+    if verified && !why.is_empty() {
+        // Nix has the NAR; only the store's copy is missing, and a later fetch makes it.
+        warn!(nar = %nar_hash, error = %why, "NAR served, but not kept in the chunk store");
+    }
     settle(app, p, outcome, sent, (!verified).then_some(why.as_str())).await;
     app.housekeeping.after_download().await;
-    match last {
-        Some(l) if verified => {
-            app.metrics.nar_bytes_served.inc_by(l.len() as u64);
-            let _ = body_tx.send(Ok(l)).await;
-            info!(nar = %nar_hash, bytes = size, "NAR downloaded and served");
-        }
-        _ => {
-            app.metrics.nar_downloads_failed.inc();
-            warn!(nar = %nar_hash, error = %why, "NAR download failed; cutting the response");
-            let _ = body_tx
-                .send(Err(std::io::Error::other(format!(
-                    "download failed: {why}"
-                ))))
-                .await;
-        }
+    if !verified {
+        app.metrics.nar_downloads_failed.inc();
+        warn!(nar = %nar_hash, error = %why, "NAR download failed; cutting the response");
+        let _ = body_tx
+            .send(Err(std::io::Error::other(format!(
+                "download failed: {why}"
+            ))))
+            .await;
     }
 }
 

@@ -9,6 +9,7 @@ use peerix_chunkstore::{buffers, ChunkStore, Manifest};
 use peerix_nix::{Sha256Hash, StorePath};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 
 use super::wanted::{Flags, Want, Wanted};
 use super::DownloadError;
@@ -148,14 +149,22 @@ pub(super) struct Sources {
     pub(super) wanted: Arc<Wanted>,
 }
 
-/// Hand the NAR to `out` in order; returns the bytes that came from the local store.
+/// What the emitter did.
+pub(super) struct Emitted {
+    /// Bytes of the NAR that came from the local store.
+    pub(super) local: u64,
+    /// When the whole NAR, verified, had gone to the output (the commit to the store follows).
+    pub(super) complete: Instant,
+}
+
+/// Hand the NAR to `out` in order, then commit the download to the store.
 pub(super) async fn emit(
     src: Sources,
     buf: Arc<Arrivals>,
     out: mpsc::Sender<Bytes>,
     progress: watch::Sender<u64>,
     path: Option<StorePath>,
-) -> Result<u64, DownloadError> {
+) -> Result<Emitted, DownloadError> {
     let mut sha = Sha256::new();
     let mut local = 0u64;
     let mut offset = 0u64;
@@ -227,14 +236,23 @@ pub(super) async fn emit(
             got,
         });
     }
+    // Verified: the last chunk goes out and the output closes, so the caller has the whole NAR
+    // while it is committed. The commit waits for the puts not yet durable and, on a warm
+    // download, copies the chunks held in place into packs: milliseconds to tens of them that
+    // Nix, importing the NAR meanwhile, need not wait for.
+    let handed = match last {
+        Some(d) => out.send(d).await.is_ok(),
+        None => true,
+    };
+    drop(out);
+    let complete = Instant::now();
     let h = manifest.nar_hash;
-    let committing = std::time::Instant::now();
     store
         .blocking(move |cs| cs.finish_download(&h, path.as_ref()))
         .await?;
-    tracing::debug!(nar = %h, took = ?committing.elapsed(), "download committed");
-    if let Some(d) = last {
-        out.send(d).await.map_err(|_| DownloadError::OutputClosed)?;
+    tracing::debug!(nar = %h, took = ?complete.elapsed(), "download committed");
+    if !handed {
+        return Err(DownloadError::OutputClosed);
     }
-    Ok(local)
+    Ok(Emitted { local, complete })
 }

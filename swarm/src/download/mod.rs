@@ -5,7 +5,8 @@
 //! in flight as its measured rate warrants. Chunks are verified and stored as they arrive, and
 //! handed to the caller in NAR order while the rest still downloads; the last chunk is held
 //! back until the whole NAR has matched its NarHash, so a caller that saw the stream end
-//! cleanly has the exact NAR.
+//! cleanly has the exact NAR. The output closes with that chunk; the download is committed to
+//! the store after it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -137,6 +138,9 @@ pub struct DownloadReport {
     /// Peers that sent chunks not matching their ids: the node should ban them.
     pub bad_peers: Vec<PeerId>,
     pub elapsed: Duration,
+    /// When the whole NAR, verified, had gone to the output, from the download's start: what
+    /// the caller waited for. The commit to the store takes the rest of `elapsed`.
+    pub complete: Duration,
     /// When each peer's last chunk arrived, from the download's start: its link stood idle
     /// from then to the end (the endgame's cost; the bench's `tail`).
     pub last_chunk: HashMap<PeerId, Duration>,
@@ -196,7 +200,8 @@ impl DownloadOutcome {
 /// Download the NAR `manifest` describes from `peers`, streaming it to `out` in order.
 ///
 /// Every chunk handed to `out` has exactly the length the manifest gives it, and the last one
-/// is handed out only once the whole NAR matched its NarHash.
+/// is handed out only once the whole NAR matched its NarHash; `out` is dropped right after it,
+/// and this returns once the NAR is committed to the store.
 pub async fn download(
     client: Client,
     store: ChunkStore,
@@ -308,8 +313,9 @@ async fn run(
     sched.tasks.abort_all();
     let mut report = std::mem::take(&mut sched.report);
     match result {
-        Ok(local) => {
-            report.bytes_local = local;
+        Ok(e) => {
+            report.bytes_local = e.local;
+            report.complete = e.complete - started;
             (report, Ok(()))
         }
         Err(e) => (report, Err(e)),
