@@ -56,6 +56,9 @@ struct Peer {
     holds: Holdings,
     /// Has sent a chunk in this download.
     answered: bool,
+    /// The least time from a request to its first chunk: about a round trip and a chunk's
+    /// sending. A peer whose work in flight ends within it may race in the endgame.
+    latency: Option<Duration>,
 }
 
 struct Req {
@@ -163,6 +166,7 @@ impl Scheduler {
                 gone: false,
                 busy_until: None,
                 answered: false,
+                latency: None,
                 holds: Holdings {
                     whole,
                     ..Holdings::default()
@@ -351,8 +355,10 @@ impl Scheduler {
             racing = keyed.into_iter().map(|(_, run)| run).collect();
         }
         for run in racing {
-            // Only idle peers race: one still busy with its own runs gains nothing by it.
-            if let Some(p) = self.pick(run).filter(|&p| self.peers[p].in_flight == 0) {
+            // Only peers about to be idle race: one still busy with its own runs gains nothing
+            // by it. About to: its race's first chunk takes a round trip, which a peer that
+            // waited to be idle would leave its link idle for.
+            if let Some(p) = self.pick(run).filter(|&p| self.frees_soon(p)) {
                 debug!(run, peer = %self.peers[p].id, endgame, "racing a request");
                 self.start(run, p);
             }
@@ -377,6 +383,26 @@ impl Scheduler {
             .and_then(|q| self.reqs.get(q))
             .and_then(|q| self.peers[q.peer].rate);
         rate.map_or(f64::INFINITY, |rate| to_come as f64 / rate.max(1.0))
+    }
+
+    /// True when peer `p` has nothing in flight, or only what it sends within its latency.
+    fn frees_soon(&self, p: usize) -> bool {
+        let peer = &self.peers[p];
+        if peer.in_flight == 0 {
+            return true;
+        }
+        let (Some(rate), Some(latency)) = (peer.rate, peer.latency) else {
+            return false;
+        };
+        let to_come: u64 = self
+            .reqs
+            .values()
+            .filter(|r| r.peer == p)
+            .flat_map(|r| &self.runs[r.run].chunks)
+            .filter(|&&k| !self.received.get(k))
+            .map(|&k| u64::from(self.wanted.chunk(k).len))
+            .sum();
+        to_come as f64 / rate.max(1.0) <= latency.as_secs_f64()
     }
 
     /// How far ahead of the output runs may be requested (`DownloadConfig::window_bytes`).
@@ -412,6 +438,11 @@ impl Scheduler {
                 let len = data.len() as u64;
                 let wire = u64::from(wire);
                 if let Some(r) = self.reqs.get_mut(&req) {
+                    if r.bytes == 0 {
+                        let waited = r.started.elapsed();
+                        let l = &mut self.peers[peer].latency;
+                        *l = Some(l.map_or(waited, |l| l.min(waited)));
+                    }
                     r.bytes += len;
                     r.wire += wire;
                 }
