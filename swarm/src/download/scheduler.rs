@@ -370,14 +370,8 @@ impl Scheduler {
     /// for a peer that has sent nothing yet, which is raced first. A run its peer has not
     /// begun counts whole (the wait for the run before it is left out).
     fn ends_in(&self, run: usize) -> f64 {
-        let r = &self.runs[run];
-        let to_come: u64 = r
-            .chunks
-            .iter()
-            .filter(|&&k| !self.received.get(k))
-            .map(|&k| u64::from(self.wanted.chunk(k).len))
-            .sum();
-        let rate = r
+        let to_come = self.to_come(run);
+        let rate = self.runs[run]
             .requests
             .first()
             .and_then(|q| self.reqs.get(q))
@@ -398,11 +392,19 @@ impl Scheduler {
             .reqs
             .values()
             .filter(|r| r.peer == p)
-            .flat_map(|r| &self.runs[r.run].chunks)
-            .filter(|&&k| !self.received.get(k))
-            .map(|&k| u64::from(self.wanted.chunk(k).len))
+            .map(|r| self.to_come(r.run))
             .sum();
         to_come as f64 / rate.max(1.0) <= latency.as_secs_f64()
+    }
+
+    /// Bytes of `run` not received yet.
+    fn to_come(&self, run: usize) -> u64 {
+        self.runs[run]
+            .chunks
+            .iter()
+            .filter(|&&k| !self.received.get(k))
+            .map(|&k| u64::from(self.wanted.chunk(k).len))
+            .sum()
     }
 
     /// How far ahead of the output runs may be requested (`DownloadConfig::window_bytes`).
