@@ -60,6 +60,36 @@ fn the_budget_evicts_least_recently_used_nars_and_never_a_pinned_one() {
     assert!(cs.fsck(true).unwrap().is_clean());
 }
 
+/// Dead bytes spread thin: a removed NAR left less than a tenth of its pack dead, the live
+/// bytes fit the budget and the file does not. GC shrinks the file to the budget rather than
+/// leave the store over it for good (the churn test of `tests/lifecycle.rs` met it after a
+/// SIGKILL: a pack 4 % over its budget that no GC would compact), and evicts nothing.
+#[test]
+fn packs_over_the_budget_with_a_little_dead_in_each_are_compacted_to_it() {
+    let t = tempfile::tempdir().unwrap();
+    let cs = open(&t.path().join("s"), None);
+    let kept: Vec<_> = (0..4).map(|i| ingest(&cs, 2001 + 2 * i, 2 << 20)).collect();
+    let (gone, _) = ingest(&cs, 2011, 512 << 10);
+    assert!(cs.remove_manifest(&gone.nar_hash).unwrap());
+    // A GC without a budget sweeps its chunks and leaves the pack, mostly live, as it is.
+    let st = cs.gc(&mut |_| {}).unwrap();
+    assert_eq!(st.packs_compacted, 0);
+    let file = cs.pack_file_bytes().unwrap();
+    let budget = file - (128 << 10);
+    assert!(cs.packed_live_bytes().unwrap() <= budget);
+    let st = cs.gc_within(Some(budget), &mut |_| {}).unwrap();
+    assert_eq!(st.nars_evicted, 0, "a NAR evicted while the live bytes fit");
+    assert!(
+        cs.pack_file_bytes().unwrap() <= budget,
+        "packs of {} bytes left over a budget of {budget} ({file} before GC)",
+        cs.pack_file_bytes().unwrap()
+    );
+    for (m, nar) in &kept {
+        assert_eq!(&read_all(&cs, &m.nar_hash).unwrap(), nar);
+    }
+    assert!(cs.fsck(true).unwrap().is_clean());
+}
+
 #[test]
 fn pinned_and_local_nars_are_never_evicted() {
     let t = tempfile::tempdir().unwrap();

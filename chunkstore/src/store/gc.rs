@@ -125,7 +125,7 @@ impl ChunkStore {
 
     /// [`gc`](Self::gc), after evicting least recently used NARs (see
     /// [`evict_to`](Self::evict_to)) until the packs' live bytes fit in `budget`. With a budget,
-    /// packs that are dead by a tenth are compacted as well, so the files shrink to it.
+    /// packs with dead bytes are compacted as well, the most dead first, until the files fit.
     pub fn gc_within(
         &self,
         budget: Option<u64>,
@@ -214,25 +214,32 @@ impl ChunkStore {
             st.chunks_deleted, st.pack_copies_released
         ));
 
-        let total: u64 = sealed
-            .iter()
-            .map(|p| i.packs.file_len(*p))
-            .sum::<Result<u64>>()?;
-        let pressed = budget.is_some_and(|b| total > b);
-        for pack in sealed {
-            let size = i.packs.file_len(pack)?;
-            let used = live.get(&pack).copied().unwrap_or(0);
+        let mut packs: Vec<(u32, u64, u64)> = sealed
+            .into_iter()
+            .map(|p| Ok((p, i.packs.file_len(p)?, live.get(&p).copied().unwrap_or(0))))
+            .collect::<Result<_>>()?;
+        // With a budget the files must shrink to it, however thinly the dead bytes are spread:
+        // beyond the mostly-dead packs, those with the most dead bytes are compacted until what
+        // is left fits (a pack rewritten for a few dead bytes only when the budget needs them).
+        let total: u64 = packs.iter().map(|&(_, size, _)| size).sum();
+        let mut over = budget.map_or(0, |b| total.saturating_sub(b));
+        packs.sort_by_key(|&(_, size, used)| std::cmp::Reverse(size.saturating_sub(used)));
+        for (pack, size, used) in packs {
+            let dead = size.saturating_sub(used);
             if used == 0 {
                 pause.exclusive(self, |_| i.packs.remove(pack))?;
                 st.packs_removed += 1;
                 st.bytes_reclaimed += size;
                 progress(&format!("removed pack {pack}"));
-            } else if used < size / 2 || (pressed && used < size - size / 10) {
+            } else if used < size / 2 || (over > 0 && dead > 0) {
                 self.compact(pack, &mut pause)?;
                 st.packs_compacted += 1;
-                st.bytes_reclaimed += size.saturating_sub(used);
+                st.bytes_reclaimed += dead;
                 progress(&format!("compacted pack {pack}"));
+            } else {
+                continue;
             }
+            over = over.saturating_sub(dead);
         }
         st.longest_pause = pause.longest;
         Ok(st)
