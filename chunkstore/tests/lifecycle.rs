@@ -90,6 +90,45 @@ fn packs_over_the_budget_with_a_little_dead_in_each_are_compacted_to_it() {
     assert!(cs.fsck(true).unwrap().is_clean());
 }
 
+/// A NAR downloaded into packs, then imported by Nix (the scan reads it in place): its pack
+/// copies are GC's to release, and the budget counts them no more. A NAR held only in packs is
+/// not evicted to make room that releasing them makes anyway.
+#[test]
+fn pack_copies_about_to_be_released_do_not_evict_another_nar() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let store_dir = root.join("nix/store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let cs = open(&t.path().join("s"), Some(&root));
+    let (kept, kept_nar) = ingest(&cs, 3001, 2 << 20);
+    let name = "1c6kzph7l0dcbyl8cvq3q7zryzqal1va-imported";
+    make_tree(&store_dir.join(name), 3003, 2 << 20);
+    let downloaded = cs
+        .ingest_nar(
+            nar_of(&store_dir.join(name)).as_slice(),
+            None,
+            None,
+            &mut none,
+        )
+        .unwrap();
+    cs.mark_used(&kept.nar_hash).unwrap();
+    cs.mark_used(&downloaded.nar_hash).unwrap();
+    let path = peerix_nix::StorePath::from_base_name(name).unwrap();
+    let local = cs.ingest_local(&path, None, &mut none).unwrap();
+    assert_eq!(local.nar_hash, downloaded.nar_hash);
+    // Room for one NAR of the two the packs hold.
+    let budget = cs.pack_file_bytes().unwrap() * 3 / 4;
+    let st = cs.gc_within(Some(budget), &mut |_| {}).unwrap();
+    assert_eq!(
+        st.nars_evicted, 0,
+        "a NAR evicted for room the release made anyway"
+    );
+    assert!(st.pack_copies_released > 0);
+    assert_eq!(read_all(&cs, &kept.nar_hash).unwrap(), kept_nar);
+    assert!(cs.pack_file_bytes().unwrap() <= budget);
+    assert!(cs.fsck(true).unwrap().is_clean());
+}
+
 #[test]
 fn pinned_and_local_nars_are_never_evicted() {
     let t = tempfile::tempdir().unwrap();

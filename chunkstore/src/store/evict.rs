@@ -10,7 +10,7 @@ use tracing::info;
 use super::ChunkStore;
 use crate::index::{hash_key, ChunkRec};
 use crate::pack::HEADER;
-use crate::{Error, Result};
+use crate::{ChunkId, Error, Result};
 
 fn now_millis() -> u64 {
     std::time::SystemTime::now()
@@ -44,11 +44,28 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Bytes the packs hold for live chunk records (headers included): what the budget bounds.
+    /// Bytes the packs keep for chunk records (headers included) once GC has swept: what the
+    /// budget bounds. Records the sweep drops (no NAR or download uses them) or releases (the
+    /// pack copy of a chunk the local store holds, which nothing needs in packs) do not count:
+    /// a NAR Nix has just imported must not make the budget evict another for room its
+    /// release makes anyway.
     pub fn packed_live_bytes(&self) -> Result<u64> {
+        let needed = self.pack_needed()?;
         let mut n = 0;
-        for v in self.inner.chunks.iter().values() {
-            if let Some(p) = ChunkRec::decode(&v?)?.pack {
+        for kv in self.inner.chunks.iter() {
+            let (k, v) = kv?;
+            let r = ChunkRec::decode(&v)?;
+            let Some(p) = r.pack else {
+                continue;
+            };
+            let id = ChunkId(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::BadRecord { what: "chunk key" })?,
+            );
+            // What the sweep keeps (`gc_within`): chunks of NARs and downloads, but for pack
+            // copies of local chunks that no pinned or packs-only NAR or download needs.
+            if needed.contains(&id) || (r.refs > 0 && r.local.is_none()) {
                 n += HEADER as u64 + u64::from(p.stored_len);
             }
         }
