@@ -90,6 +90,34 @@ fn packs_over_the_budget_with_a_little_dead_in_each_are_compacted_to_it() {
     assert!(cs.fsck(true).unwrap().is_clean());
 }
 
+/// Live bytes over the budget (a pinned NAR is never evicted): no compaction can make the
+/// files fit, so a pack with a little dead in it is left as it is, not rewritten by every GC.
+#[test]
+fn a_budget_the_live_bytes_exceed_does_not_rewrite_packs_for_a_little_dead() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let store_dir = root.join("nix/store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let cs = open(&t.path().join("s"), Some(&root));
+    let name = "2c6kzph7l0dcbyl8cvq3q7zryzqal1va-pinned";
+    make_tree(&store_dir.join(name), 4001, 2 << 20);
+    let path = peerix_nix::StorePath::from_base_name(name).unwrap();
+    cs.ingest_local(&path, None, &mut none).unwrap();
+    cs.pin(&path.hash()).unwrap();
+    let (gone, _) = ingest(&cs, 4003, 96 << 10);
+    assert!(cs.remove_manifest(&gone.nar_hash).unwrap());
+    let file = cs.pack_file_bytes().unwrap();
+    let st = cs.gc_within(Some(1 << 20), &mut |_| {}).unwrap();
+    assert_eq!(st.nars_evicted, 0);
+    assert!(st.chunks_deleted > 0, "the dead NAR's chunks were swept");
+    assert_eq!(
+        st.packs_compacted, 0,
+        "a mostly live pack rewritten to no avail"
+    );
+    assert_eq!(cs.pack_file_bytes().unwrap(), file);
+    assert!(cs.fsck(true).unwrap().is_clean());
+}
+
 /// A NAR downloaded into packs, then imported by Nix (the scan reads it in place): its pack
 /// copies are GC's to release, and the budget counts them no more. A NAR held only in packs is
 /// not evicted to make room that releasing them makes anyway.

@@ -221,17 +221,26 @@ impl ChunkStore {
         // With a budget the files must shrink to it, however thinly the dead bytes are spread:
         // beyond the mostly-dead packs, those with the most dead bytes are compacted until what
         // is left fits (a pack rewritten for a few dead bytes only when the budget needs them).
+        // When the live bytes alone are over it (pinned and local NARs are never evicted), no
+        // rewriting makes the files fit: only packs dead by a tenth are compacted then, so
+        // that every GC does not rewrite every pack a chunk died in.
         let total: u64 = packs.iter().map(|&(_, size, _)| size).sum();
-        let mut over = budget.map_or(0, |b| total.saturating_sub(b));
+        let used_total: u64 = packs.iter().map(|&(_, _, used)| used).sum();
+        let (mut over, pressed) = match budget {
+            Some(b) if used_total <= b => (total.saturating_sub(b), false),
+            Some(b) => (0, total > b),
+            None => (0, false),
+        };
         packs.sort_by_key(|&(_, size, used)| std::cmp::Reverse(size.saturating_sub(used)));
         for (pack, size, used) in packs {
             let dead = size.saturating_sub(used);
+            let thin = over > 0 || (pressed && dead >= size / 10);
             if used == 0 {
                 pause.exclusive(self, |_| i.packs.remove(pack))?;
                 st.packs_removed += 1;
                 st.bytes_reclaimed += size;
                 progress(&format!("removed pack {pack}"));
-            } else if used < size / 2 || (over > 0 && dead > 0) {
+            } else if used < size / 2 || (thin && dead > 0) {
                 self.compact(pack, &mut pause)?;
                 st.packs_compacted += 1;
                 st.bytes_reclaimed += dead;
