@@ -9,7 +9,7 @@
 use peerix_nix::Sha256Hash;
 
 use crate::pack::PackLoc;
-use crate::{Error, Result};
+use crate::{ChunkId, Error, Result};
 
 /// Where a chunk's bytes can be read from, and how many manifests use it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +117,13 @@ pub fn hash_key(b: &[u8]) -> Result<Sha256Hash> {
     b.try_into().map(Sha256Hash).map_err(|_| Error::BadRecord {
         what: "NarHash key",
     })
+}
+
+/// The chunk id a record of the chunks tree is keyed by.
+pub fn chunk_key(b: &[u8]) -> Result<ChunkId> {
+    b.try_into()
+        .map(ChunkId)
+        .map_err(|_| Error::BadRecord { what: "chunk key" })
 }
 
 #[cfg(test)]

@@ -8,9 +8,9 @@ use peerix_nix::{Sha256Hash, StorePathHash};
 use tracing::info;
 
 use super::ChunkStore;
-use crate::index::{hash_key, ChunkRec};
+use crate::index::{chunk_key, hash_key, ChunkRec};
 use crate::pack::HEADER;
-use crate::{ChunkId, Error, Result};
+use crate::{Error, Result};
 
 fn now_millis() -> u64 {
     std::time::SystemTime::now()
@@ -58,11 +58,7 @@ impl ChunkStore {
             let Some(p) = r.pack else {
                 continue;
             };
-            let id = ChunkId(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::BadRecord { what: "chunk key" })?,
-            );
+            let id = chunk_key(&k)?;
             // What the sweep keeps (`gc_within`): chunks of NARs and downloads, but for pack
             // copies of local chunks that no pinned or packs-only NAR or download needs.
             if needed.contains(&id) || (r.refs > 0 && r.local.is_none()) {

@@ -11,9 +11,9 @@ use tracing::{debug, warn};
 
 use super::read::verify;
 use super::{tx_err, ChunkStore, TxError};
-use crate::index::{hash_key, ChunkRec};
+use crate::index::{chunk_key, hash_key, ChunkRec};
 use crate::pack::{PackLoc, HEADER};
-use crate::{ChunkId, Error, Manifest, Result};
+use crate::{ChunkId, Manifest, Result};
 
 #[derive(Clone, Debug, Default)]
 pub struct GcStats {
@@ -180,11 +180,7 @@ impl ChunkStore {
                     let (k, v) = kv?;
                     n += 1;
                     let mut r = ChunkRec::decode(&v)?;
-                    let id = ChunkId(
-                        k.as_ref()
-                            .try_into()
-                            .map_err(|_| Error::BadRecord { what: "chunk key" })?,
-                    );
+                    let id = chunk_key(&k)?;
                     if r.refs == 0 && !in_flight.contains(&id) {
                         batch.remove(k.clone());
                         st.chunks_deleted += 1;
@@ -268,11 +264,7 @@ impl ChunkStore {
             let Some(old) = r.pack.filter(|p| p.pack == pack) else {
                 continue;
             };
-            let id = ChunkId(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::BadRecord { what: "chunk key" })?,
-            );
+            let id = chunk_key(&k)?;
             match i.packs.read(&id, &old, r.len).and_then(|d| verify(&id, d)) {
                 Ok(data) => {
                     let new = i.packs.append(&id, &data, true)?;
