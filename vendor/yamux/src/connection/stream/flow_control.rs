@@ -14,14 +14,9 @@ pub(crate) const MAX_INITIAL_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// trip (peerix), in bytes per second: 1 Gbit/s.
 pub(crate) const INITIAL_WINDOW_RATE: u64 = 125_000_000;
 
-/// The least an outbound stream's first receive window is once its connection's round trip is
-/// known (peerix). On a short path the round trip is not what a window waits on: the receiver's
-/// turnaround is (its reader taking half the window, the update going out through the
-/// connection's task, the sender woken), about a millisecond on a busy machine, and a peer
-/// answers one request at a time, so one stream's window is all that is in flight to it. A
-/// single seeder on loopback was held to 437–504 MiB/s by 256 KiB, 547–570 with 1 MiB, no more
-/// with 2 MiB (`peerix bench --seeders 1 --size-mib 512`, alternated runs).
-pub(crate) const MIN_INITIAL_STREAM_WINDOW: u32 = 1024 * 1024;
+/// The shortest round trip over which a new outbound stream starts with a window for its round
+/// trip (peerix): below it, streams start at [`DEFAULT_CREDIT`] as upstream's do.
+pub(crate) const MIN_RTT_FOR_WINDOW: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 pub(crate) struct FlowController {
@@ -62,8 +57,8 @@ impl FlowController {
     }
 
     /// The receive window a new outbound stream starts with (peerix): the bandwidth-delay
-    /// product of [`INITIAL_WINDOW_RATE`] over the connection's round trip, at least
-    /// [`MIN_INITIAL_STREAM_WINDOW`], at most [`MAX_INITIAL_STREAM_WINDOW`] and within the connection limit, its excess over
+    /// product of [`INITIAL_WINDOW_RATE`] over the connection's round trip, at most
+    /// [`MAX_INITIAL_STREAM_WINDOW`] and within the connection limit, its excess over
     /// [`DEFAULT_CREDIT`] reserved in `accumulated_max_stream_windows` as a grown window's is.
     /// A stream that starts at [`DEFAULT_CREDIT`] on a long path is held to 256 KiB per round
     /// trip until auto-tuning has doubled its window enough: a request of a few MiB, as a
@@ -77,18 +72,15 @@ impl FlowController {
         config: &Config,
         rtt: Option<Duration>,
     ) -> u32 {
-        // Before the round trip is known (the connection's first ping is out), upstream's
-        // window. A larger one than the path needs lets a fast peer fill this side's buffers
-        // while its reader is slower than the link: on loopback, 4 MiB made a receiving daemon
-        // peak 22 MiB higher; [`MIN_INITIAL_STREAM_WINDOW`] is what a short path needs.
-        let Some(rtt) = rtt else {
+        // On a short path the window's growth from 256 KiB costs a few milliseconds, and a
+        // larger first window would only let a fast peer fill this side's buffers while its
+        // reader is slower than the link (on loopback a receiving daemon peaked 22 MiB higher).
+        // Before the round trip is known (the connection's first ping is out), upstream's too.
+        let Some(rtt) = rtt.filter(|rtt| *rtt >= MIN_RTT_FOR_WINDOW) else {
             return DEFAULT_CREDIT;
         };
         let bdp = (rtt.as_secs_f64() * INITIAL_WINDOW_RATE as f64) as u64;
-        let initial = bdp.clamp(
-            MIN_INITIAL_STREAM_WINDOW.into(),
-            MAX_INITIAL_STREAM_WINDOW.into(),
-        ) as u32;
+        let initial = bdp.clamp(DEFAULT_CREDIT.into(), MAX_INITIAL_STREAM_WINDOW.into()) as u32;
         let mut accumulated = accumulated_max_stream_windows.lock();
         let room = config
             .max_connection_receive_window
