@@ -3,11 +3,13 @@
 //! or reclaimed.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use peerix_chunkstore::{ChunkStore, ChunkerParams, Manifest, Options};
+use peerix_nix::StorePath;
 use peerix_test_support::fixtures::{make_tree, nar_of};
 use peerix_test_support::rng::Rng;
 use peerix_test_support::store::{none, open, read_all};
@@ -22,6 +24,20 @@ fn ingest(cs: &ChunkStore, seed: u64, size: usize) -> (Manifest, Vec<u8>) {
         .ingest_nar(nar.as_slice(), None, None, &mut none)
         .unwrap();
     (m, nar)
+}
+
+/// A chunk store over a Nix store of its own, and that store's directory.
+fn open_with_nix_store(t: &tempfile::TempDir) -> (ChunkStore, PathBuf) {
+    let root = t.path().join("root");
+    let store_dir = root.join("nix/store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    (open(&t.path().join("s"), Some(&root)), store_dir)
+}
+
+/// The store path `name`, made in `store_dir` with `size` bytes of files from `seed`.
+fn make_store_path(store_dir: &Path, name: &str, seed: u64, size: usize) -> StorePath {
+    make_tree(&store_dir.join(name), seed, size);
+    StorePath::from_base_name(name).unwrap()
 }
 
 #[test]
@@ -95,13 +111,13 @@ fn packs_over_the_budget_with_a_little_dead_in_each_are_compacted_to_it() {
 #[test]
 fn a_budget_the_live_bytes_exceed_does_not_rewrite_packs_for_a_little_dead() {
     let t = tempfile::tempdir().unwrap();
-    let root = t.path().join("root");
-    let store_dir = root.join("nix/store");
-    std::fs::create_dir_all(&store_dir).unwrap();
-    let cs = open(&t.path().join("s"), Some(&root));
-    let name = "2c6kzph7l0dcbyl8cvq3q7zryzqal1va-pinned";
-    make_tree(&store_dir.join(name), 4001, 2 << 20);
-    let path = peerix_nix::StorePath::from_base_name(name).unwrap();
+    let (cs, store_dir) = open_with_nix_store(&t);
+    let path = make_store_path(
+        &store_dir,
+        "2c6kzph7l0dcbyl8cvq3q7zryzqal1va-pinned",
+        4001,
+        2 << 20,
+    );
     cs.ingest_local(&path, None, &mut none).unwrap();
     cs.pin(&path.hash()).unwrap();
     let (gone, _) = ingest(&cs, 4003, 96 << 10);
@@ -124,24 +140,20 @@ fn a_budget_the_live_bytes_exceed_does_not_rewrite_packs_for_a_little_dead() {
 #[test]
 fn pack_copies_about_to_be_released_do_not_evict_another_nar() {
     let t = tempfile::tempdir().unwrap();
-    let root = t.path().join("root");
-    let store_dir = root.join("nix/store");
-    std::fs::create_dir_all(&store_dir).unwrap();
-    let cs = open(&t.path().join("s"), Some(&root));
+    let (cs, store_dir) = open_with_nix_store(&t);
     let (kept, kept_nar) = ingest(&cs, 3001, 2 << 20);
-    let name = "1c6kzph7l0dcbyl8cvq3q7zryzqal1va-imported";
-    make_tree(&store_dir.join(name), 3003, 2 << 20);
+    let path = make_store_path(
+        &store_dir,
+        "1c6kzph7l0dcbyl8cvq3q7zryzqal1va-imported",
+        3003,
+        2 << 20,
+    );
+    let nar = nar_of(&store_dir.join(path.base_name()));
     let downloaded = cs
-        .ingest_nar(
-            nar_of(&store_dir.join(name)).as_slice(),
-            None,
-            None,
-            &mut none,
-        )
+        .ingest_nar(nar.as_slice(), None, None, &mut none)
         .unwrap();
     cs.mark_used(&kept.nar_hash).unwrap();
     cs.mark_used(&downloaded.nar_hash).unwrap();
-    let path = peerix_nix::StorePath::from_base_name(name).unwrap();
     let local = cs.ingest_local(&path, None, &mut none).unwrap();
     assert_eq!(local.nar_hash, downloaded.nar_hash);
     // Room for one NAR of the two the packs hold.
@@ -160,14 +172,14 @@ fn pack_copies_about_to_be_released_do_not_evict_another_nar() {
 #[test]
 fn pinned_and_local_nars_are_never_evicted() {
     let t = tempfile::tempdir().unwrap();
-    let root = t.path().join("root");
-    let store_dir = root.join("nix/store");
-    std::fs::create_dir_all(&store_dir).unwrap();
-    let cs = open(&t.path().join("s"), Some(&root));
+    let (cs, store_dir) = open_with_nix_store(&t);
     // A path of the local store, indexed in place, then pinned (its chunks copied to packs).
-    let name = "0c6kzph7l0dcbyl8cvq3q7zryzqal1va-pinned";
-    make_tree(&store_dir.join(name), 5, 1 << 20);
-    let path = peerix_nix::StorePath::from_base_name(name).unwrap();
+    let path = make_store_path(
+        &store_dir,
+        "0c6kzph7l0dcbyl8cvq3q7zryzqal1va-pinned",
+        5,
+        1 << 20,
+    );
     let pinned = cs.ingest_local(&path, None, &mut none).unwrap();
     cs.pin(&path.hash()).unwrap();
     let (other, _) = ingest(&cs, 6, 1 << 20);

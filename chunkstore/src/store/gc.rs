@@ -224,7 +224,8 @@ impl ChunkStore {
         let used_total: u64 = packs.iter().map(|&(_, _, used)| used).sum();
         let (mut over, pressed) = match budget {
             Some(b) if used_total <= b => (total.saturating_sub(b), false),
-            Some(b) => (0, total > b),
+            // The live bytes alone are over it.
+            Some(_) => (0, true),
             None => (0, false),
         };
         packs.sort_by_key(|&(_, size, used)| std::cmp::Reverse(size.saturating_sub(used)));
