@@ -3,7 +3,8 @@
 //! as the connection opens), not the latest one. On a loaded machine one ping can
 //! take tens of milliseconds over loopback; a window sized from it let a fast peer fill a slow
 //! reader's buffers, and a greedy peer crowd out a modest one's upload slots
-//! (`fairness.rs`).
+//! (`fairness.rs`). And on a short path, the window a stream is raised to while it is answered
+//! (two of a connection's streams at once).
 //!
 //! The remote is this test: it reads the client's frames and answers its pings, each after a
 //! delay it chooses, so the round trips the client measures are the script's.
@@ -232,4 +233,198 @@ async fn over_a_long_round_trip_a_stream_opens_with_a_window_for_it() {
         (bdp..=MAX_WINDOW).contains(&window),
         "a first window of {window} bytes over a {rtt:?} round trip (bandwidth-delay product {bdp})"
     );
+}
+
+/// The window a stream being answered on a short path is raised to (`ANSWER_WINDOW`).
+const ANSWER_WINDOW: u32 = 1 << 20;
+
+/// What the test asks of the client's side of the connection.
+enum Ask {
+    /// Open a stream and write a byte on it (its request).
+    Open,
+    /// Read what comes in on stream `i` (in opening order); how many bytes is sent back.
+    Read(usize),
+    /// Drop stream `i`, as a finished request's reader does.
+    Drop(usize),
+}
+
+/// The remote's side: the client's frames, pings answered at once, and data to send it.
+struct Remote {
+    frames: Frames,
+    to_client: mpsc::UnboundedSender<Vec<u8>>,
+    asks: mpsc::UnboundedSender<Ask>,
+    reads: mpsc::UnboundedReceiver<usize>,
+}
+
+impl Remote {
+    /// The client's next frame that is not a ping (those are answered).
+    async fn next(&mut self) -> Header {
+        loop {
+            let h = self.frames.next().await;
+            if h.kind == PING && h.flags & SYN != 0 {
+                let _ = self.to_client.send(pong(h.len));
+                continue;
+            }
+            return h;
+        }
+    }
+
+    fn send(&self, stream: u32, flags: u16, len: usize) {
+        let mut f = vec![0, DATA];
+        f.extend(flags.to_be_bytes());
+        f.extend(stream.to_be_bytes());
+        f.extend((len as u32).to_be_bytes());
+        f.resize(HEADER + len, 7);
+        self.to_client.send(f).unwrap();
+    }
+
+    /// Has the client read stream `i`, and returns how much it read.
+    async fn read(&mut self, i: usize) -> usize {
+        self.asks.send(Ask::Read(i)).unwrap();
+        self.reads.recv().await.unwrap()
+    }
+}
+
+/// A short path (every ping answered at once): a stream opens with yamux's default window and
+/// is raised to 1 MiB once its answer flows and its reader reads, so a peer answering it need
+/// not wait for the receiver's turnaround every 128 KiB; but only two of a connection's streams
+/// hold the larger window at once, so streams whose readers stall (on their disk) cannot make
+/// the receiver hold 1 MiB each. A third is raised once one of the two is dropped.
+#[tokio::test]
+async fn on_a_short_path_two_streams_being_answered_get_a_larger_window() {
+    let (out, rx) = mpsc::unbounded_channel();
+    let (to_client, input) = mpsc::unbounded_channel();
+    let socket = Scripted {
+        out,
+        input,
+        pending: Vec::new(),
+    };
+    let mut conn = yamux::Connection::new(socket, yamux::Config::default(), yamux::Mode::Client);
+    let (ask_tx, mut ask_rx) = mpsc::unbounded_channel::<Ask>();
+    let (read_tx, read_rx) = mpsc::unbounded_channel::<usize>();
+    let mut streams: Vec<Option<yamux::Stream>> = Vec::new();
+    let mut opening = 0;
+    // A read asked for and not yet done: it stays pending while the other asks go on.
+    let mut reading: Option<usize> = None;
+    let drive = poll_fn(|cx| {
+        while let Poll::Ready(Some(a)) = ask_rx.poll_recv(cx) {
+            match a {
+                Ask::Open => opening += 1,
+                Ask::Read(i) => {
+                    assert!(reading.is_none(), "one read at a time");
+                    reading = Some(i);
+                }
+                Ask::Drop(i) => streams[i] = None,
+            }
+        }
+        while opening > 0 {
+            let Poll::Ready(s) = conn.poll_new_outbound(cx) else {
+                break;
+            };
+            let mut s = s.expect("a new stream");
+            match Pin::new(&mut s).poll_write(cx, b"x") {
+                Poll::Ready(r) => assert_eq!(r.expect("a write"), 1),
+                Poll::Pending => panic!("a new stream has no room for a byte"),
+            }
+            streams.push(Some(s));
+            opening -= 1;
+        }
+        if let Some(i) = reading {
+            let s = streams[i].as_mut().expect("an open stream");
+            let mut buf = vec![0u8; 1 << 20];
+            if let Poll::Ready(r) = Pin::new(s).poll_read(cx, &mut buf) {
+                read_tx.send(r.expect("a read")).unwrap();
+                reading = None;
+            }
+        }
+        match conn.poll_next_inbound(cx) {
+            Poll::Ready(r) => panic!("the connection ended: {:?}", r.map(|r| r.map(|_| ()))),
+            Poll::Pending => Poll::<()>::Pending,
+        }
+    });
+    let mut remote = Remote {
+        frames: Frames {
+            rx,
+            bytes: Vec::new(),
+        },
+        to_client,
+        asks: ask_tx,
+        reads: read_rx,
+    };
+    // A client's streams have odd ids: 1, 3, 5.
+    let script = async {
+        // The round trip is known before the streams open: the client's second ping goes out
+        // once the first pong came in.
+        loop {
+            let h = remote.frames.next().await;
+            assert_eq!(h.kind, PING, "a frame before any stream: {h:?}");
+            let _ = remote.to_client.send(pong(h.len));
+            if h.len == 1 {
+                break;
+            }
+        }
+        for _ in 0..3 {
+            remote.asks.send(Ask::Open).unwrap();
+        }
+        for _ in 0..3 {
+            let h = remote.next().await;
+            assert_eq!(
+                h.kind, DATA,
+                "a request on a short path opens with its data: {h:?}"
+            );
+            assert_eq!(h.flags & SYN, SYN, "{h:?}");
+        }
+        // Streams 1 and 3 are answered and read: each is raised to 1 MiB.
+        for (i, id) in [(0, 1u32), (1, 3)] {
+            remote.send(id, ACK, 64 << 10);
+            assert_eq!(remote.read(i).await, 64 << 10);
+            let h = remote.next().await;
+            assert_eq!((h.kind, h.stream), (WINDOW_UPDATE, id), "{h:?}");
+            assert_eq!(
+                h.len,
+                ANSWER_WINDOW - DEFAULT_CREDIT,
+                "stream {id}, being answered, was not raised to 1 MiB"
+            );
+        }
+        // Stream 5 is sent its whole default window and reads it, while 1 and 3 hold theirs:
+        // what it grants is yamux's own update (doubled at most, by auto-tuning), not a raise.
+        remote.send(5, ACK, 128 << 10);
+        remote.send(5, 0, 128 << 10);
+        let mut got = 0;
+        while got < 256 << 10 {
+            got += remote.read(2).await;
+        }
+        // The next read sends the update, and waits.
+        remote.asks.send(Ask::Read(2)).unwrap();
+        let h = remote.next().await;
+        assert_eq!((h.kind, h.stream), (WINDOW_UPDATE, 5), "{h:?}");
+        assert!(
+            h.len <= 2 * DEFAULT_CREDIT,
+            "a third stream was raised while two held the larger window: {} bytes granted",
+            h.len
+        );
+        // Stream 1 ends: its reader drops it, which closes it and gives its window back.
+        // Stream 5 is raised at its next read.
+        remote.asks.send(Ask::Drop(0)).unwrap();
+        let h = remote.next().await;
+        assert_eq!(h.stream, 1, "stream 1's close: {h:?}");
+        remote.send(5, 0, 64 << 10);
+        assert_eq!(remote.reads.recv().await.unwrap(), 64 << 10);
+        remote.asks.send(Ask::Read(2)).unwrap();
+        let h = remote.next().await;
+        assert_eq!((h.kind, h.stream), (WINDOW_UPDATE, 5), "{h:?}");
+        assert!(
+            h.len >= ANSWER_WINDOW - 2 * DEFAULT_CREDIT,
+            "stream 5 was not raised once stream 1 gave its window back: {} bytes granted",
+            h.len
+        );
+    };
+    tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            () = drive => unreachable!(),
+            () = script => {},
+        }
+    })
+    .await
+    .expect("the client answered as the script expects");
 }

@@ -147,6 +147,7 @@ impl Stream {
                 accumulated_max_stream_windows,
                 rtt,
                 config,
+                false,
             ))),
         }
     }
@@ -193,6 +194,7 @@ impl Stream {
                 accumulated_max_stream_windows,
                 rtt,
                 config,
+                true,
             ))),
         }
     }
@@ -504,6 +506,7 @@ impl Shared {
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
         rtt: Rtt,
         config: Arc<Config>,
+        outbound: bool,
     ) -> Self {
         Shared {
             state: State::Open {
@@ -515,6 +518,7 @@ impl Shared {
                 accumulated_max_stream_windows,
                 rtt,
                 config,
+                outbound,
             ),
             buffer: Chunks::new(),
             reader: None,
