@@ -37,9 +37,11 @@ struct Bufs {
 
 static POOL: Pool = Pool::new(POOL_BYTES);
 
-/// A buffer of `len` zero bytes.
-pub fn zeroed(len: usize) -> Vec<u8> {
-    POOL.zeroed(len)
+/// A buffer of `len` bytes that the caller overwrites whole before anything reads it: a pooled
+/// one keeps the bytes it held (zeroing it was a pass over every chunk received or read), a
+/// new one is zeroed.
+pub fn for_overwrite(len: usize) -> Vec<u8> {
+    POOL.for_overwrite(len)
 }
 
 /// An empty buffer with room for `cap` bytes.
@@ -68,10 +70,18 @@ impl Pool {
         }
     }
 
-    pub fn zeroed(&self, len: usize) -> Vec<u8> {
-        let mut v = self.with_capacity(len);
-        v.resize(len, 0);
-        v
+    pub fn for_overwrite(&self, len: usize) -> Vec<u8> {
+        if len >= MIN_POOLED {
+            if let Some(mut v) = self.take(len) {
+                if v.len() >= len {
+                    v.truncate(len);
+                } else {
+                    v.resize(len, 0);
+                }
+                return v;
+            }
+        }
+        vec![0; len]
     }
 
     pub fn with_capacity(&self, cap: usize) -> Vec<u8> {
@@ -139,8 +149,10 @@ mod tests {
     #[test]
     fn buffers_come_back_and_the_pool_stays_bounded() {
         static POOL: Pool = Pool::new(1 << 20);
-        let a = POOL.zeroed(300 << 10);
+        // A new buffer is zeroed.
+        let mut a = POOL.for_overwrite(300 << 10);
         assert!(a.iter().all(|&b| b == 0) && a.len() == 300 << 10);
+        a.fill(7);
         let p = a.as_ptr();
         let bytes = POOL.into_bytes(a);
         let part = bytes.slice(10..20);
@@ -150,13 +162,20 @@ mod tests {
         assert!(other.as_ptr() != p);
         drop(other);
         drop(part);
-        // Back: the next buffer that fits is the same memory, zeroed again.
-        let mut b = POOL.zeroed(200 << 10);
-        assert_eq!(b.as_ptr(), p);
-        assert!(b.iter().all(|&x| x == 0));
-        b.fill(7);
+        // Back: the next buffer that fits is the same memory, as long as asked for and not
+        // zeroed again (its caller overwrites it whole)...
+        let b = POOL.for_overwrite(200 << 10);
+        assert_eq!((b.as_ptr(), b.len()), (p, 200 << 10));
+        assert!(b.iter().all(|&x| x == 7));
         POOL.give(b);
-        assert!(POOL.zeroed(200 << 10).iter().all(|&x| x == 0));
+        // ...but for what it did not hold: zeroes past its old length.
+        let b = POOL.for_overwrite(250 << 10);
+        assert_eq!((b.as_ptr(), b.len()), (p, 250 << 10));
+        assert!(b[..200 << 10].iter().all(|&x| x == 7));
+        assert!(b[200 << 10..].iter().all(|&x| x == 0));
+        POOL.give(b);
+        // A buffer for appending starts empty.
+        assert!(POOL.with_capacity(200 << 10).is_empty());
         // Never more than the budget, and small buffers not at all.
         for _ in 0..64 {
             POOL.give(Vec::with_capacity(MIN_POOLED));

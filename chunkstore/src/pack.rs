@@ -252,7 +252,7 @@ impl Packs {
         if h.id != *id || h.stored_len != loc.stored_len || h.raw_len != raw_len {
             return Err(corrupt("pack header does not match the index".into()));
         }
-        let mut data = crate::buffers::zeroed(loc.stored_len as usize);
+        let mut data = crate::buffers::for_overwrite(loc.stored_len as usize);
         read_at(&mut data, loc.offset + HEADER as u64)?;
         if h.zstd {
             let out = crate::codec::decompress(&data, raw_len as usize)

@@ -173,7 +173,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
         });
     }
     // A chunk frame's buffer comes from the pool and goes back to it once the chunk is done.
-    let mut body = peerix_chunkstore::buffers::zeroed(body_len);
+    let mut body = peerix_chunkstore::buffers::for_overwrite(body_len);
     r.read_exact(&mut body).await?;
     Ok(Frame { kind: k, body })
 }

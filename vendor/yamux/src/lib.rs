@@ -24,6 +24,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bodies;
 mod chunks;
 mod error;
 mod frame;

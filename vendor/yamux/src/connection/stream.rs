@@ -355,7 +355,10 @@ impl AsyncRead for Stream {
         let mut n = 0;
         while let Some(chunk) = shared.buffer.front_mut() {
             if chunk.is_empty() {
-                shared.buffer.pop();
+                // peerix: the next frame is read into it (`crate::bodies`).
+                if let Some(c) = shared.buffer.pop() {
+                    crate::bodies::give(c.into_vec());
+                }
                 continue;
             }
             let k = std::cmp::min(chunk.len(), buf.len() - n);

@@ -215,7 +215,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Stream for Io<T> {
                         this.read_state = ReadState::Body {
                             header,
                             offset: 0,
-                            buffer: vec![0; body_len],
+                            // peerix: a body a reader consumed, not zeroes.
+                            buffer: crate::bodies::take(body_len),
                         };
 
                         continue;
