@@ -123,12 +123,13 @@ fn pong(id: u32) -> Vec<u8> {
     f
 }
 
-/// A client connection whose remote answers ping `i` after `delays[i]` (pings past the list
-/// are not answered). Once the client sent ping 3, which it does only once it had pong 2, it
-/// opens a stream and writes a byte on it. Returns the stream's first frame: a window update
-/// granting more than the default (with SYN), or the data with SYN when the stream opens with
-/// yamux's default window.
-async fn first_frame_of_a_stream(delays: &[Duration]) -> Header {
+/// A yamux client over a socket whose remote is the test: the client's frames as it writes
+/// them, and the sender of what it reads.
+fn scripted_client() -> (
+    yamux::Connection<Scripted>,
+    Frames,
+    mpsc::UnboundedSender<Vec<u8>>,
+) {
     let (out, rx) = mpsc::unbounded_channel();
     let (to_client, input) = mpsc::unbounded_channel();
     let socket = Scripted {
@@ -136,11 +137,21 @@ async fn first_frame_of_a_stream(delays: &[Duration]) -> Header {
         input,
         pending: Vec::new(),
     };
-    let mut conn = yamux::Connection::new(socket, yamux::Config::default(), yamux::Mode::Client);
-    let mut frames = Frames {
+    let conn = yamux::Connection::new(socket, yamux::Config::default(), yamux::Mode::Client);
+    let frames = Frames {
         rx,
         bytes: Vec::new(),
     };
+    (conn, frames, to_client)
+}
+
+/// A client connection whose remote answers ping `i` after `delays[i]` (pings past the list
+/// are not answered). Once the client sent ping 3, which it does only once it had pong 2, it
+/// opens a stream and writes a byte on it. Returns the stream's first frame: a window update
+/// granting more than the default (with SYN), or the data with SYN when the stream opens with
+/// yamux's default window.
+async fn first_frame_of_a_stream(delays: &[Duration]) -> Header {
+    let (mut conn, mut frames, to_client) = scripted_client();
     let (open_tx, mut open_rx) = mpsc::unbounded_channel::<()>();
     let mut stream = None;
     let mut wrote = false;
@@ -292,14 +303,7 @@ impl Remote {
 /// the receiver hold 1 MiB each. A third is raised once one of the two is dropped.
 #[tokio::test]
 async fn on_a_short_path_two_streams_being_answered_get_a_larger_window() {
-    let (out, rx) = mpsc::unbounded_channel();
-    let (to_client, input) = mpsc::unbounded_channel();
-    let socket = Scripted {
-        out,
-        input,
-        pending: Vec::new(),
-    };
-    let mut conn = yamux::Connection::new(socket, yamux::Config::default(), yamux::Mode::Client);
+    let (mut conn, frames, to_client) = scripted_client();
     let (ask_tx, mut ask_rx) = mpsc::unbounded_channel::<Ask>();
     let (read_tx, read_rx) = mpsc::unbounded_channel::<usize>();
     let mut streams: Vec<Option<yamux::Stream>> = Vec::new();
@@ -343,10 +347,7 @@ async fn on_a_short_path_two_streams_being_answered_get_a_larger_window() {
         }
     });
     let mut remote = Remote {
-        frames: Frames {
-            rx,
-            bytes: Vec::new(),
-        },
+        frames,
         to_client,
         asks: ask_tx,
         reads: read_rx,
