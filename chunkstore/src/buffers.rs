@@ -23,7 +23,7 @@ pub const POOL_BYTES: usize = 4 << 20;
 /// Buffers below this are not pooled: under glibc's mmap threshold, they are cut from the heap.
 pub const MIN_POOLED: usize = 128 << 10;
 
-/// A bounded set of buffers to reuse. The process has one ([`zeroed`], [`with_capacity`],
+/// A bounded set of buffers to reuse. The process has one ([`for_overwrite`], [`with_capacity`],
 /// [`give`] and [`into_bytes`] use it); tests make their own.
 pub struct Pool {
     budget: usize,
