@@ -43,9 +43,9 @@ pub(crate) struct FlowController {
     /// peerix: whether any data has come in on this stream yet (see
     /// [`FlowController::consume_receive_window`]).
     received: bool,
-    /// peerix: an outbound stream that opened with less than [`ANSWER_WINDOW`] and has not
-    /// been raised to it yet (see [`FlowController::raise_for_answer`]).
-    raise_when_answered: bool,
+    /// peerix: whether this side opened the stream: only such a stream is raised to
+    /// [`ANSWER_WINDOW`] (see [`FlowController::raise_for_answer`]).
+    outbound: bool,
     receive_window: u32,
     max_receive_window: u32,
     send_window: u32,
@@ -63,7 +63,7 @@ impl FlowController {
         outbound: bool,
     ) -> Self {
         Self {
-            raise_when_answered: outbound && receive_window < ANSWER_WINDOW,
+            outbound,
             receive_window,
             send_window,
             config,
@@ -101,11 +101,7 @@ impl FlowController {
         let bdp = (rtt.as_secs_f64() * INITIAL_WINDOW_RATE as f64) as u64;
         let initial = bdp.clamp(DEFAULT_CREDIT.into(), MAX_INITIAL_STREAM_WINDOW.into()) as u32;
         let mut accumulated = accumulated_max_stream_windows.lock();
-        let room = config
-            .max_connection_receive_window
-            .unwrap_or(usize::MAX)
-            .saturating_sub(config.max_num_streams * DEFAULT_CREDIT as usize)
-            .saturating_sub(*accumulated);
+        let room = Self::room_beyond_default(config).saturating_sub(*accumulated);
         let extra = cmp::min((initial - DEFAULT_CREDIT) as usize, room);
         *accumulated += extra;
         DEFAULT_CREDIT + extra as u32
@@ -118,9 +114,7 @@ impl FlowController {
     pub(crate) fn next_window_update(&mut self, buffer_len: usize) -> Option<u32> {
         self.assert_invariants(buffer_len);
 
-        if let Some(update) = self.raise_for_answer(buffer_len) {
-            return Some(update);
-        }
+        let raised = self.raise_for_answer();
 
         let bytes_received = self.max_receive_window - self.receive_window;
         let mut next_window_update =
@@ -156,11 +150,12 @@ impl FlowController {
         // above strategy.
         //
         // https://docs.google.com/document/d/1F2YfdDXKpy20WVKJueEf4abn_LVZHhMUMS5gX6Pgjl4/edit?usp=sharing
-        if self
-            .rtt
-            .get()
-            .map(|rtt| self.last_window_update.elapsed() < rtt * 2)
-            .unwrap_or(false)
+        if !raised
+            && self
+                .rtt
+                .get()
+                .map(|rtt| self.last_window_update.elapsed() < rtt * 2)
+                .unwrap_or(false)
         {
             let mut accumulated_max_stream_windows = self.accumulated_max_stream_windows.lock();
 
@@ -209,42 +204,39 @@ impl FlowController {
 
     /// peerix: raise an outbound stream's window to [`ANSWER_WINDOW`] once its answer flows
     /// and its reader reads, if the connection's streams together stay within
-    /// [`ANSWER_WINDOWS_EXTRA`] beyond the default; returns the window update that grants it.
-    /// Not when the stream opens: a request waits at its peer behind the ones before it, and
-    /// a reader that stalls (on its disk) stops raising, so only the streams being answered
-    /// and read hold the larger window, whatever the number in flight. Tried again at every
-    /// read while the room is taken.
-    fn raise_for_answer(&mut self, buffer_len: usize) -> Option<u32> {
-        if !self.raise_when_answered || !self.received {
-            return None;
-        }
-        if self.max_receive_window >= ANSWER_WINDOW {
-            self.raise_when_answered = false;
-            return None;
-        }
+    /// [`ANSWER_WINDOWS_EXTRA`] beyond the default; true when it did (the window update that
+    /// grants it is then at least half the window, so it goes out at once). Not when the stream
+    /// opens: a request waits at its peer behind the ones before it, and a reader that stalls
+    /// (on its disk) stops raising, so only the streams being answered and read hold the larger
+    /// window, whatever the number in flight. Tried again at every read while the room is
+    /// taken.
+    fn raise_for_answer(&mut self) -> bool {
         // A window grows only once a round trip is known (upstream's invariant).
-        self.rtt.get()?;
-        let extra = (ANSWER_WINDOW - self.max_receive_window) as usize;
+        if !self.outbound
+            || !self.received
+            || self.max_receive_window >= ANSWER_WINDOW
+            || self.rtt.get().is_none()
         {
-            let mut accumulated = self.accumulated_max_stream_windows.lock();
-            let limit = self
-                .config
-                .max_connection_receive_window
-                .unwrap_or(usize::MAX)
-                .saturating_sub(self.config.max_num_streams * DEFAULT_CREDIT as usize);
-            if *accumulated + extra > cmp::min(limit, ANSWER_WINDOWS_EXTRA) {
-                return None;
-            }
-            *accumulated += extra;
+            return false;
         }
-        self.raise_when_answered = false;
+        let extra = (ANSWER_WINDOW - self.max_receive_window) as usize;
+        let mut accumulated = self.accumulated_max_stream_windows.lock();
+        let limit = cmp::min(Self::room_beyond_default(&self.config), ANSWER_WINDOWS_EXTRA);
+        if *accumulated + extra > limit {
+            return false;
+        }
+        *accumulated += extra;
         self.max_receive_window = ANSWER_WINDOW;
-        let bytes_received = self.max_receive_window - self.receive_window;
-        let update = bytes_received.saturating_sub(buffer_len.try_into().unwrap_or(u32::MAX));
-        self.last_window_update = Instant::now();
-        self.receive_window += update;
-        self.assert_invariants(buffer_len);
-        Some(update)
+        true
+    }
+
+    /// peerix: what a connection's stream windows together may exceed [`DEFAULT_CREDIT`] by:
+    /// its limit, less the default every stream it allows is guaranteed.
+    fn room_beyond_default(config: &Config) -> usize {
+        config
+            .max_connection_receive_window
+            .unwrap_or(usize::MAX)
+            .saturating_sub(config.max_num_streams * DEFAULT_CREDIT as usize)
     }
 
     fn assert_invariants(&self, buffer_len: usize) {
