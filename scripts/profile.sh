@@ -44,13 +44,15 @@ inferno-flamegraph --minwidth 0.5 --title "peerix bench --seeders 1 --size-mib $
 echo "profile.sh: $out"
 
 # What the samples add up to: by thread, by function sampled (self), and under a few functions
-# of interest (a stack may count under several).
-awk -v interest='sha2::|sha256;blake3;aes|gcm|ghash;memmove|memcpy;memset;generic_perform_write;tcp_sendmsg;tcp_recvmsg;fdatasync|ext4_sync_file;_raw_spin_unlock_irqrestore|try_to_wake_up' '
+# of interest (a stack may count under several), for the whole process and for the seeder's
+# side (the threads of its runtime, `bench-seeders`) apart; the rest is the leecher's.
+awk -v interest='sha2::|sha256;blake3;aes|gcm|ghash;memmove|memcpy;take_received_plaintext;memset;generic_perform_write;tcp_sendmsg;tcp_recvmsg;fdatasync|ext4_sync_file;_raw_spin_unlock_irqrestore|try_to_wake_up' '
     BEGIN { np = split(interest, pat, ";") }
     {
         n = $NF; total += n; line = $0; sub(/ [0-9]+$/, "", line)
         k = split(line, f, ";"); thread[f[1]] += n; self[f[k]] += n
-        for (i = 1; i <= np; i++) if (line ~ pat[i]) under[i] += n
+        seeder = f[1] ~ /^bench-seeders/; if (seeder) seeders += n
+        for (i = 1; i <= np; i++) if (line ~ pat[i]) { under[i] += n; if (seeder) under_s[i] += n }
     }
     END {
         print "by thread:"
@@ -59,6 +61,8 @@ awk -v interest='sha2::|sha256;blake3;aes|gcm|ghash;memmove|memcpy;memset;generi
         print "by function sampled (self):"
         for (s in self) printf "%6.1f %%  %s\n", 100 * self[s] / total, substr(s, 1, 110) | "sort -rn | head -20"
         close("sort -rn | head -20")
-        print "under:"
-        for (i = 1; i <= np; i++) printf "%6.1f %%  %s\n", 100 * under[i] / total, pat[i]
+        printf "under (all; the leecher; the seeder, whose threads took %.1f %%):\n", 100 * seeders / total
+        for (i = 1; i <= np; i++)
+            printf "%6.1f %% %6.1f %% %6.1f %%  %s\n", 100 * under[i] / total,
+                100 * (under[i] - under_s[i]) / total, 100 * under_s[i] / total, pat[i]
     }' "$dir/folded"

@@ -110,6 +110,12 @@ fn loopback_bench_reports_every_seeder_count_and_dedup() {
         );
         // N links are a netns figure: on loopback every server is the same process.
         assert!(row["http_links_mib_per_s"].is_null(), "{row}");
+        // The seeders and the HTTP server, on a runtime of their own: their threads' CPU,
+        // read from their clocks.
+        for k in ["seeders_cpu_s_per_gib", "http_server_cpu_s_per_gib"] {
+            let v = row[k].as_f64().unwrap_or_else(|| panic!("no {k} in {row}"));
+            assert!(v > 0.0 && v.is_finite(), "{k} = {v} in {row}");
+        }
     }
     assert!(r["ideal_per_peer_mib_per_s"].as_f64().unwrap() > 0.0);
     // What the run cost: the NarHash's SHA-256 of the same bytes, and this process's peak.
@@ -148,10 +154,15 @@ fn the_table_is_the_default_output_and_packs_can_be_the_source() {
     assert!(text.contains("packs"), "{text}");
     assert!(text.contains("MiB/s"), "{text}");
     assert!(text.contains("dedup"), "{text}");
-    // N = 1 is measured for the ideal line but only the asked-for N is a row.
+    // N = 1 is measured for the ideal line but only the asked-for N is a row (N, then MiB/s;
+    // the seeders' CPU lines name them after N).
     let rows: Vec<&str> = text
         .lines()
-        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .filter(|l| {
+            let mut w = l.split_whitespace();
+            w.next().is_some_and(|n| n.parse::<usize>().is_ok())
+                && w.next().is_some_and(|r| r.parse::<f64>().is_ok())
+        })
         .collect();
     assert_eq!(rows.len(), 1, "{text}");
     assert!(rows[0].trim_start().starts_with("2 "), "{text}");

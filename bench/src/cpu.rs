@@ -1,7 +1,11 @@
-//! What a run costs, from the process itself: CPU time (user + system, every thread) and the
-//! peak resident set. On a shared machine these hold where MiB/s do not.
+//! What a run costs, from the process itself: CPU time (user + system, every thread, or the
+//! threads of one runtime) and the peak resident set. On a shared machine these hold where
+//! MiB/s do not.
 
+use std::collections::HashMap;
 use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -64,15 +68,69 @@ pub fn processes_cpu(pids: &[u32]) -> Duration {
 
 /// CPU time the calling thread has used so far.
 fn thread_cpu() -> Duration {
+    clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// What CPU clock `id` reads (none for a thread that is gone).
+fn clock(id: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime only writes the struct it is given.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+    if unsafe { libc::clock_gettime(id, &mut ts) } != 0 {
         return Duration::ZERO;
     }
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The threads of one runtime of this process, whose CPU time is told apart from the rest's:
+/// the loopback seeders run on a runtime of their own, so that what the leecher costs is not
+/// mixed with what serving it does, as when they are processes of their own.
+#[derive(Clone, Default)]
+pub struct ThreadGroup(Arc<Mutex<Members>>);
+
+#[derive(Default)]
+struct Members {
+    /// Each live thread's CPU clock.
+    live: HashMap<ThreadId, libc::clockid_t>,
+    /// What the threads that have exited used.
+    exited: Duration,
+}
+
+impl ThreadGroup {
+    /// A multi-threaded runtime whose every thread (workers and blocking pool) is a member.
+    pub fn runtime(&self, name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+        let (joins, leaves) = (self.clone(), self.clone());
+        tokio::runtime::Builder::new_multi_thread()
+            .thread_name(name)
+            .enable_all()
+            .on_thread_start(move || joins.join())
+            .on_thread_stop(move || leaves.leave())
+            .build()
+    }
+
+    fn join(&self) {
+        let mut id: libc::clockid_t = 0;
+        // SAFETY: pthread_self is the calling thread; the call only writes `id`.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) } == 0 {
+            let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            m.live.insert(std::thread::current().id(), id);
+        }
+    }
+
+    fn leave(&self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.live.remove(&std::thread::current().id());
+        m.exited += thread_cpu();
+    }
+
+    /// CPU time the members have used so far, those that exited included.
+    pub fn cpu(&self) -> Duration {
+        // Held while the clocks are read: a member leaving meanwhile adds its time once.
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.exited + m.live.values().map(|&id| clock(id)).sum::<Duration>()
+    }
 }
 
 /// The peak resident set of this process so far (VmHWM), in bytes.
@@ -140,6 +198,37 @@ mod tests {
             processes_cpu(&[u32::MAX]),
             Duration::ZERO,
             "no such process"
+        );
+    }
+
+    #[test]
+    fn a_runtime_s_threads_are_counted_apart_from_the_rest() {
+        let group = ThreadGroup::default();
+        let rt = group.runtime("cpu-test").unwrap();
+        // Spins until the calling thread has used `d` of CPU, however loaded the machine.
+        let spin = |d: Duration| {
+            let t = thread_cpu();
+            while thread_cpu() - t < d {
+                std::hint::black_box(0u64);
+            }
+        };
+        let before = group.cpu();
+        // 60 ms on a worker, 60 on a blocking thread (gone before the last reading), 60 on
+        // this thread, which is not the runtime's.
+        rt.block_on(async move {
+            tokio::spawn(async move { spin(Duration::from_millis(60)) })
+                .await
+                .unwrap();
+            tokio::task::spawn_blocking(move || spin(Duration::from_millis(60)))
+                .await
+                .unwrap();
+        });
+        spin(Duration::from_millis(60));
+        rt.shutdown_timeout(Duration::from_secs(10));
+        let spent = group.cpu() - before;
+        assert!(
+            (Duration::from_millis(120)..Duration::from_millis(175)).contains(&spent),
+            "{spent:?}"
         );
     }
 }

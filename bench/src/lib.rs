@@ -18,8 +18,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peerix_chunkstore::{ChunkStore, Options};
 use peerix_nix::{Sha256Hash, StorePath};
 use peerix_swarm::{
-    fetch_nar, Catalog, Client, DownloadConfig, FetchRequest, Node, NodeConfig, NodeEvent, PeerId,
-    ServeLimits, Server, WireConfig,
+    fetch_nar, Client, DownloadConfig, FetchRequest, Node, NodeConfig, NodeEvent, PeerId,
+    WireConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -27,12 +27,14 @@ mod cpu;
 mod data;
 pub mod delay;
 mod http;
+mod loopback;
 pub mod netns;
 mod report;
 
 pub use data::{seed, store_path, NarGen, SeedFrom, Seeded};
 use http::http_fetch;
 pub use http::http_server;
+use loopback::Local;
 pub use report::{svg, table};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -159,19 +161,19 @@ pub struct Row {
     /// Chunk bytes as they crossed the wire (compressed or raw; the NAR is incompressible).
     #[serde(default)]
     pub wire_bytes: u64,
-    /// CPU seconds per GiB of the peer download, user and system, from this process: the
-    /// leecher and (loopback) every seeder; in netns mode the leecher alone.
+    /// CPU seconds per GiB of the peer download, user and system, of the leecher alone: this
+    /// process, less (loopback) the threads of the seeders' runtime.
     #[serde(default)]
     pub cpu_s_per_gib: f64,
-    /// The same for the plain HTTP download: client and (loopback) server; in netns mode the
-    /// client alone.
+    /// The same for the plain HTTP download's client alone.
     #[serde(default)]
     pub http_cpu_s_per_gib: f64,
-    /// netns mode: CPU seconds per GiB the N seeders spent serving the peer download, all
-    /// together (their own processes, read from /proc).
+    /// CPU seconds per GiB the N seeders spent serving the peer download, all together:
+    /// their own processes, read from /proc (netns), or their runtime's threads (loopback).
     #[serde(default)]
     pub seeders_cpu_s_per_gib: Option<f64>,
-    /// netns mode: the same for the HTTP server (seeder 0) over the HTTP download.
+    /// The same for the HTTP server (seeder 0's, or on the seeders' runtime) over the HTTP
+    /// download.
     #[serde(default)]
     pub http_server_cpu_s_per_gib: Option<f64>,
     /// Page faults per GiB of the peer download, in the same process(es) as `cpu_s_per_gib`.
@@ -303,19 +305,6 @@ impl Progress {
     }
     fn finish(&self) {
         self.bar.finish_and_clear();
-    }
-}
-
-struct Seeders {
-    nodes: Vec<Arc<Node>>,
-    servers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Seeders {
-    fn drop(&mut self) {
-        for s in &self.servers {
-            s.abort();
-        }
     }
 }
 
@@ -479,8 +468,10 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     let (p1, p2) = (store_path("bench-nar-1")?, store_path("bench-nar-2")?);
 
     let netns = args.mode == Mode::Netns;
-    // Loopback: one chunk store, shared by every seeder: the NAR is chunked once, disk spared.
-    // netns: the seeders are other processes, started by the outer `peerix bench`.
+    // Loopback: the seeders (and the HTTP server) run on a runtime of their own, whose
+    // threads' CPU is theirs; one chunk store, shared by every seeder: the NAR is chunked
+    // once, disk spared. netns: the seeders are other processes, started by the outer
+    // `peerix bench`.
     let mut local = None;
     let urls = if netns {
         if args.inner_http.len() != args.inner_seeders.len() {
@@ -489,10 +480,8 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         args.inner_http.clone()
     } else {
         progress.start("chunking the NAR (seeders)", content);
-        let s = seed(&dir.join("seed"), content, args.seed_from).await?;
-        let catalog: Arc<dyn Catalog> = Arc::new(s.catalog);
-        let (url, http) = http_server(s.nar_file, "127.0.0.1:0").await?;
-        local = Some((s.store, catalog, http));
+        let (l, url) = Local::start(&dir.join("seed"), content, args.seed_from).await?;
+        local = Some(l);
         vec![url]
     };
     // The NAR's size, as the first seeder describes it (a store path's NAR is its files'
@@ -522,34 +511,12 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
     for (run, &n) in counts.iter().enumerate() {
         let warm_up = run == 0;
         let run_dir = dir.join(format!("run-{run}-n{n}"));
-        let mut seeders = Seeders {
-            nodes: vec![],
-            servers: vec![],
-        };
-        let addrs = match &local {
-            None => args.inner_seeders[..n].to_vec(),
-            Some((seed_store, catalog, _)) => {
-                for i in 0..n {
-                    let node = Arc::new(
-                        start_node(
-                            run_dir.join(format!("seeder-{i}")),
-                            "/ip4/127.0.0.1/tcp/0",
-                            vec![],
-                        )
-                        .await?,
-                    );
-                    let server =
-                        Server::new(seed_store.clone(), catalog.clone(), ServeLimits::default());
-                    seeders
-                        .servers
-                        .push(tokio::spawn(server.run(node.stream_control())?));
-                    seeders.nodes.push(node);
-                }
-                seeders
-                    .nodes
-                    .iter()
-                    .map(|n| n.listen_addrs()[0].to_string())
-                    .collect()
+        let (seeders, addrs) = match &local {
+            None => (None, args.inner_seeders[..n].to_vec()),
+            Some(local) => {
+                let s = local.seeders(&run_dir, n).await?;
+                let addrs = s.addrs();
+                (Some(s), addrs)
             }
         };
         let listen = if netns {
@@ -584,24 +551,33 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
             format!("{n} seeder(s)")
         };
         progress.start(&what, size);
-        // The seeders' CPU, where they are processes of their own (netns mode).
+        // The seeders' CPU: their processes' (netns), or their runtime's threads' (loopback),
+        // which is then not the leecher's.
         let pids = args.inner_seeder_pids.get(..n).unwrap_or_default();
-        let seeders_cpu = cpu::processes_cpu(pids);
+        let servers_cpu = |pids: &[u32]| match &local {
+            Some(local) => local.cpu(),
+            None => cpu::processes_cpu(pids),
+        };
+        let seeders_cpu = servers_cpu(pids);
         let used = cpu::Usage::now();
         let waits = leecher.store.put_waits();
         let f = fetch(args.wire_compression, &leecher, &ids, h1, size, &progress).await?;
-        let peer = cpu::Usage::since(used);
+        let mut peer = cpu::Usage::since(used);
         let waits = leecher.store.put_waits().since(waits);
-        let seeders_cpu = cpu::processes_cpu(pids).saturating_sub(seeders_cpu);
+        let seeders_cpu = servers_cpu(pids).saturating_sub(seeders_cpu);
         let mib_s = size as f64 / MIB / f.elapsed.as_secs_f64();
         progress.done(&what, mib_s);
         progress.start(&format!("HTTP baseline (N={n})"), size);
         let server_pid = pids.get(..1).unwrap_or_default();
-        let server_cpu = cpu::processes_cpu(server_pid);
+        let server_cpu = servers_cpu(server_pid);
         let used = cpu::Usage::now();
         let http_mib_s = http_fetch(&urls[..1], size, &progress).await?;
-        let http = cpu::Usage::since(used);
-        let server_cpu = cpu::processes_cpu(server_pid).saturating_sub(server_cpu);
+        let mut http = cpu::Usage::since(used);
+        let server_cpu = servers_cpu(server_pid).saturating_sub(server_cpu);
+        if local.is_some() {
+            peer.cpu = peer.cpu.saturating_sub(seeders_cpu);
+            http.cpu = http.cpu.saturating_sub(server_cpu);
+        }
         progress.done("HTTP baseline", http_mib_s);
         let row_wanted =
             !warm_up && args.seeders.contains(&n) && !rows.iter().any(|r| r.seeders == n);
@@ -634,9 +610,8 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
                 wire_bytes: f.wire_bytes,
                 cpu_s_per_gib: cpu::per_gib(peer.cpu, size),
                 http_cpu_s_per_gib: cpu::per_gib(http.cpu, size),
-                seeders_cpu_s_per_gib: (!pids.is_empty()).then(|| cpu::per_gib(seeders_cpu, size)),
-                http_server_cpu_s_per_gib: (!pids.is_empty())
-                    .then(|| cpu::per_gib(server_cpu, size)),
+                seeders_cpu_s_per_gib: Some(cpu::per_gib(seeders_cpu, size)),
+                http_server_cpu_s_per_gib: Some(cpu::per_gib(server_cpu, size)),
                 faults_per_gib: cpu::faults_per_gib(peer.faults, size),
                 http_faults_per_gib: cpu::faults_per_gib(http.faults, size),
                 disk_wait_ms: waits.stalled.as_secs_f64() * 1000.0,
@@ -664,9 +639,6 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         drop(leecher);
         // Free the leecher's copy before the next run.
         let _ = std::fs::remove_dir_all(&run_dir);
-    }
-    if let Some((_, _, http)) = local {
-        http.abort();
     }
     progress.finish();
     rows.sort_by_key(|r| r.seeders);

@@ -71,12 +71,12 @@ pub fn table(r: &Report) -> String {
             );
         }
     }
-    let both = match r.mode {
-        super::Mode::Loopback => "both ends, every node in this process",
-        super::Mode::Netns => "the leecher and the HTTP client alone",
+    let rss = match r.mode {
+        super::Mode::Loopback => "this process, every node",
+        super::Mode::Netns => "the leecher",
     };
     s += &format!(
-        "CPU per GiB moved ({both}); SHA-256 of the same bytes {:.2} s/GiB; peak RSS {:.0} MiB\n",
+        "CPU per GiB moved (the leecher and the HTTP client alone); SHA-256 of the same bytes {:.2} s/GiB; peak RSS ({rss}) {:.0} MiB\n",
         r.sha256_cpu_s_per_gib, r.peak_rss_mib
     );
     let d = &r.dedup;
