@@ -2,8 +2,9 @@
 //! connected, pending dials and the callers waiting on them, provider lookups, explicit peers,
 //! the announcement pacer) and drives the swarm, the command channel from the [`Node`]
 //! handles and a periodic tick from one `select!` loop. Connection and identify events are
-//! handled here; Kademlia results, explicit peers, announcements and the peer overview have
-//! files of their own that add to the same `impl EventLoop`.
+//! handled here; Kademlia results, explicit peers, announcements, the peer overview and the
+//! TCP connection added to a QUIC one have files of their own that add to the same
+//! `impl EventLoop`.
 //!
 //! [`Node`]: super::Node
 
@@ -462,6 +463,7 @@ impl EventLoop {
             return;
         }
         self.note_relay(connection_id, peer, &info);
+        self.dial_tcp_too(connection_id, peer, &info.listen_addrs);
         if info.protocols.contains(&KAD_PROTOCOL) {
             let kad = &mut self.swarm.behaviour_mut().kad;
             for addr in info.listen_addrs {

@@ -46,10 +46,12 @@ mod provider_store;
 mod reachability;
 mod relay_service;
 mod security;
+mod tcp_too;
 mod transport;
 
 pub use behaviour::MAX_PROVIDED_KEYS;
 pub use handle::Node;
+pub use transport::is_quic;
 
 /// The peer a multiaddr names with its last component, `/p2p/<id>`, if it does.
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {

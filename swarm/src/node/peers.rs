@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::event_loop::EventLoop;
 use super::reachability::{is_relayed, HolePunchStats, Reachability, RelayServiceStats};
+use super::transport::is_quic;
 
 /// One connected peer as the node sees it, for an operator's view.
 #[derive(Debug, Clone)]
@@ -51,9 +52,10 @@ impl EventLoop {
             .confirmed
             .iter()
             .map(|p| {
-                // A direct connection is the one to show when there is one.
+                // The connection new streams take (vendor/libp2p-stream, `Path`): direct before
+                // relayed, TCP before QUIC.
                 let mut conns: Vec<_> = self.conns.values().filter(|(q, _, _)| q == p).collect();
-                conns.sort_by_key(|(_, a, _)| is_relayed(a));
+                conns.sort_by_key(|(_, a, _)| (is_relayed(a), is_quic(a)));
                 let first = conns.first();
                 PeerDetails {
                     peer: *p,

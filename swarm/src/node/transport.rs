@@ -30,7 +30,8 @@ fn read_buffered<S: futures::AsyncRead>(socket: S, _: ConnectedPoint) -> futures
     futures::io::BufReader::with_capacity(READ_BUFFER, socket)
 }
 
-pub(super) fn is_quic(addr: &Multiaddr) -> bool {
+/// Whether `addr` is a QUIC address.
+pub fn is_quic(addr: &Multiaddr) -> bool {
     addr.iter()
         .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
 }

@@ -101,7 +101,7 @@ impl NetworkBehaviour for Behaviour {
             }) => Shared::lock(&self.shared).on_connection_established(
                 connection_id,
                 peer_id,
-                endpoint.is_relayed(),
+                crate::shared::Path::of(endpoint),
             ),
             FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) => {
                 Shared::lock(&self.shared).on_connection_closed(connection_id)
