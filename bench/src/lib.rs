@@ -71,6 +71,45 @@ impl From<WireCompression> for peerix_swarm::Compression {
     }
 }
 
+/// `--transport`: what the peer download runs over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TCP, TLS 1.3 and yamux: the seeders listen on TCP alone.
+    #[default]
+    Tcp,
+    /// QUIC (its own TLS 1.3 and streams): the seeders listen on QUIC alone.
+    Quic,
+    /// The seeders listen on TCP and QUIC, as a daemon does, and the leecher dials their QUIC
+    /// addresses, as a dial to both at once most often ends.
+    Both,
+}
+
+impl Transport {
+    /// The addresses a node listens on at `ip`, with ports the OS picks.
+    pub fn listen(self, ip: &str) -> Vec<String> {
+        let (tcp, quic) = (
+            format!("/ip4/{ip}/tcp/0"),
+            format!("/ip4/{ip}/udp/0/quic-v1"),
+        );
+        match self {
+            Self::Tcp => vec![tcp],
+            Self::Quic => vec![quic],
+            Self::Both => vec![tcp, quic],
+        }
+    }
+
+    /// Which of a seeder's `addrs` the leecher dials.
+    pub fn dialled(self, node: &Node) -> Result<String> {
+        let quic = self != Self::Tcp;
+        node.listen_addrs()
+            .into_iter()
+            .find(|a| peerix_swarm::node::is_quic(a) == quic)
+            .map(|a| a.to_string())
+            .context("the seeder listens on no address of its transport")
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -97,6 +136,9 @@ pub struct BenchArgs {
     /// Where the nodes run.
     #[arg(long, value_enum, default_value_t = Mode::Loopback)]
     pub mode: Mode,
+    /// What the peer download runs over: the seeders listen on it alone.
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    pub transport: Transport,
     /// Per-seeder uplink cap (netns mode only), as `tc` takes it: `100mbit`, `50mbit`, ….
     #[arg(long, default_value = "100mbit")]
     pub rate: String,
@@ -209,6 +251,9 @@ pub struct Report {
     /// Where the seeders held the NAR.
     #[serde(default)]
     pub seed_from: SeedFrom,
+    /// What the peer download ran over.
+    #[serde(default)]
+    pub transport: Transport,
     pub nar_size: u64,
     /// The per-peer figure the ideal line is N times: the single-peer throughput on loopback,
     /// the cap in netns mode (MiB/s).
@@ -239,6 +284,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.rtt_ms > 0 && args.mode != Mode::Netns {
         bail!("--rtt-ms needs --mode netns");
+    }
+    if args.rtt_ms > 0 && args.transport != Transport::Tcp {
+        bail!("--rtt-ms delays TCP connections only: it needs --transport tcp");
     }
     let report = match args.mode {
         Mode::Loopback => tokio::runtime::Builder::new_multi_thread()
@@ -313,9 +361,9 @@ struct Leecher {
     store: ChunkStore,
 }
 
-pub async fn start_node(dir: PathBuf, listen: &str, peers: Vec<String>) -> Result<Node> {
+pub async fn start_node(dir: PathBuf, listen: &[String], peers: Vec<String>) -> Result<Node> {
     let mut c = NodeConfig::new(dir);
-    c.listen = vec![listen.parse()?];
+    c.listen = listen.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
     // Never on the real LAN: peers are given explicitly.
     c.mdns = false;
     c.peers = peers;
@@ -514,20 +562,18 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         let (seeders, addrs) = match &local {
             None => (None, args.inner_seeders[..n].to_vec()),
             Some(local) => {
-                let s = local.seeders(&run_dir, n).await?;
-                let addrs = s.addrs();
+                let s = local.seeders(&run_dir, n, args.transport).await?;
+                let addrs = s.addrs()?;
                 (Some(s), addrs)
             }
         };
-        let listen = if netns {
-            "/ip4/0.0.0.0/tcp/0"
-        } else {
-            "/ip4/127.0.0.1/tcp/0"
-        };
+        let listen = args
+            .transport
+            .listen(if netns { "0.0.0.0" } else { "127.0.0.1" });
         let ids = seeder_ids(&addrs)?;
         // The leecher dials the seeders.
         let leecher = Leecher {
-            node: Arc::new(start_node(run_dir.join("leecher"), listen, addrs).await?),
+            node: Arc::new(start_node(run_dir.join("leecher"), &listen, addrs).await?),
             store: ChunkStore::open(&run_dir.join("leecher-chunks"), Options::default())?,
         };
         wait_connected(&leecher.node, &ids).await?;
@@ -648,6 +694,7 @@ async fn measure(args: &BenchArgs) -> Result<Report> {
         peak_rss_mib: cpu::peak_rss() as f64 / MIB,
         mode: args.mode,
         seed_from: args.seed_from,
+        transport: args.transport,
         nar_size: size,
         ideal_per_peer_mib_per_s: single,
         rtt_ms: args.rtt_ms,

@@ -13,7 +13,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
 use crate::cpu::ThreadGroup;
-use crate::{http_server, seed, start_node, SeedFrom};
+use crate::{http_server, seed, start_node, SeedFrom, Transport};
 
 /// What the loopback seeders share: their runtime, one chunk store and catalog that hold the
 /// NAR (chunked once, disk spared), and the HTTP server of the baseline.
@@ -48,11 +48,17 @@ impl Local {
         Ok((local, url))
     }
 
-    /// `n` seeder nodes serving the NAR, their state in `dir`.
-    pub(crate) async fn seeders(&self, dir: &Path, n: usize) -> Result<Seeders> {
+    /// `n` seeder nodes serving the NAR over `transport`, their state in `dir`.
+    pub(crate) async fn seeders(
+        &self,
+        dir: &Path,
+        n: usize,
+        transport: Transport,
+    ) -> Result<Seeders> {
         let mut seeders = Seeders {
             nodes: vec![],
             servers: vec![],
+            transport,
         };
         for i in 0..n {
             let (dir, store, catalog) = (
@@ -64,7 +70,7 @@ impl Local {
                 .rt
                 .handle()
                 .spawn(async move {
-                    let node = start_node(dir, "/ip4/127.0.0.1/tcp/0", vec![]).await?;
+                    let node = start_node(dir, &transport.listen("127.0.0.1"), vec![]).await?;
                     let server = Server::new(store, catalog, ServeLimits::default());
                     let serving = tokio::spawn(server.run(node.stream_control())?);
                     anyhow::Ok((node, serving))
@@ -92,14 +98,15 @@ impl Drop for Local {
 pub(crate) struct Seeders {
     nodes: Vec<Node>,
     servers: Vec<JoinHandle<()>>,
+    transport: Transport,
 }
 
 impl Seeders {
     /// Where the leecher dials them.
-    pub(crate) fn addrs(&self) -> Vec<String> {
+    pub(crate) fn addrs(&self) -> Result<Vec<String>> {
         self.nodes
             .iter()
-            .map(|n| n.listen_addrs()[0].to_string())
+            .map(|n| self.transport.dialled(n))
             .collect()
     }
 }

@@ -26,6 +26,9 @@ pub struct NodeArgs {
     /// The address to listen on (this namespace's).
     #[arg(long)]
     pub ip: String,
+    /// What to listen on.
+    #[arg(long, value_enum, default_value_t = crate::Transport::Tcp)]
+    pub transport: crate::Transport,
 }
 
 fn sh(args: &[&str]) -> Result<()> {
@@ -206,10 +209,11 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
             &args.rate, "burst", &burst, "latency", "400ms",
         ])?;
         let ip = format!("10.233.0.{}", i + 2);
-        let (state, size, from) = (
+        let (state, size, from, transport) = (
             dir.join(format!("seeder-{i}")),
             args.size_mib.to_string(),
             flag_value(args.seed_from),
+            flag_value(args.transport),
         );
         let node_args: Vec<&OsStr> = vec![
             "bench-node".as_ref(),
@@ -221,6 +225,8 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
             ip.as_ref(),
             "--seed-from".as_ref(),
             from.as_ref(),
+            "--transport".as_ref(),
+            transport.as_ref(),
         ];
         pending.push(lab.start(&ns, &exe, &node_args, "a seeder")?);
     }
@@ -254,6 +260,7 @@ pub fn outer(args: &BenchArgs) -> Result<Report> {
         )
         .args(["--size-mib", &args.size_mib.to_string()])
         .args(["--seed-from", &flag_value(args.seed_from)])
+        .args(["--transport", &flag_value(args.transport)])
         .args(["--wire-compression", &flag_value(args.wire_compression)])
         .arg("--state-dir")
         .arg(dir.join("leecher"))
@@ -373,14 +380,14 @@ pub fn node(args: NodeArgs) -> Result<()> {
             let catalog: Arc<dyn Catalog> = Arc::new(s.catalog);
             let node = crate::start_node(
                 args.state_dir.join("node"),
-                &format!("/ip4/{}/tcp/0", args.ip),
+                &args.transport.listen(&args.ip),
                 vec![],
             )
             .await?;
             let server = Server::new(s.store, catalog, ServeLimits::default());
             let serving = tokio::spawn(server.run(node.stream_control())?);
             let (url, http) = crate::http_server(s.nar_file, &format!("{}:0", args.ip)).await?;
-            println!("peer {}", node.listen_addrs()[0]);
+            println!("peer {}", args.transport.dialled(&node)?);
             println!("http {url}");
             // Serve until the benchmark lets go of our stdin.
             let mut sink = Vec::new();

@@ -4,9 +4,14 @@ use super::{Report, Row, MIB};
 
 pub fn table(r: &Report) -> String {
     let mut s = format!(
-        "NAR {:.1} MiB, {:?} mode{}, seeders read it from {}, ideal per peer {:.1} MiB/s\n",
+        "NAR {:.1} MiB, {:?} mode{}{}, seeders read it from {}, ideal per peer {:.1} MiB/s\n",
         r.nar_size as f64 / MIB,
         r.mode,
+        match r.transport {
+            super::Transport::Tcp => "",
+            super::Transport::Quic => ", over QUIC",
+            super::Transport::Both => ", seeders on TCP and QUIC, dialled over QUIC",
+        },
         if r.rtt_ms > 0 {
             format!(" ({} ms round trip)", r.rtt_ms)
         } else {
