@@ -168,6 +168,48 @@ fn the_table_is_the_default_output_and_packs_can_be_the_source() {
     assert!(rows[0].trim_start().starts_with("2 "), "{text}");
 }
 
+/// Over QUIC alone, and over a daemon's pair of listeners dialled at QUIC: the same report,
+/// naming what it ran over.
+#[test]
+fn the_transport_can_be_quic_or_both_of_a_daemon_s() {
+    for (transport, says) in [
+        ("quic", ", over QUIC,"),
+        ("both", ", seeders on TCP and QUIC, dialled over QUIC,"),
+    ] {
+        let out = bench(&[
+            "--seeders",
+            "1",
+            "--size-mib",
+            "4",
+            "--transport",
+            transport,
+        ]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.starts_with("NAR 4.0 MiB, Loopback mode"), "{text}");
+        assert!(text.contains(says), "{transport}: {text}");
+        assert!(text.contains("dedup"), "{text}");
+    }
+    // The round trip is made by a relay of TCP connections.
+    let out = Command::new(env!("CARGO_BIN_EXE_peerix"))
+        .args([
+            "bench",
+            "--mode",
+            "netns",
+            "--rtt-ms",
+            "10",
+            "--transport",
+            "quic",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--rtt-ms delays TCP connections only"),
+        "{err}"
+    );
+}
+
 mod needs_root {
     use super::*;
 
