@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::PreSharedKey;
+use libp2p::Multiaddr;
 use peerix_nix::StorePathHash;
 use peerix_swarm::node::{read_swarm_key, Discovery, Node, NodeConfig, NodeEvent};
 use tempfile::TempDir;
@@ -633,6 +634,73 @@ mod needs_root {
                 a.id, a.found, a.connected, b.id, b.found, b.connected
             ),
         }
+    }
+}
+
+/// B's view of A: the address of the connection new streams take, and how many B has.
+async fn path_to(b: &Node, a: &Node) -> (Option<Multiaddr>, usize) {
+    let o = b.overview().await;
+    let addr = o
+        .peers
+        .iter()
+        .find(|p| p.peer == a.peer_id())
+        .and_then(|p| p.addr.clone());
+    (addr, o.connections.get(&a.peer_id()).copied().unwrap_or(0))
+}
+
+fn is_tcp(a: &Multiaddr) -> bool {
+    a.iter().any(|p| matches!(p, Protocol::Tcp(_)))
+}
+
+/// A peer told of by its QUIC address is dialled over TCP too once identified
+/// (`swarm/src/node/tcp_too.rs`), and, being an explicit peer, held open over both: the TCP
+/// connection, which new streams take, does not idle out between downloads.
+#[tokio::test]
+async fn an_explicit_peer_reached_over_quic_is_held_over_tcp_too() {
+    init_tracing();
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let short = |c: &mut NodeConfig| c.idle_timeout = Duration::from_millis(500);
+    let a = start(&dirs[0], short).await;
+    let quic = a
+        .listen_addrs()
+        .into_iter()
+        .find(|x| x.iter().any(|p| p == Protocol::QuicV1))
+        .unwrap();
+    let b = start(&dirs[1], |c| {
+        short(c);
+        c.peers = vec![quic.to_string()];
+    })
+    .await;
+    let c = start(&dirs[2], short).await;
+    wait_connected(&b, a.peer_id()).await;
+    // The TCP dial follows A's identification; its connection is then the one shown.
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (addr, n) = path_to(&b, &a).await;
+        if n == 2 && addr.as_ref().is_some_and(is_tcp) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "B never reached A over TCP too: {addr:?}, {n} connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // C's ordinary connection to A idles out twice over: by then any connection of B's that
+    // is not held open has been idle longer than the timeout too.
+    let mut c_events = c.events();
+    for _ in 0..2 {
+        c.dial(tcp_addr(&a)).await.unwrap();
+        assert!(wait_event(&mut c_events, |e| *e
+            == NodeEvent::PeerDisconnected(a.peer_id()))
+        .await
+        .is_some());
+    }
+    let (addr, n) = path_to(&b, &a).await;
+    assert_eq!(n, 2, "B's connections to A, held open: {addr:?}");
+    assert!(addr.as_ref().is_some_and(is_tcp), "{addr:?}");
+    for n in [a, b, c] {
+        n.shutdown().await;
     }
 }
 

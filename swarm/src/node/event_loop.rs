@@ -50,6 +50,9 @@ pub(super) struct EventLoop {
     pub(super) connected_since: HashMap<PeerId, Instant>,
     /// Open connections: whose, the remote address, inbound. Bounded by the connections held.
     pub(super) conns: HashMap<ConnectionId, (PeerId, Multiaddr, bool)>,
+    /// Direct TCP connections to explicit peers held open beside the one their dial made
+    /// (`tcp_too.rs`); a subset of `conns`.
+    pub(super) tcp_held: HashSet<ConnectionId>,
     /// Last ping round trip of each connected peer.
     pub(super) rtts: HashMap<PeerId, Duration>,
     pub(super) pending_dials:
@@ -359,6 +362,7 @@ impl EventLoop {
                     }
                 }
                 self.conns.remove(&connection_id);
+                self.tcp_held.remove(&connection_id);
                 self.update_lan_peer(peer_id);
                 if num_established == 0 {
                     self.rtts.remove(&peer_id);
@@ -464,6 +468,7 @@ impl EventLoop {
         }
         self.note_relay(connection_id, peer, &info);
         self.dial_tcp_too(connection_id, peer, &info.listen_addrs);
+        self.hold_tcp_too(connection_id, peer);
         if info.protocols.contains(&KAD_PROTOCOL) {
             let kad = &mut self.swarm.behaviour_mut().kad;
             for addr in info.listen_addrs {

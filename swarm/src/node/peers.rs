@@ -15,7 +15,8 @@ use super::transport::is_quic;
 #[derive(Debug, Clone)]
 pub struct PeerDetails {
     pub peer: PeerId,
-    /// The remote address of one of its connections.
+    /// The remote address of the connection new streams take (direct TCP, then direct QUIC,
+    /// then relayed).
     pub addr: Option<Multiaddr>,
     /// Through a relay (`/p2p-circuit`) rather than a direct connection.
     pub relayed: bool,

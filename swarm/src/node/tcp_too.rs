@@ -4,7 +4,9 @@
 //! byte that QUIC does here, on both ends, and keep a capped link fuller (README, Benchmarks).
 //! A daemon listens on both by default and learns both addresses of a peer (mDNS, the DHT), and
 //! a dial to both at once ends with whichever connects first, QUIC more often than not. The
-//! QUIC connection stays, and takes no new streams while the TCP one lives.
+//! QUIC connection stays, and takes no new streams while the TCP one lives. An explicit peer's
+//! connection is held open (`explicit.rs`); its TCP connection is then held open too, or it
+//! would idle out between downloads and the next would go over the QUIC one held.
 
 use std::collections::BTreeSet;
 
@@ -14,6 +16,7 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
 
 use super::event_loop::EventLoop;
+use super::explicit_peer::ExplicitState;
 use super::reachability::is_relayed;
 use super::transport::is_quic;
 
@@ -66,6 +69,27 @@ impl EventLoop {
             .build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "cannot dial over TCP too");
+        }
+    }
+
+    /// Once `peer` is identified on `connection_id`: hold it open if it is a direct TCP
+    /// connection to an explicit peer already connected (and so held open) over another one.
+    /// Before the explicit peers' own bookkeeping, which holds the connection their dial made.
+    pub(super) fn hold_tcp_too(&mut self, connection_id: ConnectionId, peer: PeerId) {
+        let Some((_, remote, _)) = self.conns.get(&connection_id) else {
+            return;
+        };
+        if is_relayed(remote) || is_quic(remote) || self.tcp_held.contains(&connection_id) {
+            return;
+        }
+        let held = self
+            .explicit
+            .iter()
+            .any(|e| e.peer == Some(peer) && matches!(e.state, ExplicitState::Connected));
+        if held {
+            // The keep-alive stream goes over the best connection, which this one now is.
+            self.tcp_held.insert(connection_id);
+            self.hold_open(peer);
         }
     }
 }
