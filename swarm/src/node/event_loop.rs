@@ -50,9 +50,9 @@ pub(super) struct EventLoop {
     pub(super) connected_since: HashMap<PeerId, Instant>,
     /// Open connections: whose, the remote address, inbound. Bounded by the connections held.
     pub(super) conns: HashMap<ConnectionId, (PeerId, Multiaddr, bool)>,
-    /// Direct TCP connections to explicit peers held open beside the one their dial made
-    /// (`tcp_too.rs`); a subset of `conns`.
-    pub(super) tcp_held: HashSet<ConnectionId>,
+    /// Connections a keep-alive stream holds open: an explicit peer's, the one its dial made
+    /// and a direct TCP one beside it (`tcp_too.rs`). A subset of `conns`.
+    pub(super) held: HashSet<ConnectionId>,
     /// Last ping round trip of each connected peer.
     pub(super) rtts: HashMap<PeerId, Duration>,
     pub(super) pending_dials:
@@ -362,7 +362,7 @@ impl EventLoop {
                     }
                 }
                 self.conns.remove(&connection_id);
-                self.tcp_held.remove(&connection_id);
+                self.held.remove(&connection_id);
                 self.update_lan_peer(peer_id);
                 if num_established == 0 {
                     self.rtts.remove(&peer_id);
@@ -492,6 +492,7 @@ impl EventLoop {
             };
             if ours {
                 keep.push(peer);
+                self.held.insert(connection_id);
                 e.peer = Some(peer);
                 e.state = ExplicitState::Connected;
                 let _ = self.events.send(NodeEvent::Discovered {

@@ -160,7 +160,7 @@ impl Node {
             confirmed: HashSet::new(),
             connected_since: HashMap::new(),
             conns: HashMap::new(),
-            tcp_held: HashSet::new(),
+            held: HashSet::new(),
             rtts: HashMap::new(),
             pending_dials: HashMap::new(),
             peer_waiters: HashMap::new(),

@@ -22,6 +22,9 @@ pub struct PeerDetails {
     pub relayed: bool,
     /// It dialled us.
     pub inbound: bool,
+    /// Its connections a keep-alive holds open (an explicit peer's: the one its dial made, and
+    /// a direct TCP one beside it).
+    pub held: usize,
     /// The last ping's round trip, once one came back.
     pub rtt: Option<Duration>,
     pub connected_for: Duration,
@@ -63,6 +66,11 @@ impl EventLoop {
                     addr: first.map(|(_, a, _)| a.clone()),
                     relayed: first.is_some_and(|(_, a, _)| is_relayed(a)),
                     inbound: first.is_some_and(|(_, _, i)| *i),
+                    held: self
+                        .held
+                        .iter()
+                        .filter(|c| self.conns.get(c).is_some_and(|(q, _, _)| q == p))
+                        .count(),
                     rtt: self.rtts.get(p).copied(),
                     connected_for: self
                         .connected_since

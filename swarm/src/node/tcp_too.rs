@@ -40,15 +40,15 @@ impl EventLoop {
             .conns
             .values()
             .any(|(p, a, _)| *p == peer && !is_relayed(a) && !is_quic(a));
+        if has_tcp {
+            return;
+        }
         let Some(ip) = remote
             .iter()
             .find(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_)))
         else {
             return;
         };
-        if has_tcp {
-            return;
-        }
         let ports: BTreeSet<u16> = listen_addrs.iter().filter_map(tcp_port).collect();
         let addrs: Vec<Multiaddr> = ports
             .into_iter()
@@ -72,23 +72,31 @@ impl EventLoop {
         }
     }
 
-    /// Once `peer` is identified on `connection_id`: hold it open if it is a direct TCP
-    /// connection to an explicit peer already connected (and so held open) over another one.
-    /// Before the explicit peers' own bookkeeping, which holds the connection their dial made.
+    /// Once `peer` is identified on `connection_id` (at its start, and again now and then):
+    /// hold it open, once, if it is a direct TCP connection to an explicit peer already
+    /// connected (and so held open) over another one, and none of its TCP connections is held
+    /// yet. Before the explicit peers' own bookkeeping, which holds the connection their dial
+    /// made.
     pub(super) fn hold_tcp_too(&mut self, connection_id: ConnectionId, peer: PeerId) {
         let Some((_, remote, _)) = self.conns.get(&connection_id) else {
             return;
         };
-        if is_relayed(remote) || is_quic(remote) || self.tcp_held.contains(&connection_id) {
+        if is_relayed(remote) || is_quic(remote) || self.held.contains(&connection_id) {
             return;
         }
-        let held = self
+        let explicit = self
             .explicit
             .iter()
             .any(|e| e.peer == Some(peer) && matches!(e.state, ExplicitState::Connected));
-        if held {
+        // One TCP connection held is enough; others (a dial-back, the DHT's) may idle out.
+        let tcp_held = self.held.iter().any(|c| {
+            self.conns
+                .get(c)
+                .is_some_and(|(p, a, _)| *p == peer && !is_relayed(a) && !is_quic(a))
+        });
+        if explicit && !tcp_held {
             // The keep-alive stream goes over the best connection, which this one now is.
-            self.tcp_held.insert(connection_id);
+            self.held.insert(connection_id);
             self.hold_open(peer);
         }
     }
