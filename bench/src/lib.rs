@@ -99,7 +99,7 @@ impl Transport {
         }
     }
 
-    /// Which of a seeder's `addrs` the leecher dials.
+    /// Which of `node`'s listen addresses the leecher dials.
     pub fn dialled(self, node: &Node) -> Result<String> {
         let quic = self != Self::Tcp;
         node.listen_addrs()

@@ -671,19 +671,21 @@ async fn an_explicit_peer_reached_over_quic_is_held_over_tcp_too() {
     })
     .await;
     let c = start(&dirs[2], short).await;
-    wait_connected(&b, a.peer_id()).await;
-    // The TCP dial follows A's identification; its connection is then the one shown.
-    let until = tokio::time::Instant::now() + WAIT;
+    // The TCP dial follows A's identification over QUIC; once it is held, its connection is
+    // the one shown. Subscribed before each look, so no hold goes unseen.
+    let mut b_events = b.events();
     loop {
         let (addr, n) = path_to(&b, &a).await;
         if n == 2 && addr.as_ref().is_some_and(is_tcp) {
             break;
         }
         assert!(
-            tokio::time::Instant::now() < until,
+            wait_event(&mut b_events, |e| *e
+                == NodeEvent::ConnectionHeld(a.peer_id()))
+            .await
+            .is_some(),
             "B never held A over TCP too: {addr:?}, {n} connections held"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // C's ordinary connection to A idles out twice over: by then any connection of B's that
     // is not held open has been idle longer than the timeout too.

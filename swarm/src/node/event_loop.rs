@@ -492,7 +492,6 @@ impl EventLoop {
             };
             if ours {
                 keep.push(peer);
-                self.held.insert(connection_id);
                 e.peer = Some(peer);
                 e.state = ExplicitState::Connected;
                 let _ = self.events.send(NodeEvent::Discovered {
@@ -502,7 +501,7 @@ impl EventLoop {
             }
         }
         for p in keep {
-            self.hold_open(p);
+            self.hold_open(connection_id, p);
         }
         if self.confirmed.insert(peer) {
             self.connected_since.insert(peer, now);

@@ -18,7 +18,13 @@ use super::keepalive::{hold_stream, KEEPALIVE_PROTOCOL};
 use super::NodeEvent;
 
 impl EventLoop {
-    pub(super) fn hold_open(&mut self, peer: PeerId) {
+    /// Holds `connection_id` to `peer` open with a keep-alive stream. The stream goes over the
+    /// best connection the peer has (vendor/libp2p-stream, `Path`), which the caller sees to
+    /// be this one: the connection an explicit peer's dial made, or a direct TCP one beside it
+    /// (`tcp_too.rs`).
+    pub(super) fn hold_open(&mut self, connection_id: ConnectionId, peer: PeerId) {
+        self.held.insert(connection_id);
+        self.emit(NodeEvent::ConnectionHeld(peer));
         let mut control = self.control.clone();
         tokio::spawn(async move {
             match control.open_stream(peer, KEEPALIVE_PROTOCOL).await {

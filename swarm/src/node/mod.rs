@@ -142,6 +142,9 @@ pub enum NodeEvent {
     },
     /// An announcement of this store path reached the DHT (at least one peer took it).
     Announced(StorePathHash),
+    /// A connection to an explicit peer is held open by a keep-alive: the one its dial made,
+    /// or a direct TCP connection beside a QUIC one.
+    ConnectionHeld(PeerId),
     /// Every address of an explicit peer failed; it is dialled again after a backoff.
     ExplicitPeerUnreachable {
         spec: String,

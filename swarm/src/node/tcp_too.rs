@@ -39,7 +39,7 @@ impl EventLoop {
         let has_tcp = self
             .conns
             .values()
-            .any(|(p, a, _)| *p == peer && !is_relayed(a) && !is_quic(a));
+            .any(|(p, a, _)| *p == peer && direct_tcp(a));
         if has_tcp {
             return;
         }
@@ -81,7 +81,7 @@ impl EventLoop {
         let Some((_, remote, _)) = self.conns.get(&connection_id) else {
             return;
         };
-        if is_relayed(remote) || is_quic(remote) || self.held.contains(&connection_id) {
+        if !direct_tcp(remote) || self.held.contains(&connection_id) {
             return;
         }
         let explicit = self
@@ -92,17 +92,20 @@ impl EventLoop {
         let tcp_held = self.held.iter().any(|c| {
             self.conns
                 .get(c)
-                .is_some_and(|(p, a, _)| *p == peer && !is_relayed(a) && !is_quic(a))
+                .is_some_and(|(p, a, _)| *p == peer && direct_tcp(a))
         });
         if explicit && !tcp_held {
-            // The keep-alive stream goes over the best connection, which this one now is.
-            self.held.insert(connection_id);
-            self.hold_open(peer);
+            self.hold_open(connection_id, peer);
         }
     }
 }
 
-/// The port of a direct TCP listen address (not a relayed or WebSocket one).
+/// A direct TCP address: what new streams take first.
+fn direct_tcp(a: &Multiaddr) -> bool {
+    tcp_port(a).is_some()
+}
+
+/// The port of a direct TCP address (not a relayed or WebSocket one).
 fn tcp_port(a: &Multiaddr) -> Option<u16> {
     let mut port = None;
     for p in a.iter() {
